@@ -1,0 +1,241 @@
+"""The `edgelm` command line: thin typer commands over the library API.
+
+Exit codes: 0 ok, 1 a parity gate failed, 2 bad input (any other EdgeLMError). Errors
+print as one line; `--debug` (or EDGELM_DEBUG=1) shows the full traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgelm.errors import EdgeLMError, UnsupportedError
+
+app = typer.Typer(
+    name="edgelm",
+    help="Export a language model to ONNX / TFLite / ExecuTorch / GGUF, check each artifact against the "
+    "source on real text, and run and profile it on-device.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+_state = {"debug": bool(os.environ.get("EDGELM_DEBUG"))}
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")] = False) -> None:
+    _state["debug"] = _state["debug"] or debug
+
+
+def _split(values: Optional[str]) -> tuple[str, ...] | None:
+    return tuple(v.strip() for v in values.split(",") if v.strip()) if values else None
+
+
+@contextmanager
+def _progress() -> Iterator[Any]:
+    """A rich progress display whose `step(name)` context shows a spinner, then a tick and the time."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=Console(stderr=True)) as progress:
+
+        @contextmanager
+        def step(name: str) -> Iterator[None]:
+            task = progress.add_task(name, total=1)
+            try:
+                yield
+            finally:
+                progress.update(task, completed=1)
+
+        yield step
+
+
+def _report_table(manifest: Any, title: str) -> Table:
+    from edgelm.report import COLUMNS, format_cell, report_rows
+
+    table = Table(title=title)
+    for heading, _ in COLUMNS:
+        table.add_column(heading, justify="right")
+    for row in report_rows(manifest):
+        table.add_row(*(format_cell(row[key]) for _, key in COLUMNS))
+    return table
+
+
+@app.command()
+def export(
+    model: Annotated[Optional[str], typer.Argument(help="HF folder or .gguf file; omitted: the bundled SmolLM2-135M-Instruct.")] = None,
+    target: Annotated[str, typer.Option("--target", "-t", help="Target preset (see `edgelm targets`).")] = "android",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle folder to write (default dist/<model>-<target>).")] = None,
+    formats: Annotated[Optional[str], typer.Option(help="Comma-separated formats (default: the target's).")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="Comma-separated quant recipes: fp32,fp16,int8,int4.")] = None,
+    allow_drift: Annotated[bool, typer.Option(help="Keep artifacts that miss their parity gate.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept PyTorch pickle checkpoints (they can run code).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --output.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Threads for runtimes while measuring.")] = None,
+    repeats: Annotated[int, typer.Option(help="Measured profile runs per artifact (after a warm-up).")] = 3,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per profile run.")] = 128,
+    no_profile: Annotated[bool, typer.Option("--no-profile", help="Skip profiling (parity still runs).")] = False,
+) -> None:
+    """Turn a checkpoint into a deployment bundle: export, check parity on real text, profile, report."""
+    from edgelm.export import ExportOptions, export_bundle
+
+    name = Path(model).stem if model else "smollm2"
+    output = output or Path("dist") / f"{name}-{target}"
+    options = ExportOptions(target=target, formats=_split(formats), quants=_split(quant), allow_drift=allow_drift,
+                            overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
+                            profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens)
+    with _progress() as step:
+        manifest = export_bundle(model, output, options, step=step)
+    console.print(_report_table(manifest, f"{manifest.source['model_id']} → {target}"))
+    for fmt, why in manifest.reference.get("skipped_formats", {}).items():
+        console.print(f"[yellow]skipped {fmt}[/]: {why}")
+    console.print(f"Bundle written to [bold]{output}[/] (report: {output}/report/report.html)")
+    console.print(f"Try it: edgelm run {output} --prompt \"What is a KV cache?\"")
+
+
+@app.command()
+def run(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `edgelm export`.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (chat template applied when the model has one).")],
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="Artifact name or format (default: the first).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, gpu or npu.")] = "cpu",
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads.")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Maximum tokens to generate.")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens (0 = off).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help=">1 discourages repeats.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    no_chat: Annotated[bool, typer.Option("--no-chat", help="Do not apply the chat template.")] = False,
+) -> None:
+    """Generate text from a bundle, streaming it to stdout."""
+    import edgelm
+
+    sampling = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                      repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
+    if stop:
+        sampling["stop"] = tuple(stop)
+    lm = edgelm.load(bundle, format=format, device=device, threads=threads)
+    for piece in lm.stream(prompt, chat=False if no_chat else None, **sampling):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+@app.command()
+def profile(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    format: Annotated[Optional[str], typer.Option("--format", "-f", help="Artifact name or format (default: all).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="Runtime threads.")] = None,
+    new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 128,
+    repeats: Annotated[int, typer.Option(help="Measured runs after a warm-up.")] = 3,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the profiles as JSON here.")] = None,
+) -> None:
+    """Profile artifacts of a bundle on this machine (same prompts and token counts for each)."""
+    import edgelm
+    from edgelm.bundle import read_bundle
+
+    manifest = read_bundle(bundle)
+    names = [manifest.artifact(format).name] if format else [a.name for a in manifest.artifacts]
+    table = Table(title=f"profile: {bundle}")
+    for col in ("artifact", "size MB", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "p50 ms", "p90 ms", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    results = {}
+    for name in names:
+        lm = edgelm.load(bundle, format=name, threads=threads, verify=False)
+        with console.status(f"profiling {name}…"):
+            prof = lm.profile(max_new_tokens=new_tokens, repeats=repeats)
+        lm.close()
+        results[name] = prof.to_dict()
+        table.add_row(name, f"{prof.file_bytes / 1e6:.1f}", f"{prof.load_s:.2f}", f"{prof.ttft_s:.3f}",
+                      f"{prof.prefill_tok_s:.1f}", f"{prof.decode_tok_s:.1f}", f"{prof.p50_token_ms:.1f}",
+                      f"{prof.p90_token_ms:.1f}", f"{prof.peak_rss_mb:.0f}")
+    console.print(table)
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+@app.command()
+def inspect(path: Annotated[Path, typer.Argument(help="A bundle folder, model folder, .gguf or .safetensors file.")]) -> None:
+    """Describe a bundle or model file without running it."""
+    from edgelm.inspect import describe
+
+    title, rows = describe(path)
+    table = Table(title=title, show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value")
+    for key, value in rows:
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+@app.command()
+def doctor() -> None:
+    """Show installed runtimes and exporters, their versions and devices, and the targets."""
+    from edgelm.doctor import environment_report
+
+    for title, rows in environment_report():
+        table = Table(title=title)
+        for col in rows[0]:
+            table.add_column(col)
+        for row in rows[1:]:
+            table.add_row(*(str(c) for c in row))
+        console.print(table)
+
+
+@app.command()
+def targets() -> None:
+    """List target presets: formats, quant recipes, delegates, ABI."""
+    from edgelm.targets import TARGETS
+
+    table = Table(title="targets")
+    for col in ("target", "formats (preferred first)", "quant", "delegates", "ABI", "description"):
+        table.add_column(col)
+    for t in TARGETS.values():
+        quants = "; ".join(f"{f}: {','.join(q)}" for f, q in t.quants.items())
+        table.add_row(t.name, ", ".join(t.formats), quants, ", ".join(t.delegates), t.abi, t.description)
+    console.print(table)
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app and map errors to one line and an exit code."""
+    try:
+        result = app(args=argv, standalone_mode=False, prog_name="edgelm")
+    except EdgeLMError as err:
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"edgelm: error: {_one_line(err)}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except click.exceptions.ClickException as err:
+        err.show()
+        sys.exit(2)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        print("edgelm: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as err:  # a bug, not bad input: say so and keep the traceback one flag away
+        if _state["debug"]:
+            traceback.print_exc()
+        print(f"edgelm: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug and report it)",
+              file=sys.stderr)
+        sys.exit(3)
+    sys.exit(result if isinstance(result, int) else 0)
+
+
+__all__ = ["app", "main", "UnsupportedError"]

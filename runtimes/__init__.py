@@ -1,0 +1,1 @@
+"""Runtime adapters, one module per runtime; the registry is edgelm.session.RUNTIME_MODULES."""
