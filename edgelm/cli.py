@@ -56,8 +56,10 @@ def _progress() -> Iterator[Any]:
             task = progress.add_task(name, total=1)
             try:
                 yield
-            finally:
-                progress.update(task, completed=1)
+            except BaseException:
+                progress.remove_task(task)  # the error line says what failed; no false tick
+                raise
+            progress.update(task, completed=1)
 
         yield step
 

@@ -28,6 +28,7 @@ from edgelm.tokenizer import Tokenizer
 
 StepHook = Callable[[str], AbstractContextManager[Any]]
 REFERENCE_FORMAT = "safetensors"
+QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # DESIGN.md's table; formats map them
 
 
 @dataclass
@@ -54,10 +55,15 @@ def plan_artifacts(options: ExportOptions) -> tuple[list[tuple[str, str]], dict[
     """
     preset = get_target(options.target)
     formats = options.formats or preset.formats
+    unknown = [q for q in options.quants or () if q not in QUANT_RECIPES]
+    if unknown:
+        raise UnsupportedError(f"unknown --quant {', '.join(unknown)}; recipes: {', '.join(QUANT_RECIPES)}")
     plan: list[tuple[str, str]] = [(REFERENCE_FORMAT, "fp32")]
     skipped: dict[str, str] = {}
     for fmt in formats:
         if fmt == REFERENCE_FORMAT:
+            for quant in options.quants or ():
+                check_quant(get_exporter(fmt), quant)
             continue
         if fmt not in EXPORTER_MODULES:
             if fmt in PLANNED_FORMATS:

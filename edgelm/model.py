@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -185,6 +188,20 @@ def _inspect_gguf(path: Path, *, model_id: str) -> SourceModel:
     )
 
 
+@contextmanager
+def _env(**values: str) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, old in saved.items():
+            if old is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = old
+
+
 def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
     """Load the source as an fp32 torch model in eval mode and save its tokenizer.
 
@@ -202,7 +219,10 @@ def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     where, name = (path.parent, {"gguf_file": path.name}) if source.kind == "gguf" else (path, {})
     try:
-        model = model_class.from_pretrained(str(where), **name, **kwargs)
+        # transformers' GGUF reader draws a raw tqdm bar that ignores its own switch;
+        # TQDM_DISABLE silences it while edgelm's progress display is on screen.
+        with _env(TQDM_DISABLE="1"):
+            model = model_class.from_pretrained(str(where), **name, **kwargs)
     except Exception as err:
         raise InvalidModelError(f"{source.path}: transformers could not load the weights: {err}") from err
     # A GGUF-loaded model carries a `quantization_config` that no longer describes its

@@ -1,0 +1,97 @@
+"""`edgelm inspect`: describe a bundle or model file from its headers, without running it."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import InvalidModelError, UnsupportedError
+
+Rows = list[tuple[str, Any]]
+
+
+def _describe_bundle(path: Path) -> tuple[str, Rows]:
+    from edgelm.bundle import read_bundle
+
+    manifest = read_bundle(path)
+    rows: Rows = [
+        ("source", f"{manifest.source['model_id']} ({manifest.source['model_type']}, "
+                   f"{manifest.source['num_parameters'] / 1e6:.1f} M params)"),
+        ("target", manifest.target),
+        ("edgelm", manifest.edgelm_version),
+        ("files verified", f"{len(manifest.files)} (sha256)"),
+    ]
+    for a in manifest.artifacts:
+        ratio = (a.parity or {}).get("ppl_ratio")
+        speed = (a.profile or {}).get("decode_tok_s")
+        rows.append((a.name, f"{a.path}  {a.bytes / 1e6:.1f} MB  runtime={a.runtime}  "
+                             f"ppl_ratio={ratio if ratio is None else round(ratio, 4)}  "
+                             f"decode={speed if speed is None else round(speed, 1)} tok/s"))
+    return f"bundle {path}", rows
+
+
+def _describe_gguf(path: Path) -> tuple[str, Rows]:
+    from edgelm.gguf_header import read_gguf_summary
+
+    summary = read_gguf_summary(path)
+    try:
+        from gguf import GGMLQuantizationType
+
+        def type_name(t: int) -> str:
+            return GGMLQuantizationType(t).name
+    except ImportError:
+        def type_name(t: int) -> str:
+            return str(t)
+    types = Counter(type_name(t.ggml_type) for t in summary.tensors)
+    keep = ("general.architecture", "general.name", "general.file_type", "tokenizer.ggml.model")
+    rows: Rows = [("version", summary.version), ("size", f"{summary.file_bytes / 1e6:.1f} MB"),
+                  ("tensors", len(summary.tensors)), ("parameters", f"{summary.num_parameters / 1e6:.1f} M"),
+                  ("tensor types", ", ".join(f"{k}×{v}" for k, v in types.most_common()))]
+    rows += [(k, summary.metadata[k]) for k in keep if k in summary.metadata]
+    rows += [(k, v) for k, v in summary.metadata.items() if k.endswith((".context_length", ".block_count", ".embedding_length"))]
+    return f"gguf {path}", rows
+
+
+def _describe_safetensors(path: Path) -> tuple[str, Rows]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            names = list(fh.keys())
+            dtypes = Counter(fh.get_slice(n).get_dtype() for n in names)
+            params = 0
+            for n in names:
+                count = 1
+                for d in fh.get_slice(n).get_shape():
+                    count *= d
+                params += count
+    except Exception as err:
+        raise InvalidModelError(f"{path}: not a readable safetensors file ({err})") from err
+    return f"safetensors {path}", [("size", f"{path.stat().st_size / 1e6:.1f} MB"), ("tensors", len(names)),
+                                   ("parameters", f"{params / 1e6:.1f} M"),
+                                   ("dtypes", ", ".join(f"{k}×{v}" for k, v in dtypes.items()))]
+
+
+def _describe_model_folder(path: Path) -> tuple[str, Rows]:
+    from edgelm.model import inspect_source
+
+    source = inspect_source(path)
+    return f"model {path}", [(k, v) for k, v in source.to_dict().items()]
+
+
+# file suffix -> describer; a format adds one line here.
+DESCRIBERS = {".gguf": _describe_gguf, ".safetensors": _describe_safetensors}
+
+
+def describe(path: Path) -> tuple[str, Rows]:
+    """(title, rows) describing a bundle, model folder or artifact file."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidModelError(f"{path}: no such file or folder")
+    if path.is_dir():
+        return _describe_bundle(path) if (path / "manifest.json").is_file() else _describe_model_folder(path)
+    if path.suffix in DESCRIBERS:
+        return DESCRIBERS[path.suffix](path)
+    raise UnsupportedError(f"{path}: cannot inspect {path.suffix or 'this'} files; known: bundle folders, model folders, "
+                           + ", ".join(DESCRIBERS))

@@ -1,0 +1,78 @@
+"""Tiny random models built from configs, saved as Hugging Face folders with a tokenizer.
+
+Small enough to export, measure and profile in seconds. The tokenizer is a byte-level BPE
+trained on the parity text, so real text tokenizes to realistic ids.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+VOCAB_SIZE = 384
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from edgelm.parity import parity_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([parity_text()[:20000]], trainer)
+    return tok.to_str()
+
+
+def write_tokenizer(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(_tokenizer_json())
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
+        "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE,
+    }))
+
+
+def _decoder_common() -> dict:
+    return dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                eos_token_id=2, bos_token_id=1, pad_token_id=2)
+
+
+def tiny_config(kind: str):
+    import transformers
+
+    if kind == "llama":
+        return transformers.LlamaConfig(**_decoder_common(), tie_word_embeddings=True)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**_decoder_common(), tie_word_embeddings=False)
+    if kind == "gemma3":
+        return transformers.Gemma3TextConfig(**_decoder_common(), head_dim=8, sliding_window=16,
+                                             query_pre_attn_scalar=8)
+    if kind == "bert":
+        return transformers.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+    raise ValueError(kind)
+
+
+def build_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
+    """Save a random `kind` model (llama, qwen2, gemma3, bert) with a tokenizer into `folder`."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    config = tiny_config(kind)
+    model_class = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
+    model = model_class.from_config(config).eval()
+    model.save_pretrained(str(folder), safe_serialization=True)
+    write_tokenizer(folder)
+    return folder
