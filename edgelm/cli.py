@@ -30,7 +30,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console()
+# Piped output (CI logs, tests) gets a wide console so tables are not squeezed to 80 columns.
+console = Console() if sys.stdout.isatty() else Console(width=160)
 _state = {"debug": bool(os.environ.get("EDGELM_DEBUG"))}
 
 
@@ -67,11 +68,12 @@ def _progress() -> Iterator[Any]:
 def _report_table(manifest: Any, title: str) -> Table:
     from edgelm.report import COLUMNS, format_cell, report_rows
 
+    shown = [c for c in COLUMNS if c[1] not in ("prefill_tok_s", "p50_ms", "load_s", "gate")]
     table = Table(title=title)
-    for heading, _ in COLUMNS:
-        table.add_column(heading, justify="right")
+    for heading, _ in shown:
+        table.add_column(heading, justify="right", no_wrap=True)
     for row in report_rows(manifest):
-        table.add_row(*(format_cell(row[key]) for _, key in COLUMNS))
+        table.add_row(*(format_cell(row[key]) for _, key in shown))
     return table
 
 

@@ -69,6 +69,7 @@ class TorchReferenceAdapter:
         import torch
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()
         if threads:
             torch.set_num_threads(threads)
         folder = Path(path)

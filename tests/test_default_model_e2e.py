@@ -1,0 +1,60 @@
+"""End to end on the bundled SmolLM2-135M-Instruct: the README's first command, for real."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import edgelm
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smollm2_bundle(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist") / "smollm2"
+    result = subprocess.run([sys.executable, "-m", "edgelm", "export", "--target", "android", "-o", str(out),
+                             "--repeats", "1", "--new-tokens", "64"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "reference-fp32" in result.stdout  # the table is printed
+    return out
+
+
+def test_export_writes_a_bundle_with_the_reference_row(smollm2_bundle):
+    for rel in ["manifest.json", "tokenizer/tokenizer.json", "README.md", "report/report.html"]:
+        assert (smollm2_bundle / rel).is_file(), rel
+    manifest = edgelm.bundle.read_bundle(smollm2_bundle) if hasattr(edgelm, "bundle") else None
+    from edgelm.bundle import read_bundle
+
+    manifest = read_bundle(smollm2_bundle)
+    ref = manifest.artifact("safetensors")
+    # peers measured 14.715 on the same text (BASELINES.md); the fp32 reference must agree
+    assert ref.parity["perplexity"] == pytest.approx(14.715, rel=0.01)
+    assert ref.parity["tokens_scored"] >= 4000
+    assert ref.profile["decode_tok_s"] > 1 and ref.profile["peak_rss_mb"] > 100
+    # tied embeddings stored once: the fp32 file is no larger than the weights
+    assert ref.bytes < 4 * manifest.source["num_parameters"] * 1.01
+    assert manifest.target == "android"
+    rows = json.loads((smollm2_bundle / "report" / "report.json").read_text())["rows"]
+    assert rows[0]["perplexity"] == pytest.approx(ref.parity["perplexity"])
+
+
+def test_run_streams_coherent_text(smollm2_bundle):
+    result = subprocess.run([sys.executable, "-m", "edgelm", "run", str(smollm2_bundle), "--prompt",
+                             "What is a KV cache?", "--max-new-tokens", "40"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    words = result.stdout.lower().split()
+    assert len(words) >= 15
+    assert "cache" in words or "cache." in words or any(w.startswith("cache") for w in words)
+
+
+def test_example_script_generates(smollm2_bundle):
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "generate.py"), str(smollm2_bundle)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) >= 10
