@@ -195,6 +195,10 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             ))
             if not parity.passed:
                 failures.append(f"{name}: ppl ratio {parity.ppl_ratio:.4f} > gate {gate}")
+        for fmt in dict.fromkeys(f for f, _ in plan):
+            finish = getattr(get_exporter(fmt), "finish", None)
+            if finish:
+                finish(work)  # drop scratch files an exporter kept between its quant recipes
         if failures and not options.allow_drift:
             raise ParityError("parity gate failed (nothing written; --allow-drift keeps it): " + "; ".join(failures))
         with step("Writing report and model card"):

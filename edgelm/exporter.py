@@ -37,6 +37,7 @@ class Exporter(Protocol):
 # format -> module defining `EXPORTER`, imported lazily (exporters pull in heavy libraries).
 EXPORTER_MODULES: dict[str, str] = {
     "safetensors": "edgelm.exporters.reference",
+    "onnx": "edgelm.exporters.onnx",
 }
 # Formats of DESIGN.md that this build of edgelm does not implement yet; a target preset
 # may list them, and export says plainly that they were skipped.

@@ -58,6 +58,7 @@ class RuntimeAdapter(Protocol):
 # never imports torch unless it opens a torch artifact. One line per runtime.
 RUNTIME_MODULES: dict[str, str] = {
     "torch": "edgelm.runtimes.torch_reference",
+    "onnxruntime": "edgelm.runtimes.onnxruntime",
 }
 
 

@@ -1,0 +1,130 @@
+"""One export-friendly decoder graph, shared by the graph formats (ONNX now; ExecuTorch and
+LiteRT lower the same module).
+
+The step signature is explicit and free of Python control flow on data:
+
+    (input_ids[1, n], past_key_0, past_value_0, ...) -> (logits[1, n, vocab], present_key_0, ...)
+
+with `past_*` of shape [1, kv_heads, past_len, head_dim] and `present_*` = past + the n new
+positions. Positions and the causal mask are computed from `past_len`, so one graph serves
+prefill (n tokens, empty past) and decode (n = 1). The wrapper reuses the source model's
+own modules (projections, norms, MLP, rotary embedding, so RoPE scaling variants come for
+free) and writes only the attention with an explicit cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from edgelm.errors import UnsupportedError
+
+# model_type -> whether q/k/v projections carry a bias (they are nn.Linear either way);
+# a decoder family joins by adding a row once its layer layout matches this graph.
+GRAPH_DECODERS = {"llama": "Llama", "qwen2": "Qwen2"}
+
+
+@dataclass(frozen=True)
+class DecoderSignature:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_context: int
+
+    def past_names(self) -> list[str]:
+        return [f"past_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    def present_names(self) -> list[str]:
+        return [f"present_{kind}_{i}" for i in range(self.num_layers) for kind in ("key", "value")]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "inputs": ["input_ids[1,n] int64", "past_{key,value}_i[1,kv_heads,past_len,head_dim] float32"],
+            "outputs": ["logits[1,n,vocab] float32", "present_{key,value}_i[1,kv_heads,past_len+n,head_dim]"],
+            "kv_cache": "explicit inputs/outputs, grows by n per call (one graph for prefill and decode)",
+            "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size, "max_context": self.max_context,
+        }
+
+
+def decoder_signature(config: Any) -> DecoderSignature:
+    heads = config.num_attention_heads
+    return DecoderSignature(
+        num_layers=config.num_hidden_layers,
+        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        vocab_size=config.vocab_size,
+        max_context=int(getattr(config, "max_position_embeddings", 2048)),
+    )
+
+
+def build_decoder_graph(model: Any) -> Any:
+    """Wrap a transformers causal LM as a DecoderGraph; UnsupportedError if its family isn't covered."""
+    import torch
+    from torch import nn
+
+    model_type = model.config.model_type
+    if model_type not in GRAPH_DECODERS:
+        raise UnsupportedError(
+            f"the exportable decoder graph covers {', '.join(GRAPH_DECODERS)}; {model_type!r} is not covered yet"
+        )
+
+    class DecoderGraph(nn.Module):
+        def __init__(self, causal_lm: Any):
+            super().__init__()
+            self.signature = decoder_signature(causal_lm.config)
+            self.body = causal_lm.model
+            self.lm_head = causal_lm.lm_head
+            config = causal_lm.config
+            self.num_heads = config.num_attention_heads
+            self.scale = self.signature.head_dim ** -0.5
+
+        def _attention(self, layer: Any, hidden: Any, cos: Any, sin: Any, past_k: Any, past_v: Any, mask: Any):
+            attn, n, hd = layer.self_attn, hidden.shape[1], self.signature.head_dim
+            q = attn.q_proj(hidden).view(1, n, self.num_heads, hd).transpose(1, 2)
+            k = attn.k_proj(hidden).view(1, n, self.signature.num_kv_heads, hd).transpose(1, 2)
+            v = attn.v_proj(hidden).view(1, n, self.signature.num_kv_heads, hd).transpose(1, 2)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            groups = self.num_heads // self.signature.num_kv_heads
+            k_all, v_all = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+            scores = torch.matmul(q, k_all.transpose(2, 3)) * self.scale + mask
+            out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
+            out = out.transpose(1, 2).reshape(1, n, self.num_heads * hd)
+            return attn.o_proj(out), k, v
+
+        def forward(self, input_ids: Any, *past: Any):
+            n, past_len = input_ids.shape[1], past[0].shape[2]
+            positions = torch.arange(n, dtype=torch.long) + past_len
+            hidden = self.body.embed_tokens(input_ids)
+            cos, sin = self.body.rotary_emb(hidden, positions[None])
+            keys = torch.arange(past_len + n, dtype=torch.long)
+            mask = torch.where(keys[None, :] <= positions[:, None], 0.0, float("-inf"))[None, None]
+            presents = []
+            for i, layer in enumerate(self.body.layers):
+                residual = hidden
+                attn_out, k, v = self._attention(layer, layer.input_layernorm(hidden), cos, sin,
+                                                 past[2 * i], past[2 * i + 1], mask)
+                hidden = residual + attn_out
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                presents += [k, v]
+            logits = self.lm_head(self.body.norm(hidden))
+            return (logits, *presents)
+
+    def _rotate(x: Any, cos: Any, sin: Any) -> Any:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos[:, None] + rotated * sin[:, None]
+
+    return DecoderGraph(model).eval()
+
+
+def example_inputs(signature: DecoderSignature, n: int = 3, past_len: int = 2) -> tuple[Any, ...]:
+    """Inputs to trace with: n new tokens after past_len cached ones (both kept > 1 so that
+    torch.export treats them as dynamic rather than specialising on 0/1)."""
+    import torch
+
+    ids = torch.zeros((1, n), dtype=torch.long)
+    shape = (1, signature.num_kv_heads, past_len, signature.head_dim)
+    return (ids, *[torch.zeros(shape) for _ in range(2 * signature.num_layers)])

@@ -1,0 +1,132 @@
+"""onnxruntime adapter for edgelm's decoder graph (see edgelm.graph for the signature).
+
+The KV cache never round-trips through numpy: present_* outputs are kept as OrtValues and
+bound as the next step's past_* inputs (IO binding), so only the logits are copied out.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgelm.errors import DeviceError, InvalidModelError
+from edgelm.session import Capabilities
+
+# device -> execution providers to try, in order of preference
+DEVICE_PROVIDERS = {
+    "cpu": ("XnnpackExecutionProvider", "CPUExecutionProvider"),
+    "gpu": ("CUDAExecutionProvider", "DmlExecutionProvider", "CoreMLExecutionProvider"),
+    "npu": ("QNNExecutionProvider", "NnapiExecutionProvider"),
+}
+
+
+def check_external_data_stays_inside(path: Path) -> None:
+    """Refuse a model whose external-data locations point outside its own folder."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({err}); re-export it") from err
+    root = path.parent.resolve()
+    for tensor in proto.graph.initializer:
+        if uses_external_data(tensor):
+            location = (root / ExternalDataInfo(tensor).location).resolve()
+            if root not in location.parents:
+                raise InvalidModelError(
+                    f"{path}: tensor {tensor.name!r} reads external data from {location}, outside the model's folder; "
+                    "refusing to load it (a bundle must be self-contained)"
+                )
+
+
+class OnnxSession:
+    def __init__(self, session: object, max_context: int, provider: str):
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.past_names = [n for n in inputs if n.startswith("past_")]
+        self.present_names = [o.name for o in session.get_outputs() if o.name.startswith("present_")]
+        shape = inputs[self.past_names[0]].shape  # [1, kv_heads, past_len, head_dim]
+        self._empty = np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32)
+        self.capabilities = Capabilities(max_context=max_context, devices=("cpu",),
+                                         notes={"provider": provider, "kv_cache": "OrtValue IO binding"})
+        self._past: list[object] | None = None
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids.reshape(1, -1), dtype=np.int64))
+        for i, name in enumerate(self.past_names):
+            if self._past is None:
+                binding.bind_cpu_input(name, self._empty)
+            else:
+                binding.bind_ortvalue_input(name, self._past[i])
+        binding.bind_output("logits", "cpu")
+        for name in self.present_names:
+            binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self._past = outputs[1:]
+        return outputs[0].numpy()[0]
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        return self._run(np.asarray(ids, dtype=np.int64))
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run(np.asarray([token_id], dtype=np.int64))[-1]
+
+    def reset(self) -> None:
+        self._past = None
+
+    def close(self) -> None:
+        self._past = None
+        self.session = None
+
+
+class OnnxRuntimeAdapter:
+    name = "onnxruntime"
+
+    def version(self) -> str:
+        import onnxruntime as ort
+
+        return ort.__version__
+
+    def available_devices(self) -> tuple[str, ...]:
+        import onnxruntime as ort
+
+        present = set(ort.get_available_providers())
+        return tuple(d for d, providers in DEVICE_PROVIDERS.items() if present & set(providers))
+
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> OnnxSession:
+        import onnxruntime as ort
+
+        path = Path(path)
+        present = ort.get_available_providers()
+        providers = [p for p in DEVICE_PROVIDERS.get(device, ()) if p in present]
+        if not providers:
+            raise DeviceError(f"onnxruntime has no execution provider for {device!r} here; available: "
+                              f"{', '.join(present)} (see `edgelm doctor`)")
+        check_external_data_stays_inside(path)
+        options = ort.SessionOptions()
+        # The stored file is already optimized offline; extended/layout passes are CPU-specific
+        # and cheap, so they run at load.
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        if providers[-1] != "CPUExecutionProvider":
+            providers.append("CPUExecutionProvider")
+        try:
+            session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as err:
+            raise InvalidModelError(f"{path}: onnxruntime could not load it ({err}); re-export it") from err
+        import json
+
+        meta = session.get_modelmeta().custom_metadata_map
+        max_context = int(json.loads(meta.get("edgelm", "{}")).get("max_context", 2048))
+        return OnnxSession(session, max_context, session.get_providers()[0])
+
+
+ADAPTER = OnnxRuntimeAdapter()
