@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -189,17 +188,19 @@ def _inspect_gguf(path: Path, *, model_id: str) -> SourceModel:
 
 
 @contextmanager
-def _env(**values: str) -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+def _quiet_gguf_reader() -> Iterator[None]:
+    """transformers' GGUF reader draws a raw tqdm bar that ignores its progress-bar switch;
+    silence it while edgelm's own progress display is on screen."""
+    from functools import partial
+    from unittest import mock
+
     try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
         yield
-    finally:
-        for key, old in saved.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
+        return
+    with mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True)):
+        yield
 
 
 def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
@@ -219,9 +220,7 @@ def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     where, name = (path.parent, {"gguf_file": path.name}) if source.kind == "gguf" else (path, {})
     try:
-        # transformers' GGUF reader draws a raw tqdm bar that ignores its own switch;
-        # TQDM_DISABLE silences it while edgelm's progress display is on screen.
-        with _env(TQDM_DISABLE="1"):
+        with _quiet_gguf_reader():
             model = model_class.from_pretrained(str(where), **name, **kwargs)
     except Exception as err:
         raise InvalidModelError(f"{source.path}: transformers could not load the weights: {err}") from err

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +41,19 @@ def export_decoder_onnx(model: Any, path: Path) -> dict[str, Any]:
     n = torch.export.Dim("n", min=1, max=sig.max_context)
     past = torch.export.Dim("past_len", min=0, max=sig.max_context)
     dynamic = ({1: n}, tuple({2: past} for _ in sig.past_names()))
-    with contextlib.redirect_stdout(io.StringIO()):  # the exporter prints its own progress lines
+    # The exporter prints progress lines, warns about optional torchvision ops and pytree
+    # deprecations; none of it is actionable for an edgelm user, and it would tear the progress display.
+    torch_onnx_log = logging.getLogger("torch.onnx")
+    level = torch_onnx_log.level
+    torch_onnx_log.setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph, example_inputs(sig), input_names=["input_ids", *sig.past_names()],
             output_names=["logits", *sig.present_names()], dynamo=True, dynamic_shapes=dynamic, optimize=True,
         )
         program.save(str(path))
+    torch_onnx_log.setLevel(level)
     return sig.to_dict()
 
 

@@ -28,7 +28,6 @@ def smollm2_bundle(tmp_path_factory) -> Path:
 def test_export_writes_a_bundle_with_the_reference_row(smollm2_bundle):
     for rel in ["manifest.json", "tokenizer/tokenizer.json", "README.md", "report/report.html"]:
         assert (smollm2_bundle / rel).is_file(), rel
-    manifest = edgelm.bundle.read_bundle(smollm2_bundle) if hasattr(edgelm, "bundle") else None
     from edgelm.bundle import read_bundle
 
     manifest = read_bundle(smollm2_bundle)
