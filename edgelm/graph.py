@@ -77,6 +77,12 @@ def build_decoder_graph(model: Any) -> Any:
             self.body = causal_lm.model
             self.lm_head = causal_lm.lm_head
             config = causal_lm.config
+            # Tied input/output embeddings: keep ONE tensor, stored [hidden, vocab] so the output
+            # projection is a plain MatMul (quantizable) and the input lookup a Gather on axis 1.
+            # Exporting embed + lm_head separately would store the 113 MB table twice.
+            self.tied = causal_lm.lm_head.weight is causal_lm.model.embed_tokens.weight
+            if self.tied:
+                self.embedding_t = nn.Parameter(causal_lm.lm_head.weight.detach().t().contiguous(), requires_grad=False)
             self.num_heads = config.num_attention_heads
             self.scale = self.signature.head_dim ** -0.5
 
@@ -97,7 +103,10 @@ def build_decoder_graph(model: Any) -> Any:
         def forward(self, input_ids: Any, *past: Any):
             n, past_len = input_ids.shape[1], past[0].shape[2]
             positions = torch.arange(n, dtype=torch.long) + past_len
-            hidden = self.body.embed_tokens(input_ids)
+            if self.tied:
+                hidden = self.embedding_t.index_select(1, input_ids.reshape(-1)).t()[None]
+            else:
+                hidden = self.body.embed_tokens(input_ids)
             cos, sin = self.body.rotary_emb(hidden, positions[None])
             keys = torch.arange(past_len + n, dtype=torch.long)
             mask = torch.where(keys[None, :] <= positions[:, None], 0.0, float("-inf"))[None, None]
@@ -109,7 +118,8 @@ def build_decoder_graph(model: Any) -> Any:
                 hidden = residual + attn_out
                 hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
                 presents += [k, v]
-            logits = self.lm_head(self.body.norm(hidden))
+            normed = self.body.norm(hidden)
+            logits = torch.matmul(normed, self.embedding_t) if self.tied else self.lm_head(normed)
             return (logits, *presents)
 
     def _rotate(x: Any, cos: Any, sin: Any) -> Any:

@@ -5,7 +5,7 @@ Quant mapping (DESIGN.md, adjusted to what measured faithful on this model famil
   int8 → MatMulNBits 8-bit weight-only, block 32, accuracy_level 4 (int8 compute).
          onnxruntime's default `quantize_dynamic` loses 71% perplexity on SmolLM2 (BASELINES.md),
          8-bit weight-only keeps it within 1%, so that is what int8 means here;
-  int4 → MatMulNBits 4-bit, block 32, asymmetric, accuracy_level 4.
+  int4 → MatMulNBits 4-bit, block 32, asymmetric, accuracy_level 4, output projection 8-bit.
 The stored file is already graph-optimized (basic level, portable across CPUs), so loading
 does not re-optimize.
 """
@@ -68,16 +68,26 @@ def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
         model = convert_float_to_float16(model, keep_io_types=True)
         done = {"weights": "float16", "io": "float32"}
     else:
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-        quantizer = MatMulNBitsQuantizer(model, bits=NBITS[quant], block_size=BLOCK_SIZE,
-                                         is_symmetric=False, accuracy_level=4)
-        quantizer.process()
-        model = quantizer.model.model
-        done = {"op": "MatMulNBits", "bits": NBITS[quant], "block_size": BLOCK_SIZE, "symmetric": False,
-                "accuracy_level": 4, "embeddings": "float32"}
+        # The output projection decides every token; like llama.cpp's Q4_K_M (which keeps it
+        # at 6 bits), int4 keeps it at 8 bits and quantizes the transformer layers to 4.
+        head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
+        bits_for_head = 8
+        model = _matmul_nbits(model, NBITS[quant], exclude=head)
+        if NBITS[quant] != bits_for_head:
+            model = _matmul_nbits(model, bits_for_head, include=head)
+        done = {"op": "MatMulNBits", "bits": NBITS[quant], "output_projection_bits": bits_for_head,
+                "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4, "embedding_lookup": "float32"}
     onnx.save(model, str(dst))
     return done
+
+
+def _matmul_nbits(model: Any, bits: int, include: list[str] | None = None, exclude: list[str] | None = None) -> Any:
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False, accuracy_level=4,
+                                     nodes_to_include=include, nodes_to_exclude=exclude or [])
+    quantizer.process()
+    return quantizer.model.model
 
 
 def optimize_offline(path: Path) -> None:
