@@ -46,12 +46,13 @@ def runtime_rows() -> list[list[Any]]:
 
 
 def exporter_rows() -> list[list[Any]]:
+    from edgelm.exporter import get_exporter
+
     rows: list[list[Any]] = [["format", "status"]]
-    for fmt, module in EXPORTER_MODULES.items():
-        top = module.split(".")[0]
-        rows.append([fmt, "available" if importlib.util.find_spec(top) else "missing dependency"])
+    for fmt in EXPORTER_MODULES:
+        missing = [p for p in get_exporter(fmt).requires if importlib.util.find_spec(p) is None]
+        rows.append([fmt, f"missing: {', '.join(missing)} (pip install edgelm[export,{fmt}])" if missing else "available"])
     for fmt in PLANNED_FORMATS:
-        if fmt not in EXPORTER_MODULES:
             rows.append([fmt, "not implemented in this edgelm version yet"])
     return rows
 

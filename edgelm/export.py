@@ -65,7 +65,7 @@ def plan_artifacts(options: ExportOptions) -> tuple[list[tuple[str, str]], dict[
             for quant in options.quants or ():
                 check_quant(get_exporter(fmt), quant)
             continue
-        if fmt not in EXPORTER_MODULES:
+        if fmt not in EXPORTER_MODULES:  # checked first: a planned format has no module to import
             if fmt in PLANNED_FORMATS:
                 skipped[fmt] = "not implemented in this edgelm version yet"
                 continue

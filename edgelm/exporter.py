@@ -29,6 +29,7 @@ class Exporter(Protocol):
     format: str  # registry key and manifest "format"
     runtime: str  # runtime registry key that opens its files
     quants: tuple[str, ...]  # --quant values it supports
+    requires: tuple[str, ...]  # import names it needs (edgelm doctor checks them)
 
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
         """Write the artifact under bundle_dir/<format>/ and describe it."""
@@ -41,7 +42,7 @@ EXPORTER_MODULES: dict[str, str] = {
 }
 # Formats of DESIGN.md that this build of edgelm does not implement yet; a target preset
 # may list them, and export says plainly that they were skipped.
-PLANNED_FORMATS = ("onnx", "tflite", "executorch", "gguf")
+PLANNED_FORMATS = ("tflite", "executorch", "gguf")
 
 
 def get_exporter(fmt: str) -> Exporter:

@@ -73,6 +73,37 @@ def _describe_safetensors(path: Path) -> tuple[str, Rows]:
                                    ("dtypes", ", ".join(f"{k}×{v}" for k, v in dtypes.items()))]
 
 
+def _describe_onnx(path: Path) -> tuple[str, Rows]:
+    try:
+        import onnx
+    except ImportError as err:
+        raise UnsupportedError("inspecting .onnx files needs the onnx package: install `edgelm[onnx]`") from err
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({err})") from err
+    ops = Counter(n.op_type for n in proto.graph.node)
+    quantized = {op: ops[op] for op in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul") if op in ops}
+    dtypes = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer)
+
+    def shape(v: Any) -> str:
+        dims = [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
+        return f"{v.name}[{','.join(dims)}]"
+
+    inputs = [shape(v) for v in proto.graph.input]
+    outputs = [shape(v) for v in proto.graph.output]
+    return f"onnx {path}", [
+        ("size", f"{path.stat().st_size / 1e6:.1f} MB"),
+        ("opset", ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in proto.opset_import)),
+        ("inputs", ", ".join(inputs[:3]) + (f" … ({len(inputs)} in all)" if len(inputs) > 3 else "")),
+        ("outputs", ", ".join(outputs[:3]) + (f" … ({len(outputs)} in all)" if len(outputs) > 3 else "")),
+        ("quantized ops", ", ".join(f"{k}×{v}" for k, v in quantized.items()) or "none"),
+        ("initializer types", ", ".join(f"{k}×{v}" for k, v in dtypes.items())),
+        ("nodes", sum(ops.values())),
+        ("metadata", {p.key: p.value for p in proto.metadata_props}),
+    ]
+
+
 def _describe_model_folder(path: Path) -> tuple[str, Rows]:
     from edgelm.model import inspect_source
 
@@ -81,7 +112,7 @@ def _describe_model_folder(path: Path) -> tuple[str, Rows]:
 
 
 # file suffix -> describer; a format adds one line here.
-DESCRIBERS = {".gguf": _describe_gguf, ".safetensors": _describe_safetensors}
+DESCRIBERS = {".gguf": _describe_gguf, ".safetensors": _describe_safetensors, ".onnx": _describe_onnx}
 
 
 def describe(path: Path) -> tuple[str, Rows]:

@@ -70,13 +70,20 @@ def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
     else:
         # The output projection decides every token; like llama.cpp's Q4_K_M (which keeps it
         # at 6 bits), int4 keeps it at 8 bits and quantizes the transformer layers to 4.
+        from onnx import numpy_helper
+
+        from edgelm.exporters.onnx_block_bias import add_block_bias_correction
+
         head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
+        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
         bits_for_head = 8
         model = _matmul_nbits(model, NBITS[quant], exclude=head)
         if NBITS[quant] != bits_for_head:
             model = _matmul_nbits(model, bits_for_head, include=head)
+        corrected = add_block_bias_correction(model, weights) if NBITS[quant] == 4 else 0
         done = {"op": "MatMulNBits", "bits": NBITS[quant], "output_projection_bits": bits_for_head,
-                "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4, "embedding_lookup": "float32"}
+                "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4, "embedding_lookup": "float32",
+                "block_bias_correction": corrected}
     onnx.save(model, str(dst))
     return done
 
@@ -106,6 +113,7 @@ class OnnxExporter:
     format = "onnx"
     runtime = "onnxruntime"
     quants = ("fp32", "fp16", "int8", "int4")
+    requires = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
         if source.task != "text-generation":

@@ -18,6 +18,7 @@ class ReferenceExporter:
     format = "safetensors"
     runtime = "torch"
     quants = ("fp32",)
+    requires = ("torch", "transformers", "safetensors")
 
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
         folder = bundle_dir / "reference"
