@@ -62,6 +62,8 @@ def apply_repetition_penalty(logits: np.ndarray, seen: list[int], penalty: float
 
 def sample_next(logits: np.ndarray, seen: list[int], config: SamplingConfig, rng: np.random.Generator) -> int:
     """Pick the next token id from one position's logits (shape [vocab])."""
+    if config.temperature == 0 and config.repetition_penalty == 1.0:
+        return int(np.argmax(logits))  # the hot path of greedy decoding: no copy
     logits = apply_repetition_penalty(np.asarray(logits, dtype=np.float64), seen, config.repetition_penalty)
     if config.temperature == 0:
         return int(np.argmax(logits))

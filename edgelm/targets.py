@@ -32,14 +32,13 @@ TARGETS: dict[str, TargetPreset] = {
         TargetPreset(
             "android", "Android phones (arm64-v8a), CPU with XNNPACK, NNAPI/QNN/GPU delegates where present",
             formats=("gguf", "executorch", "tflite", "onnx"),
-            # onnx int4 (MatMulNBits RTN) misses its gate on SmolLM2 (ppl ratio 1.22): int8 until it passes
-            quants={"gguf": ("int4", "int8"), "executorch": ("int4",), "tflite": ("int8",), "onnx": ("int8",)},
+            quants={"gguf": ("int4", "int8"), "executorch": ("int4",), "tflite": ("int8",), "onnx": ("int4", "int8")},
             delegates=("xnnpack", "nnapi", "qnn", "gpu"), abi="arm64-v8a",
         ),
         TargetPreset(
             "linux-arm64", "ARM64 Linux boards (Raspberry Pi, Jetson CPU), CPU",
             formats=("gguf", "onnx", "executorch", "tflite"),
-            quants={"gguf": ("int4",), "onnx": ("int8",), "executorch": ("int4",), "tflite": ("int8",)},
+            quants={"gguf": ("int4",), "onnx": ("int4",), "executorch": ("int4",), "tflite": ("int8",)},
             delegates=("xnnpack",), abi="aarch64",
         ),
         TargetPreset(

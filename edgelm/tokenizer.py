@@ -87,28 +87,32 @@ class Tokenizer:
 class IncrementalDecoder:
     """Turns a growing list of token ids into text deltas that never split a character.
 
-    Decoding the whole sequence each time and emitting only the new suffix is what makes
-    byte-level BPE safe: a token may hold half of a multi-byte character, which decodes to
-    U+FFFD until the next token completes it, so such a tail is held back.
+    A byte-level token may hold half of a multi-byte character, which decodes to U+FFFD
+    until the next token completes it; such a tail is held back. Only a short window of
+    recent tokens is re-decoded each step (not the whole sequence), so the cost per token
+    stays constant however long the generation runs.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.ids: list[int] = []
-        self.emitted = ""
+        self.prefix_offset = 0  # start of the window re-decoded for context (spaces, merges)
+        self.read_offset = 0  # ids before this are already emitted
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
-        if text.endswith("\ufffd"):
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        text = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        if len(text) <= len(prefix) or text.endswith("\ufffd"):
             return ""
-        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-        self.emitted = text if text.startswith(self.emitted) else self.emitted
-        return delta
+        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
+        return text[len(prefix) :]
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids, self.skip_special_tokens)
-        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
+        decode = self.tokenizer.decode
+        prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
+        text = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        self.prefix_offset = self.read_offset = len(self.ids)
+        return text[len(prefix) :] if len(text) > len(prefix) else ""

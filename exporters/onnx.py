@@ -28,6 +28,7 @@ from edgelm.model import SourceModel
 FILE_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_q8.onnx", "int4": "model_q4.onnx"}
 NBITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
+TIED_TABLE = "embedding_t"  # edgelm.graph's name for a tied embedding table
 
 
 def export_decoder_onnx(model: Any, path: Path) -> dict[str, Any]:
@@ -73,16 +74,21 @@ def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
         from onnx import numpy_helper
 
         from edgelm.exporters.onnx_block_bias import add_block_bias_correction
+        from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
 
         head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
         weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
         bits_for_head = 8
-        model = _matmul_nbits(model, NBITS[quant], exclude=head)
-        if NBITS[quant] != bits_for_head:
+        if NBITS[quant] == bits_for_head:
+            model = _matmul_nbits(model, bits_for_head)
+        else:
+            model = _matmul_nbits(model, NBITS[quant], exclude=head)
             model = _matmul_nbits(model, bits_for_head, include=head)
         corrected = add_block_bias_correction(model, weights) if NBITS[quant] == 4 else 0
+        shared = share_quantized_embedding(model, TIED_TABLE)
         done = {"op": "MatMulNBits", "bits": NBITS[quant], "output_projection_bits": bits_for_head,
-                "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4, "embedding_lookup": "float32",
+                "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4,
+                "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
                 "block_bias_correction": corrected}
     onnx.save(model, str(dst))
     return done

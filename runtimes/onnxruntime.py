@@ -1,7 +1,7 @@
 """onnxruntime adapter for edgelm's decoder graph (see edgelm.graph for the signature).
 
 The KV cache never round-trips through numpy: present_* outputs are kept as OrtValues and
-bound as the next step's past_* inputs (IO binding), so only the logits are copied out.
+fed back as the next step's past_* inputs, so only the logits are copied out.
 """
 
 from __future__ import annotations
@@ -52,24 +52,20 @@ class OnnxSession:
         self.past_names = [n for n in inputs if n.startswith("past_")]
         self.present_names = [o.name for o in session.get_outputs() if o.name.startswith("present_")]
         shape = inputs[self.past_names[0]].shape  # [1, kv_heads, past_len, head_dim]
-        self._empty = np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32)
+        empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32))
+        self._empty = [empty] * len(self.past_names)
+        self.output_names = ["logits", *self.present_names]
         self.capabilities = Capabilities(max_context=max_context, devices=("cpu",),
-                                         notes={"provider": provider, "kv_cache": "OrtValue IO binding"})
+                                         notes={"provider": provider, "kv_cache": "OrtValues kept in onnxruntime between steps"})
         self._past: list[object] | None = None
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(ids.reshape(1, -1), dtype=np.int64))
-        for i, name in enumerate(self.past_names):
-            if self._past is None:
-                binding.bind_cpu_input(name, self._empty)
-            else:
-                binding.bind_ortvalue_input(name, self._past[i])
-        binding.bind_output("logits", "cpu")
-        for name in self.present_names:
-            binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
+        ort_value = self._ort.OrtValue.ortvalue_from_numpy
+        feeds = {"input_ids": ort_value(np.ascontiguousarray(ids.reshape(1, -1), dtype=np.int64))}
+        feeds.update(zip(self.past_names, self._past if self._past is not None else self._empty))
+        # One call with OrtValues in and out: the cache stays in onnxruntime's memory, and no
+        # per-tensor Python binding calls are made (~120 of them per token for 30 layers).
+        outputs = self.session.run_with_ort_values(self.output_names, feeds)
         self._past = outputs[1:]
         return outputs[0].numpy()[0]
 

@@ -43,6 +43,28 @@ def test_export_writes_a_bundle_with_the_reference_row(smollm2_bundle):
     assert rows[0]["perplexity"] == pytest.approx(ref.parity["perplexity"])
 
 
+def test_android_preset_onnx_artifacts_pass_their_gates_and_beat_fp32_size(smollm2_bundle):
+    from edgelm.bundle import read_bundle
+
+    manifest = read_bundle(smollm2_bundle)
+    onnx = {a.quant: a for a in manifest.artifacts if a.format == "onnx"}
+    assert set(onnx) == {"int4", "int8"}
+    for entry in onnx.values():
+        assert entry.parity["passed"], entry.parity
+        assert entry.parity["top1_agreement"] > 0.9
+    reference = manifest.artifact("safetensors")
+    assert onnx["int4"].bytes <= 0.35 * reference.bytes
+    assert onnx["int4"].profile["decode_tok_s"] > reference.profile["decode_tok_s"]
+
+
+def test_onnx_int4_runs_from_the_cli(smollm2_bundle):
+    result = subprocess.run([sys.executable, "-m", "edgelm", "run", str(smollm2_bundle), "--format", "onnx-int4",
+                             "--prompt", "What is a KV cache?", "--max-new-tokens", "40"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.split()) >= 15
+
+
 def test_run_streams_coherent_text(smollm2_bundle):
     result = subprocess.run([sys.executable, "-m", "edgelm", "run", str(smollm2_bundle), "--prompt",
                              "What is a KV cache?", "--max-new-tokens", "40"], capture_output=True, text=True, timeout=300)
