@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import BundleError
-from edgelm.model import sha256_file
+from edgelm.model import read_json_object, sha256_file
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -195,11 +195,7 @@ def read_bundle(root: str | Path, verify: bool = True) -> Manifest:
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{root}: no manifest.json — not an edgelm bundle (make one with `edgelm export`)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise BundleError(f"{path}: not valid JSON ({err}); re-export the bundle") from err
-    manifest = Manifest.from_dict(data)
+    manifest = Manifest.from_dict(read_json_object(path, BundleError, "re-export the bundle"))
     if verify:
         for rel, expected in manifest.files.items():
             file = root / rel

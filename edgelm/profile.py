@@ -57,9 +57,13 @@ def device_record() -> dict[str, Any]:
 
 
 class PeakRSSSampler:
-    """Samples this process's resident memory in a background thread (every `interval` s)."""
+    """Samples this process's resident memory in a background thread (every `interval` s).
 
-    def __init__(self, interval: float = 0.02):
+    Sparse on purpose: on a 2-core device a thread waking every few ms competes with the
+    runtime's own threads and slows the decode it is measuring.
+    """
+
+    def __init__(self, interval: float = 0.1):
         self.interval = interval
         self.peak = psutil.Process().memory_info().rss
         self._stop = threading.Event()
