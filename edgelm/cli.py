@@ -103,6 +103,8 @@ def export(
     with _progress() as step:
         manifest = export_bundle(model, output, options, step=step)
     console.print(_report_table(manifest, f"{manifest.source['model_id']} → {target}"))
+    console.print("peak RSS here is the export process's (it also holds the torch reference); "
+                  f"`edgelm profile {output}` measures each artifact alone")
     for fmt, why in manifest.reference.get("skipped_formats", {}).items():
         console.print(f"[yellow]skipped {fmt}[/]: {why}")
     console.print(f"Bundle written to [bold]{output}[/] (report: {output}/report/report.html)")

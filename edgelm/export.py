@@ -28,7 +28,8 @@ from edgelm.tokenizer import Tokenizer
 
 StepHook = Callable[[str], AbstractContextManager[Any]]
 REFERENCE_FORMAT = "safetensors"
-QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # DESIGN.md's table; formats map them
+QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")
+EXPORT_RSS_SCOPE = "measured in the export process, which also holds the fp32 torch reference"  # DESIGN.md's table; formats map them
 
 
 @dataclass
@@ -185,7 +186,8 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
                 with step(f"Profiling {name} ({options.profile_new_tokens} new tokens × {options.profile_repeats})"):
                     profile = profile_session(session, tokenizer, max_new_tokens=options.profile_new_tokens,
                                               repeats=options.profile_repeats, load_s=load_s,
-                                              file_bytes=file_bytes, threads=options.threads).to_dict()
+                                              file_bytes=file_bytes, threads=options.threads,
+                                              rss_scope=EXPORT_RSS_SCOPE).to_dict()
             session.close()
             manifest.artifacts.append(ArtifactEntry(
                 name=name, format=fmt, path=artifact.path.relative_to(work).as_posix(),

@@ -102,6 +102,7 @@ class Profile:
     peak_rss_mb: float
     file_bytes: int
     device: dict[str, Any] = field(default_factory=dict)
+    rss_scope: str = "process"  # what else lived in the measured process
 
     @property
     def llama_bench_names(self) -> dict[str, float]:
@@ -125,6 +126,7 @@ def profile_session(
     load_s: float = 0.0,
     file_bytes: int = 0,
     threads: int | None = None,
+    rss_scope: str = "process",
 ) -> Profile:
     """Time greedy generation of `max_new_tokens` (EOS ignored) for each prompt.
 
@@ -161,6 +163,7 @@ def profile_session(
         peak_rss_mb=rss.peak / 2**20,
         file_bytes=file_bytes,
         device=device_record(),
+        rss_scope=rss_scope,
     )
 
 

@@ -39,7 +39,7 @@ def format_cell(value: Any) -> str:
     if value is None:
         return "–"
     if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+        return f"{value:.1f}" if abs(value) >= 100 else f"{value:.3f}" if abs(value) >= 10 else f"{value:.4f}"
     return str(value)
 
 
@@ -56,6 +56,10 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
         lines += ["", f"Device: {device.get('cpu')} ({device.get('machine')}), {device.get('cores')} cores, "
                       f"{device.get('memory_gb')} GB, {device.get('os')}",
                   "Versions: " + ", ".join(f"{k} {v}" for k, v in device.get("versions", {}).items())]
+    scopes = {a.profile.get("rss_scope") for a in manifest.artifacts if a.profile} - {None, "process"}
+    if scopes:
+        lines += ["", "Peak RSS: " + "; ".join(sorted(scopes)) + ". `edgelm profile BUNDLE` measures a process that "
+                  "runs the artifact alone."]
     skipped = manifest.reference.get("skipped_formats")
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]

@@ -97,9 +97,16 @@ def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
 def _matmul_nbits(model: Any, bits: int, include: list[str] | None = None, exclude: list[str] | None = None) -> Any:
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False, accuracy_level=4,
-                                     nodes_to_include=include, nodes_to_exclude=exclude or [])
-    quantizer.process()
+    # The quantizer logs every node it visits at INFO; that would bury edgelm's progress display.
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False,
+                                         accuracy_level=4, nodes_to_include=include, nodes_to_exclude=exclude or [])
+        quantizer.process()
+    finally:
+        log.setLevel(level)
     return quantizer.model.model
 
 
