@@ -19,9 +19,10 @@ from typing import Any
 
 from edgelm.errors import UnsupportedError
 
-# model_type -> whether q/k/v projections carry a bias (they are nn.Linear either way);
-# a decoder family joins by adding a row once its layer layout matches this graph.
-GRAPH_DECODERS = {"llama": "Llama", "qwen2": "Qwen2"}
+# model_type -> family. The graph reads each model's variations off its own modules
+# (q/k norms, sandwich norms, per-layer-type RoPE, sliding windows, embedding scale, logit
+# softcapping), so a family joins by adding a row once its tests match transformers.
+GRAPH_DECODERS = {"llama": "Llama", "qwen2": "Qwen2", "gemma3_text": "Gemma3"}
 
 
 @dataclass(frozen=True)
@@ -84,18 +85,25 @@ def build_decoder_graph(model: Any) -> Any:
             if self.tied:
                 self.embedding_t = nn.Parameter(causal_lm.lm_head.weight.detach().t().contiguous(), requires_grad=False)
             self.num_heads = config.num_attention_heads
-            self.scale = self.signature.head_dim ** -0.5
+            embed_scale = getattr(causal_lm.model.embed_tokens, "scalar_embed_scale", 1.0)
+            self.embed_scale = float(embed_scale)
+            # per-layer-type RoPE only where the rotary module keeps one table per type (Gemma3)
+            per_type = isinstance(getattr(causal_lm.model.rotary_emb, "rope_type", None), dict)
+            self.layer_types = list(getattr(config, "layer_types", None) or []) if per_type else []
+            self.final_softcap = getattr(config, "final_logit_softcapping", None)
 
         def _attention(self, layer: Any, hidden: Any, cos: Any, sin: Any, past_k: Any, past_v: Any, mask: Any):
             attn, n, hd = layer.self_attn, hidden.shape[1], self.signature.head_dim
             q = attn.q_proj(hidden).view(1, n, self.num_heads, hd).transpose(1, 2)
             k = attn.k_proj(hidden).view(1, n, self.signature.num_kv_heads, hd).transpose(1, 2)
             v = attn.v_proj(hidden).view(1, n, self.signature.num_kv_heads, hd).transpose(1, 2)
+            if hasattr(attn, "q_norm"):  # Gemma3: RMSNorm over each head before RoPE
+                q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
             groups = self.num_heads // self.signature.num_kv_heads
             k_all, v_all = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-            scores = torch.matmul(q, k_all.transpose(2, 3)) * self.scale + mask
+            scores = torch.matmul(q, k_all.transpose(2, 3)) * attn.scaling + mask
             out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
             out = out.transpose(1, 2).reshape(1, n, self.num_heads * hd)
             return attn.o_proj(out), k, v
@@ -104,22 +112,36 @@ def build_decoder_graph(model: Any) -> Any:
             n, past_len = input_ids.shape[1], past[0].shape[2]
             positions = torch.arange(n, dtype=torch.long) + past_len
             if self.tied:
-                hidden = self.embedding_t.index_select(1, input_ids.reshape(-1)).t()[None]
+                hidden = self.embedding_t.index_select(1, input_ids.reshape(-1)).t()[None] * self.embed_scale
             else:
-                hidden = self.body.embed_tokens(input_ids)
-            cos, sin = self.body.rotary_emb(hidden, positions[None])
+                hidden = self.body.embed_tokens(input_ids)  # applies its own scale where it has one
+            # RoPE tables per layer type (Gemma3: local and global layers use different bases)
+            rope = {t: self.body.rotary_emb(hidden, positions[None], t) for t in dict.fromkeys(self.layer_types)}
+            default_rope = None if self.layer_types else self.body.rotary_emb(hidden, positions[None])
             keys = torch.arange(past_len + n, dtype=torch.long)
-            mask = torch.where(keys[None, :] <= positions[:, None], 0.0, float("-inf"))[None, None]
+            causal = keys[None, :] <= positions[:, None]
+            masks: dict[Any, Any] = {}
             presents = []
             for i, layer in enumerate(self.body.layers):
+                window = getattr(layer.self_attn, "sliding_window", None)
+                if window not in masks:
+                    allowed = causal if window is None else causal & (positions[:, None] - keys[None, :] < window)
+                    masks[window] = torch.where(allowed, 0.0, float("-inf"))[None, None]
+                cos, sin = rope[self.layer_types[i]] if self.layer_types else default_rope
                 residual = hidden
                 attn_out, k, v = self._attention(layer, layer.input_layernorm(hidden), cos, sin,
-                                                 past[2 * i], past[2 * i + 1], mask)
-                hidden = residual + attn_out
-                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                                                 past[2 * i], past[2 * i + 1], masks[window])
+                if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma3's sandwich norms
+                    hidden = residual + layer.post_attention_layernorm(attn_out)
+                    hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+                else:
+                    hidden = residual + attn_out
+                    hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
                 presents += [k, v]
             normed = self.body.norm(hidden)
             logits = torch.matmul(normed, self.embedding_t) if self.tied else self.lm_head(normed)
+            if self.final_softcap:
+                logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
             return (logits, *presents)
 
     def _rotate(x: Any, cos: Any, sin: Any) -> Any:

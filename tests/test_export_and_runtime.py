@@ -102,8 +102,7 @@ def test_unknown_artifact_name_lists_what_the_bundle_has(tiny_bundle):
 
 @pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
 def test_other_decoder_architectures_export_and_pass_parity(tiny_model_factory, tmp_path, kind):
-    # gemma3: the reference artifact only, until edgelm.graph covers its layer layout
-    options = fast_export_options(profile=False, formats=("safetensors",) if kind == "gemma3" else None)
+    options = fast_export_options(profile=False)
     manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind, options)
     assert manifest.source["model_type"] in ("qwen2", "gemma3_text")
     assert all(a.parity["passed"] for a in manifest.artifacts)

@@ -22,7 +22,7 @@ def onnx_bundle(tiny_llama, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, kind):
     import torch
     import transformers
@@ -32,17 +32,18 @@ def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, k
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(kind)), dtype=torch.float32).eval()
     graph = build_decoder_graph(model)
     sig = graph.signature
-    ids = torch.randint(0, sig.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    # 40 tokens: longer than the tiny Gemma3's sliding window (16), so the window mask matters
+    ids = torch.randint(0, sig.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     empty = [torch.zeros(1, sig.num_kv_heads, 0, sig.head_dim) for _ in range(2 * sig.num_layers)]
     with torch.no_grad():
         reference = model(ids).logits
-        first = graph(ids[:, :8], *empty)
-        second = graph(ids[:, 8:], *first[1:])
-    assert (first[0] - reference[:, :8]).abs().max() <= 1e-4
-    assert (second[0] - reference[:, 8:]).abs().max() <= 1e-4
+        first = graph(ids[:, :30], *empty)
+        second = graph(ids[:, 30:], *first[1:])
+    assert (first[0] - reference[:, :30]).abs().max() <= 1e-4
+    assert (second[0] - reference[:, 30:]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_onnx_fp32_matches_torch_within_1e_4(tiny_model_factory, tmp_path, kind):
     manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
                              fast_export_options(formats=("onnx",), quants=("fp32",), profile=False))
@@ -119,7 +120,13 @@ def test_garbage_onnx_file_is_invalid(tmp_path):
         ADAPTER.open(bad)
 
 
-def test_gemma3_is_refused_by_the_graph_with_the_covered_list(tiny_model_factory, tmp_path):
-    with pytest.raises(UnsupportedError, match="llama, qwen2"):
-        export_bundle(tiny_model_factory("gemma3"), tmp_path / "g", fast_export_options(formats=("onnx",), quants=("fp32",)))
-    assert not (tmp_path / "g").exists()
+def test_a_family_outside_the_graph_is_refused_with_the_covered_list(tiny_llama):
+    import torch
+    import transformers
+
+    from edgelm.graph import build_decoder_graph
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    model.config.model_type = "phi3"  # known to intake, not yet to the graph (fused qkv projection)
+    with pytest.raises(UnsupportedError, match="llama, qwen2, gemma3_text"):
+        build_decoder_graph(model)
