@@ -22,7 +22,7 @@ from edgelm.errors import UnsupportedError
 # model_type -> family. The graph reads each model's variations off its own modules
 # (q/k norms, sandwich norms, per-layer-type RoPE, sliding windows, embedding scale, logit
 # softcapping), so a family joins by adding a row once its tests match transformers.
-GRAPH_DECODERS = {"llama": "Llama", "qwen2": "Qwen2", "gemma3_text": "Gemma3"}
+GRAPH_DECODERS = {"llama": "Llama", "qwen2": "Qwen2", "gemma3_text": "Gemma3", "phi3": "Phi-3"}
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,20 @@ def build_decoder_graph(model: Any) -> Any:
             per_type = isinstance(getattr(causal_lm.model.rotary_emb, "rope_type", None), dict)
             self.layer_types = list(getattr(config, "layer_types", None) or []) if per_type else []
             self.final_softcap = getattr(config, "final_logit_softcapping", None)
+            self.model_window = getattr(config, "sliding_window", None)
 
         def _attention(self, layer: Any, hidden: Any, cos: Any, sin: Any, past_k: Any, past_v: Any, mask: Any):
             attn, n, hd = layer.self_attn, hidden.shape[1], self.signature.head_dim
-            q = attn.q_proj(hidden).view(1, n, self.num_heads, hd).transpose(1, 2)
-            k = attn.k_proj(hidden).view(1, n, self.signature.num_kv_heads, hd).transpose(1, 2)
-            v = attn.v_proj(hidden).view(1, n, self.signature.num_kv_heads, hd).transpose(1, 2)
+            kv_heads = self.signature.num_kv_heads
+            if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, split q | k | v
+                qkv = attn.qkv_proj(hidden)
+                q_end, k_end = self.num_heads * hd, (self.num_heads + kv_heads) * hd
+                q_out, k_out, v_out = qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+            else:
+                q_out, k_out, v_out = attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)
+            q = q_out.view(1, n, self.num_heads, hd).transpose(1, 2)
+            k = k_out.view(1, n, kv_heads, hd).transpose(1, 2)
+            v = v_out.view(1, n, kv_heads, hd).transpose(1, 2)
             if hasattr(attn, "q_norm"):  # Gemma3: RMSNorm over each head before RoPE
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
@@ -123,7 +131,8 @@ def build_decoder_graph(model: Any) -> Any:
             masks: dict[Any, Any] = {}
             presents = []
             for i, layer in enumerate(self.body.layers):
-                window = getattr(layer.self_attn, "sliding_window", None)
+                # per layer where the attention module says (Gemma3, Qwen2); else model-wide (Phi-3)
+                window = getattr(layer.self_attn, "sliding_window", self.model_window)
                 if window not in masks:
                     allowed = causal if window is None else causal & (positions[:, None] - keys[None, :] < window)
                     masks[window] = torch.where(allowed, 0.0, float("-inf"))[None, None]
@@ -145,9 +154,13 @@ def build_decoder_graph(model: Any) -> Any:
             return (logits, *presents)
 
     def _rotate(x: Any, cos: Any, sin: Any) -> Any:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos[:, None] + rotated * sin[:, None]
+        # Partial rotary (Phi-3's partial_rotary_factor): only the first cos.shape[-1] dims turn.
+        dim = cos.shape[-1]
+        x_rot, x_pass = (x, None) if dim == x.shape[-1] else (x[..., :dim], x[..., dim:])
+        half = dim // 2
+        rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+        out = x_rot * cos[:, None] + rotated * sin[:, None]
+        return out if x_pass is None else torch.cat([out, x_pass], dim=-1)
 
     return DecoderGraph(model).eval()
 

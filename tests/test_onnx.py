@@ -22,7 +22,7 @@ def onnx_bundle(tiny_llama, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "phi3"])
 def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, kind):
     import torch
     import transformers
@@ -32,7 +32,7 @@ def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, k
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(kind)), dtype=torch.float32).eval()
     graph = build_decoder_graph(model)
     sig = graph.signature
-    # 40 tokens: longer than the tiny Gemma3's sliding window (16), so the window mask matters
+    # 40 tokens: longer than the tiny Gemma3's and Phi-3's sliding windows (16), so the window mask matters
     ids = torch.randint(0, sig.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     empty = [torch.zeros(1, sig.num_kv_heads, 0, sig.head_dim) for _ in range(2 * sig.num_layers)]
     with torch.no_grad():
@@ -43,7 +43,7 @@ def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, k
     assert (second[0] - reference[:, 30:]).abs().max() <= 1e-4
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "phi3"])
 def test_onnx_fp32_matches_torch_within_1e_4(tiny_model_factory, tmp_path, kind):
     manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
                              fast_export_options(formats=("onnx",), quants=("fp32",), profile=False))
@@ -127,6 +127,6 @@ def test_a_family_outside_the_graph_is_refused_with_the_covered_list(tiny_llama)
     from edgelm.graph import build_decoder_graph
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
-    model.config.model_type = "phi3"  # known to intake, not yet to the graph (fused qkv projection)
-    with pytest.raises(UnsupportedError, match="llama, qwen2, gemma3_text"):
+    model.config.model_type = "bert"  # known to intake (an encoder), not a decoder the graph covers
+    with pytest.raises(UnsupportedError, match="llama, qwen2, gemma3_text, phi3"):
         build_decoder_graph(model)

@@ -58,6 +58,9 @@ def tiny_config(kind: str):
     if kind == "gemma3":
         return transformers.Gemma3TextConfig(**_decoder_common(), head_dim=8, sliding_window=16,
                                              query_pre_attn_scalar=8)
+    if kind == "phi3":  # half-rotary and a sliding window shorter than the tests' 40 tokens
+        return transformers.Phi3Config(**_decoder_common(), partial_rotary_factor=0.5, sliding_window=16,
+                                       tie_word_embeddings=False)
     if kind == "bert":
         return transformers.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
                                        num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
@@ -65,7 +68,7 @@ def tiny_config(kind: str):
 
 
 def build_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
-    """Save a random `kind` model (llama, qwen2, gemma3, bert) with a tokenizer into `folder`."""
+    """Save a random `kind` model (llama, qwen2, gemma3, phi3, bert) with a tokenizer into `folder`."""
     import torch
     import transformers
 
