@@ -53,7 +53,7 @@ def exporter_rows() -> list[list[Any]]:
         missing = [p for p in get_exporter(fmt).requires if importlib.util.find_spec(p) is None]
         rows.append([fmt, f"missing: {', '.join(missing)} (pip install edgelm[export,{fmt}])" if missing else "available"])
     for fmt in PLANNED_FORMATS:
-            rows.append([fmt, "not implemented in this edgelm version yet"])
+        rows.append([fmt, "not implemented in this edgelm version yet"])
     return rows
 
 

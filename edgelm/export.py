@@ -28,8 +28,8 @@ from edgelm.tokenizer import Tokenizer
 
 StepHook = Callable[[str], AbstractContextManager[Any]]
 REFERENCE_FORMAT = "safetensors"
-QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")
-EXPORT_RSS_SCOPE = "measured in the export process, which also holds the fp32 torch reference"  # DESIGN.md's table; formats map them
+QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # DESIGN.md's table; formats map them
+EXPORT_RSS_SCOPE = "measured in the export process, which also holds the fp32 torch reference"
 
 
 @dataclass

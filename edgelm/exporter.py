@@ -34,6 +34,9 @@ class Exporter(Protocol):
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
         """Write the artifact under bundle_dir/<format>/ and describe it."""
 
+    # Optional: `finish(bundle_dir)` runs once after all of a format's quant recipes, for an
+    # exporter that keeps scratch files between them (the ONNX fp32 source, for one).
+
 
 # format -> module defining `EXPORTER`, imported lazily (exporters pull in heavy libraries).
 EXPORTER_MODULES: dict[str, str] = {

@@ -100,19 +100,21 @@ class IncrementalDecoder:
         self.prefix_offset = 0  # start of the window re-decoded for context (spaces, merges)
         self.read_offset = 0  # ids before this are already emitted
 
+    def _window(self) -> tuple[str, str]:
+        """(text already emitted from the window, text of the whole window)."""
+        window = self.ids[self.prefix_offset :]
+        emitted = self.tokenizer.decode(window[: self.read_offset - self.prefix_offset], self.skip_special_tokens)
+        return emitted, self.tokenizer.decode(window, self.skip_special_tokens)
+
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
-        text = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
-        if len(text) <= len(prefix) or text.endswith("\ufffd"):
+        emitted, text = self._window()
+        if len(text) <= len(emitted) or text.endswith("\ufffd"):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return text[len(prefix) :]
+        return text[len(emitted) :]
 
     def flush(self) -> str:
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], self.skip_special_tokens)
-        text = decode(self.ids[self.prefix_offset :], self.skip_special_tokens)
+        emitted, text = self._window()
         self.prefix_offset = self.read_offset = len(self.ids)
-        return text[len(prefix) :] if len(text) > len(prefix) else ""
+        return text[len(emitted) :] if len(text) > len(emitted) else ""

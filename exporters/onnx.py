@@ -17,6 +17,7 @@ import io
 import logging
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,20 @@ BLOCK_SIZE = 32
 TIED_TABLE = "embedding_t"  # edgelm.graph's name for a tied embedding table
 
 
-def export_decoder_onnx(model: Any, path: Path) -> dict[str, Any]:
-    """Export the fp32 decoder graph of `model` to `path`; return its signature dict."""
+@contextlib.contextmanager
+def _quiet_logger(name: str, level: int) -> Iterator[None]:
+    """Raise a library logger's threshold for the duration (restored even on error)."""
+    log = logging.getLogger(name)
+    previous = log.level
+    log.setLevel(level)
+    try:
+        yield
+    finally:
+        log.setLevel(previous)
+
+
+def export_decoder_onnx(model: Any, path: Path) -> None:
+    """Export the fp32 decoder graph of `model` to `path`."""
     import torch
 
     from edgelm.graph import build_decoder_graph, example_inputs
@@ -44,18 +57,14 @@ def export_decoder_onnx(model: Any, path: Path) -> dict[str, Any]:
     dynamic = ({1: n}, tuple({2: past} for _ in sig.past_names()))
     # The exporter prints progress lines, warns about optional torchvision ops and pytree
     # deprecations; none of it is actionable for an edgelm user, and it would tear the progress display.
-    torch_onnx_log = logging.getLogger("torch.onnx")
-    level = torch_onnx_log.level
-    torch_onnx_log.setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+    with _quiet_logger("torch.onnx", logging.ERROR), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             graph, example_inputs(sig), input_names=["input_ids", *sig.past_names()],
             output_names=["logits", *sig.present_names()], dynamo=True, dynamic_shapes=dynamic, optimize=True,
         )
         program.save(str(path))
-    torch_onnx_log.setLevel(level)
-    return sig.to_dict()
 
 
 def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
@@ -77,14 +86,16 @@ def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
         from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
 
         head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
-        weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
         bits_for_head = 8
+        corrected = 0
         if NBITS[quant] == bits_for_head:
             model = _matmul_nbits(model, bits_for_head)
         else:
+            # the bias correction needs the float weights the quantizer is about to replace
+            weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
             model = _matmul_nbits(model, NBITS[quant], exclude=head)
             model = _matmul_nbits(model, bits_for_head, include=head)
-        corrected = add_block_bias_correction(model, weights) if NBITS[quant] == 4 else 0
+            corrected = add_block_bias_correction(model, weights)
         shared = share_quantized_embedding(model, TIED_TABLE)
         done = {"op": "MatMulNBits", "bits": NBITS[quant], "output_projection_bits": bits_for_head,
                 "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4,
@@ -98,15 +109,10 @@ def _matmul_nbits(model: Any, bits: int, include: list[str] | None = None, exclu
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # The quantizer logs every node it visits at INFO; that would bury edgelm's progress display.
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)
-    try:
+    with _quiet_logger("onnxruntime.quantization.matmul_nbits_quantizer", logging.WARNING):
         quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False,
                                          accuracy_level=4, nodes_to_include=include, nodes_to_exclude=exclude or [])
         quantizer.process()
-    finally:
-        log.setLevel(level)
     return quantizer.model.model
 
 
@@ -145,9 +151,9 @@ class OnnxExporter:
             recipe = quantize_weights(scratch, path, quant)
         optimize_offline(path)
         signature = decoder_signature(model.config).to_dict()
-        _write_metadata(path, {"max_context": signature["max_context"], "quant": quant})
+        opset = _stamp_metadata(path, {"max_context": signature["max_context"], "quant": quant})
         return ExportedArtifact(path=path, quant=quant,
-                                signature={**signature, "quantization": recipe, "opset": _opset(path)},
+                                signature={**signature, "quantization": recipe, "opset": opset},
                                 built_by="edgelm.graph → torch.onnx.export(dynamo=True)")
 
     def finish(self, bundle_dir: Path) -> None:
@@ -155,8 +161,9 @@ class OnnxExporter:
         (bundle_dir / "onnx" / ".fp32-source.onnx").unlink(missing_ok=True)
 
 
-def _write_metadata(path: Path, values: dict[str, Any]) -> None:
-    """Store what the runtime needs to know (max context) inside the model file itself."""
+def _stamp_metadata(path: Path, values: dict[str, Any]) -> int:
+    """Store what the runtime needs to know (max context) inside the model file itself, and
+    return the file's ai.onnx opset (read from the same load)."""
     import json
 
     import onnx
@@ -165,12 +172,6 @@ def _write_metadata(path: Path, values: dict[str, Any]) -> None:
     entry = proto.metadata_props.add()
     entry.key, entry.value = "edgelm", json.dumps(values)
     onnx.save(proto, str(path))
-
-
-def _opset(path: Path) -> int:
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
     return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 

@@ -6,6 +6,7 @@ fed back as the next step's past_* inputs, so only the logits are copied out.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -118,8 +119,6 @@ class OnnxRuntimeAdapter:
             session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:
             raise InvalidModelError(f"{path}: onnxruntime could not load it ({err}); re-export it") from err
-        import json
-
         meta = session.get_modelmeta().custom_metadata_map
         max_context = int(json.loads(meta.get("edgelm", "{}")).get("max_context", 2048))
         return OnnxSession(session, max_context, session.get_providers()[0])
