@@ -21,11 +21,11 @@ from edgelm.errors import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from edgelm.api import LanguageModel
+    from edgelm.api import LanguageModel, TextEncoder
 
 
 def load(path: Any, format: str | None = None, device: str = "cpu", threads: int | None = None,
-         verify: bool = True) -> "LanguageModel":
+         verify: bool = True) -> LanguageModel | TextEncoder:
     """Open an artifact of a bundle; see edgelm.api.load."""
     from edgelm.api import load as _load
 

@@ -1,24 +1,31 @@
-"""`edgelm.load(...)`: open any artifact of a bundle and generate, stream or profile it."""
+"""`edgelm.load(...)`: open any artifact of a bundle and generate, stream or profile it.
+
+A decoder bundle loads as a `LanguageModel` (generate, stream, session, profile); an
+encoder bundle as a `TextEncoder` (embed or classify, profile).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgelm.bundle import ArtifactEntry, Manifest, read_bundle
-from edgelm.errors import BundleError, DeviceError
+from edgelm.encoder_eval import EncoderProfile, encoder_texts, profile_encoder, run_batched
+from edgelm.errors import BundleError, DeviceError, UnsupportedError
 from edgelm.generate import stream_tokens
 from edgelm.profile import Profile, profile_session, timed
 from edgelm.sampling import SamplingConfig
-from edgelm.session import Session, get_runtime
+from edgelm.session import EncoderSession, Session, get_runtime
 from edgelm.tokenizer import Tokenizer
 
 
-class LanguageModel:
-    """A loaded artifact plus its tokenizer and generation defaults."""
+class _Loaded:
+    """What every loaded artifact carries: its session, tokenizer, manifest entry and load time."""
 
-    def __init__(self, session: Session, tokenizer: Tokenizer, entry: ArtifactEntry, manifest: Manifest,
+    def __init__(self, session: Any, tokenizer: Tokenizer, entry: ArtifactEntry, manifest: Manifest,
                  load_s: float, threads: int | None):
         self._session = session
         self.tokenizer = tokenizer
@@ -26,6 +33,13 @@ class LanguageModel:
         self.manifest = manifest
         self.load_s = load_s
         self.threads = threads
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class LanguageModel(_Loaded):
+    """A loaded decoder artifact plus its tokenizer and generation defaults."""
 
     def _prompt_ids(self, prompt: str, chat: bool | None) -> list[int]:
         use_chat = self.tokenizer.chat_template is not None if chat is None else chat
@@ -61,12 +75,59 @@ class LanguageModel:
         return profile_session(self._session, self.tokenizer, max_new_tokens=max_new_tokens, repeats=repeats,
                                load_s=self.load_s, file_bytes=self.artifact.bytes, threads=self.threads, **kwargs)
 
-    def close(self) -> None:
-        self._session.close()
+
+class TextEncoder(_Loaded):
+    """A loaded encoder artifact: sentence embeddings or text classification."""
+
+    @property
+    def task(self) -> str:
+        return str(self.artifact.signature.get("task", self.manifest.source.get("task")))
+
+    @property
+    def labels(self) -> list[str]:
+        """Class labels by id (classification models; empty for embedding models)."""
+        return list(self.artifact.signature.get("labels", []))
+
+    def _run(self, texts: str | Sequence[str], batch_size: int) -> np.ndarray:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:
+            return np.zeros((0, int(self.artifact.signature.get("output_size", 0))), dtype=np.float32)
+        limit = self._session.capabilities.max_context
+        rows = [self.tokenizer.encode(t)[:limit] for t in texts]
+        return run_batched(self._session, rows, batch=batch_size, pad_id=self.tokenizer.pad_token_id)
+
+    def _require(self, task: str, method: str) -> None:
+        if self.task != task:
+            other = "classify" if method == "embed" else "embed"
+            raise UnsupportedError(f"this bundle is a {self.task} model; use .{other}(), not .{method}()")
+
+    def embed(self, texts: str | Sequence[str], batch_size: int = 8) -> np.ndarray:
+        """float32 [len(texts), hidden]: mean-pooled, L2-normalised (dot product = cosine)."""
+        self._require("feature-extraction", "embed")
+        return self._run(texts, batch_size)
+
+    def classify(self, texts: str | Sequence[str], batch_size: int = 8) -> list[dict[str, float]]:
+        """One {label: probability} dict per text, most likely label first."""
+        self._require("text-classification", "classify")
+        logits = self._run(texts, batch_size).astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        labels = self.labels or [str(i) for i in range(probs.shape[-1])]
+        return [dict(sorted(zip(labels, map(float, p)), key=lambda kv: -kv[1])) for p in probs]
+
+    def session(self) -> EncoderSession:
+        """The low-level session: run(input_ids, attention_mask) -> [batch, size]."""
+        return self._session
+
+    def profile(self, text: str | None = None, runs: int = 20, batch: int = 8) -> EncoderProfile:
+        """Latency at 128 tokens (p50/p90), throughput at `batch`, peak RSS (see encoder_eval)."""
+        source = text or "\n\n".join(encoder_texts())
+        return profile_encoder(self._session, self.tokenizer.encode(source), runs=runs, batch=batch,
+                               load_s=self.load_s, file_bytes=self.artifact.bytes, threads=self.threads)
 
 
 def load(path: str | Path, format: str | None = None, device: str = "cpu", threads: int | None = None,
-         verify: bool = True) -> LanguageModel:
+         verify: bool = True) -> LanguageModel | TextEncoder:
     """Open a bundle folder and one of its artifacts (by artifact name or format).
 
     Verifies every file's sha256 first (verify=False skips that). Raises BundleError for a
@@ -86,4 +147,5 @@ def load(path: str | Path, format: str | None = None, device: str = "cpu", threa
         )
     tokenizer = Tokenizer(root / manifest.tokenizer["path"])
     session, load_s = timed(runtime.open, root / entry.path, device=device, threads=threads)
-    return LanguageModel(session, tokenizer, entry, manifest, load_s, threads)
+    kind = LanguageModel if manifest.source.get("task", "text-generation") == "text-generation" else TextEncoder
+    return kind(session, tokenizer, entry, manifest, load_s, threads)

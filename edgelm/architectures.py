@@ -8,6 +8,7 @@ a row here (plus whatever a format needs in its own table).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -15,20 +16,38 @@ class Architecture:
     model_type: str  # config.json "model_type"
     family: str  # human name
     kind: str  # "decoder" (causal LM) or "encoder"
-    hf_class: str  # transformers class that loads it
     gguf_arch: str  # llama.cpp's architecture name
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in [
-        Architecture("llama", "Llama", "decoder", "AutoModelForCausalLM", "llama"),
-        Architecture("qwen2", "Qwen2", "decoder", "AutoModelForCausalLM", "qwen2"),
-        Architecture("gemma3_text", "Gemma3", "decoder", "AutoModelForCausalLM", "gemma3"),
-        Architecture("phi3", "Phi-3", "decoder", "AutoModelForCausalLM", "phi3"),
-        Architecture("bert", "BERT-style encoder", "encoder", "AutoModel", "bert"),
+        Architecture("llama", "Llama", "decoder", "llama"),
+        Architecture("qwen2", "Qwen2", "decoder", "qwen2"),
+        Architecture("gemma3_text", "Gemma3", "decoder", "gemma3"),
+        Architecture("phi3", "Phi-3", "decoder", "phi3"),
+        Architecture("bert", "BERT-style encoder", "encoder", "bert"),
     ]
 }
+
+
+# task -> the transformers Auto class that loads a model for it. A decoder is always
+# text-generation; an encoder is text-classification when its checkpoint has a
+# classification head (config.architectures says so), feature-extraction otherwise.
+TASK_MODEL_CLASSES: dict[str, str] = {
+    "text-generation": "AutoModelForCausalLM",
+    "feature-extraction": "AutoModel",
+    "text-classification": "AutoModelForSequenceClassification",
+}
+
+
+def task_for(arch: Architecture, config: dict[str, Any] | None = None) -> str:
+    """The task a model of `arch` with this config.json serves (a TASK_MODEL_CLASSES key)."""
+    if arch.kind == "decoder":
+        return "text-generation"
+    heads = (config or {}).get("architectures") or []
+    return "text-classification" if any(str(h).endswith("ForSequenceClassification") for h in heads) \
+        else "feature-extraction"
 
 
 def supported_model_types() -> list[str]:

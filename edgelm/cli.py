@@ -66,9 +66,10 @@ def _progress() -> Iterator[Any]:
 
 
 def _report_table(manifest: Any, title: str) -> Table:
-    from edgelm.report import COLUMNS, format_cell, report_rows
+    from edgelm.report import format_cell, layout_for, report_rows
 
-    shown = [c for c in COLUMNS if c[1] not in ("prefill_tok_s", "p50_ms", "load_s", "gate")]
+    hidden = ("prefill_tok_s", "p50_ms", "load_s", "gate", "mean_cosine")
+    shown = [c for c in layout_for(manifest).columns if c[1] not in hidden]
     table = Table(title=title)
     for heading, _ in shown:
         table.add_column(heading, justify="right", no_wrap=True)
@@ -127,18 +128,33 @@ def run(
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Do not apply the chat template.")] = False,
 ) -> None:
-    """Generate text from a bundle, streaming it to stdout."""
+    """Generate text from a bundle, streaming it to stdout (an encoder bundle prints the
+    prompt's embedding or its label probabilities instead)."""
     import edgelm
+    from edgelm.api import TextEncoder
 
     sampling = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                       repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
     if stop:
         sampling["stop"] = tuple(stop)
     lm = edgelm.load(bundle, format=format, device=device, threads=threads)
+    if isinstance(lm, TextEncoder):
+        _print_encoder_output(lm, prompt)
+        return
     for piece in lm.stream(prompt, chat=False if no_chat else None, **sampling):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+def _print_encoder_output(encoder: Any, text: str) -> None:
+    if encoder.task == "text-classification":
+        for label, prob in encoder.classify(text)[0].items():
+            console.print(f"{label}\t{prob:.4f}")
+        return
+    vector = encoder.embed(text)[0]
+    shown = ", ".join(f"{v:.4f}" for v in vector[:8])
+    console.print(f"embedding: {vector.shape[0]} dims, L2 norm {float((vector ** 2).sum() ** 0.5):.4f}: [{shown}, …]")
 
 
 @app.command()
@@ -156,19 +172,24 @@ def profile(
 
     manifest = read_bundle(bundle)
     names = [manifest.artifact(format).name] if format else [a.name for a in manifest.artifacts]
+    decoder = manifest.source.get("task", "text-generation") == "text-generation"
+    columns = (("size MB", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "p50 ms", "p90 ms", "peak RSS MB")
+               if decoder else ("size MB", "load s", "p50 ms @128", "p90 ms @128", "batch-8 inputs/s", "peak RSS MB"))
     table = Table(title=f"profile: {bundle}")
-    for col in ("artifact", "size MB", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "p50 ms", "p90 ms", "peak RSS MB"):
+    for col in ("artifact", *columns):
         table.add_column(col, justify="right")
     results = {}
     for name in names:
         lm = edgelm.load(bundle, format=name, threads=threads, verify=False)
         with console.status(f"profiling {name}…"):
-            prof = lm.profile(max_new_tokens=new_tokens, repeats=repeats)
+            prof = lm.profile(max_new_tokens=new_tokens, repeats=repeats) if decoder else lm.profile()
         lm.close()
         results[name] = prof.to_dict()
-        table.add_row(name, f"{prof.file_bytes / 1e6:.1f}", f"{prof.load_s:.2f}", f"{prof.ttft_s:.3f}",
-                      f"{prof.prefill_tok_s:.1f}", f"{prof.decode_tok_s:.1f}", f"{prof.p50_token_ms:.1f}",
-                      f"{prof.p90_token_ms:.1f}", f"{prof.peak_rss_mb:.0f}")
+        cells = ((prof.ttft_s, 3), (prof.prefill_tok_s, 1), (prof.decode_tok_s, 1), (prof.p50_token_ms, 1),
+                 (prof.p90_token_ms, 1)) if decoder else \
+            ((prof.latency_p50_ms, 2), (prof.latency_p90_ms, 2), (prof.throughput_per_s, 1))
+        table.add_row(name, f"{prof.file_bytes / 1e6:.1f}", f"{prof.load_s:.2f}",
+                      *(f"{value:.{digits}f}" for value, digits in cells), f"{prof.peak_rss_mb:.0f}")
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")

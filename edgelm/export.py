@@ -16,12 +16,14 @@ from typing import Any
 
 from edgelm import __version__
 from edgelm.bundle import ArtifactEntry, Manifest, atomic_bundle_dir, write_manifest
+from edgelm.encoder_eval import ENCODER_GATES
 from edgelm.errors import ParityError, UnsupportedError
+from edgelm.evaluate import EVALUATIONS
 from edgelm.exporter import EXPORTER_MODULES, PLANNED_FORMATS, check_quant, get_exporter
 from edgelm.model import SourceModel, inspect_source, load_reference_model, sha256_file
-from edgelm.parity import DEFAULT_GATES, ParitySettings, measure_parity, parity_text
-from edgelm.profile import profile_session, timed
-from edgelm.report import write_report
+from edgelm.parity import DEFAULT_GATES, ParitySettings
+from edgelm.profile import timed
+from edgelm.report import card_rows, write_report
 from edgelm.session import get_runtime
 from edgelm.targets import get_target
 from edgelm.tokenizer import Tokenizer
@@ -29,7 +31,6 @@ from edgelm.tokenizer import Tokenizer
 StepHook = Callable[[str], AbstractContextManager[Any]]
 REFERENCE_FORMAT = "safetensors"
 QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # DESIGN.md's table; formats map them
-EXPORT_RSS_SCOPE = "measured in the export process, which also holds the fp32 torch reference"
 
 
 @dataclass
@@ -40,7 +41,8 @@ class ExportOptions:
     allow_drift: bool = False
     overwrite: bool = False
     allow_pickle: bool = False
-    gates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))
+    gates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))  # decoders: max ppl ratio
+    encoder_gates: dict[str, float] = field(default_factory=lambda: dict(ENCODER_GATES))  # encoders: min cosine
     parity: ParitySettings = field(default_factory=ParitySettings)
     profile: bool = True
     profile_new_tokens: int = 128
@@ -48,11 +50,12 @@ class ExportOptions:
     threads: int | None = None
 
 
-def plan_artifacts(options: ExportOptions) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(format, quant) pairs to build, and formats skipped with the reason why.
+def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """(format, quant) pairs to build for a model serving `task`, and formats skipped with why.
 
-    The fp32 reference always comes first. A requested quant a format cannot do is an
-    error; a preset format this edgelm cannot export yet is skipped and reported.
+    The fp32 reference always comes first. A requested quant or task a format cannot do is
+    an error; a preset format this edgelm cannot export (yet, or for this task) is skipped
+    and reported.
     """
     preset = get_target(options.target)
     formats = options.formats or preset.formats
@@ -72,6 +75,12 @@ def plan_artifacts(options: ExportOptions) -> tuple[list[tuple[str, str]], dict[
                 continue
             get_exporter(fmt)  # raises UnsupportedError naming the known formats
         exporter = get_exporter(fmt)
+        if task not in exporter.tasks:
+            reason = f"the {fmt} exporter does not handle {task} models (it does: {', '.join(exporter.tasks)})"
+            if options.formats:
+                raise UnsupportedError(reason)
+            skipped[fmt] = reason
+            continue
         for quant in options.quants or preset.quants.get(fmt, exporter.quants[:1]):
             check_quant(exporter, quant)
             plan.append((fmt, quant))
@@ -79,7 +88,10 @@ def plan_artifacts(options: ExportOptions) -> tuple[list[tuple[str, str]], dict[
 
 
 def _generation_defaults(model: Any) -> dict[str, Any]:
-    """Sampling defaults from the model's generation_config (greedy when it doesn't sample)."""
+    """Sampling defaults from the model's generation_config (greedy when it doesn't sample);
+    empty for an encoder, which generates nothing."""
+    if not getattr(model, "can_generate", lambda: False)():
+        return {}
     gen = getattr(model, "generation_config", None)
     if gen is None or not getattr(gen, "do_sample", False):
         return {"temperature": 0.0, "max_new_tokens": 256, "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0)}
@@ -90,27 +102,27 @@ def _generation_defaults(model: Any) -> dict[str, Any]:
 
 
 def _model_card(source: SourceModel, manifest: Manifest, bundle_name: str) -> str:
-    rows = "\n".join(
-        f"| {a.name} | {a.format} | {a.quant} | {a.bytes / 1e6:.1f} | "
-        f"{(a.parity or {}).get('ppl_ratio', float('nan')):.4f} | {(a.profile or {}).get('decode_tok_s', float('nan')):.1f} |"
-        for a in manifest.artifacts
-    )
+    titles, rows = card_rows(manifest)
+    table = "\n".join(["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+                      + ["| " + " | ".join(row) + " |" for row in rows])
+    usage = ('print(lm.generate("What is a KV cache?", max_new_tokens=64))' if source.task == "text-generation"
+             else 'print(lm.embed(["What is a KV cache?"]))' if source.task == "feature-extraction"
+             else 'print(lm.classify(["What is a KV cache?"]))')
     return f"""---
 base_model: {source.model_id}
 base_model_relation: quantized
 library_name: edgelm
+pipeline_tag: {source.task}
 tags: [edgelm, on-device, {manifest.target}]
 ---
 # {source.model_id} for {manifest.target}
 
 Exported by edgelm {__version__} from `{Path(source.path).name}` (sha256 `{source.sha256[:16]}…`,
-{source.num_parameters / 1e6:.1f} M parameters, {source.family}).
+{source.num_parameters / 1e6:.1f} M parameters, {source.family}, {source.task}).
 
-| artifact | format | quant | MB | ppl ratio | decode tok/s |
-|---|---|---|---|---|---|
-{rows}
+{table}
 
-Perplexity ratios are against the fp32 source on {manifest.parity_text.get('description', 'the parity text')}.
+Parity is measured against the fp32 source on {manifest.parity_text.get('description', 'the parity text')}.
 Full figures: `report/report.md`.
 
 ## Run it
@@ -118,7 +130,7 @@ Full figures: `report/report.md`.
 ```python
 import edgelm
 lm = edgelm.load("{bundle_name}")
-print(lm.generate("What is a KV cache?", max_new_tokens=64))
+{usage}
 ```
 
 or `edgelm run {bundle_name} --prompt "What is a KV cache?"`.
@@ -138,21 +150,15 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
     output = Path(output)
     with step("Inspecting the source model"):
         source = inspect_source(model, allow_pickle=options.allow_pickle)
-        if source.task != "text-generation":
-            raise UnsupportedError(
-                f"{source.path}: {source.family} is an encoder ({source.task}); encoder bundles arrive with the ONNX "
-                "exporter — this edgelm exports decoders (text generation) only"
-            )
-        plan, skipped = plan_artifacts(options)
+        plan, skipped = plan_artifacts(options, source.task)
     with atomic_bundle_dir(output, overwrite=options.overwrite) as work:
         with step("Loading the fp32 reference model"):
             model_obj = load_reference_model(source, work / "tokenizer")
             tokenizer = Tokenizer(work / "tokenizer")
-            text = parity_text()
-            ids = tokenizer.encode(text)[: options.parity.max_tokens]
-        from edgelm.runtimes.torch_reference import TorchSession
+            evaluation = EVALUATIONS[source.task](tokenizer, options, source.task)
+        from edgelm.runtimes.torch_reference import reference_session
 
-        reference = TorchSession(model_obj)
+        reference = reference_session(model_obj, source.task)
         manifest = Manifest(
             edgelm_version=__version__,
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -160,12 +166,7 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             target=options.target,
             tokenizer={"path": "tokenizer", "chat_template": tokenizer.chat_template is not None},
             generation=_generation_defaults(model_obj),
-            parity_text={
-                "description": f"pydoc_data.topics (first 40,000 chars), first {len(ids)} tokens, "
-                               f"windows of {options.parity.window} every {options.parity.stride}",
-                "tokens": len(ids), "window": options.parity.window, "stride": options.parity.stride,
-                "sha256_of_text": __import__("hashlib").sha256(text.encode()).hexdigest(),
-            },
+            parity_text=evaluation.describe(),
             reference={"skipped_formats": skipped},
         )
         failures = []
@@ -177,26 +178,18 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             runtime = get_runtime(exporter.runtime)
             with step(f"Loading {name} in {runtime.name}"):
                 session, load_s = timed(runtime.open, artifact.path, threads=options.threads)
-            with step(f"Measuring parity of {name} on real text"):
-                gate = options.gates.get(quant, options.gates["fp32"])
-                parity = measure_parity(session, reference, ids, gate, options.parity)
             file_bytes = artifact.path.stat().st_size + sum(f.stat().st_size for f in artifact.extra_files)
-            profile = None
-            if options.profile:
-                with step(f"Profiling {name} ({options.profile_new_tokens} new tokens × {options.profile_repeats})"):
-                    profile = profile_session(session, tokenizer, max_new_tokens=options.profile_new_tokens,
-                                              repeats=options.profile_repeats, load_s=load_s,
-                                              file_bytes=file_bytes, threads=options.threads,
-                                              rss_scope=EXPORT_RSS_SCOPE).to_dict()
+            with step(f"Measuring parity of {name} on real text" + (" and profiling it" if options.profile else "")):
+                measured = evaluation.measure(session, reference, quant, load_s, file_bytes)
             session.close()
             manifest.artifacts.append(ArtifactEntry(
                 name=name, format=fmt, path=artifact.path.relative_to(work).as_posix(),
                 sha256=sha256_file(artifact.path), bytes=file_bytes, quant=artifact.quant,
                 runtime=runtime.name, runtime_version=runtime.version(), built_by=artifact.built_by,
-                signature=artifact.signature, parity=parity.to_dict(), profile=profile,
+                signature=artifact.signature, parity=measured.parity, profile=measured.profile,
             ))
-            if not parity.passed:
-                failures.append(f"{name}: ppl ratio {parity.ppl_ratio:.4f} > gate {gate}")
+            if measured.failure:
+                failures.append(f"{name}: {measured.failure}")
         for fmt in dict.fromkeys(f for f, _ in plan):
             finish = getattr(get_exporter(fmt), "finish", None)
             if finish:

@@ -29,6 +29,7 @@ class Exporter(Protocol):
     format: str  # registry key and manifest "format"
     runtime: str  # runtime registry key that opens its files
     quants: tuple[str, ...]  # --quant values it supports
+    tasks: tuple[str, ...]  # model tasks it exports (keys of architectures.TASK_MODEL_CLASSES)
     requires: tuple[str, ...]  # import names it needs (edgelm doctor checks them)
 
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:

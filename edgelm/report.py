@@ -1,38 +1,83 @@
-"""Reports: one row per artifact (parity + profile) as JSON, Markdown, HTML and PNG plots."""
+"""Reports: one row per artifact (parity + profile) as JSON, Markdown, HTML and PNG plots.
+
+Decoders and encoders are measured differently, so each has a `ReportLayout` (columns,
+plots, model-card table), picked by the bundle's task.
+"""
 
 from __future__ import annotations
 
 import html
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgelm.bundle import Manifest
 
-COLUMNS = [
-    ("artifact", "artifact"), ("quant", "quant"), ("size MB", "size_mb"), ("ppl", "perplexity"),
-    ("ppl ratio", "ppl_ratio"), ("top-1", "top1"), ("KL", "kl"), ("gate", "gate"),
-    ("decode tok/s", "decode_tok_s"), ("prefill tok/s", "prefill_tok_s"), ("TTFT s", "ttft_s"),
-    ("p50 ms", "p50_ms"), ("p90 ms", "p90_ms"), ("peak RSS MB", "peak_rss_mb"), ("load s", "load_s"),
-]
+
+@dataclass(frozen=True)
+class ReportLayout:
+    """What a report shows for one kind of model: columns, plots, and the model card's table."""
+
+    columns: list[tuple[str, str]]  # (title, row key)
+    speed: tuple[str, str]  # (row key, axis label) of the bar plot
+    quality: tuple[str, str]  # (row key, axis label) plotted against size
+    card: list[tuple[str, str]]  # the model card's columns
+
+
+DECODER = ReportLayout(
+    columns=[("artifact", "artifact"), ("quant", "quant"), ("size MB", "size_mb"), ("ppl", "perplexity"),
+             ("ppl ratio", "ppl_ratio"), ("top-1", "top1"), ("KL", "kl"), ("gate", "gate"),
+             ("decode tok/s", "decode_tok_s"), ("prefill tok/s", "prefill_tok_s"), ("TTFT s", "ttft_s"),
+             ("p50 ms", "p50_ms"), ("p90 ms", "p90_ms"), ("peak RSS MB", "peak_rss_mb"), ("load s", "load_s")],
+    speed=("decode_tok_s", "decode tokens/s (higher is better)"),
+    quality=("perplexity", "perplexity on the parity text (lower is better)"),
+    card=[("artifact", "artifact"), ("format", "format"), ("quant", "quant"), ("MB", "size_mb"),
+          ("ppl ratio", "ppl_ratio"), ("decode tok/s", "decode_tok_s")],
+)
+ENCODER = ReportLayout(
+    columns=[("artifact", "artifact"), ("quant", "quant"), ("size MB", "size_mb"), ("min cosine", "min_cosine"),
+             ("mean cosine", "mean_cosine"), ("max |diff|", "max_abs_diff"), ("label agreement", "label_agreement"),
+             ("gate", "gate"), ("p50 ms @128", "latency_p50_ms"), ("p90 ms @128", "latency_p90_ms"),
+             ("batch-8 inputs/s", "throughput_per_s"), ("peak RSS MB", "peak_rss_mb"), ("load s", "load_s")],
+    speed=("throughput_per_s", "inputs/s at batch 8, 128 tokens (higher is better)"),
+    quality=("min_cosine", "min cosine similarity to the fp32 source (higher is better)"),
+    card=[("artifact", "artifact"), ("format", "format"), ("quant", "quant"), ("MB", "size_mb"),
+          ("min cosine", "min_cosine"), ("p50 ms @128", "latency_p50_ms")],
+)
+
+
+def layout_for(manifest: Manifest) -> ReportLayout:
+    return DECODER if manifest.source.get("task", "text-generation") == "text-generation" else ENCODER
 
 
 def report_rows(manifest: Manifest) -> list[dict[str, Any]]:
     """Flatten each artifact's parity and profile into one row of plain numbers."""
+    decoder = layout_for(manifest) is DECODER
     rows = []
     for entry in manifest.artifacts:
         parity, prof = entry.parity or {}, entry.profile or {}
-        rows.append({
-            "artifact": entry.name, "format": entry.format, "quant": entry.quant, "runtime": entry.runtime,
-            "size_mb": entry.bytes / 1e6,
-            "perplexity": parity.get("perplexity"), "ppl_ratio": parity.get("ppl_ratio"),
-            "top1": parity.get("top1_agreement"), "kl": parity.get("mean_kl"), "gate": parity.get("gate"),
-            "passed": parity.get("passed"),
-            "decode_tok_s": prof.get("decode_tok_s"), "prefill_tok_s": prof.get("prefill_tok_s"),
-            "ttft_s": prof.get("ttft_s"), "p50_ms": prof.get("p50_token_ms"), "p90_ms": prof.get("p90_token_ms"),
-            "peak_rss_mb": prof.get("peak_rss_mb"), "load_s": prof.get("load_s"),
-        })
+        row = {"artifact": entry.name, "format": entry.format, "quant": entry.quant, "runtime": entry.runtime,
+               "size_mb": entry.bytes / 1e6, "gate": parity.get("gate"), "passed": parity.get("passed"),
+               "peak_rss_mb": prof.get("peak_rss_mb"), "load_s": prof.get("load_s")}
+        if decoder:
+            row |= {
+                "perplexity": parity.get("perplexity"), "ppl_ratio": parity.get("ppl_ratio"),
+                "top1": parity.get("top1_agreement"), "kl": parity.get("mean_kl"),
+                "decode_tok_s": prof.get("decode_tok_s"), "prefill_tok_s": prof.get("prefill_tok_s"),
+                "ttft_s": prof.get("ttft_s"), "p50_ms": prof.get("p50_token_ms"), "p90_ms": prof.get("p90_token_ms"),
+            }
+        else:
+            row |= {key: parity.get(key) for key in ("min_cosine", "mean_cosine", "max_abs_diff", "label_agreement")}
+            row |= {key: prof.get(key) for key in ("latency_p50_ms", "latency_p90_ms", "throughput_per_s")}
+        rows.append(row)
     return rows
+
+
+def card_rows(manifest: Manifest) -> tuple[list[str], list[list[str]]]:
+    """The model card's table: column titles and formatted cells, one row per artifact."""
+    card = layout_for(manifest).card
+    return [title for title, _ in card], [[format_cell(row[key]) for _, key in card] for row in report_rows(manifest)]
 
 
 def format_cell(value: Any) -> str:
@@ -44,13 +89,14 @@ def format_cell(value: Any) -> str:
 
 
 def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
-    header = "| " + " | ".join(title for title, _ in COLUMNS) + " |"
+    columns = layout_for(manifest).columns
+    header = "| " + " | ".join(title for title, _ in columns) + " |"
     lines = [
         f"# edgelm report: {manifest.source['model_id']} → {manifest.target}", "",
         f"Parity text: {manifest.parity_text.get('description', '')}", "",
-        header, "|" + "---|" * len(COLUMNS),
+        header, "|" + "---|" * len(columns),
     ]
-    lines += ["| " + " | ".join(format_cell(row[key]) for _, key in COLUMNS) + " |" for row in rows]
+    lines += ["| " + " | ".join(format_cell(row[key]) for _, key in columns) + " |" for row in rows]
     device = next((a.profile["device"] for a in manifest.artifacts if a.profile), {})
     if device:
         lines += ["", f"Device: {device.get('cpu')} ({device.get('machine')}), {device.get('cores')} cores, "
@@ -67,9 +113,10 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
 
 
 def _html(rows: list[dict[str, Any]], manifest: Manifest, plots: list[str]) -> str:
-    head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in COLUMNS)
+    columns = layout_for(manifest).columns
+    head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(format_cell(row[key]))}</td>" for _, key in COLUMNS) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(row[key]))}</td>" for _, key in columns) + "</tr>" for row in rows
     )
     images = "".join(f'<p><img src="plots/{html.escape(p)}" alt="{html.escape(p)}"></p>' for p in plots)
     title = html.escape(f"edgelm report: {manifest.source['model_id']} → {manifest.target}")
@@ -79,40 +126,37 @@ def _html(rows: list[dict[str, Any]], manifest: Manifest, plots: list[str]) -> s
             f"<table><tr>{head}</tr>{body}</table>{images}</body></html>\n")
 
 
-def _plots(rows: list[dict[str, Any]], folder: Path) -> list[str]:
+def _plots(rows: list[dict[str, Any]], layout: ReportLayout, folder: Path) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    names = [r["artifact"] for r in rows]
-    written = []
+    (speed, speed_label), (quality, quality_label) = layout.speed, layout.quality
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.barh(names, [r["decode_tok_s"] or 0 for r in rows])
-    ax.set_xlabel("decode tokens/s (higher is better)")
+    ax.barh([r["artifact"] for r in rows], [r[speed] or 0 for r in rows])
+    ax.set_xlabel(speed_label)
     fig.tight_layout()
-    fig.savefig(folder / "decode_tok_s.png", dpi=100)
-    written.append("decode_tok_s.png")
+    fig.savefig(folder / f"{speed}.png", dpi=100)
     fig, ax = plt.subplots(figsize=(6, 4))
     for row in rows:
-        if row["perplexity"] is not None:
-            ax.scatter(row["size_mb"], row["perplexity"])
-            ax.annotate(row["artifact"], (row["size_mb"], row["perplexity"]))
+        if row[quality] is not None:
+            ax.scatter(row["size_mb"], row[quality])
+            ax.annotate(row["artifact"], (row["size_mb"], row[quality]))
     ax.set_xlabel("file size MB")
-    ax.set_ylabel("perplexity on the parity text (lower is better)")
+    ax.set_ylabel(quality_label)
     fig.tight_layout()
-    fig.savefig(folder / "size_vs_perplexity.png", dpi=100)
-    written.append("size_vs_perplexity.png")
+    fig.savefig(folder / f"size_vs_{quality}.png", dpi=100)
     plt.close("all")
-    return written
+    return [f"{speed}.png", f"size_vs_{quality}.png"]
 
 
 def write_report(folder: Path, manifest: Manifest) -> list[dict[str, Any]]:
     """Write report.json, report.md, report.html and plots/ into `folder`; return the rows."""
     folder.mkdir(parents=True, exist_ok=True)
     rows = report_rows(manifest)
-    plots = _plots(rows, folder / "plots")
+    plots = _plots(rows, layout_for(manifest), folder / "plots")
     (folder / "report.json").write_text(json.dumps({
         "source": manifest.source, "target": manifest.target, "parity_text": manifest.parity_text,
         "rows": rows, "artifacts": [a.__dict__ for a in manifest.artifacts],

@@ -1,7 +1,8 @@
 """The protocol every runtime adapter implements, and the registry that finds them.
 
 A runtime turns one artifact file into a `Session`: a stateful KV-cached decoder with
-`prefill(ids) -> logits[n, vocab]` and `decode(id) -> logits[vocab]`. Sampling, stop
+`prefill(ids) -> logits[n, vocab]` and `decode(id) -> logits[vocab]` — or, for an
+encoder, an `EncoderSession`: `run(ids, mask) -> [batch, size]`. Sampling, stop
 criteria, chat templates and streaming live once in edgelm.generate, never per backend.
 """
 
@@ -41,14 +42,27 @@ class Session(Protocol):
         """Release the runtime's memory."""
 
 
+class EncoderSession(Protocol):
+    """A stateless encoder (BERT-style): a padded batch in, one vector per row out."""
+
+    capabilities: Capabilities  # max_context is the longest input it takes
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """int64 [batch, n] ids and mask -> float32 [batch, size] (embeddings or logits)."""
+
+    def close(self) -> None:
+        """Release the runtime's memory."""
+
+
 class RuntimeAdapter(Protocol):
     name: str  # registry key, also written into the manifest
 
     def available_devices(self) -> tuple[str, ...]:
         """Devices this install can run on ("cpu", "gpu", "npu")."""
 
-    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> Session:
-        """Open an artifact; DeviceError for a device it cannot use, InvalidModelError for a bad file."""
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> Session | EncoderSession:
+        """Open an artifact (a decoder gives a Session, an encoder an EncoderSession);
+        DeviceError for a device it cannot use, InvalidModelError for a bad file."""
 
     def version(self) -> str:
         """The runtime library's version, for manifests and device records."""

@@ -46,6 +46,13 @@ class Tokenizer:
         return value.get("content") if isinstance(value, dict) else value
 
     @property
+    def pad_token_id(self) -> int:
+        """The id encoders pad batches with (masked out anyway): the pad token's, else 0."""
+        pad = self._special("pad_token")
+        found = self.token_to_id(pad) if pad else None
+        return found if found is not None else 0
+
+    @property
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 

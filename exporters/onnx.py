@@ -1,4 +1,4 @@
-"""ONNX exporter: the shared decoder graph → torch.onnx (dynamo) → quantized → ORT-optimized.
+"""ONNX exporter: the shared decoder or encoder graph → torch.onnx (dynamo) → quantized → ORT-optimized.
 
 Quant mapping (DESIGN.md, adjusted to what measured faithful on this model family):
   fp32 → float; fp16 → float16 weights (float32 inputs/outputs);
@@ -7,7 +7,8 @@ Quant mapping (DESIGN.md, adjusted to what measured faithful on this model famil
          8-bit weight-only keeps it within 1%, so that is what int8 means here;
   int4 → MatMulNBits 4-bit, block 32, asymmetric, accuracy_level 4, output projection 8-bit.
 The stored file is already graph-optimized (basic level, portable across CPUs), so loading
-does not re-optimize.
+does not re-optimize. Models over 1.8 GB of weights keep them in `<file>.data` beside the
+graph (ONNX external data; the runtime refuses any location outside the model's folder).
 """
 
 from __future__ import annotations
@@ -15,21 +16,24 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgelm.errors import UnsupportedError
+from edgelm.encoder_graph import encoder_signature
+from edgelm.architectures import TASK_MODEL_CLASSES
 from edgelm.exporter import ExportedArtifact
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel
 
+SCRATCH = ".fp32-source.onnx"
 FILE_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_q8.onnx", "int4": "model_q4.onnx"}
 NBITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
 TIED_TABLE = "embedding_t"  # edgelm.graph's name for a tied embedding table
+# Above this many weight bytes a model is saved with external data (protobuf's limit is 2 GB).
+EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 @contextlib.contextmanager
@@ -44,6 +48,20 @@ def _quiet_logger(name: str, level: int) -> Iterator[None]:
         log.setLevel(previous)
 
 
+def _export_graph(graph: Any, inputs: tuple, input_names: list[str], output_names: list[str],
+                  dynamic: tuple, path: Path) -> None:
+    import torch
+
+    # The exporter prints progress lines, warns about optional torchvision ops and pytree
+    # deprecations; none of it is actionable for an edgelm user, and it would tear the progress display.
+    with _quiet_logger("torch.onnx", logging.ERROR), contextlib.redirect_stdout(io.StringIO()), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(graph, inputs, input_names=input_names, output_names=output_names,
+                                    dynamo=True, dynamic_shapes=dynamic, optimize=True)
+        program.save(str(path))
+
+
 def export_decoder_onnx(model: Any, path: Path) -> None:
     """Export the fp32 decoder graph of `model` to `path`."""
     import torch
@@ -55,16 +73,37 @@ def export_decoder_onnx(model: Any, path: Path) -> None:
     n = torch.export.Dim("n", min=1, max=sig.max_context)
     past = torch.export.Dim("past_len", min=0, max=sig.max_context)
     dynamic = ({1: n}, tuple({2: past} for _ in sig.past_names()))
-    # The exporter prints progress lines, warns about optional torchvision ops and pytree
-    # deprecations; none of it is actionable for an edgelm user, and it would tear the progress display.
-    with _quiet_logger("torch.onnx", logging.ERROR), contextlib.redirect_stdout(io.StringIO()), \
-            warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            graph, example_inputs(sig), input_names=["input_ids", *sig.past_names()],
-            output_names=["logits", *sig.present_names()], dynamo=True, dynamic_shapes=dynamic, optimize=True,
-        )
-        program.save(str(path))
+    _export_graph(graph, example_inputs(sig), ["input_ids", *sig.past_names()], ["logits", *sig.present_names()],
+                  dynamic, path)
+
+
+def export_encoder_onnx(model: Any, task: str, path: Path) -> None:
+    """Export the fp32 encoder graph of `model` for `task` to `path` (dynamic batch and length)."""
+    import torch
+
+    from edgelm.encoder_graph import INPUT_NAMES, EncoderGraph, example_encoder_inputs
+
+    graph = EncoderGraph(model, task).eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    n = torch.export.Dim("n", min=1, max=graph.signature.max_length)
+    _export_graph(graph, example_encoder_inputs(), list(INPUT_NAMES), [graph.signature.output],
+                  ({0: batch, 1: n}, {0: batch, 1: n}), path)
+
+
+def save_model(proto: Any, path: Path) -> list[Path]:
+    """Save `proto` at `path`; weights go to `<name>.data` beside it when the model is too big
+    for one protobuf (2 GB). Returns the extra files written."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    weight_bytes = sum(t.ByteSize() for t in proto.graph.initializer)
+    if weight_bytes <= EXTERNAL_DATA_BYTES:
+        onnx.save(proto, str(path))
+        return []
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+    return [data]
 
 
 def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
@@ -101,7 +140,7 @@ def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
                 "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4,
                 "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
                 "block_bias_correction": corrected}
-    onnx.save(model, str(dst))
+    done["external_data"] = bool(save_model(model, dst))
     return done
 
 
@@ -132,38 +171,51 @@ class OnnxExporter:
     format = "onnx"
     runtime = "onnxruntime"
     quants = ("fp32", "fp16", "int8", "int4")
+    tasks = tuple(TASK_MODEL_CLASSES)  # every task edgelm knows
     requires = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
 
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
-        if source.task != "text-generation":
-            raise UnsupportedError("the ONNX exporter handles decoders only in this edgelm; encoders are planned")
+        import onnx
+
         folder = bundle_dir / "onnx"
         folder.mkdir(parents=True, exist_ok=True)
+        decoder = source.task == "text-generation"
         # One fp32 export per bundle; every quant recipe starts from it.
-        scratch = folder / ".fp32-source.onnx"
+        scratch = folder / SCRATCH
         if not scratch.exists():
-            export_decoder_onnx(model, scratch)
+            if decoder:
+                export_decoder_onnx(model, scratch)
+            else:
+                export_encoder_onnx(model, source.task, scratch)
         path = folder / FILE_NAMES[quant]
         if quant == "fp32":
-            shutil.copyfile(scratch, path)
-            recipe: dict[str, Any] = {"weights": "float32"}
+            recipe: dict[str, Any] = {"weights": "float32", "external_data": bool(save_model(onnx.load(str(scratch)), path))}
         else:
             recipe = quantize_weights(scratch, path, quant)
-        optimize_offline(path)
-        signature = decoder_signature(model.config).to_dict()
-        opset = _stamp_metadata(path, {"max_context": signature["max_context"], "quant": quant})
-        return ExportedArtifact(path=path, quant=quant,
+        # onnxruntime cannot write a >2 GB optimized model in place; such models are optimized at load.
+        recipe["optimized_offline"] = not recipe["external_data"]
+        if recipe["optimized_offline"]:
+            optimize_offline(path)
+        signature = decoder_signature(model.config).to_dict() if decoder else \
+            encoder_signature(model.config, source.task).to_dict()
+        max_context = signature["max_context" if decoder else "max_length"]
+        opset, extra = _stamp_metadata(path, {"max_context": max_context, "quant": quant, "task": source.task})
+        return ExportedArtifact(path=path, quant=quant, extra_files=extra,
                                 signature={**signature, "quantization": recipe, "opset": opset},
-                                built_by="edgelm.graph → torch.onnx.export(dynamo=True)")
+                                built_by=f"{'edgelm.graph' if decoder else 'edgelm.encoder_graph'} → "
+                                         "torch.onnx.export(dynamo=True)")
 
     def finish(self, bundle_dir: Path) -> None:
         """Drop the unoptimized fp32 scratch copy used as the quantizers' source."""
-        (bundle_dir / "onnx" / ".fp32-source.onnx").unlink(missing_ok=True)
+        for scratch in (bundle_dir / "onnx").glob(SCRATCH + "*"):  # with its .data, if any
+            scratch.unlink()
 
 
-def _stamp_metadata(path: Path, values: dict[str, Any]) -> int:
-    """Store what the runtime needs to know (max context) inside the model file itself, and
-    return the file's ai.onnx opset (read from the same load)."""
+def _stamp_metadata(path: Path, values: dict[str, Any]) -> tuple[int, list[Path]]:
+    """Store what the runtime needs to know (max context, task) inside the model file itself.
+
+    Returns the file's ai.onnx opset (read from the same load) and its external data files.
+    """
     import json
 
     import onnx
@@ -171,8 +223,8 @@ def _stamp_metadata(path: Path, values: dict[str, Any]) -> int:
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key, entry.value = "edgelm", json.dumps(values)
-    onnx.save(proto, str(path))
-    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    extra = save_model(proto, path)
+    return next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0), extra
 
 
 EXPORTER = OnnxExporter()

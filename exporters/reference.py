@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgelm.architectures import TASK_MODEL_CLASSES
 from edgelm.exporter import ExportedArtifact
 from edgelm.model import SourceModel
 
@@ -18,6 +19,7 @@ class ReferenceExporter:
     format = "safetensors"
     runtime = "torch"
     quants = ("fp32",)
+    tasks = tuple(TASK_MODEL_CLASSES)  # every task edgelm knows
     requires = ("torch", "transformers", "safetensors")
 
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
@@ -25,11 +27,17 @@ class ReferenceExporter:
         model.save_pretrained(str(folder), safe_serialization=True)
         files = sorted(p for p in folder.iterdir() if p.is_file())
         weights = folder / "model.safetensors"
+        if source.task == "text-generation":
+            signature = {"inputs": ["input_ids"], "outputs": ["logits"], "kv_cache": "transformers DynamicCache",
+                         "max_context": int(getattr(model.config, "max_position_embeddings", 0))}
+        else:
+            from edgelm.encoder_graph import encoder_signature
+
+            signature = encoder_signature(model.config, source.task).to_dict()
         return ExportedArtifact(
             path=weights,
             quant=quant,
-            signature={"inputs": ["input_ids"], "outputs": ["logits"], "kv_cache": "transformers DynamicCache",
-                       "max_context": int(getattr(model.config, "max_position_embeddings", 0))},
+            signature=signature,
             built_by="transformers save_pretrained",
             extra_files=[f for f in files if f != weights],
         )

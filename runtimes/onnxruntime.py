@@ -1,4 +1,4 @@
-"""onnxruntime adapter for edgelm's decoder graph (see edgelm.graph for the signature).
+"""onnxruntime adapter for edgelm's decoder and encoder graphs (edgelm.graph, edgelm.encoder_graph).
 
 The KV cache never round-trips through numpy: present_* outputs are kept as OrtValues and
 fed back as the next step's past_* inputs, so only the logits are copied out.
@@ -84,6 +84,24 @@ class OnnxSession:
         self.session = None
 
 
+class OnnxEncoderSession:
+    """An encoder graph (edgelm.encoder_graph): a padded batch in, one vector per row out."""
+
+    def __init__(self, session: object, max_length: int, provider: str):
+        self.session = session
+        self.output_names = [session.get_outputs()[0].name]
+        self.capabilities = Capabilities(max_context=max_length, devices=("cpu",),
+                                         notes={"provider": provider, "output": self.output_names[0]})
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        return self.session.run(self.output_names, feeds)[0]
+
+    def close(self) -> None:
+        self.session = None
+
+
 class OnnxRuntimeAdapter:
     name = "onnxruntime"
 
@@ -98,7 +116,7 @@ class OnnxRuntimeAdapter:
         present = set(ort.get_available_providers())
         return tuple(d for d, providers in DEVICE_PROVIDERS.items() if present & set(providers))
 
-    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> OnnxSession:
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> OnnxSession | OnnxEncoderSession:
         import onnxruntime as ort
 
         path = Path(path)
@@ -121,6 +139,12 @@ class OnnxRuntimeAdapter:
             raise InvalidModelError(f"{path}: onnxruntime could not load it ({err}); re-export it") from err
         meta = session.get_modelmeta().custom_metadata_map
         max_context = int(json.loads(meta.get("edgelm", "{}")).get("max_context", 2048))
+        inputs = {i.name for i in session.get_inputs()}
+        if "attention_mask" in inputs:
+            return OnnxEncoderSession(session, max_context, session.get_providers()[0])
+        if not any(name.startswith("past_") for name in inputs):
+            raise InvalidModelError(f"{path}: inputs {sorted(inputs)} are neither edgelm's decoder graph (input_ids + "
+                                    "past_*) nor its encoder graph (input_ids + attention_mask); export it with edgelm")
         return OnnxSession(session, max_context, session.get_providers()[0])
 
 

@@ -1,7 +1,8 @@
 """The torch reference runtime: transformers with its KV cache, fp32, CPU.
 
 It runs the `safetensors` reference artifact of a bundle (or any model folder) and is
-what every other format's parity is measured against.
+what every other format's parity is measured against. Encoders run through
+edgelm.encoder_graph, so the reference pools exactly as the exported graphs do.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Any
 
 import numpy as np
 
+from edgelm.architectures import TASK_MODEL_CLASSES, lookup_architecture, task_for
 from edgelm.errors import DeviceError, InvalidModelError
+from edgelm.model import read_json_object
 from edgelm.session import Capabilities
 
 
@@ -51,6 +54,32 @@ class TorchSession:
         self.model = None
 
 
+class TorchEncoderSession:
+    """An encoder run through edgelm.encoder_graph (the same pooling every format exports)."""
+
+    def __init__(self, model: Any, task: str):
+        from edgelm.encoder_graph import EncoderGraph
+
+        self.graph = EncoderGraph(model, task).eval()
+        self.capabilities = Capabilities(max_context=self.graph.signature.max_length,
+                                         notes={"output": self.graph.signature.output})
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.inference_mode():
+            out = self.graph(torch.as_tensor(input_ids, dtype=torch.long), torch.as_tensor(attention_mask, dtype=torch.long))
+        return out.float().numpy()
+
+    def close(self) -> None:
+        self.graph = None
+
+
+def reference_session(model: Any, task: str) -> TorchSession | TorchEncoderSession:
+    """The fp32 reference session for an in-memory model serving `task`."""
+    return TorchSession(model) if task == "text-generation" else TorchEncoderSession(model, task)
+
+
 class TorchReferenceAdapter:
     name = "torch"
 
@@ -63,7 +92,7 @@ class TorchReferenceAdapter:
 
         return f"torch {torch.__version__}, transformers {transformers.__version__}"
 
-    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> TorchSession:
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> TorchSession | TorchEncoderSession:
         if device not in self.available_devices():
             raise DeviceError(f"the torch reference runtime runs on cpu only, not {device!r}; see `edgelm doctor`")
         import torch
@@ -74,11 +103,15 @@ class TorchReferenceAdapter:
             torch.set_num_threads(threads)
         folder = Path(path)
         folder = folder if folder.is_dir() else folder.parent
+        if not (folder / "config.json").is_file():
+            raise InvalidModelError(f"{folder}: no config.json beside the weights; re-export the bundle")
+        config = read_json_object(folder / "config.json", InvalidModelError, "re-export the bundle")
+        task = task_for(lookup_architecture(config.get("model_type"), str(folder)), config)
         try:
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+            model = getattr(transformers, TASK_MODEL_CLASSES[task]).from_pretrained(str(folder), dtype=torch.float32)
         except Exception as err:
             raise InvalidModelError(f"{folder}: the torch runtime could not load this model: {err}") from err
-        return TorchSession(model.eval())
+        return reference_session(model.eval(), task)
 
 
 ADAPTER = TorchReferenceAdapter()

@@ -12,7 +12,7 @@ import pytest
 import edgelm
 from conftest import fast_export_options
 from edgelm.bundle import MANIFEST, read_bundle, validate_manifest
-from edgelm.errors import BundleError, DeviceError, UnsupportedError
+from edgelm.errors import BundleError, DeviceError
 from edgelm.export import export_bundle
 
 
@@ -106,12 +106,6 @@ def test_other_decoder_architectures_export_and_pass_parity(tiny_model_factory, 
     manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind, options)
     assert manifest.source["model_type"] in ("qwen2", "gemma3_text")
     assert all(a.parity["passed"] for a in manifest.artifacts)
-
-
-def test_encoder_export_is_refused_with_a_reason(tiny_model_factory, tmp_path):
-    with pytest.raises(UnsupportedError, match="encoder"):
-        export_bundle(tiny_model_factory("bert"), tmp_path / "bert", fast_export_options())
-    assert not (tmp_path / "bert").exists()
 
 
 def test_failed_parity_gate_writes_nothing(tiny_llama, tmp_path):

@@ -13,7 +13,7 @@ from edgelm.model import default_model_path, inspect_source
 
 EXPECTED = {"llama": ("llama", "text-generation"), "qwen2": ("qwen2", "text-generation"),
             "gemma3": ("gemma3_text", "text-generation"), "phi3": ("phi3", "text-generation"),
-            "bert": ("bert", "feature-extraction")}
+            "bert": ("bert", "feature-extraction"), "bert-cls": ("bert", "text-classification")}
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))
@@ -26,8 +26,9 @@ def test_hf_folder_intake_detects_architecture_task_and_parameters(tiny_model_fa
     model_type, task = EXPECTED[kind]
     assert source.kind == "hf-folder"
     assert (source.model_type, source.task) == (model_type, task)
-    loader = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
-    model = loader.from_pretrained(str(folder), dtype=torch.float32)
+    from edgelm.architectures import TASK_MODEL_CLASSES
+
+    model = getattr(transformers, TASK_MODEL_CLASSES[task]).from_pretrained(str(folder), dtype=torch.float32)
     # stored tensors == unique parameters + buffers saved (tied embeddings are stored once)
     stored = {n: t for n, t in model.state_dict().items()}
     assert source.num_parameters <= sum(t.numel() for t in stored.values())

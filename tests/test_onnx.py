@@ -130,3 +130,26 @@ def test_a_family_outside_the_graph_is_refused_with_the_covered_list(tiny_llama)
     model.config.model_type = "bert"  # known to intake (an encoder), not a decoder the graph covers
     with pytest.raises(UnsupportedError, match="llama, qwen2, gemma3_text, phi3"):
         build_decoder_graph(model)
+
+
+def test_a_model_over_the_protobuf_limit_is_written_with_external_data_inside_the_bundle(tiny_llama, tmp_path,
+                                                                                         monkeypatch):
+    """Lowering the threshold makes the tiny model take the >2 GB path: weights in model.onnx.data."""
+    import edgelm.exporters.onnx as onnx_exporter
+    from edgelm.bundle import read_bundle
+
+    monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "big"
+    export_bundle(tiny_llama, out, fast_export_options(formats=("onnx",), quants=("fp32", "int4"), profile=False))
+    manifest = read_bundle(out)  # verifies the sha256 of every file, the .data files included
+    for name in ("model.onnx", "model_q4.onnx"):
+        entry = next(a for a in manifest.artifacts if a.path == f"onnx/{name}")
+        data = out / "onnx" / f"{name}.data"
+        assert data.is_file() and f"onnx/{name}.data" in manifest.files
+        assert entry.signature["quantization"]["external_data"] is True
+        assert entry.bytes == (out / entry.path).stat().st_size + data.stat().st_size
+        assert entry.parity["passed"]
+    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["model.onnx", "model.onnx.data", "model_q4.onnx",
+                                                                "model_q4.onnx.data"]
+    lm = edgelm.load(out, format="onnx-int4")
+    assert lm.generate("The object", max_new_tokens=4, ignore_eos=True)

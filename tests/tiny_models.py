@@ -61,20 +61,27 @@ def tiny_config(kind: str):
     if kind == "phi3":  # half-rotary and a sliding window shorter than the tests' 40 tokens
         return transformers.Phi3Config(**_decoder_common(), partial_rotary_factor=0.5, sliding_window=16,
                                        tie_word_embeddings=False)
+    encoder = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=128)
     if kind == "bert":
-        return transformers.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
-                                       num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128)
+        return transformers.BertConfig(**encoder)
+    if kind == "bert-cls":  # with a 3-way classification head
+        return transformers.BertConfig(**encoder, id2label={0: "negative", 1: "neutral", 2: "positive"},
+                                       architectures=["BertForSequenceClassification"])
     raise ValueError(kind)
 
 
+MODEL_CLASSES = {"bert": "AutoModel", "bert-cls": "AutoModelForSequenceClassification"}  # others: causal LM
+
+
 def build_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
-    """Save a random `kind` model (llama, qwen2, gemma3, phi3, bert) with a tokenizer into `folder`."""
+    """Save a random `kind` model (llama, qwen2, gemma3, phi3, bert, bert-cls) with a tokenizer into `folder`."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
     config = tiny_config(kind)
-    model_class = transformers.AutoModel if kind == "bert" else transformers.AutoModelForCausalLM
+    model_class = getattr(transformers, MODEL_CLASSES.get(kind, "AutoModelForCausalLM"))
     model = model_class.from_config(config).eval()
     model.save_pretrained(str(folder), safe_serialization=True)
     write_tokenizer(folder)
