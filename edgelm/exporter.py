@@ -43,10 +43,11 @@ class Exporter(Protocol):
 EXPORTER_MODULES: dict[str, str] = {
     "safetensors": "edgelm.exporters.reference",
     "onnx": "edgelm.exporters.onnx",
+    "gguf": "edgelm.exporters.gguf",
 }
 # Formats of DESIGN.md that this build of edgelm does not implement yet; a target preset
 # may list them, and export says plainly that they were skipped.
-PLANNED_FORMATS = ("tflite", "executorch", "gguf")
+PLANNED_FORMATS = ("tflite", "executorch")
 
 
 def get_exporter(fmt: str) -> Exporter:

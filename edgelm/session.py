@@ -73,6 +73,7 @@ class RuntimeAdapter(Protocol):
 RUNTIME_MODULES: dict[str, str] = {
     "torch": "edgelm.runtimes.torch_reference",
     "onnxruntime": "edgelm.runtimes.onnxruntime",
+    "llama.cpp": "edgelm.runtimes.llamacpp",
 }
 
 

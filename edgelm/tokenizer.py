@@ -38,17 +38,17 @@ class Tokenizer:
         template_path = folder / "chat_template.jinja"
         template = template_path.read_text() if template_path.is_file() else self.config.get("chat_template")
         self.chat_template: str | None = template if isinstance(template, str) else None
-        self.bos_token = self._special("bos_token")
-        self.eos_token = self._special("eos_token")
+        self.bos_token = self.special_token("bos_token")
+        self.eos_token = self.special_token("eos_token")
 
-    def _special(self, key: str) -> str | None:
+    def special_token(self, key: str) -> str | None:
         value = self.config.get(key)
         return value.get("content") if isinstance(value, dict) else value
 
     @property
     def pad_token_id(self) -> int:
         """The id encoders pad batches with (masked out anyway): the pad token's, else 0."""
-        pad = self._special("pad_token")
+        pad = self.special_token("pad_token")
         found = self.token_to_id(pad) if pad else None
         return found if found is not None else 0
 

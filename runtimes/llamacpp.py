@@ -1,0 +1,225 @@
+"""llama.cpp runtime through llama-cpp-python's low-level API (raw logits per position).
+
+The high-level `Llama` class keeps its own sampling loop; edgelm needs raw logits for
+every prefilled position (parity) and one step at a time (its shared generation loop),
+so this adapter drives `llama_decode` directly: one context, one reusable batch, the KV
+cache kept inside llama.cpp. The file is mmapped. Every file's header is read by
+edgelm's defensive GGUF reader before llama.cpp parses it.
+
+KV cache precision follows the weights: F32 for an F32 file (so that an fp32 export
+can match torch to fp32 tolerance), llama.cpp's default F16 otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from pathlib import Path
+
+import llama_cpp  # noqa: F401 - imported here so that the runtime registry reports it missing
+import numpy as np
+
+from edgelm.errors import DeviceError, InvalidModelError
+from edgelm.gguf_header import read_gguf_summary
+from edgelm.session import Capabilities
+
+DEFAULT_CONTEXT = 4096  # KV cache slots allocated up front (llama.cpp's cache is fixed-size)
+BATCH = 512
+GGML_TYPE_F32, GGML_TYPE_F16 = 0, 1
+FILE_TYPE_ALL_F32 = 0
+
+_init_lock = threading.Lock()
+_initialized = False
+
+
+def _llama():
+    """Import llama_cpp once, initialise its backend and silence its logging (edgelm shows progress)."""
+    global _initialized
+    import llama_cpp
+
+    with _init_lock:
+        if not _initialized:
+            llama_cpp.llama_backend_init()
+            if not os.environ.get("EDGELM_LLAMA_LOG"):  # set it to see llama.cpp's own log when debugging a file
+                _llama.silence = llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # kept alive here
+                llama_cpp.llama_log_set(_llama.silence, ctypes.c_void_p())
+            _initialized = True
+    return llama_cpp
+
+
+def _load_model(path: Path, *, vocab_only: bool = False, gpu_layers: int = 0):
+    llama_cpp = _llama()
+    read_gguf_summary(path)  # InvalidModelError for a truncated, hostile or non-GGUF file, before llama.cpp parses it
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = vocab_only
+    params.n_gpu_layers = gpu_layers
+    params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        raise InvalidModelError(f"{path}: llama.cpp could not load this GGUF (unsupported architecture, tensor "
+                                "types or metadata); re-export it with edgelm or check `edgelm inspect`")
+    return model
+
+
+def _tokenize(vocab: object, text: str, add_special: bool) -> list[int]:
+    llama_cpp = _llama()
+    data = text.encode("utf-8")
+    capacity = len(data) + 8
+    buffer = (llama_cpp.llama_token * capacity)()
+    count = llama_cpp.llama_tokenize(vocab, data, len(data), buffer, capacity, add_special, False)
+    if count < 0:
+        raise InvalidModelError(f"llama.cpp needed {-count} tokens for a text of {len(data)} bytes")
+    return list(buffer[:count])
+
+
+def tokenize_with_vocab_file(path: Path, text: str, add_special: bool = False) -> list[int]:
+    """Tokenize `text` with llama.cpp, loading only the vocabulary of the GGUF at `path`."""
+    llama_cpp = _llama()
+    model = _load_model(path, vocab_only=True)
+    try:
+        return _tokenize(llama_cpp.llama_model_get_vocab(model), text, add_special)
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+class _Context:
+    """A llama.cpp model + context + batch, freed together."""
+
+    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, threads: int, gpu_layers: int, embeddings: bool):
+        llama_cpp = self._lib = _llama()
+        summary = read_gguf_summary(path)
+        self.model = _load_model(path, gpu_layers=gpu_layers)
+        f32 = int(summary.metadata.get("general.file_type", -1)) == FILE_TYPE_ALL_F32
+        params = llama_cpp.llama_context_default_params()
+        train = llama_cpp.llama_model_n_ctx_train(self.model)
+        self.n_ctx = min(n_ctx, train) if train > 0 else n_ctx
+        params.n_ctx = self.n_ctx
+        params.n_batch = params.n_ubatch = min(n_batch, self.n_ctx)
+        params.n_threads = params.n_threads_batch = threads
+        params.type_k = params.type_v = GGML_TYPE_F32 if f32 else GGML_TYPE_F16
+        if f32:  # CPU flash attention rounds through F16; an fp32 file is meant to match torch at fp32
+            params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.embeddings = embeddings
+        params.no_perf = True
+        self.ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise InvalidModelError(f"{path}: llama.cpp could not create a context (n_ctx {self.n_ctx})")
+        self.n_batch = params.n_batch
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.kv_type = "F32" if f32 else "F16"
+
+    def decode(self, ids: np.ndarray, start: int, want_logits: bool) -> None:
+        """Run ids (<= n_batch) at positions start.. in sequence 0; logits for every position if asked."""
+        batch = self.batch
+        batch.n_tokens = len(ids)
+        for i, token in enumerate(ids):
+            batch.token[i] = int(token)
+            batch.pos[i] = start + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = want_logits
+        status = self._lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise InvalidModelError(f"llama_decode failed with status {status} (context {self.n_ctx} tokens)")
+
+    def logits(self, rows: int) -> np.ndarray:
+        pointer = self._lib.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab)).copy()
+
+    def clear(self) -> None:
+        self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
+
+    def free(self) -> None:
+        if self.ctx:
+            self._lib.llama_batch_free(self.batch)
+            self._lib.llama_free(self.ctx)
+            self._lib.llama_model_free(self.model)
+            self.ctx = self.model = None
+
+
+class LlamaCppSession:
+    """A decoder: prefill(ids) -> logits [n, vocab], decode(id) -> logits [vocab]."""
+
+    def __init__(self, context: _Context, device: str):
+        self._c = context
+        self._pos = 0
+        self.capabilities = Capabilities(max_context=context.n_ctx, devices=(device,),
+                                         notes={"kv_cache": f"llama.cpp, {context.kv_type}, {context.n_ctx} slots"})
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        out = []
+        for start in range(0, len(ids), self._c.n_batch):
+            chunk = ids[start : start + self._c.n_batch]
+            self._c.decode(chunk, self._pos, True)
+            self._pos += len(chunk)
+            out.append(self._c.logits(len(chunk)))
+        return np.concatenate(out)
+
+    def decode(self, token_id: int) -> np.ndarray:
+        self._c.decode(np.asarray([token_id]), self._pos, True)
+        self._pos += 1
+        return self._c.logits(1)[0]
+
+    def reset(self) -> None:
+        self._c.clear()
+        self._pos = 0
+
+    def close(self) -> None:
+        self._c.free()
+
+
+class LlamaCppEncoderSession:
+    """An embedding model (BERT-style, mean pooling in llama.cpp), L2-normalised like every
+    edgelm encoder. Rows run one at a time: a non-causal model sees its whole input at once."""
+
+    def __init__(self, context: _Context, device: str):
+        self._c = context
+        self.capabilities = Capabilities(max_context=context.n_ctx, devices=(device,), notes={"output": "embeddings"})
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        lib, dim = self._c._lib, self._c._lib.llama_model_n_embd(self._c.model)
+        out = np.zeros((len(input_ids), dim), dtype=np.float32)
+        for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
+            self._c.clear()
+            self._c.decode(np.asarray(ids)[np.asarray(mask) > 0], 0, True)
+            vector = np.ctypeslib.as_array(lib.llama_get_embeddings_seq(self._c.ctx, 0), shape=(dim,))
+            out[row] = vector / max(float(np.linalg.norm(vector)), 1e-12)
+        return out
+
+    def close(self) -> None:
+        self._c.free()
+
+
+class LlamaCppAdapter:
+    name = "llama.cpp"
+
+    def version(self) -> str:
+        from importlib import metadata
+
+        return f"llama-cpp-python {metadata.version('llama-cpp-python')}"
+
+    def available_devices(self) -> tuple[str, ...]:
+        return ("cpu", "gpu") if _llama().llama_supports_gpu_offload() else ("cpu",)
+
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> LlamaCppSession | LlamaCppEncoderSession:
+        if device not in self.available_devices():
+            raise DeviceError(f"this llama-cpp-python build cannot use {device!r} (it was built without GPU offload); "
+                              f"available: {', '.join(self.available_devices())}. Rebuild it with CMAKE_ARGS="
+                              "\"-DGGML_CUDA=on\" (or Vulkan/Metal) for a GPU")
+        path = Path(path)
+        summary = read_gguf_summary(path)
+        arch = str(summary.metadata.get("general.architecture"))
+        embeddings = summary.metadata.get(f"{arch}.pooling_type") is not None
+        n_ctx = int(summary.metadata.get(f"{arch}.context_length", DEFAULT_CONTEXT)) if embeddings else DEFAULT_CONTEXT
+        context = _Context(path, n_ctx=n_ctx, n_batch=n_ctx if embeddings else BATCH,
+                           threads=threads or os.cpu_count() or 1, gpu_layers=-1 if device == "gpu" else 0,
+                           embeddings=embeddings)
+        return LlamaCppEncoderSession(context, device) if embeddings else LlamaCppSession(context, device)
+
+
+ADAPTER = LlamaCppAdapter()

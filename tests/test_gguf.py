@@ -1,0 +1,153 @@
+"""GGUF: the writer (per-architecture table + tokenizer metadata), llama.cpp's quantizer,
+the llama.cpp runtime, and hostile files."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+import edgelm
+from conftest import fast_export_options
+from edgelm.errors import DeviceError, InvalidModelError, UnsupportedError
+from edgelm.export import export_bundle
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python (the gguf extra) is not installed")
+pytest.importorskip("gguf", reason="the gguf package is not installed")
+
+# max |logit diff| vs torch for the F32 file. Gemma's GELU runs through ggml's fp16 lookup
+# table on CPU (GGML_GELU_FP16), so Gemma3 gets an fp16-level bound; SiLU models are exact.
+FP32_TOLERANCE = {"llama": 1e-4, "qwen2": 1e-4, "gemma3": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def gguf_bundle(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gguf") / "bundle"
+    export_bundle(tiny_llama, out, fast_export_options(formats=("gguf",), quants=("fp32", "fp16", "int8", "int4")))
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(FP32_TOLERANCE))
+def test_decoders_round_trip_through_llama_cpp(tiny_model_factory, tmp_path, kind):
+    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
+                             fast_export_options(formats=("gguf",), quants=("fp32", "fp16"), profile=False))
+    by_quant = {a.quant: a for a in manifest.artifacts if a.format == "gguf"}
+    assert by_quant["fp32"].parity["max_abs_logit_diff_first_window"] <= FP32_TOLERANCE[kind]
+    assert by_quant["fp32"].parity["greedy_match_tokens"] == 64
+    assert by_quant["fp16"].parity["max_abs_logit_diff_first_window"] <= 5e-3
+    assert all(a.parity["passed"] for a in manifest.artifacts)
+    assert by_quant["fp32"].path == "gguf/model-F32.gguf" and by_quant["fp16"].path == "gguf/model-F16.gguf"
+
+
+def test_bert_embeddings_round_trip_through_llama_cpp(tiny_model_factory, tmp_path):
+    manifest = export_bundle(tiny_model_factory("bert"), tmp_path / "bert",
+                             fast_export_options(formats=("gguf",), quants=("fp32", "int8"), profile=False))
+    entry = manifest.artifact("gguf-fp32")
+    assert entry.parity["max_abs_diff"] <= 1e-4 and entry.parity["passed"]
+    encoder = edgelm.load(tmp_path / "bert", format="gguf-int8")
+    vectors = encoder.embed(["first text", "a second, longer text"])
+    assert vectors.shape == (2, 32) and np.allclose(np.linalg.norm(vectors, axis=-1), 1, atol=1e-5)
+
+
+def test_a_classifier_is_not_exported_to_gguf(tiny_model_factory, tmp_path):
+    with pytest.raises(UnsupportedError, match="text-classification"):
+        export_bundle(tiny_model_factory("bert-cls"), tmp_path / "cls", fast_export_options(formats=("gguf",)))
+
+
+def test_quant_recipes_map_to_llama_cpp_types_and_pass_their_gates(gguf_bundle):
+    from edgelm.bundle import read_bundle
+    from edgelm.gguf_header import read_gguf_summary
+
+    manifest = read_bundle(gguf_bundle)
+    files = {a.quant: gguf_bundle / a.path for a in manifest.artifacts if a.format == "gguf"}
+    assert {q: p.name for q, p in files.items()} == {"fp32": "model-F32.gguf", "fp16": "model-F16.gguf",
+                                                    "int8": "model-Q8_0.gguf", "int4": "model-Q4_K_M.gguf"}
+    # general.file_type: 0 all F32, 1 F16, 7 Q8_0, 15 Q4_K_M (llama_ftype)
+    file_types = {q: read_gguf_summary(p).metadata["general.file_type"] for q, p in files.items()}
+    assert file_types == {"fp32": 0, "fp16": 1, "int8": 7, "int4": 15}
+    q8_types = {t.ggml_type for t in read_gguf_summary(files["int8"]).tensors if len(t.shape) == 2}
+    assert 8 in q8_types  # GGML_TYPE_Q8_0
+    assert all(a.parity["passed"] for a in manifest.artifacts)
+    assert not list((gguf_bundle / "gguf").glob(".*"))  # the F32 scratch file is gone
+
+
+def test_llama_cpp_tokenizes_the_parity_text_exactly_like_the_source_tokenizer(gguf_bundle):
+    from edgelm.exporters.gguf_vocab import probe_text
+    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
+    from edgelm.tokenizer import Tokenizer
+
+    text = probe_text()
+    expected = Tokenizer(gguf_bundle / "tokenizer").encode(text, add_special_tokens=False)
+    assert tokenize_with_vocab_file(gguf_bundle / "gguf" / "model-Q4_K_M.gguf", text) == expected
+    assert len(expected) > 5000
+
+
+def test_session_decode_matches_prefill_and_generation_matches_the_reference(gguf_bundle):
+    session = edgelm.load(gguf_bundle, format="gguf-fp32").session()
+    ids = np.array([3, 44, 120, 9, 200, 17], dtype=np.int64)
+    session.reset()
+    full = session.prefill(ids)
+    session.reset()
+    session.prefill(ids[:4])
+    assert np.abs(session.decode(int(ids[4])) - full[4]).max() < 1e-4
+    assert np.abs(session.decode(int(ids[5])) - full[5]).max() < 1e-4
+    ref = edgelm.load(gguf_bundle, format="reference-fp32").generate("The object", max_new_tokens=16, ignore_eos=True)
+    assert edgelm.load(gguf_bundle, format="gguf-fp32").generate("The object", max_new_tokens=16, ignore_eos=True) == ref
+
+
+def test_gpu_on_a_cpu_only_build_is_a_clear_error(gguf_bundle):
+    from edgelm.runtimes.llamacpp import ADAPTER
+
+    if "gpu" in ADAPTER.available_devices():
+        pytest.skip("this llama-cpp-python build has GPU offload")
+    with pytest.raises(DeviceError, match="available: cpu"):
+        edgelm.load(gguf_bundle, format="gguf-int4", device="gpu")
+
+
+def _one_tensor_gguf(path) -> bytes:
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("t", np.arange(4, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path.read_bytes()
+
+
+def _patch_tensor_info(data: bytes, *, ggml_type: int | None = None, offset: int | None = None) -> bytes:
+    """Rewrite the type or data offset of tensor "t" (name len u64, name, n_dims u32, dim u64, type u32, offset u64)."""
+    start = data.index(struct.pack("<Q", 1) + b"t" + struct.pack("<I", 1)) + 8 + 1 + 4 + 8
+    out = bytearray(data)
+    if ggml_type is not None:
+        out[start : start + 4] = struct.pack("<I", ggml_type)
+    if offset is not None:
+        out[start + 4 : start + 12] = struct.pack("<Q", offset)
+    return bytes(out)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (dict(ggml_type=999), "unknown type"),
+    (dict(offset=1 << 40), "past the end"),
+    (dict(offset=(1 << 63) - 8), "past the end"),
+])
+def test_hostile_tensor_infos_are_refused_before_llama_cpp_parses_them(tmp_path, change, message):
+    from edgelm.runtimes.llamacpp import ADAPTER
+
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(_patch_tensor_info(_one_tensor_gguf(tmp_path / "ok.gguf"), **change))
+    with pytest.raises(InvalidModelError, match=message):
+        ADAPTER.open(path)
+
+
+def test_truncated_gguf_artifact_is_refused_by_the_runtime(gguf_bundle, tmp_path):
+    from edgelm.runtimes.llamacpp import ADAPTER
+
+    data = (gguf_bundle / "gguf" / "model-Q8_0.gguf").read_bytes()
+    for cut in (3, 100, len(data) // 2, len(data) - 1):
+        path = tmp_path / f"cut{cut}.gguf"
+        path.write_bytes(data[:cut])
+        with pytest.raises(InvalidModelError):
+            ADAPTER.open(path)
