@@ -85,6 +85,9 @@ def export(
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle folder to write (default dist/<model>-<target>).")] = None,
     formats: Annotated[Optional[str], typer.Option(help="Comma-separated formats (default: the target's).")] = None,
     quant: Annotated[Optional[str], typer.Option(help="Comma-separated quant recipes: fp32,fp16,int8,int4.")] = None,
+    gguf_type: Annotated[Optional[str], typer.Option(
+        help="Extra GGUF files of these llama.cpp types (e.g. Q4_0,Q5_K_M,IQ4_NL), gated like the recipe they "
+             "are closest to.")] = None,
     allow_drift: Annotated[bool, typer.Option(help="Keep artifacts that miss their parity gate.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept PyTorch pickle checkpoints (they can run code).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --output.")] = False,
@@ -99,6 +102,7 @@ def export(
     name = Path(model).stem if model else "smollm2"
     output = output or Path("dist") / f"{name}-{target}"
     options = ExportOptions(target=target, formats=_split(formats), quants=_split(quant), allow_drift=allow_drift,
+                            gguf_types=_split(gguf_type) or (),
                             overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
                             profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens)
     with _progress() as step:

@@ -48,6 +48,7 @@ class ExportOptions:
     profile_new_tokens: int = 128
     profile_repeats: int = 3
     threads: int | None = None
+    gguf_types: tuple[str, ...] = ()  # extra llama.cpp file types by name (Q4_0, IQ4_NL, ...), beside --quant
 
 
 def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -84,6 +85,10 @@ def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tup
         for quant in options.quants or preset.quants.get(fmt, exporter.quants[:1]):
             check_quant(exporter, quant)
             plan.append((fmt, quant))
+        if fmt == "gguf":
+            plan += [(fmt, exporter.check_type(name)) for name in options.gguf_types]
+    if options.gguf_types and not any(fmt == "gguf" for fmt, _ in plan):
+        raise UnsupportedError("--gguf-type needs the gguf format in --formats (or in the target preset)")
     return plan, skipped
 
 
@@ -180,7 +185,9 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
                 session, load_s = timed(runtime.open, artifact.path, threads=options.threads)
             file_bytes = artifact.path.stat().st_size + sum(f.stat().st_size for f in artifact.extra_files)
             with step(f"Measuring parity of {name} on real text" + (" and profiling it" if options.profile else "")):
-                measured = evaluation.measure(session, reference, quant, load_s, file_bytes)
+                # the gate of the recipe a format-specific type stands for (GGUF Q4_0 → int4, ...)
+                gate_recipe = getattr(exporter, "gate_recipe", lambda q: q)(quant)
+                measured = evaluation.measure(session, reference, gate_recipe, load_s, file_bytes)
             session.close()
             manifest.artifacts.append(ArtifactEntry(
                 name=name, format=fmt, path=artifact.path.relative_to(work).as_posix(),

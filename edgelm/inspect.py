@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -34,22 +35,31 @@ def _describe_bundle(path: Path) -> tuple[str, Rows]:
 def _describe_gguf(path: Path) -> tuple[str, Rows]:
     from edgelm.gguf_header import read_gguf_summary
 
-    summary = read_gguf_summary(path)
+    summary = read_gguf_summary(path)  # defensive: a hostile header is an InvalidModelError
     try:
-        from gguf import GGMLQuantizationType
+        from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
-        def type_name(t: int) -> str:
-            return GGMLQuantizationType(t).name
-    except ImportError:
-        def type_name(t: int) -> str:
-            return str(t)
-    types = Counter(type_name(t.ggml_type) for t in summary.tensors)
-    keep = ("general.architecture", "general.name", "general.file_type", "tokenizer.ggml.model")
+        def describe_type(t: int) -> tuple[str, float]:  # name, bytes per element
+            block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
+            return GGMLQuantizationType(t).name, size / block
+    except ImportError:  # runtime-only install: ids and element counts only
+        def describe_type(t: int) -> tuple[str, float]:
+            return str(t), 0.0
+    counts: Counter[str] = Counter()
+    type_bytes: Counter[str] = Counter()
+    for tensor in summary.tensors:
+        name, per_element = describe_type(tensor.ggml_type)
+        counts[name] += 1
+        type_bytes[name] += int(math.prod(tensor.shape) * per_element)
+    keep = ("general.architecture", "general.name", "general.file_type", "tokenizer.ggml.model", "tokenizer.ggml.pre")
     rows: Rows = [("version", summary.version), ("size", f"{summary.file_bytes / 1e6:.1f} MB"),
                   ("tensors", len(summary.tensors)), ("parameters", f"{summary.num_parameters / 1e6:.1f} M"),
-                  ("tensor types", ", ".join(f"{k}×{v}" for k, v in types.most_common()))]
+                  ("tensor types", ", ".join(f"{k}×{counts[k]} ({type_bytes[k] / 1e6:.1f} MB)"
+                                             for k, _ in type_bytes.most_common()))]
     rows += [(k, summary.metadata[k]) for k in keep if k in summary.metadata]
-    rows += [(k, v) for k, v in summary.metadata.items() if k.endswith((".context_length", ".block_count", ".embedding_length"))]
+    rows += [(k, v) for k, v in summary.metadata.items()
+             if k.endswith((".context_length", ".block_count", ".embedding_length", ".head_count", ".head_count_kv",
+                            ".feed_forward_length", ".rope.freq_base", ".pooling_type"))]
     return f"gguf {path}", rows
 
 

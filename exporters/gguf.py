@@ -27,8 +27,17 @@ QUANT_TYPES = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "int8": "MOSTLY_Q8_0", "
 SCRATCH = ".f32-source.gguf"
 
 
+# llama.cpp type name prefix -> the --quant recipe whose parity gate it is held to
+GATE_BY_TYPE_PREFIX = {"F32": "fp32", "F16": "fp16", "BF16": "fp16", "Q8": "int8", "Q6": "int8", "Q5": "int8"}
+
+
+def file_type(quant: str) -> str:
+    """llama.cpp file type for a --quant recipe or a llama.cpp type name (Q4_0, IQ4_NL, ...)."""
+    return QUANT_TYPES.get(quant) or f"MOSTLY_{quant}"
+
+
 def file_name(quant: str) -> str:
-    return f"model-{QUANT_TYPES[quant].removeprefix('MOSTLY_').removeprefix('ALL_')}.gguf"
+    return f"model-{file_type(quant).removeprefix('MOSTLY_').removeprefix('ALL_')}.gguf"
 
 
 def write_f32_gguf(model: Any, source: SourceModel, tokenizer_dir: Path, path: Path) -> dict[str, Any]:
@@ -92,6 +101,22 @@ class GGUFExporter:
     def __init__(self) -> None:
         self._notes: dict[Path, dict[str, Any]] = {}  # what write_f32_gguf chose, per scratch file
 
+    def check_type(self, name: str) -> str:
+        """Validate a llama.cpp type name for --gguf-type; returns it normalised (upper case)."""
+        from edgelm.runtimes.llamacpp import _llama
+
+        name = name.strip().upper()
+        known = sorted(n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(_llama()) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        if name not in known:
+            raise UnsupportedError(f"--gguf-type {name}: not a llama.cpp file type; known: {', '.join(known)}")
+        return name
+
+    def gate_recipe(self, quant: str) -> str:
+        """The parity gate a file is held to: its --quant recipe's, or the closest one for a named type."""
+        if quant in QUANT_TYPES:
+            return quant
+        return next((g for prefix, g in GATE_BY_TYPE_PREFIX.items() if quant.startswith(prefix)), "int4")
+
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
         folder = bundle_dir / "gguf"
         folder.mkdir(parents=True, exist_ok=True)
@@ -103,10 +128,10 @@ class GGUFExporter:
         if quant == "fp32":
             shutil.copyfile(scratch, path)
         else:
-            quantize(scratch, path, QUANT_TYPES[quant])
+            quantize(scratch, path, file_type(quant))
         signature = {"kind": "decoder" if source.task == "text-generation" else "encoder",
                      "inputs": ["tokens"], "outputs": ["logits" if source.task == "text-generation" else "embeddings"],
-                     "kv_cache": "inside llama.cpp", "quantization": {"llama_cpp_file_type": QUANT_TYPES[quant]},
+                     "kv_cache": "inside llama.cpp", "quantization": {"llama_cpp_file_type": file_type(quant), "gate_recipe": self.gate_recipe(quant)},
                      **notes}
         return ExportedArtifact(path=path, quant=quant, signature=signature,
                                 built_by="gguf.GGUFWriter (F32) → llama_model_quantize")

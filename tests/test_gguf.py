@@ -151,3 +151,24 @@ def test_truncated_gguf_artifact_is_refused_by_the_runtime(gguf_bundle, tmp_path
         path.write_bytes(data[:cut])
         with pytest.raises(InvalidModelError):
             ADAPTER.open(path)
+
+
+def test_any_llama_cpp_type_by_name_is_exported_and_gated_like_its_closest_recipe(tiny_llama, tmp_path):
+    options = fast_export_options(formats=("gguf",), quants=("int8",), gguf_types=("q4_0", "IQ4_NL", "Q6_K"),
+                                  profile=False)
+    manifest = export_bundle(tiny_llama, tmp_path / "types", options)
+    by_name = {a.name: a for a in manifest.artifacts}
+    assert {"gguf-int8", "gguf-Q4_0", "gguf-IQ4_NL", "gguf-Q6_K"} <= set(by_name)
+    assert by_name["gguf-Q4_0"].path == "gguf/model-Q4_0.gguf"
+    assert by_name["gguf-Q4_0"].parity["gate"] == options.gates["int4"]
+    assert by_name["gguf-Q6_K"].parity["gate"] == options.gates["int8"]
+    assert by_name["gguf-IQ4_NL"].signature["quantization"]["llama_cpp_file_type"] == "MOSTLY_IQ4_NL"
+    assert all(a.parity["passed"] for a in manifest.artifacts)
+
+
+def test_an_unknown_gguf_type_names_the_known_ones(tiny_llama, tmp_path):
+    with pytest.raises(UnsupportedError, match="Q4_K_M"):
+        export_bundle(tiny_llama, tmp_path / "bad", fast_export_options(formats=("gguf",), gguf_types=("Q3_X",)))
+    with pytest.raises(UnsupportedError, match="needs the gguf format"):
+        export_bundle(tiny_llama, tmp_path / "bad", fast_export_options(formats=("onnx",), gguf_types=("Q4_0",)))
+    assert not (tmp_path / "bad").exists()

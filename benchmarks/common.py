@@ -1,0 +1,70 @@
+"""Shared by the decode benchmarks: edgelm's runtime vs a minimal loop written directly
+against the same runtime, on the same file, interleaved so that drift hits both alike."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import edgelm
+from edgelm.bundle import read_bundle
+from edgelm.profile import DEFAULT_PROMPTS, device_record
+
+# (artifact path, prompt ids, new tokens, threads) -> decode tok/s of the direct loop
+DirectLoop = Callable[[Path, list[int], int, int], float]
+
+
+def arguments(description: str, default_out: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--out", type=Path, default=Path(default_out))
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    return parser.parse_args()
+
+
+def compare_decode(args: argparse.Namespace, fmt: str, direct: DirectLoop, direct_name: str) -> None:
+    """For every `fmt` artifact of the bundle: edgelm `profile` vs `direct`, best and median of
+    `repeats` interleaved rounds after a warm-up, plus size and parity. Writes args.out (JSON)."""
+    manifest = read_bundle(args.bundle)
+    rows: list[dict[str, Any]] = []
+    for entry in [a for a in manifest.artifacts if a.format == fmt]:
+        lm = edgelm.load(args.bundle, format=entry.name, threads=args.threads, verify=False)
+        prompt_ids = lm.tokenizer.encode(DEFAULT_PROMPTS[0])
+        direct(args.bundle / entry.path, prompt_ids, 8, args.threads)  # warm-up
+        profiles, direct_rates = [], []
+        for _ in range(args.repeats):
+            profiles.append(lm.profile(max_new_tokens=args.new_tokens, repeats=1))
+            direct_rates.append(direct(args.bundle / entry.path, prompt_ids, args.new_tokens, args.threads))
+        lm.close()
+        best = max(profiles, key=lambda p: p.decode_tok_s)
+        ours = [p.decode_tok_s for p in profiles]
+        parity = entry.parity or {}
+        rows.append({
+            "artifact": entry.name, "quant": entry.quant, "bytes": entry.bytes,
+            "edgelm_decode_tok_s_runs": ours, "edgelm_decode_tok_s_best": best.decode_tok_s,
+            f"{direct_name}_decode_tok_s_runs": direct_rates, f"{direct_name}_decode_tok_s_best": max(direct_rates),
+            f"edgelm_vs_{direct_name}": best.decode_tok_s / max(direct_rates),
+            f"edgelm_vs_{direct_name}_median": float(np.median(ours) / np.median(direct_rates)),
+            "ttft_s": best.ttft_s, "prefill_tok_s": best.prefill_tok_s, "peak_rss_mb": best.peak_rss_mb,
+            "ppl": parity.get("perplexity"), "ppl_ratio": parity.get("ppl_ratio"),
+            "top1": parity.get("top1_agreement"), "kl": parity.get("mean_kl"),
+        })
+        print(json.dumps(rows[-1]))
+    by_quant = {r["quant"]: r for r in rows}
+    summary = {}
+    if "fp32" in by_quant and "int4" in by_quant:
+        summary = {"int4_size_vs_fp32": by_quant["int4"]["bytes"] / by_quant["fp32"]["bytes"],
+                   "int4_decode_vs_fp32": by_quant["int4"]["edgelm_decode_tok_s_best"]
+                   / by_quant["fp32"]["edgelm_decode_tok_s_best"]}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"bundle": str(args.bundle), "model": manifest.source["model_id"],
+                                    "new_tokens": args.new_tokens, "threads": args.threads, "repeats": args.repeats,
+                                    "device": device_record(), "rows": rows, "summary": summary}, indent=2) + "\n")
+    print(json.dumps(summary))
