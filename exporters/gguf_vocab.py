@@ -1,7 +1,13 @@
 """Tokenizer metadata for GGUF, from the bundle's tokenizer.json, checked against llama.cpp.
 
-Byte-level BPE vocabularies (GPT-2 style: SmolLM, Qwen, Llama 3, ...) are written as
-llama.cpp's "gpt2" tokenizer: tokens, token types, merges, special ids, chat template.
+Two vocabulary kinds, as llama.cpp knows them:
+- byte-level BPE (GPT-2 style: SmolLM, Qwen, Llama 3, ...) → the "gpt2" tokenizer:
+  tokens, token types, merges;
+- SentencePiece-style BPE (▁ for spaces, byte fallback to <0xXX>: Llama 2, Gemma, ...) →
+  the "llama" (SPM) tokenizer: tokens, scores, token types. llama.cpp's SPM merges the
+  adjacent pair whose result scores highest, so a token's score is minus the rank of the
+  merge that makes it, which reproduces BPE's merge order.
+Both carry the special ids and the chat template.
 
 llama.cpp picks its pre-tokenizer (the regex that splits text before BPE) by a name in
 the file. Rather than guess that name from the regex, edgelm writes a vocabulary-only
@@ -13,6 +19,7 @@ are identical to the source tokenizer's. No match is an error, never a silent dr
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,22 +40,31 @@ PROBE_EXTRA = ("  Hello  world!\n\n\tTabs\t, numbers 1234567 3.14159 and 10,000;
 
 @dataclass
 class GGUFVocab:
-    model: str  # tokenizer.ggml.model
+    model: str  # tokenizer.ggml.model: "gpt2" or "llama"
     tokens: list[str]
     token_types: list[int]
-    merges: list[str]
     special_ids: dict[str, int]  # bos / eos / pad / unk
     add_bos: bool
     chat_template: str | None
+    merges: list[str] = field(default_factory=list)  # gpt2
+    scores: list[float] = field(default_factory=list)  # llama (SPM)
+    add_space_prefix: bool = False  # llama (SPM): text starts with ▁
     pre: str = "default"
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pre_candidates(self) -> tuple[str, ...]:
+        return PRE_TOKENIZER_CANDIDATES if self.model == "gpt2" else ("default",)  # SPM has no pre-tokenizer
 
     def write(self, writer: Any) -> None:
         writer.add_tokenizer_model(self.model)
         writer.add_tokenizer_pre(self.pre)
         writer.add_token_list(self.tokens)
         writer.add_token_types(self.token_types)
-        writer.add_token_merges(self.merges)
+        if self.merges:
+            writer.add_token_merges(self.merges)
+        if self.scores:
+            writer.add_token_scores(self.scores)
+            writer.add_add_space_prefix(self.add_space_prefix)
         for key, token_id in self.special_ids.items():
             getattr(writer, f"add_{key}_token_id")(token_id)
         writer.add_add_bos_token(self.add_bos)
@@ -62,27 +78,46 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int) -> GGUFVocab:
 
     data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = data.get("model") or {}
-    if model.get("type") != "BPE" or model.get("byte_fallback"):
-        kind = "SentencePiece-style BPE (byte fallback)" if model.get("byte_fallback") else model.get("type")
-        raise UnsupportedError(f"the GGUF writer handles byte-level BPE vocabularies; this tokenizer is {kind}")
+    if model.get("type") != "BPE":
+        raise UnsupportedError(f"the GGUF writer handles BPE vocabularies (byte-level or SentencePiece-style); this "
+                               f"tokenizer is {model.get('type')}")
+    spm = bool(model.get("byte_fallback"))
     tokens: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     types = {i: gguf.TokenType.NORMAL for i in tokens}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+    scores = {i: 0.0 for i in tokens}
+    if spm:
+        for i, text in tokens.items():
+            if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):
+                types[i] = gguf.TokenType.BYTE
+        for rank, merge in enumerate(merges):
+            made = model["vocab"].get(merge.replace(" ", "", 1))
+            if made is not None and scores[made] == 0.0:
+                scores[made] = -float(rank + 1)
+        unk = model.get("unk_token")
+        if unk in model["vocab"]:
+            types[model["vocab"][unk]] = gguf.TokenType.UNKNOWN
     for added in data.get("added_tokens") or []:
         tokens[int(added["id"])] = added["content"]
-        types[int(added["id"])] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        kind = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
+        types[int(added["id"])] = gguf.TokenType.UNKNOWN if added["content"] == model.get("unk_token") else kind
+        scores[int(added["id"])] = 0.0
     size = max(vocab_size, max(tokens) + 1)
     for i in range(size):
         if i not in tokens:  # ids the model has rows for but the tokenizer never emits
-            tokens[i], types[i] = f"[PAD{i}]", gguf.TokenType.UNUSED
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+            tokens[i], types[i], scores[i] = f"[PAD{i}]", gguf.TokenType.UNUSED, 0.0
     tok = Tokenizer(tokenizer_dir)
     specials = {key: tok.token_to_id(tok.special_token(f"{key}_token") or "") for key in ("bos", "eos", "pad", "unk")}
     plain, with_specials = tok.encode("a", add_special_tokens=False), tok.encode("a")
+    normalizer = json.dumps(data.get("normalizer") or {})
     return GGUFVocab(
-        model="gpt2", tokens=[tokens[i] for i in range(size)], token_types=[int(types[i]) for i in range(size)],
-        merges=merges, special_ids={k: v for k, v in specials.items() if v is not None},
+        model="llama" if spm else "gpt2", tokens=[tokens[i] for i in range(size)],
+        token_types=[int(types[i]) for i in range(size)],
+        special_ids={k: v for k, v in specials.items() if v is not None},
         add_bos=len(with_specials) > len(plain) and with_specials[0] == specials.get("bos"),
         chat_template=tok.chat_template,
+        merges=[] if spm else merges, scores=[scores[i] for i in range(size)] if spm else [],
+        add_space_prefix=spm and '"Prepend"' in normalizer,
     )
 
 
@@ -99,7 +134,7 @@ def choose_pre_tokenizer(vocab: GGUFVocab, tokenizer_dir: Path, arch: str) -> st
     text = probe_text()
     expected = Tokenizer(tokenizer_dir).encode(text, add_special_tokens=False)
     with tempfile.TemporaryDirectory() as tmp:
-        for name in PRE_TOKENIZER_CANDIDATES:
+        for name in vocab.pre_candidates:
             vocab.pre = name
             path = Path(tmp) / f"vocab-{name}.gguf"
             writer = gguf.GGUFWriter(str(path), arch)
@@ -114,6 +149,6 @@ def choose_pre_tokenizer(vocab: GGUFVocab, tokenizer_dir: Path, arch: str) -> st
             if ids == expected:
                 return name
     raise TokenizerError(
-        f"{tokenizer_dir}: none of llama.cpp's pre-tokenizers ({', '.join(PRE_TOKENIZER_CANDIDATES)}) reproduces "
+        f"{tokenizer_dir}: none of llama.cpp's pre-tokenizers ({', '.join(vocab.pre_candidates)}) reproduces "
         "this tokenizer's ids on the parity text; a GGUF of it would tokenize differently, so none was written"
     )

@@ -79,3 +79,24 @@ def test_example_script_generates(smollm2_bundle):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) >= 10
+
+
+def test_android_preset_gguf_files_pass_their_gates_and_tokenize_like_the_source(smollm2_bundle):
+    from edgelm.bundle import read_bundle
+    from edgelm.parity import parity_text
+    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
+    from edgelm.tokenizer import Tokenizer
+
+    manifest = read_bundle(smollm2_bundle)
+    gguf = {a.quant: a for a in manifest.artifacts if a.format == "gguf"}
+    assert {q: a.path for q, a in gguf.items()} == {"int4": "gguf/model-Q4_K_M.gguf", "int8": "gguf/model-Q8_0.gguf"}
+    for entry in gguf.values():
+        assert entry.parity["passed"], entry.parity
+        assert entry.profile["decode_tok_s"] > manifest.artifact("safetensors").profile["decode_tok_s"]
+    text = parity_text()
+    expected = Tokenizer(smollm2_bundle / "tokenizer").encode(text, add_special_tokens=False)
+    assert tokenize_with_vocab_file(smollm2_bundle / gguf["int4"].path, text) == expected
+    result = subprocess.run([sys.executable, "-m", "edgelm", "run", str(smollm2_bundle), "--format", "gguf-int4",
+                             "--prompt", "What is a KV cache?", "--max-new-tokens", "40"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and len(result.stdout.split()) >= 15, result.stderr

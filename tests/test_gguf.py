@@ -172,3 +172,20 @@ def test_an_unknown_gguf_type_names_the_known_ones(tiny_llama, tmp_path):
     with pytest.raises(UnsupportedError, match="needs the gguf format"):
         export_bundle(tiny_llama, tmp_path / "bad", fast_export_options(formats=("onnx",), gguf_types=("Q4_0",)))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_sentencepiece_style_vocabulary_is_written_as_llama_cpp_spm_and_tokenizes_identically(tiny_model_factory,
+                                                                                                  tmp_path):
+    from edgelm.exporters.gguf_vocab import probe_text
+    from edgelm.gguf_header import read_gguf_summary
+    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
+    from edgelm.tokenizer import Tokenizer
+
+    manifest = export_bundle(tiny_model_factory("llama-spm"), tmp_path / "spm",
+                             fast_export_options(formats=("gguf",), quants=("fp32",), profile=False))
+    path = tmp_path / "spm" / "gguf" / "model-F32.gguf"
+    assert read_gguf_summary(path).metadata["tokenizer.ggml.model"] == "llama"
+    text = probe_text()  # includes CJK and emoji, which only byte fallback can encode with this vocabulary
+    expected = Tokenizer(tmp_path / "spm" / "tokenizer").encode(text, add_special_tokens=False)
+    assert tokenize_with_vocab_file(path, text) == expected
+    assert manifest.artifact("gguf-fp32").parity["max_abs_logit_diff_first_window"] <= 1e-4

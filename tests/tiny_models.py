@@ -33,8 +33,37 @@ def _tokenizer_json() -> str:
     return tok.to_str()
 
 
-def write_tokenizer(folder: Path) -> None:
+SPM_VOCAB_SIZE = 640
+
+
+@lru_cache(maxsize=1)
+def _sentencepiece_style_tokenizer_json() -> str:
+    """A Llama-2 / Gemma style tokenizer: ▁ for spaces, BPE merges, byte fallback to <0xXX>."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+
+    from edgelm.parity import parity_text
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>"]
+    trainer = trainers.BpeTrainer(vocab_size=SPM_VOCAB_SIZE, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator([parity_text()[:20000]], trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    data = json.loads(tok.to_str())  # byte tokens are ordinary vocabulary entries, not added special tokens
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] in specials]
+    return json.dumps(data)
+
+
+def write_tokenizer(folder: Path, sentencepiece_style: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    if sentencepiece_style:
+        (folder / "tokenizer.json").write_text(_sentencepiece_style_tokenizer_json())
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
+        }))
+        return
     (folder / "tokenizer.json").write_text(_tokenizer_json())
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
@@ -53,6 +82,8 @@ def tiny_config(kind: str):
 
     if kind == "llama":
         return transformers.LlamaConfig(**_decoder_common(), tie_word_embeddings=True)
+    if kind == "llama-spm":  # with a SentencePiece-style (byte-fallback BPE) vocabulary
+        return transformers.LlamaConfig(**{**_decoder_common(), "vocab_size": SPM_VOCAB_SIZE, "bos_token_id": 1})
     if kind == "qwen2":
         return transformers.Qwen2Config(**_decoder_common(), tie_word_embeddings=False)
     if kind == "gemma3":
@@ -84,5 +115,5 @@ def build_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
     model_class = getattr(transformers, MODEL_CLASSES.get(kind, "AutoModelForCausalLM"))
     model = model_class.from_config(config).eval()
     model.save_pretrained(str(folder), safe_serialization=True)
-    write_tokenizer(folder)
+    write_tokenizer(folder, sentencepiece_style=kind.endswith("-spm"))
     return folder
