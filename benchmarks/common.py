@@ -15,7 +15,7 @@ import edgelm
 from edgelm.bundle import read_bundle
 from edgelm.profile import DEFAULT_PROMPTS, device_record
 
-# (artifact path, prompt ids, new tokens, threads) -> decode tok/s of the direct loop
+# (artifact path, prompt ids, new tokens, threads) -> decode tok/s of a loop written directly against a runtime
 DirectLoop = Callable[[Path, list[int], int, int], float]
 
 
@@ -29,29 +29,34 @@ def arguments(description: str, default_out: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
-def compare_decode(args: argparse.Namespace, fmt: str, direct: DirectLoop, direct_name: str) -> None:
-    """For every `fmt` artifact of the bundle: edgelm `profile` vs `direct`, best and median of
-    `repeats` interleaved rounds after a warm-up, plus size and parity. Writes args.out (JSON)."""
+def compare_decode(args: argparse.Namespace, fmt: str, loops: dict[str, DirectLoop]) -> None:
+    """For every `fmt` artifact of the bundle: edgelm `profile` vs each direct loop (by name),
+    best and median of `repeats` interleaved rounds after a warm-up, plus size and parity.
+    Writes args.out (JSON)."""
     manifest = read_bundle(args.bundle)
     rows: list[dict[str, Any]] = []
     for entry in [a for a in manifest.artifacts if a.format == fmt]:
         lm = edgelm.load(args.bundle, format=entry.name, threads=args.threads, verify=False)
         prompt_ids = lm.tokenizer.encode(DEFAULT_PROMPTS[0])
-        direct(args.bundle / entry.path, prompt_ids, 8, args.threads)  # warm-up
-        profiles, direct_rates = [], []
-        for _ in range(args.repeats):
+        path = args.bundle / entry.path
+        for loop in loops.values():
+            loop(path, prompt_ids, 8, args.threads)  # warm-up
+        profiles, rates = [], {name: [] for name in loops}
+        for _ in range(args.repeats):  # interleaved, so that drift in machine speed hits every loop alike
             profiles.append(lm.profile(max_new_tokens=args.new_tokens, repeats=1))
-            direct_rates.append(direct(args.bundle / entry.path, prompt_ids, args.new_tokens, args.threads))
+            for name, loop in loops.items():
+                rates[name].append(loop(path, prompt_ids, args.new_tokens, args.threads))
         lm.close()
         best = max(profiles, key=lambda p: p.decode_tok_s)
         ours = [p.decode_tok_s for p in profiles]
         parity = entry.parity or {}
-        rows.append({
-            "artifact": entry.name, "quant": entry.quant, "bytes": entry.bytes,
-            "edgelm_decode_tok_s_runs": ours, "edgelm_decode_tok_s_best": best.decode_tok_s,
-            f"{direct_name}_decode_tok_s_runs": direct_rates, f"{direct_name}_decode_tok_s_best": max(direct_rates),
-            f"edgelm_vs_{direct_name}": best.decode_tok_s / max(direct_rates),
-            f"edgelm_vs_{direct_name}_median": float(np.median(ours) / np.median(direct_rates)),
+        row = {"artifact": entry.name, "quant": entry.quant, "bytes": entry.bytes,
+               "edgelm_decode_tok_s_runs": ours, "edgelm_decode_tok_s_best": best.decode_tok_s}
+        for name, runs in rates.items():
+            row |= {f"{name}_decode_tok_s_runs": runs, f"{name}_decode_tok_s_best": max(runs),
+                    f"edgelm_vs_{name}": best.decode_tok_s / max(runs),
+                    f"edgelm_vs_{name}_median": float(np.median(ours) / np.median(runs))}
+        rows.append(row | {
             "ttft_s": best.ttft_s, "prefill_tok_s": best.prefill_tok_s, "peak_rss_mb": best.peak_rss_mb,
             "ppl": parity.get("perplexity"), "ppl_ratio": parity.get("ppl_ratio"),
             "top1": parity.get("top1_agreement"), "kl": parity.get("mean_kl"),
