@@ -5,7 +5,7 @@
 For every GGUF artifact of the bundle: file size, edgelm `profile` (the shared generation
 loop over the low-level API) and two loops on llama-cpp-python's high-level `Llama` class:
 `Llama.generate` (greedy via its sampler, top_k=1) and `Llama.eval` + argmax of its logits
-(no sampler), same prompt ids, same token count, same threads and context size, best and
+(no sampler), same prompt ids, same token count, same context settings, best and
 median of `--repeats` interleaved rounds after a warm-up. Also records parity from the
 manifest. Writes JSON.
 """
@@ -23,8 +23,10 @@ from edgelm.runtimes.llamacpp import BATCH, DEFAULT_CONTEXT
 def _llama(path: Path, threads: int):
     from llama_cpp import Llama
 
+    # the context edgelm's runtime creates: same size, batch, threads, and flash attention on
+    # (llama.cpp's "auto" on CPU; the Llama class defaults it off)
     return Llama(model_path=str(path), n_ctx=DEFAULT_CONTEXT, n_batch=BATCH, n_threads=threads,
-                 n_threads_batch=threads, verbose=False)
+                 n_threads_batch=threads, flash_attn=True, verbose=False)
 
 
 def llama_generate_decode_tok_s(path: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> float:
