@@ -44,10 +44,11 @@ EXPORTER_MODULES: dict[str, str] = {
     "safetensors": "edgelm.exporters.reference",
     "onnx": "edgelm.exporters.onnx",
     "gguf": "edgelm.exporters.gguf",
+    "executorch": "edgelm.exporters.executorch",
 }
 # Formats of DESIGN.md that this build of edgelm does not implement yet; a target preset
 # may list them, and export says plainly that they were skipped.
-PLANNED_FORMATS = ("tflite", "executorch")
+PLANNED_FORMATS = ("tflite",)
 
 
 def get_exporter(fmt: str) -> Exporter:

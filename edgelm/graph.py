@@ -1,15 +1,22 @@
-"""One export-friendly decoder graph, shared by the graph formats (ONNX now; ExecuTorch and
-LiteRT lower the same module).
+"""One export-friendly decoder graph, shared by the graph formats (ONNX, ExecuTorch; LiteRT
+lowers the same module).
 
-The step signature is explicit and free of Python control flow on data:
+Two cache layouts, one module. With an explicit cache (ONNX) the step is
 
     (input_ids[1, n], past_key_0, past_value_0, ...) -> (logits[1, n, vocab], present_key_0, ...)
 
 with `past_*` of shape [1, kv_heads, past_len, head_dim] and `present_*` = past + the n new
-positions. Positions and the causal mask are computed from `past_len`, so one graph serves
-prefill (n tokens, empty past) and decode (n = 1). The wrapper reuses the source model's
-own modules (projections, norms, MLP, rotary embedding, so RoPE scaling variants come for
-free) and writes only the attention with an explicit cache.
+positions. With a static cache (ExecuTorch) the cache lives in mutable buffers of a fixed
+`max_context` and the step is
+
+    (input_ids[1, n], input_pos[1]) -> logits[1, n, vocab]
+
+writing the n new keys/values at input_pos.. in place, so a decode step moves no cache
+across the runtime boundary. Either way positions and the causal mask are computed inside
+the graph, and one graph serves prefill (n tokens) and decode (n = 1), free of Python
+control flow on data. The wrapper reuses the source model's own modules (projections,
+norms, MLP, rotary embedding, so RoPE scaling variants come for free) and writes only the
+attention with its cache.
 """
 
 from __future__ import annotations
@@ -60,8 +67,14 @@ def decoder_signature(config: Any) -> DecoderSignature:
     )
 
 
-def build_decoder_graph(model: Any) -> Any:
-    """Wrap a transformers causal LM as a DecoderGraph; UnsupportedError if its family isn't covered."""
+def build_decoder_graph(model: Any, static_context: int | None = None, separate_head: bool = False) -> Any:
+    """Wrap a transformers causal LM as a DecoderGraph; UnsupportedError if its family isn't covered.
+
+    static_context=None: explicit cache inputs/outputs; an int: a static cache of that many
+    positions in mutable buffers, stepped by input_pos (see the module doc).
+    separate_head=True keeps the model's own Embedding and output Linear even when they are
+    tied, so that module-based quantizers (torchao) see a Linear head to quantize.
+    """
     import torch
     from torch import nn
 
@@ -78,10 +91,17 @@ def build_decoder_graph(model: Any) -> Any:
             self.body = causal_lm.model
             self.lm_head = causal_lm.lm_head
             config = causal_lm.config
+            self.static = static_context is not None
+            if self.static:
+                shape = (1, self.signature.num_kv_heads, static_context, self.signature.head_dim)
+                for i in range(self.signature.num_layers):
+                    self.register_buffer(f"cache_key_{i}", torch.zeros(shape), persistent=False)
+                    self.register_buffer(f"cache_value_{i}", torch.zeros(shape), persistent=False)
             # Tied input/output embeddings: keep ONE tensor, stored [hidden, vocab] so the output
-            # projection is a plain MatMul (quantizable) and the input lookup a Gather on axis 1.
-            # Exporting embed + lm_head separately would store the 113 MB table twice.
-            self.tied = causal_lm.lm_head.weight is causal_lm.model.embed_tokens.weight
+            # projection is a plain MatMul (quantizable by graph-level quantizers) and the input
+            # lookup a Gather on axis 1; exporting embed + lm_head separately would store the
+            # 113 MB table twice. separate_head keeps the modules instead (see the docstring).
+            self.tied = not separate_head and causal_lm.lm_head.weight is causal_lm.model.embed_tokens.weight
             if self.tied:
                 self.embedding_t = nn.Parameter(causal_lm.lm_head.weight.detach().t().contiguous(), requires_grad=False)
             self.num_heads = config.num_attention_heads
@@ -93,7 +113,8 @@ def build_decoder_graph(model: Any) -> Any:
             self.final_softcap = getattr(config, "final_logit_softcapping", None)
             self.model_window = getattr(config, "sliding_window", None)
 
-        def _attention(self, layer: Any, hidden: Any, cos: Any, sin: Any, past_k: Any, past_v: Any, mask: Any):
+        def _attention(self, layer: Any, hidden: Any, cos: Any, sin: Any, i: int, past: tuple, positions: Any,
+                       mask: Any):
             attn, n, hd = layer.self_attn, hidden.shape[1], self.signature.head_dim
             kv_heads = self.signature.num_kv_heads
             if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, split q | k | v
@@ -108,7 +129,13 @@ def build_decoder_graph(model: Any) -> Any:
             if hasattr(attn, "q_norm"):  # Gemma3: RMSNorm over each head before RoPE
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+            if self.static:  # write the new positions in place; attend over the whole (masked) cache
+                cache_k, cache_v = getattr(self, f"cache_key_{i}"), getattr(self, f"cache_value_{i}")
+                cache_k.index_copy_(2, positions, k)
+                cache_v.index_copy_(2, positions, v)
+                k, v = cache_k, cache_v
+            else:
+                k, v = torch.cat([past[2 * i], k], dim=2), torch.cat([past[2 * i + 1], v], dim=2)
             groups = self.num_heads // self.signature.num_kv_heads
             k_all, v_all = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
             scores = torch.matmul(q, k_all.transpose(2, 3)) * attn.scaling + mask
@@ -116,9 +143,15 @@ def build_decoder_graph(model: Any) -> Any:
             out = out.transpose(1, 2).reshape(1, n, self.num_heads * hd)
             return attn.o_proj(out), k, v
 
-        def forward(self, input_ids: Any, *past: Any):
-            n, past_len = input_ids.shape[1], past[0].shape[2]
-            positions = torch.arange(n, dtype=torch.long) + past_len
+        def forward(self, input_ids: Any, *state: Any):
+            n = input_ids.shape[1]
+            if self.static:  # state = (input_pos,): where the n new tokens start
+                positions = torch.arange(n, dtype=torch.long) + state[0][0]
+                keys = torch.arange(static_context, dtype=torch.long)
+            else:  # state = past keys/values
+                past_len = state[0].shape[2]
+                positions = torch.arange(n, dtype=torch.long) + past_len
+                keys = torch.arange(past_len + n, dtype=torch.long)
             if self.tied:
                 hidden = self.embedding_t.index_select(1, input_ids.reshape(-1)).t()[None] * self.embed_scale
             else:
@@ -126,7 +159,6 @@ def build_decoder_graph(model: Any) -> Any:
             # RoPE tables per layer type (Gemma3: local and global layers use different bases)
             rope = {t: self.body.rotary_emb(hidden, positions[None], t) for t in dict.fromkeys(self.layer_types)}
             default_rope = None if self.layer_types else self.body.rotary_emb(hidden, positions[None])
-            keys = torch.arange(past_len + n, dtype=torch.long)
             causal = keys[None, :] <= positions[:, None]
             masks: dict[Any, Any] = {}
             presents = []
@@ -138,8 +170,8 @@ def build_decoder_graph(model: Any) -> Any:
                     masks[window] = torch.where(allowed, 0.0, float("-inf"))[None, None]
                 cos, sin = rope[self.layer_types[i]] if self.layer_types else default_rope
                 residual = hidden
-                attn_out, k, v = self._attention(layer, layer.input_layernorm(hidden), cos, sin,
-                                                 past[2 * i], past[2 * i + 1], masks[window])
+                attn_out, k, v = self._attention(layer, layer.input_layernorm(hidden), cos, sin, i, state,
+                                                 positions, masks[window])
                 if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma3's sandwich norms
                     hidden = residual + layer.post_attention_layernorm(attn_out)
                     hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
@@ -151,7 +183,7 @@ def build_decoder_graph(model: Any) -> Any:
             logits = torch.matmul(normed, self.embedding_t) if self.tied else self.lm_head(normed)
             if self.final_softcap:
                 logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-            return (logits, *presents)
+            return logits if self.static else (logits, *presents)
 
     def _rotate(x: Any, cos: Any, sin: Any) -> Any:
         # Partial rotary (Phi-3's partial_rotary_factor): only the first cos.shape[-1] dims turn.

@@ -74,6 +74,7 @@ RUNTIME_MODULES: dict[str, str] = {
     "torch": "edgelm.runtimes.torch_reference",
     "onnxruntime": "edgelm.runtimes.onnxruntime",
     "llama.cpp": "edgelm.runtimes.llamacpp",
+    "executorch": "edgelm.runtimes.executorch",
 }
 
 

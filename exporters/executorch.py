@@ -1,0 +1,178 @@
+"""ExecuTorch exporter: the shared decoder graph with a static KV cache → torch.export →
+torchao quantization → to_edge_transform_and_lower (XNNPACK) → .pte.
+
+The graph is edgelm.graph's, in its static-cache layout: the cache lives in mutable
+buffers inside the program and `input_pos` says where new tokens go, so a decode step
+passes one token id and one position across the boundary and gets logits back.
+
+Quant mapping (DESIGN.md), through torchao configs that the XNNPACK partitioner lowers:
+  fp32 → float;
+  int8 → 8-bit dynamic activations, 8-bit per-channel weights (8da8w);
+  int4 → 8-bit dynamic activations, 4-bit weights in groups of 32 (8da4w) for the
+         transformer layers; the output projection stays 8da8w (it decides every token;
+         llama.cpp's Q4_K_M keeps it at 6 bits for the same reason). Embeddings stay
+         float: XNNPACK has no quantized lookup.
+The program carries its own facts as constant methods (max context, vocab size, quant),
+which the runtime reads instead of hard-coding them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from edgelm.exporter import ExportedArtifact
+from edgelm.graph import decoder_signature
+from edgelm.model import SourceModel
+
+STATIC_CONTEXT = 1024  # cache positions allocated in the program (bounded by the model's own maximum)
+FILE_NAMES = {"fp32": "model.pte", "int8": "model_8da8w.pte", "int4": "model_8da4w.pte"}
+GROUP_SIZE = 32
+DELEGATES = ("xnnpack",)  # lowerings this exporter drives; others need their SDKs (QNN, Core ML, Vulkan)
+
+
+# Loggers that report, at import, optional CUDA kernels and pytree registrations; nothing a
+# user exporting for a phone can act on, and they would tear the progress display.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_imports() -> None:
+    for name in NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _quantize(graph: Any, quant: str) -> dict[str, Any]:
+    """Apply the torchao recipe for `quant` to `graph` in place; return what was done."""
+    if quant == "fp32":
+        return {"weights": "float32"}
+    import torch
+
+    quiet_imports()
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    def linear(exclude: str | None = None) -> Any:
+        return lambda module, fqn: isinstance(module, torch.nn.Linear) and fqn != exclude
+
+    per_channel_8bit = Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    if quant == "int8":
+        quantize_(graph, per_channel_8bit, filter_fn=linear())
+        return {"activations": "int8 dynamic per token", "weights": "int8 per channel", "embedding": "float32"}
+    quantize_(graph, Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE)),
+              filter_fn=linear(exclude="lm_head"))
+    quantize_(graph, per_channel_8bit, filter_fn=lambda module, fqn: fqn == "lm_head")
+    return {"activations": "int8 dynamic per token", "weights": f"int4 symmetric, groups of {GROUP_SIZE}",
+            "output_projection": "int8 per channel", "embedding": "float32"}
+
+
+def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
+    """Export `model` (not modified) as an XNNPACK-delegated .pte at `path`; return the recipe."""
+    import torch
+
+    quiet_imports()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edgelm.graph import build_decoder_graph
+
+    signature = decoder_signature(model.config)
+    context = min(STATIC_CONTEXT, signature.max_context)
+    # quantization rewrites weights in place; the caller's model is the parity reference
+    work = copy.deepcopy(model) if quant != "fp32" else model
+    # fp32 keeps a tied embedding table once; the quantized recipes need the head as a Linear
+    graph = build_decoder_graph(work, static_context=context, separate_head=quant != "fp32")
+    for parameter in graph.parameters():
+        parameter.requires_grad_(False)  # in-place cache writes on tensors that need grad cannot be exported
+    recipe = _quantize(graph, quant)
+    n = torch.export.Dim("n", min=1, max=context)
+    ids, pos = torch.zeros((1, 2), dtype=torch.long), torch.zeros((1,), dtype=torch.long)
+    with _quiet():
+        exported = torch.export.export(graph, (ids, pos), dynamic_shapes=({1: n}, (None,)), strict=False)
+        program = to_edge_transform_and_lower(
+            exported, partitioner=[XnnpackPartitioner()],
+            constant_methods={"get_max_context": context, "get_vocab_size": signature.vocab_size,
+                              "get_num_layers": signature.num_layers, "is_encoder": False},
+        ).to_executorch()
+    path.write_bytes(program.buffer)
+    return {**recipe, "max_context": context}
+
+
+def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[str, Any]:
+    """Export an encoder (edgelm.encoder_graph) with dynamic batch and length as a .pte."""
+    import torch
+
+    quiet_imports()
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from edgelm.encoder_graph import EncoderGraph, example_encoder_inputs
+
+    work = copy.deepcopy(model) if quant != "fp32" else model
+    graph = EncoderGraph(work, task).eval()
+    for parameter in graph.parameters():
+        parameter.requires_grad_(False)
+    recipe = _quantize(graph, quant)
+    batch = torch.export.Dim("batch", min=1, max=256)
+    n = torch.export.Dim("n", min=1, max=graph.signature.max_length)
+    with _quiet():
+        exported = torch.export.export(graph, example_encoder_inputs(), dynamic_shapes=({0: batch, 1: n}, {0: batch, 1: n}),
+                                       strict=False)
+        program = to_edge_transform_and_lower(
+            exported, partitioner=[XnnpackPartitioner()],
+            constant_methods={"get_max_context": graph.signature.max_length, "is_encoder": True},
+        ).to_executorch()
+    path.write_bytes(program.buffer)
+    return {**recipe, "max_context": graph.signature.max_length}
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """torch.export and the lowering warn about internals a user cannot act on."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        previous = logging.getLogger("torch").level
+        logging.getLogger("torch").setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            logging.getLogger("torch").setLevel(previous)
+
+
+class ExecuTorchExporter:
+    format = "executorch"
+    runtime = "executorch"
+    quants = tuple(FILE_NAMES)
+    tasks = ("text-generation", "feature-extraction", "text-classification")
+    requires = ("torch", "transformers", "executorch", "torchao")
+
+    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
+        folder = bundle_dir / "executorch"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / FILE_NAMES[quant]
+        built_by = "→ torch.export → torchao → to_edge_transform_and_lower(XnnpackPartitioner)"
+        if source.task != "text-generation":
+            from edgelm.encoder_graph import encoder_signature
+
+            recipe = export_encoder_pte(model, source.task, quant, path)
+            signature = encoder_signature(model.config, source.task).to_dict()
+            return ExportedArtifact(path=path, quant=quant, built_by=f"edgelm.encoder_graph {built_by}",
+                                    signature={**signature, "delegates": list(DELEGATES), "quantization": recipe,
+                                               "methods": ["forward", "get_max_context", "is_encoder"]})
+        recipe = export_pte(model, quant, path)
+        signature = decoder_signature(model.config)
+        return ExportedArtifact(
+            path=path, quant=quant, built_by=f"edgelm.graph (static cache) {built_by}",
+            signature={"inputs": ["input_ids[1,n] int64", "input_pos[1] int64"], "outputs": ["logits[1,n,vocab] float32"],
+                       "kv_cache": f"static, {recipe['max_context']} positions in mutable buffers inside the program",
+                       "methods": ["forward", "get_max_context", "get_vocab_size", "get_num_layers", "is_encoder"],
+                       "delegates": list(DELEGATES), "num_layers": signature.num_layers,
+                       "max_context": recipe["max_context"], "quantization": recipe},
+        )
+
+
+EXPORTER = ExecuTorchExporter()

@@ -1,0 +1,153 @@
+"""ExecuTorch runtime (executorch.runtime): runs edgelm's static-cache decoder programs.
+
+The KV cache lives in the program's mutable buffers; a step passes token ids and the
+position they start at. Method names and the max context are read from the program
+(its `get_max_context` constant method), not hard-coded. A file is checked for the .pte
+identifier and loaded with internal-consistency verification, so a truncated or foreign
+file is an InvalidModelError, never a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from edgelm.errors import DeviceError, InvalidModelError
+from edgelm.session import Capabilities
+
+PTE_IDENTIFIER = b"ET"  # flatbuffer file identifier at bytes 4..8 ("ET12", ...)
+
+
+@contextlib.contextmanager
+def quiet_native_stderr() -> Iterator[None]:
+    """Silence what ExecuTorch's C++ side prints straight to fd 2 (cpuinfo probes, loader
+    diagnostics); edgelm reports failures itself. EDGELM_EXECUTORCH_LOG=1 keeps it."""
+    if os.environ.get("EDGELM_EXECUTORCH_LOG"):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _runtime():
+    import logging
+
+    # importing executorch.runtime imports torchao, which logs optional CUDA kernels it could not load
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    with quiet_native_stderr():
+        from executorch.runtime import Runtime, Verification
+
+        return Runtime.get(), Verification
+
+
+class ExecuTorchSession:
+    def __init__(self, program: object, method: object, max_context: int):
+        import torch
+
+        self._torch = torch
+        self._program, self._method = program, method
+        self._pos = 0
+        self.capabilities = Capabilities(max_context=max_context,
+                                         notes={"kv_cache": f"static, {max_context} positions inside the program"})
+
+    def _run(self, ids: np.ndarray) -> np.ndarray:
+        if self._pos + len(ids) > self.capabilities.max_context:
+            raise InvalidModelError(f"the program's static cache holds {self.capabilities.max_context} positions; "
+                                    f"{self._pos + len(ids)} requested")
+        torch = self._torch
+        inputs = [torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)),
+                  torch.tensor([self._pos], dtype=torch.long)]
+        logits = self._method.execute(inputs)[0]
+        self._pos += len(ids)
+        return logits[0].float().numpy()
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        return self._run(np.asarray(ids, dtype=np.int64))
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._run(np.asarray([token_id], dtype=np.int64))[-1]
+
+    def reset(self) -> None:
+        # positions are absolute and the mask hides every slot past the last written one,
+        # so starting again at 0 overwrites the old sequence as it goes
+        self._pos = 0
+
+    def close(self) -> None:
+        self._method = self._program = None
+
+
+class ExecuTorchEncoderSession:
+    """An encoder program (edgelm.encoder_graph): a padded batch in, one vector per row out."""
+
+    def __init__(self, program: object, method: object, max_context: int):
+        import torch
+
+        self._torch = torch
+        self._program, self._method = program, method
+        self.capabilities = Capabilities(max_context=max_context, notes={"delegate": "xnnpack"})
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        torch = self._torch
+        inputs = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (input_ids, attention_mask)]
+        return self._method.execute(inputs)[0].float().numpy()
+
+    def close(self) -> None:
+        self._method = self._program = None
+
+
+class ExecuTorchAdapter:
+    name = "executorch"
+
+    def version(self) -> str:
+        from importlib import metadata
+
+        return f"executorch {metadata.version('executorch')}"
+
+    def available_devices(self) -> tuple[str, ...]:
+        return ("cpu",)  # XNNPACK; the Python runtime ships no GPU/NPU delegate
+
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None
+             ) -> ExecuTorchSession | ExecuTorchEncoderSession:
+        if device not in self.available_devices():
+            raise DeviceError(f"ExecuTorch's Python runtime here runs XNNPACK on cpu only, not {device!r}; "
+                              "GPU/NPU delegates (Vulkan, QNN, Core ML) run in the app's native runtime")
+        path = Path(path)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        if len(head) < 8 or head[4:6] != PTE_IDENTIFIER:
+            raise InvalidModelError(f"{path}: not an ExecuTorch program (.pte); re-export it with edgelm")
+        runtime, verification = _runtime()
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(threads)
+        try:
+            with quiet_native_stderr():
+                program = runtime.load_program(path, verification=verification.InternalConsistency)
+                missing = {"forward", "get_max_context"} - set(program.method_names)
+                if missing:
+                    raise InvalidModelError(f"{path}: the program lacks {', '.join(sorted(missing))}; it was not "
+                                            "exported by edgelm's ExecuTorch exporter")
+                max_context = int(program.load_method("get_max_context").execute([])[0])
+                encoder = "is_encoder" in program.method_names and bool(program.load_method("is_encoder").execute([])[0])
+                method = program.load_method("forward")
+        except RuntimeError as err:
+            raise InvalidModelError(f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — "
+                                    "re-export it") from err
+        return (ExecuTorchEncoderSession if encoder else ExecuTorchSession)(program, method, max_context)
+
+
+ADAPTER = ExecuTorchAdapter()

@@ -1,0 +1,119 @@
+"""ExecuTorch: the static-cache decoder graph, .pte export (XNNPACK, torchao recipes), the
+ExecuTorch runtime, encoders, and files that are not (whole) programs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import edgelm
+from conftest import fast_export_options
+from edgelm.errors import InvalidModelError
+from edgelm.export import export_bundle
+
+DECODERS = ["llama", "qwen2", "gemma3", "phi3"]
+
+
+@pytest.mark.parametrize("kind", DECODERS)
+def test_static_cache_graph_matches_transformers_in_prefill_and_decode(tiny_model_factory, kind):
+    """The layout ExecuTorch runs: cache in buffers, stepped by input_pos, reused after a reset."""
+    import torch
+    import transformers
+
+    from edgelm.graph import build_decoder_graph
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(kind)), dtype=torch.float32).eval()
+    graph = build_decoder_graph(model, static_context=64)
+    ids = torch.randint(0, graph.signature.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(ids).logits
+        graph(torch.randint(0, 100, (1, 50)), torch.tensor([0]))  # a longer earlier sequence, then "reset" to 0
+        first = graph(ids[:, :30], torch.tensor([0]))
+        steps = [graph(ids[:, i : i + 1], torch.tensor([i])) for i in range(30, 40)]
+    assert (first - reference[:, :30]).abs().max() <= 1e-4
+    assert (torch.cat(steps, dim=1) - reference[:, 30:]).abs().max() <= 1e-4
+
+
+pytest.importorskip("executorch", reason="the executorch extra is not installed")
+
+
+@pytest.fixture(scope="module")
+def pte_bundle(tiny_llama, tmp_path_factory):
+    out = tmp_path_factory.mktemp("executorch") / "bundle"
+    export_bundle(tiny_llama, out, fast_export_options(formats=("executorch",), quants=("fp32", "int8", "int4")))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
+def test_other_decoders_export_to_pte_and_match_torch(tiny_model_factory, tmp_path, kind):
+    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
+                             fast_export_options(formats=("executorch",), quants=("fp32",), profile=False))
+    entry = manifest.artifact("executorch-fp32")
+    assert entry.parity["max_abs_logit_diff_first_window"] <= 1e-4 and entry.parity["greedy_match_tokens"] == 64
+
+
+def test_llama_recipes_load_pass_their_gates_and_describe_themselves(pte_bundle):
+    from edgelm.bundle import read_bundle
+
+    manifest = read_bundle(pte_bundle)
+    by_quant = {a.quant: a for a in manifest.artifacts if a.format == "executorch"}
+    assert {q: a.path for q, a in by_quant.items()} == {"fp32": "executorch/model.pte", "int8": "executorch/model_8da8w.pte",
+                                                       "int4": "executorch/model_8da4w.pte"}
+    assert by_quant["fp32"].parity["max_abs_logit_diff_first_window"] <= 1e-4
+    for entry in by_quant.values():
+        assert entry.parity["passed"], entry.parity
+        assert entry.runtime == "executorch" and entry.signature["delegates"] == ["xnnpack"]
+        assert entry.profile["decode_tok_s"] > 0
+    assert "int4" in by_quant["int4"].signature["quantization"]["weights"]
+    assert by_quant["int4"].bytes < by_quant["fp32"].bytes
+
+
+def test_max_context_is_read_from_the_program_and_enforced(pte_bundle):
+    session = edgelm.load(pte_bundle, format="executorch-fp32").session()
+    assert session.capabilities.max_context == 512  # min(1024, the tiny model's 512 positions), from get_max_context
+    session.reset()
+    with pytest.raises(InvalidModelError, match="static cache holds 512"):
+        session.prefill(np.zeros(513, dtype=np.int64))
+
+
+def test_decode_matches_prefill_and_text_matches_the_reference(pte_bundle):
+    session = edgelm.load(pte_bundle, format="executorch-fp32").session()
+    ids = np.array([3, 44, 120, 9, 200, 17], dtype=np.int64)
+    session.reset()
+    full = session.prefill(ids)
+    session.reset()
+    session.prefill(ids[:4])
+    assert np.abs(session.decode(int(ids[4])) - full[4]).max() < 1e-4
+    assert np.abs(session.decode(int(ids[5])) - full[5]).max() < 1e-4
+    ref = edgelm.load(pte_bundle, format="reference-fp32").generate("The object", max_new_tokens=16, ignore_eos=True)
+    lm = edgelm.load(pte_bundle, format="executorch-fp32")
+    assert lm.generate("The object", max_new_tokens=16, ignore_eos=True) == ref
+    assert lm.generate("The object", max_new_tokens=16, ignore_eos=True) == ref  # a second run after reset
+
+
+@pytest.mark.parametrize("kind", ["bert", "bert-cls"])
+def test_encoders_export_to_pte_and_match_torch(tiny_model_factory, tmp_path, kind):
+    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
+                             fast_export_options(formats=("executorch",), quants=("fp32",), profile=False))
+    entry = manifest.artifact("executorch-fp32")
+    assert entry.parity["max_abs_diff"] <= 1e-4 and entry.parity["passed"]
+    encoder = edgelm.load(tmp_path / kind, format="executorch-fp32")
+    texts = ["first text", "a second, longer text"]
+    reference = edgelm.load(tmp_path / kind, format="reference-fp32")
+    if kind == "bert":
+        assert np.abs(encoder.embed(texts) - reference.embed(texts)).max() <= 1e-4
+    else:
+        assert [list(r) for r in encoder.classify(texts)] == [list(r) for r in reference.classify(texts)]
+
+
+def test_truncated_or_foreign_files_are_invalid_not_a_crash(pte_bundle, tmp_path):
+    from edgelm.runtimes.executorch import ADAPTER
+
+    data = (pte_bundle / "executorch" / "model_8da4w.pte").read_bytes()
+    cases = {"empty": b"", "tiny": data[:5], "half": data[: len(data) // 2], "last_byte_missing": data[:-1],
+             "onnx_named_pte": b"\x08\x07" + b"\x00" * 64, "random": np.random.default_rng(0).bytes(4096)}
+    for name, payload in cases.items():
+        path = tmp_path / f"{name}.pte"
+        path.write_bytes(payload)
+        with pytest.raises(InvalidModelError):
+            ADAPTER.open(path)
