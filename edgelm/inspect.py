@@ -114,6 +114,27 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
     ]
 
 
+def _describe_pte(path: Path) -> tuple[str, Rows]:
+    """Methods, delegates, operators and size of an ExecuTorch program, after the runtime's own
+    verified load (a truncated or foreign file is an InvalidModelError first)."""
+    from edgelm.runtimes.executorch import load_program, quiet_native_stderr
+
+    load_program(path)
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    with quiet_native_stderr():
+        program = deserialize_pte_binary(path.read_bytes()).program
+    rows: Rows = [("size", f"{path.stat().st_size / 1e6:.1f} MB"),
+                  ("methods", ", ".join(plan.name for plan in program.execution_plan))]
+    for plan in program.execution_plan:
+        delegates = Counter(d.id for d in plan.delegates)
+        if plan.name == "forward":
+            rows += [("forward inputs / outputs", f"{len(plan.inputs)} / {len(plan.outputs)}"),
+                     ("delegates", ", ".join(f"{k}×{v}" for k, v in delegates.items()) or "none"),
+                     ("operators outside delegates", ", ".join(sorted({o.name for o in plan.operators})) or "none")]
+    return f"executorch {path}", rows
+
+
 def _describe_model_folder(path: Path) -> tuple[str, Rows]:
     from edgelm.model import inspect_source
 
@@ -122,7 +143,8 @@ def _describe_model_folder(path: Path) -> tuple[str, Rows]:
 
 
 # file suffix -> describer; a format adds one line here.
-DESCRIBERS = {".gguf": _describe_gguf, ".safetensors": _describe_safetensors, ".onnx": _describe_onnx}
+DESCRIBERS = {".gguf": _describe_gguf, ".safetensors": _describe_safetensors, ".onnx": _describe_onnx,
+              ".pte": _describe_pte}
 
 
 def describe(path: Path) -> tuple[str, Rows]:

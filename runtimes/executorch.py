@@ -53,6 +53,22 @@ def _runtime():
         return Runtime.get(), Verification
 
 
+def load_program(path: Path) -> object:
+    """Load a .pte with internal-consistency verification; InvalidModelError if it is not a
+    (whole) ExecuTorch program."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if len(head) < 8 or head[4:6] != PTE_IDENTIFIER:
+        raise InvalidModelError(f"{path}: not an ExecuTorch program (.pte); re-export it with edgelm")
+    runtime, verification = _runtime()
+    try:
+        with quiet_native_stderr():
+            return runtime.load_program(path, verification=verification.InternalConsistency)
+    except RuntimeError as err:
+        raise InvalidModelError(f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — "
+                                "re-export it") from err
+
+
 class ExecuTorchSession:
     def __init__(self, program: object, method: object, max_context: int):
         import torch
@@ -125,18 +141,13 @@ class ExecuTorchAdapter:
             raise DeviceError(f"ExecuTorch's Python runtime here runs XNNPACK on cpu only, not {device!r}; "
                               "GPU/NPU delegates (Vulkan, QNN, Core ML) run in the app's native runtime")
         path = Path(path)
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-        if len(head) < 8 or head[4:6] != PTE_IDENTIFIER:
-            raise InvalidModelError(f"{path}: not an ExecuTorch program (.pte); re-export it with edgelm")
-        runtime, verification = _runtime()
+        program = load_program(path)
         if threads:
             from executorch.extension.pybindings import portable_lib
 
             portable_lib._unsafe_reset_threadpool(threads)
         try:
             with quiet_native_stderr():
-                program = runtime.load_program(path, verification=verification.InternalConsistency)
                 missing = {"forward", "get_max_context"} - set(program.method_names)
                 if missing:
                     raise InvalidModelError(f"{path}: the program lacks {', '.join(sorted(missing))}; it was not "

@@ -117,3 +117,17 @@ def test_truncated_or_foreign_files_are_invalid_not_a_crash(pte_bundle, tmp_path
         path.write_bytes(payload)
         with pytest.raises(InvalidModelError):
             ADAPTER.open(path)
+
+
+def test_inspect_lists_methods_delegates_and_operators(pte_bundle, tmp_path):
+    from edgelm.inspect import describe
+
+    title, rows = describe(pte_bundle / "executorch" / "model_8da4w.pte")
+    info = dict(rows)
+    assert title.startswith("executorch")
+    assert {"forward", "get_max_context", "is_encoder"} <= set(info["methods"].split(", "))
+    assert "XnnpackBackend" in info["delegates"]
+    bad = tmp_path / "bad.pte"
+    bad.write_bytes(b"not a program at all")
+    with pytest.raises(InvalidModelError):
+        describe(bad)
