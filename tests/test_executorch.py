@@ -131,3 +131,42 @@ def test_inspect_lists_methods_delegates_and_operators(pte_bundle, tmp_path):
     bad.write_bytes(b"not a program at all")
     with pytest.raises(InvalidModelError):
         describe(bad)
+
+
+def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_represent():
+    """Weights on a 4-bit grid with a float offset per block (as in a Q4_1 GGUF) are shifted by
+    integer-zero-point quantization; the correction puts the per-block mean back."""
+    import torch
+
+    from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
+
+    torch.manual_seed(0)
+    out_features, in_features = 64, 4 * GROUP_SIZE
+    scale = torch.rand(out_features, in_features // GROUP_SIZE, 1) * 0.02 + 0.01
+    # a float minimum per block, below zero with the maximum above it (as in trained weights)
+    offset = -scale * (7 + torch.rand(out_features, in_features // GROUP_SIZE, 1))
+    levels = torch.randint(0, 16, (out_features, in_features // GROUP_SIZE, GROUP_SIZE)).float()
+    levels[..., 0], levels[..., 1] = 0, 15  # a Q4_1 block spans its own minimum and maximum
+    weight = (levels * scale + offset).reshape(out_features, in_features)
+    x = torch.randn(8, in_features)
+    expected = x @ weight.t()
+
+    def quantized(correct: bool) -> torch.Tensor:
+        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+        from torchao.quantization.granularity import PerGroup
+        from torchao.quantization.quant_primitives import MappingType
+
+        model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
+        model[0].weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE),
+                                      mapping_type=MappingType.ASYMMETRIC)
+        pick = lambda module, fqn: isinstance(module, torch.nn.Linear)  # noqa: E731
+        if correct:
+            assert quantize_with_block_bias(model, config, pick) == 1
+        else:
+            quantize_(model, config, filter_fn=pick)
+        with torch.no_grad():
+            return model(x)
+
+    plain, corrected = (quantized(False) - expected).abs().mean(), (quantized(True) - expected).abs().mean()
+    assert corrected < plain / 10, (plain, corrected)
