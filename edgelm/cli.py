@@ -88,6 +88,9 @@ def export(
     gguf_type: Annotated[Optional[str], typer.Option(
         help="Extra GGUF files of these llama.cpp types (e.g. Q4_0,Q5_K_M,IQ4_NL), gated like the recipe they "
              "are closest to.")] = None,
+    delegate: Annotated[Optional[str], typer.Option(
+        help="ExecuTorch backend: xnnpack (default); vulkan, qnn, coreml, mps where this install can lower to "
+             "them and run the result.")] = None,
     allow_drift: Annotated[bool, typer.Option(help="Keep artifacts that miss their parity gate.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept PyTorch pickle checkpoints (they can run code).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --output.")] = False,
@@ -102,7 +105,7 @@ def export(
     name = Path(model).stem if model else "smollm2"
     output = output or Path("dist") / f"{name}-{target}"
     options = ExportOptions(target=target, formats=_split(formats), quants=_split(quant), allow_drift=allow_drift,
-                            gguf_types=_split(gguf_type) or (),
+                            gguf_types=_split(gguf_type) or (), delegate=delegate,
                             overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
                             profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens)
     with _progress() as step:

@@ -49,6 +49,7 @@ class ExportOptions:
     profile_repeats: int = 3
     threads: int | None = None
     gguf_types: tuple[str, ...] = ()  # extra llama.cpp file types by name (Q4_0, IQ4_NL, ...), beside --quant
+    delegate: str | None = None  # ExecuTorch backend (xnnpack default); checked before the model loads
 
 
 def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -89,6 +90,10 @@ def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tup
             plan += [(fmt, exporter.check_type(name)) for name in options.gguf_types]
     if options.gguf_types and not any(fmt == "gguf" for fmt, _ in plan):
         raise UnsupportedError("--gguf-type needs the gguf format in --formats (or in the target preset)")
+    if options.delegate:
+        if not any(fmt == "executorch" for fmt, _ in plan):
+            raise UnsupportedError("--delegate picks the ExecuTorch backend; add executorch to --formats")
+        get_exporter("executorch").check_setting("delegate", options.delegate)
     return plan, skipped
 
 

@@ -208,6 +208,19 @@ def _quiet_gguf_reader() -> Iterator[None]:
         yield
 
 
+# Loggers of optional libraries that report, when transformers or executorch import them,
+# CUDA kernels they could not load and pytree registrations: nothing a user exporting for a
+# phone can act on, and the lines would tear the progress display.
+NOISY_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree")
+
+
+def quiet_noisy_imports() -> None:
+    import logging
+
+    for name in NOISY_IMPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
     """Load the source as an fp32 torch model in eval mode and save its tokenizer.
 
@@ -215,6 +228,7 @@ def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
     `tokenizer_dir` so that runtimes never need transformers. Raises InvalidModelError when
     transformers cannot read the weights, TokenizerError when it cannot read the tokenizer.
     """
+    quiet_noisy_imports()
     import torch
     import transformers
 

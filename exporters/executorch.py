@@ -28,24 +28,59 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact
 from edgelm.graph import decoder_signature
-from edgelm.model import SourceModel
+from edgelm.model import SourceModel, quiet_noisy_imports
 
 STATIC_CONTEXT = 1024  # cache positions allocated in the program (bounded by the model's own maximum)
 FILE_NAMES = {"fp32": "model.pte", "int8": "model_8da8w.pte", "int4": "model_8da4w.pte"}
 GROUP_SIZE = 32
-DELEGATES = ("xnnpack",)  # lowerings this exporter drives; others need their SDKs (QNN, Core ML, Vulkan)
+# --delegate -> (partitioner module, class, the runtime backend that runs it)
+DELEGATE_PARTITIONERS = {
+    "xnnpack": ("executorch.backends.xnnpack.partition.xnnpack_partitioner", "XnnpackPartitioner", "XnnpackBackend"),
+    "vulkan": ("executorch.backends.vulkan.partitioner.vulkan_partitioner", "VulkanPartitioner", "VulkanBackend"),
+    "qnn": ("executorch.backends.qualcomm.partition.qnn_partitioner", "QnnPartitioner", "QnnBackend"),
+    "coreml": ("executorch.backends.apple.coreml.partition", "CoreMLPartitioner", "CoreMLBackend"),
+    "mps": ("executorch.backends.apple.mps.partition", "MPSPartitioner", "MPSBackend"),
+}
+DEFAULT_DELEGATE = "xnnpack"
 
 
-# Loggers that report, at import, optional CUDA kernels and pytree registrations; nothing a
-# user exporting for a phone can act on, and they would tear the progress display.
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree")
+def check_delegate(name: str) -> str:
+    """The delegate's name if this install can both lower to it and run the result (edgelm
+    measures every artifact's parity); otherwise an UnsupportedError that says which half is
+    missing."""
+    import importlib
+
+    if name not in DELEGATE_PARTITIONERS:
+        raise UnsupportedError(f"unknown ExecuTorch delegate {name!r}; known: {', '.join(DELEGATE_PARTITIONERS)}")
+    module, cls, backend = DELEGATE_PARTITIONERS[name]
+    quiet_noisy_imports()
+    try:
+        getattr(importlib.import_module(module), cls)
+    except Exception as err:  # an ImportError, or a backend SDK that fails at import
+        raise UnsupportedError(f"the installed executorch cannot lower to {name} ({type(err).__name__}: {err}); "
+                               f"delegates it can lower and run here: {', '.join(runnable_delegates())}") from err
+    from edgelm.runtimes.executorch import registered_backends
+
+    if backend not in registered_backends():
+        raise UnsupportedError(
+            f"executorch here can lower to {name}, but its runtime has no {backend}, so edgelm could not measure the "
+            f"artifact's parity; export where the runtime has it (e.g. on the device), or use: "
+            f"{', '.join(runnable_delegates())}")
+    if name != DEFAULT_DELEGATE:
+        raise UnsupportedError(f"lowering to {name} needs its vendor SDK's compile settings, which this edgelm does not "
+                               f"configure yet; use --delegate {DEFAULT_DELEGATE}")
+    return name
 
 
-def quiet_imports() -> None:
-    for name in NOISY_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
+def runnable_delegates() -> list[str]:
+    from edgelm.runtimes.executorch import registered_backends
+
+    present = registered_backends()
+    return [name for name, (_, _, backend) in DELEGATE_PARTITIONERS.items() if backend in present
+            and name == DEFAULT_DELEGATE]
 
 
 def _quantize(graph: Any, quant: str) -> dict[str, Any]:
@@ -54,7 +89,7 @@ def _quantize(graph: Any, quant: str) -> dict[str, Any]:
         return {"weights": "float32"}
     import torch
 
-    quiet_imports()
+    quiet_noisy_imports()
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerAxis, PerGroup
     from torchao.quantization.quant_primitives import MappingType
@@ -80,7 +115,6 @@ def quantize_with_block_bias(graph: Any, config: Any, filter_fn: Any) -> int:
     residual (W - dequantized W) times the sum of those inputs, as one small float Linear
     (1/GROUP_SIZE of the multiply-adds). The same correction as the ONNX int4 recipe
     (exporters/onnx_block_bias.py); returns how many layers were corrected."""
-    import torch
     from torchao.quantization import quantize_
 
     targets = [(name, module) for name, module in graph.named_modules() if filter_fn(module, name)]
@@ -119,7 +153,7 @@ def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
     """Export `model` (not modified) as an XNNPACK-delegated .pte at `path`; return the recipe."""
     import torch
 
-    quiet_imports()
+    quiet_noisy_imports()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -151,7 +185,7 @@ def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[st
     """Export an encoder (edgelm.encoder_graph) with dynamic batch and length as a .pte."""
     import torch
 
-    quiet_imports()
+    quiet_noisy_imports()
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
@@ -195,6 +229,12 @@ class ExecuTorchExporter:
     tasks = ("text-generation", "feature-extraction", "text-classification")
     requires = ("torch", "transformers", "executorch", "torchao")
 
+    def check_setting(self, key: str, value: str) -> str:
+        """Format-specific export settings (`--delegate`), validated before any model is loaded."""
+        if key != "delegate":
+            raise UnsupportedError(f"the ExecuTorch exporter has no setting {key!r}")
+        return check_delegate(value)
+
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
         folder = bundle_dir / "executorch"
         folder.mkdir(parents=True, exist_ok=True)
@@ -206,7 +246,7 @@ class ExecuTorchExporter:
             recipe = export_encoder_pte(model, source.task, quant, path)
             signature = encoder_signature(model.config, source.task).to_dict()
             return ExportedArtifact(path=path, quant=quant, built_by=f"edgelm.encoder_graph {built_by}",
-                                    signature={**signature, "delegates": list(DELEGATES), "quantization": recipe,
+                                    signature={**signature, "delegates": [DEFAULT_DELEGATE], "quantization": recipe,
                                                "methods": ["forward", "get_max_context", "is_encoder"]})
         recipe = export_pte(model, quant, path)
         signature = decoder_signature(model.config)
@@ -215,7 +255,7 @@ class ExecuTorchExporter:
             signature={"inputs": ["input_ids[1,n] int64", "input_pos[1] int64"], "outputs": ["logits[1,n,vocab] float32"],
                        "kv_cache": f"static, {recipe['max_context']} positions in mutable buffers inside the program",
                        "methods": ["forward", "get_max_context", "get_vocab_size", "get_num_layers", "is_encoder"],
-                       "delegates": list(DELEGATES), "num_layers": signature.num_layers,
+                       "delegates": [DEFAULT_DELEGATE], "num_layers": signature.num_layers,
                        "max_context": recipe["max_context"], "quantization": recipe},
         )
 

@@ -42,15 +42,21 @@ def quiet_native_stderr() -> Iterator[None]:
 
 
 def _runtime():
-    import logging
+    from edgelm.model import quiet_noisy_imports
 
-    # importing executorch.runtime imports torchao, which logs optional CUDA kernels it could not load
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_noisy_imports()  # executorch.runtime imports torchao, which logs optional kernels it could not load
     with quiet_native_stderr():
         from executorch.runtime import Runtime, Verification
 
         return Runtime.get(), Verification
+
+
+def registered_backends() -> set[str]:
+    """Delegate backends compiled into this ExecuTorch runtime (XnnpackBackend, ...)."""
+    _runtime()
+    from executorch.extension.pybindings import portable_lib
+
+    return set(portable_lib._get_registered_backend_names())
 
 
 def load_program(path: Path) -> object:

@@ -17,7 +17,7 @@ import os
 import threading
 from pathlib import Path
 
-import llama_cpp  # noqa: F401 - imported here so that the runtime registry reports it missing
+import llama_cpp  # at module level, so that the runtime registry reports it when missing
 import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
@@ -36,8 +36,6 @@ _initialized = False
 def _llama():
     """Import llama_cpp once, initialise its backend and silence its logging (edgelm shows progress)."""
     global _initialized
-    import llama_cpp
-
     with _init_lock:
         if not _initialized:
             llama_cpp.llama_backend_init()
@@ -49,7 +47,7 @@ def _llama():
 
 
 def _load_model(path: Path, *, vocab_only: bool = False, gpu_layers: int = 0):
-    llama_cpp = _llama()
+    _llama()
     read_gguf_summary(path)  # InvalidModelError for a truncated, hostile or non-GGUF file, before llama.cpp parses it
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
@@ -63,7 +61,7 @@ def _load_model(path: Path, *, vocab_only: bool = False, gpu_layers: int = 0):
 
 
 def _tokenize(vocab: object, text: str, add_special: bool) -> list[int]:
-    llama_cpp = _llama()
+    _llama()
     data = text.encode("utf-8")
     capacity = len(data) + 8
     buffer = (llama_cpp.llama_token * capacity)()
@@ -75,7 +73,7 @@ def _tokenize(vocab: object, text: str, add_special: bool) -> list[int]:
 
 def tokenize_with_vocab_file(path: Path, text: str, add_special: bool = False) -> list[int]:
     """Tokenize `text` with llama.cpp, loading only the vocabulary of the GGUF at `path`."""
-    llama_cpp = _llama()
+    _llama()
     model = _load_model(path, vocab_only=True)
     try:
         return _tokenize(llama_cpp.llama_model_get_vocab(model), text, add_special)
@@ -87,7 +85,7 @@ class _Context:
     """A llama.cpp model + context + batch, freed together."""
 
     def __init__(self, path: Path, *, n_ctx: int, n_batch: int, threads: int, gpu_layers: int, embeddings: bool):
-        llama_cpp = self._lib = _llama()
+        self._lib = _llama()
         summary = read_gguf_summary(path)
         self.model = _load_model(path, gpu_layers=gpu_layers)
         f32 = int(summary.metadata.get("general.file_type", -1)) == FILE_TYPE_ALL_F32

@@ -31,8 +31,7 @@ def tiny_llama(tiny_model_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tiny_llama, tmp_path_factory) -> Path:
     """A bundle exported from the tiny Llama (small parity windows, short profile)."""
-    from edgelm.export import ExportOptions, export_bundle
-    from edgelm.parity import ParitySettings
+    from edgelm.export import export_bundle
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-llama"
     export_bundle(tiny_llama, out, fast_export_options())

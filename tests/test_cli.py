@@ -9,9 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
-
-import pytest
 
 EDGELM = [sys.executable, "-m", "edgelm"]
 

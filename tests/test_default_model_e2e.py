@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-import edgelm
-
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 

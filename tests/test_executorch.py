@@ -152,7 +152,7 @@ def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_
     expected = x @ weight.t()
 
     def quantized(correct: bool) -> torch.Tensor:
-        from torchao.quantization import Int8DynamicActivationIntxWeightConfig, IntxWeightOnlyConfig, quantize_
+        from torchao.quantization import IntxWeightOnlyConfig, quantize_
         from torchao.quantization.granularity import PerGroup
         from torchao.quantization.quant_primitives import MappingType
 
@@ -170,3 +170,17 @@ def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_
 
     plain, corrected = (quantized(False) - expected).abs().mean(), (quantized(True) - expected).abs().mean()
     assert corrected < plain / 10, (plain, corrected)
+
+
+@pytest.mark.parametrize(("delegate", "message"), [
+    ("bogus", "unknown ExecuTorch delegate"),
+    ("mps", "cannot lower to mps"),
+    ("vulkan", "runtime has no VulkanBackend"),
+])
+def test_a_delegate_this_install_cannot_lower_and_run_is_refused_before_loading_the_model(tiny_llama, tmp_path,
+                                                                                           delegate, message):
+    from edgelm.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match=message):
+        export_bundle(tiny_llama, tmp_path / "out", fast_export_options(formats=("executorch",), delegate=delegate))
+    assert not (tmp_path / "out").exists()
