@@ -94,9 +94,10 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             self.static = static_context is not None
             if self.static:
                 shape = (1, self.signature.num_kv_heads, static_context, self.signature.head_dim)
+                dtype = causal_lm.lm_head.weight.dtype  # an fp16 model keeps an fp16 cache
                 for i in range(self.signature.num_layers):
-                    self.register_buffer(f"cache_key_{i}", torch.zeros(shape), persistent=False)
-                    self.register_buffer(f"cache_value_{i}", torch.zeros(shape), persistent=False)
+                    self.register_buffer(f"cache_key_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
+                    self.register_buffer(f"cache_value_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
             # Tied input/output embeddings: keep ONE tensor, stored [hidden, vocab] so the output
             # projection is a plain MatMul (quantizable by graph-level quantizers) and the input
             # lookup a Gather on axis 1; exporting embed + lm_head separately would store the
@@ -167,7 +168,7 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
                 window = getattr(layer.self_attn, "sliding_window", self.model_window)
                 if window not in masks:
                     allowed = causal if window is None else causal & (positions[:, None] - keys[None, :] < window)
-                    masks[window] = torch.where(allowed, 0.0, float("-inf"))[None, None]
+                    masks[window] = torch.where(allowed, 0.0, float("-inf")).to(hidden.dtype)[None, None]
                 cos, sin = rope[self.layer_types[i]] if self.layer_types else default_rope
                 residual = hidden
                 attn_out, k, v = self._attention(layer, layer.input_layernorm(hidden), cos, sin, i, state,

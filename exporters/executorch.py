@@ -6,12 +6,12 @@ buffers inside the program and `input_pos` says where new tokens go, so a decode
 passes one token id and one position across the boundary and gets logits back.
 
 Quant mapping (DESIGN.md), through torchao configs that the XNNPACK partitioner lowers:
-  fp32 → float;
+  fp32 → float; fp16 → float16 weights, activations and KV cache;
   int8 → 8-bit dynamic activations, 8-bit per-channel weights (8da8w);
-  int4 → 8-bit dynamic activations, 4-bit asymmetric weights in groups of 32 (8da4w) for
-         the transformer layers, plus a block-bias correction for what integer zero points
-         cannot represent (symmetric round-to-nearest 8da4w loses 42% perplexity on SmolLM2,
-         asymmetric 26%, corrected 1.7%, measured in eager mode); the output projection
+  int4 → 8-bit dynamic activations, 4-bit weights in groups of 32 (8da4w) for the
+         transformer layers, each block centred and its offset added back by a block-bias
+         correction (see quantize_with_block_bias; plain symmetric round-to-nearest 8da4w
+         loses 42% perplexity on SmolLM2, this 1.5%, measured in eager mode); the output projection
          stays 8da8w (it decides every token; llama.cpp's Q4_K_M keeps it at 6 bits for the
          same reason). Embeddings stay float: XNNPACK has no quantized lookup.
 The program carries its own facts as constant methods (max context, vocab size, quant),
@@ -34,7 +34,7 @@ from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
 
 STATIC_CONTEXT = 1024  # cache positions allocated in the program (bounded by the model's own maximum)
-FILE_NAMES = {"fp32": "model.pte", "int8": "model_8da8w.pte", "int4": "model_8da4w.pte"}
+FILE_NAMES = {"fp32": "model.pte", "fp16": "model_fp16.pte", "int8": "model_8da8w.pte", "int4": "model_8da4w.pte"}
 GROUP_SIZE = 32
 # --delegate -> (partitioner module, class, the runtime backend that runs it)
 DELEGATE_PARTITIONERS = {
@@ -87,6 +87,8 @@ def _quantize(graph: Any, quant: str) -> dict[str, Any]:
     """Apply the torchao recipe for `quant` to `graph` in place; return what was done."""
     if quant == "fp32":
         return {"weights": "float32"}
+    if quant == "fp16":  # the model was cast before the graph was built (see _working_copy)
+        return {"weights": "float16", "activations": "float16", "kv_cache": "float16"}
     import torch
 
     quiet_noisy_imports()
@@ -102,23 +104,36 @@ def _quantize(graph: Any, quant: str) -> dict[str, Any]:
         quantize_(graph, per_channel_8bit, filter_fn=linear())
         return {"activations": "int8 dynamic per token", "weights": "int8 per channel", "embedding": "float32"}
     corrected = quantize_with_block_bias(graph, Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE), weight_mapping_type=MappingType.ASYMMETRIC),
-        filter_fn=linear(exclude="lm_head"))
+        weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE),
+        weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR), filter_fn=linear(exclude="lm_head"))
     quantize_(graph, per_channel_8bit, filter_fn=lambda module, fqn: fqn == "lm_head")
-    return {"activations": "int8 dynamic per token", "weights": f"int4 asymmetric, groups of {GROUP_SIZE}",
+    return {"activations": "int8 dynamic per token",
+            "weights": f"int4 symmetric around each block's midpoint, groups of {GROUP_SIZE}; the midpoint is added "
+                       "back by the block-bias correction (Q4_1-like)",
             "block_bias_correction": corrected, "output_projection": "int8 per channel", "embedding": "float32"}
 
 
 def quantize_with_block_bias(graph: Any, config: Any, filter_fn: Any) -> int:
-    """Quantize the Linear layers `filter_fn` picks, then add back what rounding to integer
-    zero points shifted: per output row and block of GROUP_SIZE inputs, the mean of the
-    residual (W - dequantized W) times the sum of those inputs, as one small float Linear
-    (1/GROUP_SIZE of the multiply-adds). The same correction as the ONNX int4 recipe
-    (exporters/onnx_block_bias.py); returns how many layers were corrected."""
+    """4-bit weights with a float offset per block, built from symmetric int4 (which XNNPACK's
+    8da4w kernels run; their asymmetric form did not lower correctly here).
+
+    Each block of GROUP_SIZE weights is first centred: minus c = min + 8·(max − min)/15, so
+    it spans [−8d, 7d] with d = (max − min)/15, which `config` (symmetric, no clipping error)
+    quantizes with scale d; a block already on a 4-bit grid (as in a Q4_1 GGUF) is then
+    exact. The offset — and the mean of whatever rounding left — comes back as one small
+    float Linear: per output row and block, the mean residual (W − dequantized W) times the
+    sum of the block's inputs (1/GROUP_SIZE of the multiply-adds; the same correction as the
+    ONNX int4 recipe, exporters/onnx_block_bias.py). Returns how many layers were corrected.
+    """
+    import torch
     from torchao.quantization import quantize_
 
     targets = [(name, module) for name, module in graph.named_modules() if filter_fn(module, name)]
     originals = {name: module.weight.detach().clone() for name, module in targets}
+    for _, module in targets:
+        blocks = module.weight.detach().unflatten(-1, (-1, GROUP_SIZE))
+        low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+        module.weight = torch.nn.Parameter((blocks - (low + 8 * (high - low) / 15)).flatten(-2), requires_grad=False)
     quantize_(graph, config, filter_fn=filter_fn)
     for name, module in targets:
         residual = originals[name] - module.weight.dequantize().to(originals[name].dtype)
@@ -161,8 +176,7 @@ def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
 
     signature = decoder_signature(model.config)
     context = min(STATIC_CONTEXT, signature.max_context)
-    # quantization rewrites weights in place; the caller's model is the parity reference
-    work = copy.deepcopy(model) if quant != "fp32" else model
+    work = _working_copy(model, quant)
     # fp32 keeps a tied embedding table once; the quantized recipes need the head as a Linear
     graph = build_decoder_graph(work, static_context=context, separate_head=quant != "fp32")
     for parameter in graph.parameters():
@@ -181,6 +195,17 @@ def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
     return {**recipe, "max_context": context}
 
 
+def _working_copy(model: Any, quant: str) -> Any:
+    """The model to lower: the caller's own for fp32; otherwise a copy (quantization and the
+    fp16 cast rewrite weights in place, and the caller's model is the parity reference)."""
+    if quant == "fp32":
+        return model
+    import torch
+
+    work = copy.deepcopy(model)
+    return work.to(torch.float16) if quant == "fp16" else work
+
+
 def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[str, Any]:
     """Export an encoder (edgelm.encoder_graph) with dynamic batch and length as a .pte."""
     import torch
@@ -191,8 +216,7 @@ def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[st
 
     from edgelm.encoder_graph import EncoderGraph, example_encoder_inputs
 
-    work = copy.deepcopy(model) if quant != "fp32" else model
-    graph = EncoderGraph(work, task).eval()
+    graph = EncoderGraph(_working_copy(model, quant), task).eval()
     for parameter in graph.parameters():
         parameter.requires_grad_(False)
     recipe = _quantize(graph, quant)

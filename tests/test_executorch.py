@@ -40,7 +40,7 @@ pytest.importorskip("executorch", reason="the executorch extra is not installed"
 @pytest.fixture(scope="module")
 def pte_bundle(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("executorch") / "bundle"
-    export_bundle(tiny_llama, out, fast_export_options(formats=("executorch",), quants=("fp32", "int8", "int4")))
+    export_bundle(tiny_llama, out, fast_export_options(formats=("executorch",), quants=("fp32", "fp16", "int8", "int4")))
     return out
 
 
@@ -57,8 +57,9 @@ def test_llama_recipes_load_pass_their_gates_and_describe_themselves(pte_bundle)
 
     manifest = read_bundle(pte_bundle)
     by_quant = {a.quant: a for a in manifest.artifacts if a.format == "executorch"}
-    assert {q: a.path for q, a in by_quant.items()} == {"fp32": "executorch/model.pte", "int8": "executorch/model_8da8w.pte",
-                                                       "int4": "executorch/model_8da4w.pte"}
+    assert {q: a.path for q, a in by_quant.items()} == {
+        "fp32": "executorch/model.pte", "fp16": "executorch/model_fp16.pte", "int8": "executorch/model_8da8w.pte",
+        "int4": "executorch/model_8da4w.pte"}
     assert by_quant["fp32"].parity["max_abs_logit_diff_first_window"] <= 1e-4
     for entry in by_quant.values():
         assert entry.parity["passed"], entry.parity
