@@ -98,3 +98,15 @@ def test_android_preset_gguf_files_pass_their_gates_and_tokenize_like_the_source
                              "--prompt", "What is a KV cache?", "--max-new-tokens", "40"],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and len(result.stdout.split()) >= 15, result.stderr
+
+
+def test_android_preset_executorch_int4_passes_its_gate_and_is_small(smollm2_bundle):
+    from edgelm.bundle import read_bundle
+
+    manifest = read_bundle(smollm2_bundle)
+    entry = manifest.artifact("executorch-int4")
+    assert entry.path == "executorch/model_8da4w.pte" and entry.runtime == "executorch"
+    assert entry.parity["passed"] and entry.parity["top1_agreement"] > 0.85, entry.parity
+    reference = manifest.artifact("safetensors")
+    assert entry.bytes <= 0.4 * reference.bytes
+    assert entry.profile["decode_tok_s"] > reference.profile["decode_tok_s"]

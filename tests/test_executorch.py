@@ -135,9 +135,12 @@ def test_inspect_lists_methods_delegates_and_operators(pte_bundle, tmp_path):
 
 
 def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_represent():
-    """Weights on a 4-bit grid with a float offset per block (as in a Q4_1 GGUF) are shifted by
-    integer-zero-point quantization; the correction puts the per-block mean back."""
+    """Weights on a 4-bit grid with a float offset per block (as in a Q4_1 GGUF): symmetric
+    round-to-nearest shifts them; centring plus the correction reproduces them."""
     import torch
+    from torchao.quantization import IntxWeightOnlyConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
 
     from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
 
@@ -151,26 +154,22 @@ def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_
     weight = (levels * scale + offset).reshape(out_features, in_features)
     x = torch.randn(8, in_features)
     expected = x @ weight.t()
+    pick = lambda module, fqn: isinstance(module, torch.nn.Linear)  # noqa: E731
 
-    def quantized(correct: bool) -> torch.Tensor:
-        from torchao.quantization import IntxWeightOnlyConfig, quantize_
-        from torchao.quantization.granularity import PerGroup
-        from torchao.quantization.quant_primitives import MappingType
-
+    def error(mapping: MappingType, correct: bool) -> float:
         model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
         model[0].weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
-        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE),
-                                      mapping_type=MappingType.ASYMMETRIC)
-        pick = lambda module, fqn: isinstance(module, torch.nn.Linear)  # noqa: E731
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE), mapping_type=mapping)
         if correct:
             assert quantize_with_block_bias(model, config, pick) == 1
         else:
             quantize_(model, config, filter_fn=pick)
         with torch.no_grad():
-            return model(x)
+            return float((model(x) - expected).abs().mean())
 
-    plain, corrected = (quantized(False) - expected).abs().mean(), (quantized(True) - expected).abs().mean()
-    assert corrected < plain / 10, (plain, corrected)
+    plain = error(MappingType.SYMMETRIC, correct=False)
+    corrected = error(MappingType.SYMMETRIC_NO_CLIPPING_ERR, correct=True)
+    assert corrected < plain / 20, (plain, corrected)
 
 
 @pytest.mark.parametrize(("delegate", "message"), [
