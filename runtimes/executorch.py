@@ -10,6 +10,7 @@ file is an InvalidModelError, never a crash.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Iterator
@@ -48,7 +49,22 @@ def _runtime():
     with quiet_native_stderr():
         from executorch.runtime import Runtime, Verification
 
+        _load_quantized_kernels()
         return Runtime.get(), Verification
+
+
+@functools.cache
+def _load_quantized_kernels() -> None:
+    """Register ExecuTorch's quantized kernels (embedding_byte: the int8/int4 programs' token
+    lookup). The wheel ships them as a separate library that the Python runtime does not
+    load itself; loading it runs its static registrations into the runtime's kernel table."""
+    import ctypes
+
+    import executorch
+
+    library = Path(executorch.__path__[0]) / "lib" / "libexecutorch_kernels_quantized.so"
+    if library.exists():  # absent in a runtime built without them: such programs then fail to load, clearly
+        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
 
 
 def registered_backends() -> set[str]:
@@ -162,6 +178,9 @@ class ExecuTorchAdapter:
                 encoder = "is_encoder" in program.method_names and bool(program.load_method("is_encoder").execute([])[0])
                 method = program.load_method("forward")
         except RuntimeError as err:
+            if "0x:14" in str(err) or "0x14" in str(err):  # Error::OperatorMissing
+                raise InvalidModelError(f"{path}: the program uses an operator this ExecuTorch runtime has no kernel "
+                                        f"for ({err}); run it with the executorch version edgelm doctor lists") from err
             raise InvalidModelError(f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — "
                                     "re-export it") from err
         return (ExecuTorchEncoderSession if encoder else ExecuTorchSession)(program, method, max_context)

@@ -66,6 +66,7 @@ def test_llama_recipes_load_pass_their_gates_and_describe_themselves(pte_bundle)
         assert entry.runtime == "executorch" and entry.signature["delegates"] == ["xnnpack"]
         assert entry.profile["decode_tok_s"] > 0
     assert "int4" in by_quant["int4"].signature["quantization"]["weights"]
+    assert by_quant["int4"].signature["quantization"]["embedding"] == "int8 per row"
     assert by_quant["int4"].bytes < by_quant["fp32"].bytes
 
 
@@ -128,6 +129,7 @@ def test_inspect_lists_methods_delegates_and_operators(pte_bundle, tmp_path):
     assert title.startswith("executorch")
     assert {"forward", "get_max_context", "is_encoder"} <= set(info["methods"].split(", "))
     assert "XnnpackBackend" in info["delegates"]
+    assert "embedding_byte" in info["operators outside delegates"]  # the int8 token table, looked up by the quantized kernel
     bad = tmp_path / "bad.pte"
     bad.write_bytes(b"not a program at all")
     with pytest.raises(InvalidModelError):
