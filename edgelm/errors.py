@@ -22,6 +22,10 @@ class UnsupportedError(EdgeLMError):
     """A valid request edgelm cannot do: unknown architecture, format, quant or device."""
 
 
+class ExportError(EdgeLMError):
+    """A format's converter failed on a model edgelm accepted (the converter's message is kept)."""
+
+
 class TokenizerError(EdgeLMError):
     """The tokenizer or chat template is missing or cannot be used."""
 

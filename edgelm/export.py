@@ -17,7 +17,7 @@ from typing import Any
 from edgelm import __version__
 from edgelm.bundle import ArtifactEntry, Manifest, atomic_bundle_dir, write_manifest
 from edgelm.encoder_eval import ENCODER_GATES
-from edgelm.errors import ParityError, UnsupportedError
+from edgelm.errors import EdgeLMError, ExportError, ParityError, UnsupportedError
 from edgelm.evaluate import EVALUATIONS
 from edgelm.exporter import EXPORTER_MODULES, PLANNED_FORMATS, check_quant, get_exporter
 from edgelm.model import SourceModel, inspect_source, load_reference_model, sha256_file
@@ -95,6 +95,19 @@ def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tup
             raise UnsupportedError("--delegate picks the ExecuTorch backend; add executorch to --formats")
         get_exporter("executorch").check_setting("delegate", options.delegate)
     return plan, skipped
+
+
+def _export_one(exporter: Any, model: Any, source: SourceModel, work: Path, quant: str, name: str) -> Any:
+    """One artifact; a converter's own exception becomes an ExportError naming the artifact
+    (the bundle is still being built in a temp dir, so nothing half-written is left)."""
+    try:
+        return exporter.export(model, source, work, quant)
+    except EdgeLMError:
+        raise
+    except Exception as err:
+        raise ExportError(f"{name}: the {exporter.format} converter failed on this {source.model_type} model "
+                          f"({type(err).__name__}: {str(err)[:500]}); other formats may still export it — "
+                          f"try --formats without {exporter.format}") from err
 
 
 def _generation_defaults(model: Any) -> dict[str, Any]:
@@ -184,7 +197,7 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             exporter = get_exporter(fmt)
             name = f"{fmt}-{quant}" if fmt != REFERENCE_FORMAT else "reference-fp32"
             with step(f"Exporting {name}"):
-                artifact = exporter.export(model_obj, source, work, quant)
+                artifact = _export_one(exporter, model_obj, source, work, quant, name)
             runtime = get_runtime(exporter.runtime)
             with step(f"Loading {name} in {runtime.name}"):
                 session, load_s = timed(runtime.open, artifact.path, threads=options.threads)

@@ -1,7 +1,6 @@
-"""One export-friendly decoder graph, shared by the graph formats (ONNX, ExecuTorch; LiteRT
-lowers the same module).
+"""One export-friendly decoder graph, shared by the graph formats (ONNX, ExecuTorch, LiteRT).
 
-Two cache layouts, one module. With an explicit cache (ONNX) the step is
+Three cache layouts, one module. With an explicit cache (ONNX) the step is
 
     (input_ids[1, n], past_key_0, past_value_0, ...) -> (logits[1, n, vocab], present_key_0, ...)
 
@@ -12,7 +11,16 @@ positions. With a static cache (ExecuTorch) the cache lives in mutable buffers o
     (input_ids[1, n], input_pos[1]) -> logits[1, n, vocab]
 
 writing the n new keys/values at input_pos.. in place, so a decode step moves no cache
-across the runtime boundary. Either way positions and the causal mask are computed inside
+across the runtime boundary. With a host cache (LiteRT, which has no mutable state a
+signature could update in place) the caller owns fixed-size cache tensors and the step is
+
+    (input_ids[1, n], input_pos[1], cache_key_0[1, kv_heads, max_context, head_dim], ...)
+        -> (logits[1, n, vocab], new_key_0[1, kv_heads, n, head_dim], ...)
+
+attending over the cache slots before input_pos plus the n new positions (two score blocks,
+one softmax, so the cache is only read, never copied); the caller writes new_* into its
+cache at input_pos, which with a runtime that binds host memory is a slice copy. In every
+layout positions and the causal mask are computed inside
 the graph, and one graph serves prefill (n tokens) and decode (n = 1), free of Python
 control flow on data. The wrapper reuses the source model's own modules (projections,
 norms, MLP, rotary embedding, so RoPE scaling variants come for free) and writes only the
@@ -67,11 +75,13 @@ def decoder_signature(config: Any) -> DecoderSignature:
     )
 
 
-def build_decoder_graph(model: Any, static_context: int | None = None, separate_head: bool = False) -> Any:
+def build_decoder_graph(model: Any, static_context: int | None = None, separate_head: bool = False,
+                        host_context: int | None = None) -> Any:
     """Wrap a transformers causal LM as a DecoderGraph; UnsupportedError if its family isn't covered.
 
-    static_context=None: explicit cache inputs/outputs; an int: a static cache of that many
-    positions in mutable buffers, stepped by input_pos (see the module doc).
+    By default explicit cache inputs/outputs; static_context=N: a static cache of N positions
+    in mutable buffers, stepped by input_pos; host_context=N: the caller's cache of N
+    positions as inputs, the new positions' keys/values as outputs (see the module doc).
     separate_head=True keeps the model's own Embedding and output Linear even when they are
     tied, so that module-based quantizers (torchao) see a Linear head to quantize.
     """
@@ -92,6 +102,7 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             self.lm_head = causal_lm.lm_head
             config = causal_lm.config
             self.static = static_context is not None
+            self.host = host_context is not None
             if self.static:
                 shape = (1, self.signature.num_kv_heads, static_context, self.signature.head_dim)
                 dtype = causal_lm.lm_head.weight.dtype  # an fp16 model keeps an fp16 cache
@@ -130,6 +141,8 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             if hasattr(attn, "q_norm"):  # Gemma3: RMSNorm over each head before RoPE
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            if self.host:
+                return attn.o_proj(self._host_cache_attention(attn, q, k, v, past[2 * i], past[2 * i + 1], mask)), k, v
             if self.static:  # write the new positions in place; attend over the whole (masked) cache
                 cache_k, cache_v = getattr(self, f"cache_key_{i}"), getattr(self, f"cache_value_{i}")
                 cache_k.index_copy_(2, positions, k)
@@ -144,9 +157,29 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             out = out.transpose(1, 2).reshape(1, n, self.num_heads * hd)
             return attn.o_proj(out), k, v
 
+        def _host_cache_attention(self, attn: Any, q: Any, k: Any, v: Any, cache_k: Any, cache_v: Any, mask: Any):
+            """Attention over [cache ; new] without concatenating (copying) the cache. Grouped
+            query heads are folded into rows ([1, kv_heads, groups * n, head_dim]) so each
+            cached key/value head is read once rather than repeated per query head."""
+            n, hd, kv_heads = q.shape[2], self.signature.head_dim, self.signature.num_kv_heads
+            groups = self.num_heads // kv_heads
+            rows = q.reshape(1, kv_heads, groups * n, hd)
+            scores = torch.cat([torch.matmul(rows, cache_k.transpose(2, 3)), torch.matmul(rows, k.transpose(2, 3))], -1)
+            probs = torch.softmax(scores * attn.scaling + mask.repeat(1, 1, groups, 1), dim=-1)
+            context = cache_k.shape[2]
+            out = torch.matmul(probs[..., :context], cache_v) + torch.matmul(probs[..., context:], v)
+            return out.reshape(1, self.num_heads, n, hd).transpose(1, 2).reshape(1, n, self.num_heads * hd)
+
         def forward(self, input_ids: Any, *state: Any):
             n = input_ids.shape[1]
-            if self.static:  # state = (input_pos,): where the n new tokens start
+            if self.host:  # state = (input_pos, cache_key_0, cache_value_0, ...)
+                start = state[0][0]
+                positions = torch.arange(n, dtype=torch.long) + start
+                slots = torch.arange(host_context, dtype=torch.long)
+                # a slot at or past input_pos holds nothing yet: give it a position no query reaches
+                keys = torch.cat([torch.where(slots < start, slots, host_context + n), positions])
+                state = state[1:]
+            elif self.static:  # state = (input_pos,): where the n new tokens start
                 positions = torch.arange(n, dtype=torch.long) + state[0][0]
                 keys = torch.arange(static_context, dtype=torch.long)
             else:  # state = past keys/values
@@ -184,7 +217,7 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             logits = torch.matmul(normed, self.embedding_t) if self.tied else self.lm_head(normed)
             if self.final_softcap:
                 logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-            return logits if self.static else (logits, *presents)
+            return logits if self.static else (logits, *presents)  # host layout: presents are the new slices
 
     def _rotate(x: Any, cos: Any, sin: Any) -> Any:
         # Partial rotary (Phi-3's partial_rotary_factor): only the first cos.shape[-1] dims turn.
