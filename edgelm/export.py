@@ -19,7 +19,7 @@ from edgelm.bundle import ArtifactEntry, Manifest, atomic_bundle_dir, write_mani
 from edgelm.encoder_eval import ENCODER_GATES
 from edgelm.errors import EdgeLMError, ExportError, ParityError, UnsupportedError
 from edgelm.evaluate import EVALUATIONS
-from edgelm.exporter import EXPORTER_MODULES, PLANNED_FORMATS, check_quant, get_exporter
+from edgelm.exporter import check_quant, get_exporter, missing_requirements
 from edgelm.model import SourceModel, inspect_source, load_reference_model, sha256_file
 from edgelm.parity import DEFAULT_GATES, ParitySettings
 from edgelm.profile import timed
@@ -71,12 +71,14 @@ def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tup
             for quant in options.quants or ():
                 check_quant(get_exporter(fmt), quant)
             continue
-        if fmt not in EXPORTER_MODULES:  # checked first: a planned format has no module to import
-            if fmt in PLANNED_FORMATS:
-                skipped[fmt] = "not implemented in this edgelm version yet"
-                continue
-            get_exporter(fmt)  # raises UnsupportedError naming the known formats
-        exporter = get_exporter(fmt)
+        exporter = get_exporter(fmt)  # UnsupportedError naming the known formats
+        missing = missing_requirements(exporter)
+        if missing:
+            reason = f"the {fmt} exporter needs {', '.join(missing)}: pip install 'edgelm[export,{fmt}]'"
+            if options.formats:
+                raise UnsupportedError(reason)
+            skipped[fmt] = reason
+            continue
         if task not in exporter.tasks:
             reason = f"the {fmt} exporter does not handle {task} models (it does: {', '.join(exporter.tasks)})"
             if options.formats:

@@ -45,10 +45,15 @@ EXPORTER_MODULES: dict[str, str] = {
     "onnx": "edgelm.exporters.onnx",
     "gguf": "edgelm.exporters.gguf",
     "executorch": "edgelm.exporters.executorch",
+    "tflite": "edgelm.exporters.tflite",
 }
-# Formats of DESIGN.md that this build of edgelm does not implement yet; a target preset
-# may list them, and export says plainly that they were skipped.
-PLANNED_FORMATS = ("tflite",)
+
+
+def missing_requirements(exporter: Exporter) -> list[str]:
+    """The import names an exporter needs that are not installed here."""
+    import importlib.util
+
+    return [name for name in exporter.requires if importlib.util.find_spec(name) is None]
 
 
 def get_exporter(fmt: str) -> Exporter:

@@ -117,12 +117,12 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
 def _describe_pte(path: Path) -> tuple[str, Rows]:
     """Methods, delegates, operators and size of an ExecuTorch program, after the runtime's own
     verified load (a truncated or foreign file is an InvalidModelError first)."""
-    from edgelm.runtimes.executorch import load_program, quiet_native_stderr
+    from edgelm.runtimes.executorch import LOG_VARIABLE, load_program, quiet_native_stderr
 
     load_program(path)
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    with quiet_native_stderr():
+    with quiet_native_stderr(LOG_VARIABLE):
         program = deserialize_pte_binary(path.read_bytes()).program
     rows: Rows = [("size", f"{path.stat().st_size / 1e6:.1f} MB"),
                   ("methods", ", ".join(plan.name for plan in program.execution_plan))]
@@ -142,9 +142,30 @@ def _describe_model_folder(path: Path) -> tuple[str, Rows]:
     return f"model {path}", [(k, v) for k, v in source.to_dict().items()]
 
 
+def _describe_tflite(path: Path) -> tuple[str, Rows]:
+    """Signatures, weight types, operators and size of a TFLite model, from the verified
+    flatbuffer (a truncated or foreign file is an InvalidModelError first)."""
+    from edgelm.tflite_file import read_tflite
+
+    summary = read_tflite(path)
+
+    def shortened(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" … ({len(names)} in all)" if len(names) > 3 else "")
+
+    return f"tflite {path}", [
+        ("size", f"{summary.bytes / 1e6:.1f} MB"),
+        ("signatures", ", ".join(sorted(summary.signatures))),
+        *[(f"{name} inputs / outputs", f"{shortened(ins)} / {shortened(outs)}")
+          for name, (ins, outs) in sorted(summary.signatures.items())],
+        ("weight types", ", ".join(f"{k}×{summary.tensor_types[k]} ({v / 1e6:.1f} MB)"
+                                   for k, v in summary.weight_bytes.most_common())),
+        ("operators", ", ".join(f"{k}×{v}" for k, v in summary.operators.most_common())),
+    ]
+
+
 # file suffix -> describer; a format adds one line here.
 DESCRIBERS = {".gguf": _describe_gguf, ".safetensors": _describe_safetensors, ".onnx": _describe_onnx,
-              ".pte": _describe_pte}
+              ".pte": _describe_pte, ".tflite": _describe_tflite}
 
 
 def describe(path: Path) -> tuple[str, Rows]:

@@ -75,6 +75,7 @@ RUNTIME_MODULES: dict[str, str] = {
     "onnxruntime": "edgelm.runtimes.onnxruntime",
     "llama.cpp": "edgelm.runtimes.llamacpp",
     "executorch": "edgelm.runtimes.executorch",
+    "litert": "edgelm.runtimes.litert",
 }
 
 

@@ -1,7 +1,7 @@
 """Target presets, as data: which formats and quant recipes a deployment target gets.
 
-Formats listed here that this edgelm cannot export yet are skipped with a message
-(edgelm.exporter.PLANNED_FORMATS); the bundle always carries the fp32 reference.
+A listed format whose exporter is not installed here (an optional extra) is skipped with a
+message saying what to install; the bundle always carries the fp32 reference.
 """
 
 from __future__ import annotations

@@ -9,44 +9,24 @@ file is an InvalidModelError, never a crash.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
+from edgelm.native_log import quiet_native_stderr
 from edgelm.session import Capabilities
 
+LOG_VARIABLE = "EDGELM_EXECUTORCH_LOG"  # set to 1 to see ExecuTorch's own log lines
 PTE_IDENTIFIER = b"ET"  # flatbuffer file identifier at bytes 4..8 ("ET12", ...)
-
-
-@contextlib.contextmanager
-def quiet_native_stderr() -> Iterator[None]:
-    """Silence what ExecuTorch's C++ side prints straight to fd 2 (cpuinfo probes, loader
-    diagnostics); edgelm reports failures itself. EDGELM_EXECUTORCH_LOG=1 keeps it."""
-    if os.environ.get("EDGELM_EXECUTORCH_LOG"):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
 
 
 def _runtime():
     from edgelm.model import quiet_noisy_imports
 
     quiet_noisy_imports()  # executorch.runtime imports torchao, which logs optional kernels it could not load
-    with quiet_native_stderr():
+    with quiet_native_stderr(LOG_VARIABLE):
         from executorch.runtime import Runtime, Verification
 
         _load_quantized_kernels()
@@ -84,7 +64,7 @@ def load_program(path: Path) -> object:
         raise InvalidModelError(f"{path}: not an ExecuTorch program (.pte); re-export it with edgelm")
     runtime, verification = _runtime()
     try:
-        with quiet_native_stderr():
+        with quiet_native_stderr(LOG_VARIABLE):
             return runtime.load_program(path, verification=verification.InternalConsistency)
     except RuntimeError as err:
         raise InvalidModelError(f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — "
@@ -169,7 +149,7 @@ class ExecuTorchAdapter:
 
             portable_lib._unsafe_reset_threadpool(threads)
         try:
-            with quiet_native_stderr():
+            with quiet_native_stderr(LOG_VARIABLE):
                 missing = {"forward", "get_max_context"} - set(program.method_names)
                 if missing:
                     raise InvalidModelError(f"{path}: the program lacks {', '.join(sorted(missing))}; it was not "

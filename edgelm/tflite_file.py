@@ -1,0 +1,108 @@
+"""Read a .tflite flatbuffer defensively, before LiteRT's native loader sees it.
+
+Python's flatbuffers accessors are bounds-checked by the interpreter (a read past the end
+raises instead of reading foreign memory), so walking every table edgelm relies on —
+subgraphs, tensors and their shapes, buffers and the bytes they point at, operator codes,
+signatures — is a structural verification: a truncated or foreign file becomes an
+InvalidModelError here. The walk also yields what `edgelm inspect` shows.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edgelm.errors import InvalidModelError
+
+TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8
+
+
+@dataclass
+class TFLiteSummary:
+    bytes: int
+    version: int
+    signatures: dict[str, tuple[list[str], list[str]]] = field(default_factory=dict)  # name -> (inputs, outputs)
+    tensor_types: Counter = field(default_factory=Counter)  # constant (weight) tensors by type
+    weight_bytes: Counter = field(default_factory=Counter)  # their bytes by type
+    operators: Counter = field(default_factory=Counter)  # op name -> count over all subgraphs
+
+
+def _names(enum_class: type) -> dict[int, str]:
+    return {value: name for name, value in vars(enum_class).items() if not name.startswith("_")}
+
+
+def read_tflite(path: Path) -> TFLiteSummary:
+    """Verify and summarise a .tflite file; InvalidModelError if it is not a whole TFLite model."""
+    path = Path(path)
+    size = path.stat().st_size
+    if size < 8:
+        raise InvalidModelError(f"{path}: too short to be a TFLite model ({size} bytes)")
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[4:8] != TFLITE_IDENTIFIER:
+            raise InvalidModelError(f"{path}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); "
+                                    "re-export it with edgelm")
+        try:
+            return _walk(buf, size)
+        except (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError) as err:
+            raise InvalidModelError(f"{path}: the TFLite flatbuffer is damaged or truncated ({type(err).__name__}: "
+                                    f"{err}); re-export it") from err
+
+
+def check_tflite_file(path: Path) -> None:
+    read_tflite(path)
+
+
+def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
+    from ai_edge_litert import schema_py_generated as schema
+
+    types, builtins = _names(schema.TensorType), _names(schema.BuiltinOperator)
+    model = schema.Model.GetRootAs(buf, 0)
+    summary = TFLiteSummary(bytes=size, version=model.Version())
+    buffers = []
+    for b in range(model.BuffersLength()):
+        buffer = model.Buffers(b)
+        offset, length = buffer.Offset(), buffer.Size()
+        if offset:  # data stored after the flatbuffer (models over 2 GB)
+            if offset + length > size:
+                raise ValueError(f"buffer {b} points past the end of the file")
+        else:
+            length = buffer.DataLength()
+            if length:
+                buffer.Data(length - 1)  # the last byte must be inside the file
+        buffers.append(length)
+    codes = []
+    for c in range(model.OperatorCodesLength()):
+        code = model.OperatorCodes(c)
+        builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+        custom = code.CustomCode()
+        codes.append(custom.decode() if custom else builtins.get(builtin, f"builtin {builtin}"))
+    if not model.SubgraphsLength():
+        raise ValueError("no subgraphs")
+    counted: set[int] = set()  # signatures share weight buffers: count each once
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for t in range(subgraph.TensorsLength()):
+            tensor = subgraph.Tensors(t)
+            [tensor.Shape(d) for d in range(tensor.ShapeLength())]
+            index = tensor.Buffer()
+            if index >= len(buffers):
+                raise ValueError(f"tensor {t} refers to buffer {index} of {len(buffers)}")
+            if buffers[index] and index not in counted:
+                counted.add(index)
+                name = types.get(tensor.Type(), f"type {tensor.Type()}")
+                summary.tensor_types[name] += 1
+                summary.weight_bytes[name] += buffers[index]
+        for o in range(subgraph.OperatorsLength()):
+            opcode = subgraph.Operators(o).OpcodeIndex()
+            if opcode >= len(codes):
+                raise ValueError(f"operator {o} uses opcode {opcode} of {len(codes)}")
+            summary.operators[codes[opcode]] += 1
+    for g in range(model.SignatureDefsLength()):
+        signature = model.SignatureDefs(g)
+        inputs = [signature.Inputs(i).Name().decode() for i in range(signature.InputsLength())]
+        outputs = [signature.Outputs(i).Name().decode() for i in range(signature.OutputsLength())]
+        summary.signatures[signature.SignatureKey().decode()] = (inputs, outputs)
+    return summary

@@ -1,0 +1,213 @@
+"""LiteRT runtime (ai-edge-litert): runs edgelm's .tflite decoders.
+
+The model (exporters/tflite.py) has a `prefill` and a `decode` signature over the same
+weights; inputs are (input_ids, input_pos, cache_key_0, cache_value_0, ...) and outputs
+(logits, new_key_0, new_value_0, ...), positionally (LiteRT names them args_i / output_i).
+The max context and prefill length are read from the signatures' shapes.
+
+On CPU the session works in the interpreter's own tensors (XNNPACK delegate): the cache
+inputs of both signatures are written in place, one new position at a time, so a decode
+step moves a few kilobytes instead of the whole cache (LiteRT's signature runners copy every
+input and output on every call, BASELINES.md). `device="gpu"` / `"npu"` go through LiteRT's
+CompiledModel with its GPU / NPU accelerator (CPU fallback for unsupported ops), copying
+the cache per step, and fail clearly where this install or machine has no such accelerator.
+Every file is verified (edgelm.tflite_file) before LiteRT's native loader parses it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm.errors import DeviceError, InvalidModelError
+from edgelm.native_log import quiet_native_stderr
+from edgelm.session import Capabilities
+from edgelm.tflite_file import read_tflite
+
+LOG_VARIABLE = "EDGELM_LITERT_LOG"  # set to 1 to see LiteRT's own log lines
+SIGNATURES = ("prefill", "decode")
+
+
+class InterpreterSteps:
+    """Both signatures in one TFLite interpreter, run in its own tensor memory.
+
+    Uses the interpreter wrapper's per-subgraph calls (what SignatureRunner itself calls)
+    because SignatureRunner copies every input in and output out per call. Views into tensor
+    memory are taken per step and dropped before Invoke, as the interpreter requires.
+    """
+
+    def __init__(self, path: Path, threads: int | None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        with quiet_native_stderr(LOG_VARIABLE):
+            interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+        self._interpreter = interpreter
+        self._wrapper = interpreter._interpreter
+        self.layout: dict[str, tuple[int, list[int], list[int]]] = {}  # signature -> (subgraph, inputs, outputs)
+        for name in SIGNATURES:
+            runner = interpreter.get_signature_runner(name)
+            inputs, outputs = runner.get_input_details(), runner.get_output_details()
+            subgraph = self._wrapper.GetSubgraphIndexFromSignature(name)
+            self.layout[name] = (subgraph, [d["index"] for d in _ordered(inputs, "args_")],
+                                 [d["index"] for d in _ordered(outputs, "output_")])
+            self._wrapper.AllocateTensors(subgraph)
+            for index in self.layout[name][1][2:]:
+                self._view(name, index).fill(0)  # arena memory is not zeroed; masked slots must be finite
+        self.shapes = {name: [tuple(self._view(name, i).shape) for i in self.layout[name][1]] for name in SIGNATURES}
+
+    def _view(self, name: str, index: int) -> np.ndarray:
+        return self._wrapper.tensor(self._interpreter, index, self.layout[name][0])
+
+    def run(self, name: str, ids: np.ndarray, position: int) -> np.ndarray:
+        subgraph, inputs, outputs = self.layout[name]
+        n = len(ids)
+        view = self._view(name, inputs[0])
+        view[0, :n] = ids
+        view[0, n:] = 0  # padding after the real tokens: the causal mask keeps it out of their results
+        self._view(name, inputs[1])[0] = position
+        del view
+        self._wrapper.Invoke(subgraph)
+        logits = self._view(name, outputs[0])[0, :n].copy()
+        for k, output in enumerate(outputs[1:]):
+            new = self._view(name, output)[:, :, :n]
+            for other in SIGNATURES:  # keep both signatures' caches identical
+                self._view(other, self.layout[other][1][2 + k])[:, :, position:position + n] = new
+        return logits
+
+    def close(self) -> None:
+        self._wrapper = self._interpreter = None
+
+
+class CompiledModelSteps:
+    """Both signatures through LiteRT's CompiledModel on an accelerator; the cache is host
+    memory written to the accelerator's buffers before each call."""
+
+    def __init__(self, path: Path, device: str, threads: int | None):
+        from ai_edge_litert.compiled_model import CompiledModel
+        from ai_edge_litert.cpu_options import CpuOptions
+        from ai_edge_litert.hardware_accelerator import HardwareAccelerator
+        from ai_edge_litert.options import Options
+
+        accelerator = {"gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}[device]
+        options = Options(hardware_accelerators=accelerator | HardwareAccelerator.CPU,
+                          cpu_options=CpuOptions(num_threads=threads or 0))
+        try:
+            with quiet_native_stderr(LOG_VARIABLE):
+                model = CompiledModel.from_file(str(path), options=options)
+        except RuntimeError as err:
+            raise DeviceError(f"LiteRT could not set up its {device.upper()} accelerator for {path.name} ({err}); "
+                              "use device='cpu'") from err
+        if not model.is_fully_accelerated():
+            raise DeviceError(f"LiteRT has no {device.upper()} accelerator that runs {path.name} here (its ops fell "
+                              "back to the CPU); use device='cpu', or run it on a device that has one")
+        self._model = model
+        self.shapes, self._io = {}, {}
+        for name in SIGNATURES:
+            ins = _ordered(model.get_input_tensor_details(name), "args_")
+            outs = _ordered(model.get_output_tensor_details(name), "output_")
+            self.shapes[name] = [tuple(d["shape"]) for d in ins]
+            self._io[name] = ({d["key"]: model.create_input_buffer_by_name(name, d["key"]) for d in ins},
+                              {d["key"]: model.create_output_buffer_by_name(name, d["key"]) for d in outs},
+                              ins, outs)
+        self._cache = [np.zeros(shape, np.float32) for shape in self.shapes["decode"][2:]]
+
+    def run(self, name: str, ids: np.ndarray, position: int) -> np.ndarray:
+        inputs, outputs, ins, outs = self._io[name]
+        n, length = len(ids), self.shapes[name][0][1]
+        padded = np.zeros((1, length), np.int32)
+        padded[0, :n] = ids
+        values = [padded, np.array([position], np.int32), *self._cache]
+        for d, value in zip(ins, values):
+            inputs[d["key"]].write(value)
+        with quiet_native_stderr(LOG_VARIABLE):
+            self._model.run_by_name(name, inputs, outputs)
+        read = [outputs[d["key"]].read(int(np.prod(d["shape"])), np.float32).reshape(d["shape"]) for d in outs]
+        for cache, new in zip(self._cache, read[1:]):
+            cache[:, :, position:position + n] = new[:, :, :n]
+        return read[0][0, :n]
+
+    def close(self) -> None:
+        self._io.clear()
+        self._model = None
+
+
+class LiteRTSession:
+    def __init__(self, steps: Any, device: str):
+        self._steps = steps
+        self.max_context = int(steps.shapes["decode"][2][2])
+        self.prefill_length = int(steps.shapes["prefill"][0][1])
+        self._pos = 0
+        self.capabilities = Capabilities(max_context=self.max_context, devices=(device,), notes={
+            "kv_cache": f"host-owned, {self.max_context} positions", "prefill_length": str(self.prefill_length)})
+
+    def _check_room(self, n: int) -> None:
+        if self._pos + n > self.max_context:
+            raise InvalidModelError(f"the model's cache holds {self.max_context} positions; "
+                                    f"{self._pos + n} requested")
+
+    def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
+        logits = self._steps.run(name, ids, self._pos)
+        self._pos += len(ids)
+        return logits
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        self._check_room(len(ids))
+        chunks = [ids[i:i + self.prefill_length] for i in range(0, len(ids), self.prefill_length)]
+        return np.concatenate([self._run("prefill", chunk) for chunk in chunks])
+
+    def decode(self, token_id: int) -> np.ndarray:
+        self._check_room(1)
+        return self._run("decode", np.asarray([token_id]))[-1]
+
+    def reset(self) -> None:
+        # slots at or past the position are masked in the graph, so old entries are never read
+        self._pos = 0
+
+    def close(self) -> None:
+        self._steps.close()
+
+
+def _ordered(details: dict[str, dict], prefix: str) -> list[dict]:
+    """Signature tensors in positional order (args_0, args_1, ... / output_0, ...), each with its key."""
+    try:
+        keys = sorted(details, key=lambda key: int(key.removeprefix(prefix)))
+    except ValueError as err:
+        raise InvalidModelError(f"unexpected tensor names in the model's signature: {sorted(details)}") from err
+    return [{**details[key], "key": key} for key in keys]
+
+
+class LiteRTAdapter:
+    name = "litert"
+
+    def version(self) -> str:
+        from importlib import metadata
+
+        return f"ai-edge-litert {metadata.version('ai-edge-litert')}"
+
+    def available_devices(self) -> tuple[str, ...]:
+        return ("cpu", "gpu", "npu")  # gpu/npu are checked when a model is compiled for them
+
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> LiteRTSession:
+        if device not in self.available_devices():
+            raise DeviceError(f"LiteRT runs on cpu, gpu or npu, not {device!r}")
+        path = Path(path)
+        summary = read_tflite(path)
+        missing = set(SIGNATURES) - set(summary.signatures)
+        if missing:
+            raise InvalidModelError(f"{path}: the model lacks the {', '.join(sorted(missing))} signature(s); it was "
+                                    "not exported by edgelm's TFLite exporter")
+        inputs = summary.signatures["decode"][0]
+        if len(inputs) < 4 or len(inputs) % 2:
+            raise InvalidModelError(f"{path}: its decode signature is not (input_ids, input_pos, cache...)")
+        try:
+            steps = InterpreterSteps(path, threads) if device == "cpu" else CompiledModelSteps(path, device, threads)
+        except (ValueError, RuntimeError) as err:
+            raise InvalidModelError(f"{path}: LiteRT could not load it ({err}); re-export it with edgelm") from err
+        return LiteRTSession(steps, device)
+
+
+ADAPTER = LiteRTAdapter()
