@@ -46,6 +46,8 @@ HOST_CONTEXT = 1024  # cache positions (bounded by the model's own maximum); rec
 PREFILL_LENGTH = 128  # tokens per prefill call; longer prompts run in chunks
 FILE_NAMES = {"fp32": "model.tflite", "fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
 SIGNATURES = ("prefill", "decode")
+ENCODER_PREFIX = "encode_"  # encoders: one signature per padded input length, e.g. encode_128
+ENCODER_LENGTHS = (32, 64, 128, 256, 512)
 # What each recipe asks of ai-edge-quantizer: (mode, bits, granularity name)
 QUANT_RECIPES = {"fp16": ("float_casting", 16, "CHANNELWISE"), "int8": ("dynamic", 8, "CHANNELWISE")}
 
@@ -78,6 +80,29 @@ def convert_decoder(model: Any, path: Path) -> dict[str, Any]:
         edge_model = converter.convert()
         edge_model.export(str(path))
     return {"max_context": context, "prefill_length": prefill}
+
+
+def encoder_lengths(max_length: int) -> list[int]:
+    return sorted({length for length in ENCODER_LENGTHS if length < max_length} | {max_length})
+
+
+def convert_encoder(model: Any, task: str, path: Path) -> dict[str, Any]:
+    """Convert an encoder (edgelm.encoder_graph) to a float .tflite with one `encode_<L>`
+    signature per padded length L, batch 1. (litert-torch cannot convert the graph with a
+    symbolic length: the position ids' arange needs a concrete end.)"""
+    import torch
+
+    from edgelm.encoder_graph import EncoderGraph
+
+    graph = EncoderGraph(model, task).eval()
+    lengths = encoder_lengths(graph.signature.max_length)
+    converter: Any = _litert_torch()
+    with _quiet():
+        for length in lengths:
+            ids = torch.ones((1, length), dtype=torch.long)
+            converter = converter.signature(f"{ENCODER_PREFIX}{length}", graph, (ids, torch.ones_like(ids)))
+        converter.convert().export(str(path))
+    return {"max_context": lengths[-1], "lengths": lengths}
 
 
 def quantize_flatbuffer(float_path: Path, quant: str, path: Path) -> dict[str, Any]:
@@ -137,17 +162,28 @@ class TFLiteExporter:
     format = "tflite"
     runtime = "litert"
     quants = tuple(FILE_NAMES)
-    tasks = ("text-generation",)
+    tasks = ("text-generation", "feature-extraction", "text-classification")
     requires = ("torch", "transformers", "litert_torch", "ai_edge_litert", "ai_edge_quantizer")
 
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
         folder = bundle_dir / "tflite"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / FILE_NAMES[quant]
+        encoder = source.task != "text-generation"
         with tempfile.TemporaryDirectory(prefix="edgelm-tflite-") as scratch:
             float_path = path if quant == "fp32" else Path(scratch) / "float.tflite"
-            layout = convert_decoder(model, float_path)
+            layout = convert_encoder(model, source.task, float_path) if encoder else convert_decoder(model, float_path)
             recipe = {"weights": "float32"} if quant == "fp32" else quantize_flatbuffer(float_path, quant, path)
+        if encoder:
+            from edgelm.encoder_graph import encoder_signature
+
+            return ExportedArtifact(
+                path=path, quant=quant, built_by="edgelm.encoder_graph → litert-torch"
+                                                 + ("" if quant == "fp32" else " → ai-edge-quantizer"),
+                signature={**encoder_signature(model.config, source.task).to_dict(),
+                           "signatures": [f"{ENCODER_PREFIX}{length}" for length in layout["lengths"]],
+                           "batch": "1 per call (the runtime runs a batch row by row, each padded to the "
+                                    "shortest signature that fits)", "quantization": {**recipe, **layout}})
         signature = decoder_signature(model.config)
         return ExportedArtifact(
             path=path, quant=quant, built_by="edgelm.graph (host cache) → litert-torch"

@@ -29,6 +29,7 @@ from edgelm.tflite_file import read_tflite
 
 LOG_VARIABLE = "EDGELM_LITERT_LOG"  # set to 1 to see LiteRT's own log lines
 SIGNATURES = ("prefill", "decode")
+ENCODER_PREFIX = "encode_"  # an encoder's signatures: encode_<padded length>
 
 
 class InterpreterSteps:
@@ -134,6 +135,38 @@ class CompiledModelSteps:
         self._model = None
 
 
+class LiteRTEncoderSession:
+    """An encoder model (one `encode_<L>` signature per padded length): each row of a batch
+    is run alone, padded to the shortest length that fits it."""
+
+    def __init__(self, path: Path, lengths: list[int], threads: int | None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        with quiet_native_stderr(LOG_VARIABLE):
+            self._interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
+        self._runners = {length: self._interpreter.get_signature_runner(f"{ENCODER_PREFIX}{length}")
+                         for length in sorted(lengths)}
+        self.capabilities = Capabilities(max_context=max(lengths), notes={"lengths": ", ".join(map(str, lengths))})
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        width = input_ids.shape[1]
+        length = next((n for n in self._runners if n >= width), None)
+        if length is None:
+            raise InvalidModelError(f"the model takes at most {self.capabilities.max_context} tokens; {width} given")
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            padded = np.zeros((2, 1, length), np.int32)
+            padded[0, 0, :width], padded[1, 0, :width] = ids, mask
+            with quiet_native_stderr(LOG_VARIABLE):
+                out = self._runners[length](args_0=padded[0], args_1=padded[1])
+            rows.append(next(iter(out.values()))[0])
+        return np.stack(rows).astype(np.float32)
+
+    def close(self) -> None:
+        self._runners.clear()
+        self._interpreter = None
+
+
 class LiteRTSession:
     def __init__(self, steps: Any, device: str):
         self._steps = steps
@@ -191,11 +224,21 @@ class LiteRTAdapter:
     def available_devices(self) -> tuple[str, ...]:
         return ("cpu", "gpu", "npu")  # gpu/npu are checked when a model is compiled for them
 
-    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> LiteRTSession:
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None
+             ) -> LiteRTSession | LiteRTEncoderSession:
         if device not in self.available_devices():
             raise DeviceError(f"LiteRT runs on cpu, gpu or npu, not {device!r}")
         path = Path(path)
         summary = read_tflite(path)
+        lengths = [int(name.removeprefix(ENCODER_PREFIX)) for name in summary.signatures
+                   if name.startswith(ENCODER_PREFIX) and name.removeprefix(ENCODER_PREFIX).isdigit()]
+        if lengths:
+            if device != "cpu":
+                raise DeviceError(f"edgelm runs TFLite encoders on cpu only here, not {device!r}")
+            try:
+                return LiteRTEncoderSession(path, lengths, threads)
+            except (ValueError, RuntimeError) as err:
+                raise InvalidModelError(f"{path}: LiteRT could not load it ({err}); re-export it with edgelm") from err
         missing = set(SIGNATURES) - set(summary.signatures)
         if missing:
             raise InvalidModelError(f"{path}: the model lacks the {', '.join(sorted(missing))} signature(s); it was "

@@ -97,6 +97,22 @@ def test_text_matches_the_reference_through_edgelm_load(tflite_bundle):
     assert model.generate(prompt, max_new_tokens=12) == reference.generate(prompt, max_new_tokens=12)
 
 
+@pytest.mark.parametrize("kind", ["bert", "bert-cls"])
+def test_encoders_convert_and_match_torch(tiny_model_factory, tmp_path, kind):
+    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
+                             fast_export_options(formats=("tflite",), quants=("fp32", "int8"), profile=False))
+    entry = manifest.artifact("tflite-fp32")
+    assert entry.parity["max_abs_diff"] <= 1e-4 and entry.parity["passed"]
+    assert manifest.artifact("tflite-int8").parity["passed"]
+    encoder = edgelm.load(tmp_path / kind, format="tflite-fp32")
+    reference = edgelm.load(tmp_path / kind, format="reference-fp32")
+    texts = ["first text", "a second, longer text " * 10]  # two padded lengths
+    if kind == "bert":
+        assert np.abs(encoder.embed(texts) - reference.embed(texts)).max() <= 1e-4
+    else:
+        assert [list(r) for r in encoder.classify(texts)] == [list(r) for r in reference.classify(texts)]
+
+
 def test_truncated_or_foreign_files_are_invalid_not_a_crash(tflite_bundle, tmp_path):
     from edgelm.runtimes.litert import ADAPTER
 
