@@ -76,12 +76,17 @@ def decoder_signature(config: Any) -> DecoderSignature:
 
 
 def build_decoder_graph(model: Any, static_context: int | None = None, separate_head: bool = False,
-                        host_context: int | None = None) -> Any:
+                        host_context: int | None = None, executorch_ops: bool = False) -> Any:
     """Wrap a transformers causal LM as a DecoderGraph; UnsupportedError if its family isn't covered.
 
     By default explicit cache inputs/outputs; static_context=N: a static cache of N positions
     in mutable buffers, stepped by input_pos; host_context=N: the caller's cache of N
     positions as inputs, the new positions' keys/values as outputs (see the module doc).
+    executorch_ops=True (static cache, float32 activations) writes and attends through
+    ExecuTorch's llama custom ops (update_cache, custom_sdpa): the cache is stored
+    [1, max_context, kv_heads, head_dim], grouped heads are read in place, and causal
+    attention stops at the last written position instead of scanning the whole cache. The
+    caller imports executorch.extension.llm.custom_ops first.
     separate_head=True keeps the model's own Embedding and output Linear even when they are
     tied, so that module-based quantizers (torchao) see a Linear head to quantize.
     """
@@ -103,8 +108,11 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             config = causal_lm.config
             self.static = static_context is not None
             self.host = host_context is not None
+            self.executorch_ops = executorch_ops
             if self.static:
                 shape = (1, self.signature.num_kv_heads, static_context, self.signature.head_dim)
+                if executorch_ops:  # the custom ops' sequence-major layout
+                    shape = (1, static_context, self.signature.num_kv_heads, self.signature.head_dim)
                 dtype = causal_lm.lm_head.weight.dtype  # an fp16 model keeps an fp16 cache
                 for i in range(self.signature.num_layers):
                     self.register_buffer(f"cache_key_{i}", torch.zeros(shape, dtype=dtype), persistent=False)
@@ -141,6 +149,8 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             if hasattr(attn, "q_norm"):  # Gemma3: RMSNorm over each head before RoPE
                 q, k = attn.q_norm(q), attn.k_norm(k)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            if self.static and self.executorch_ops:
+                return attn.o_proj(self._executorch_attention(attn, q, k, v, i, mask)), k, v
             if self.host:
                 return attn.o_proj(self._host_cache_attention(attn, q, k, v, past[2 * i], past[2 * i + 1], mask)), k, v
             if self.static:  # write the new positions in place; attend over the whole (masked) cache
@@ -156,6 +166,22 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
             out = out.transpose(1, 2).reshape(1, n, self.num_heads * hd)
             return attn.o_proj(out), k, v
+
+        def _executorch_attention(self, attn: Any, q: Any, k: Any, v: Any, i: int, mask: Any):
+            """update_cache + custom_sdpa on the sequence-major static cache. Causal layers pass
+            the start position (the kernel stops there); sliding-window layers pass their
+            [n, max_context] additive mask instead."""
+            start, n = self.start_pos, q.shape[2]
+            cache_k, cache_v = getattr(self, f"cache_key_{i}"), getattr(self, f"cache_value_{i}")
+            torch.ops.llama.update_cache(k.transpose(1, 2).contiguous(), cache_k, start)
+            torch.ops.llama.update_cache(v.transpose(1, 2).contiguous(), cache_v, start)
+            window = getattr(attn, "sliding_window", self.model_window)
+            queries = q.transpose(1, 2).contiguous()
+            if window is None:
+                out = torch.ops.llama.custom_sdpa(queries, cache_k, cache_v, start, None, 0.0, True, attn.scaling)
+            else:
+                out = torch.ops.llama.custom_sdpa(queries, cache_k, cache_v, 0, mask[0, 0], 0.0, False, attn.scaling)
+            return out.reshape(1, n, self.num_heads * self.signature.head_dim)
 
         def _host_cache_attention(self, attn: Any, q: Any, k: Any, v: Any, cache_k: Any, cache_v: Any, mask: Any):
             """Attention over [cache ; new] without concatenating (copying) the cache. Grouped
@@ -182,6 +208,10 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             elif self.static:  # state = (input_pos,): where the n new tokens start
                 positions = torch.arange(n, dtype=torch.long) + state[0][0]
                 keys = torch.arange(static_context, dtype=torch.long)
+                if self.executorch_ops:  # the custom ops take the start as an integer
+                    self.start_pos = state[0][0].item()
+                    torch._check_is_size(self.start_pos)
+                    torch._check(self.start_pos + n <= static_context)
             else:  # state = past keys/values
                 past_len = state[0].shape[2]
                 positions = torch.arange(n, dtype=torch.long) + past_len

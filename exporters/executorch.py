@@ -3,7 +3,10 @@ torchao quantization → to_edge_transform_and_lower (XNNPACK) → .pte.
 
 The graph is edgelm.graph's, in its static-cache layout: the cache lives in mutable
 buffers inside the program and `input_pos` says where new tokens go, so a decode step
-passes one token id and one position across the boundary and gets logits back.
+passes one token id and one position across the boundary and gets logits back. With
+float32 activations (every recipe but fp16) the cache writes and attention go through
+ExecuTorch's llama custom ops (update_cache, custom_sdpa), which read grouped heads in
+place and stop at the last written position; the runtime registers their kernels.
 
 Quant mapping (DESIGN.md), through torchao configs that the XNNPACK partitioner lowers:
   fp32 → float; fp16 → float16 weights, activations and KV cache;
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib
 import io
 import logging
 import warnings
@@ -54,8 +58,6 @@ def check_delegate(name: str) -> str:
     """The delegate's name if this install can both lower to it and run the result (edgelm
     measures every artifact's parity); otherwise an UnsupportedError that says which half is
     missing."""
-    import importlib
-
     if name not in DELEGATE_PARTITIONERS:
         raise UnsupportedError(f"unknown ExecuTorch delegate {name!r}; known: {', '.join(DELEGATE_PARTITIONERS)}")
     module, cls, backend = DELEGATE_PARTITIONERS[name]
@@ -201,8 +203,12 @@ def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
     signature = decoder_signature(model.config)
     context = min(STATIC_CONTEXT, signature.max_context)
     work = _working_copy(model, quant)
+    # ExecuTorch's custom cache/attention kernels take float32 (fp16 keeps the plain graph)
+    custom_ops = quant != "fp16"
+    if custom_ops:  # registers torch.ops.llama.* for tracing
+        importlib.import_module("executorch.extension.llm.custom_ops.custom_ops")
     # fp32 keeps a tied embedding table once; the quantized recipes need the head as a Linear
-    graph = build_decoder_graph(work, static_context=context, separate_head=quant != "fp32")
+    graph = build_decoder_graph(work, static_context=context, separate_head=quant != "fp32", executorch_ops=custom_ops)
     for parameter in graph.parameters():
         parameter.requires_grad_(False)  # in-place cache writes on tensors that need grad cannot be exported
     recipe = _quantize(graph, quant)
@@ -216,7 +222,8 @@ def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
                               "get_num_layers": signature.num_layers, "is_encoder": False},
         ).to_executorch(_backend_config())
     path.write_bytes(program.buffer)
-    return {**recipe, "max_context": context}
+    return {**recipe, "max_context": context,
+            "attention": "executorch llama custom ops (update_cache, custom_sdpa)" if custom_ops else "aten ops"}
 
 
 def _working_copy(model: Any, quant: str) -> Any:

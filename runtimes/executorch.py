@@ -29,22 +29,27 @@ def _runtime():
     with quiet_native_stderr(LOG_VARIABLE):
         from executorch.runtime import Runtime, Verification
 
-        _load_quantized_kernels()
+        _load_kernel_libraries()
         return Runtime.get(), Verification
 
 
+# Kernel libraries the wheel ships beside the Python runtime, which does not load them
+# itself: ExecuTorch's quantized kernels (embedding_byte, the int8/int4 programs' token
+# lookup) and the llama custom ops (update_cache, custom_sdpa, edgelm's float32 decoders).
+# Loading one runs its static registrations into the runtime's kernel table.
+KERNEL_LIBRARIES = ("lib/libexecutorch_kernels_quantized.so", "extension/llm/custom_ops/libcustom_ops_aot_lib.so")
+
+
 @functools.cache
-def _load_quantized_kernels() -> None:
-    """Register ExecuTorch's quantized kernels (embedding_byte: the int8/int4 programs' token
-    lookup). The wheel ships them as a separate library that the Python runtime does not
-    load itself; loading it runs its static registrations into the runtime's kernel table."""
+def _load_kernel_libraries() -> None:
     import ctypes
 
     import executorch
 
-    library = Path(executorch.__path__[0]) / "lib" / "libexecutorch_kernels_quantized.so"
-    if library.exists():  # absent in a runtime built without them: such programs then fail to load, clearly
-        ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
+    for relative in KERNEL_LIBRARIES:
+        library = Path(executorch.__path__[0]) / relative
+        if library.exists():  # absent in a runtime built without them: such programs then fail to load, clearly
+            ctypes.CDLL(str(library), mode=ctypes.RTLD_GLOBAL)
 
 
 def registered_backends() -> set[str]:

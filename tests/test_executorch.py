@@ -37,6 +37,28 @@ def test_static_cache_graph_matches_transformers_in_prefill_and_decode(tiny_mode
 pytest.importorskip("executorch", reason="the executorch extra is not installed")
 
 
+@pytest.mark.parametrize("kind", DECODERS)
+def test_custom_op_graph_matches_transformers_including_sliding_windows(tiny_model_factory, kind):
+    """The float32 layout the .pte files use: ExecuTorch's update_cache/custom_sdpa on a
+    sequence-major cache (Gemma3 and Phi-3 have sliding-window layers, which take a mask)."""
+    import importlib
+
+    import torch
+    import transformers
+
+    from edgelm.graph import build_decoder_graph
+
+    importlib.import_module("executorch.extension.llm.custom_ops.custom_ops")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(kind)), dtype=torch.float32).eval()
+    graph = build_decoder_graph(model, static_context=64, executorch_ops=True)
+    ids = torch.randint(0, graph.signature.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = model(ids).logits
+        graph(torch.randint(0, 100, (1, 50)), torch.tensor([0]))
+        outputs = [graph(ids[:, :30], torch.tensor([0]))] + [graph(ids[:, i:i + 1], torch.tensor([i])) for i in range(30, 40)]
+    assert (torch.cat(outputs, dim=1) - reference).abs().max() <= 1e-4
+
+
 @pytest.fixture(scope="module")
 def pte_bundle(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("executorch") / "bundle"
@@ -68,6 +90,20 @@ def test_llama_recipes_load_pass_their_gates_and_describe_themselves(pte_bundle)
     assert "int4" in by_quant["int4"].signature["quantization"]["weights"]
     assert by_quant["int4"].signature["quantization"]["embedding"] == "int8 per row"
     assert by_quant["int4"].bytes < by_quant["fp32"].bytes
+
+
+def test_a_fresh_process_runs_every_recipe(pte_bundle):
+    """The runtime registers the kernel libraries the programs use (quantized embedding,
+    llama custom ops) itself: nothing from the export process may be needed."""
+    import subprocess
+    import sys
+
+    script = ("import edgelm, sys\n"
+              "for name in ('fp32', 'fp16', 'int8', 'int4'):\n"
+              "    edgelm.load(sys.argv[1], format='executorch-' + name).generate('The parity', max_new_tokens=3)\n"
+              "print('ok')")
+    done = subprocess.run([sys.executable, "-c", script, str(pte_bundle)], capture_output=True, text=True, timeout=300)
+    assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
 def test_max_context_is_read_from_the_program_and_enforced(pte_bundle):
