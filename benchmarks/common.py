@@ -64,10 +64,11 @@ def compare_decode(args: argparse.Namespace, fmt: str, loops: dict[str, DirectLo
         print(json.dumps(rows[-1]))
     by_quant = {r["quant"]: r for r in rows}
     summary = {}
-    if "fp32" in by_quant and "int4" in by_quant:
-        summary = {"int4_size_vs_fp32": by_quant["int4"]["bytes"] / by_quant["fp32"]["bytes"],
-                   "int4_decode_vs_fp32": by_quant["int4"]["edgelm_decode_tok_s_best"]
-                   / by_quant["fp32"]["edgelm_decode_tok_s_best"]}
+    for quant, row in by_quant.items():  # each recipe's size and decode speed relative to fp32
+        if quant != "fp32" and "fp32" in by_quant:
+            summary |= {f"{quant}_size_vs_fp32": row["bytes"] / by_quant["fp32"]["bytes"],
+                        f"{quant}_decode_vs_fp32": row["edgelm_decode_tok_s_best"]
+                        / by_quant["fp32"]["edgelm_decode_tok_s_best"]}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"bundle": str(args.bundle), "model": manifest.source["model_id"],
                                     "new_tokens": args.new_tokens, "threads": args.threads, "repeats": args.repeats,

@@ -41,6 +41,8 @@ from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
+from edgelm.native_log import quiet_native_stderr
+from edgelm.runtimes.litert import LOG_VARIABLE
 
 HOST_CONTEXT = 1024  # cache positions (bounded by the model's own maximum); recorded in the manifest
 PREFILL_LENGTH = 128  # tokens per prefill call; longer prompts run in chunks
@@ -138,13 +140,15 @@ def _litert_torch() -> Any:
 
 @contextlib.contextmanager
 def _quiet() -> Any:
-    """The converter and quantizer print progress, TF/absl log lines and warnings about
-    internals a user cannot act on; an error still propagates."""
+    """The converter and quantizer print progress, TF/absl log lines (some from C++, straight
+    to fd 2) and warnings about internals a user cannot act on; an error still propagates.
+    EDGELM_LITERT_LOG=1 keeps the native lines."""
     previous = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            contextlib.redirect_stderr(io.StringIO()), quiet_native_stderr(LOG_VARIABLE):
         warnings.simplefilter("ignore")
-        levels = {name: logging.getLogger(name).level for name in ("torch", "absl", "tensorflow")}
+        levels = {name: logging.getLogger(name).level for name in ("", "torch", "absl", "tensorflow")}
         for name in levels:
             logging.getLogger(name).setLevel(logging.ERROR)
         try:

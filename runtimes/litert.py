@@ -54,7 +54,8 @@ class InterpreterSteps:
             subgraph = self._wrapper.GetSubgraphIndexFromSignature(name)
             self.layout[name] = (subgraph, [d["index"] for d in _ordered(inputs, "args_")],
                                  [d["index"] for d in _ordered(outputs, "output_")])
-            self._wrapper.AllocateTensors(subgraph)
+            with quiet_native_stderr(LOG_VARIABLE):
+                self._wrapper.AllocateTensors(subgraph)
             for index in self.layout[name][1][2:]:
                 self._view(name, index).fill(0)  # arena memory is not zeroed; masked slots must be finite
         self.shapes = {name: [tuple(self._view(name, i).shape) for i in self.layout[name][1]] for name in SIGNATURES}
@@ -70,7 +71,8 @@ class InterpreterSteps:
         view[0, n:] = 0  # padding after the real tokens: the causal mask keeps it out of their results
         self._view(name, inputs[1])[0] = position
         del view
-        self._wrapper.Invoke(subgraph)
+        with quiet_native_stderr(LOG_VARIABLE):
+            self._wrapper.Invoke(subgraph)
         logits = self._view(name, outputs[0])[0, :n].copy()
         for k, output in enumerate(outputs[1:]):
             new = self._view(name, output)[:, :, :n]

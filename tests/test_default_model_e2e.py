@@ -110,3 +110,16 @@ def test_android_preset_executorch_int4_passes_its_gate_and_is_small(smollm2_bun
     reference = manifest.artifact("safetensors")
     assert entry.bytes <= 0.4 * reference.bytes
     assert entry.profile["decode_tok_s"] > reference.profile["decode_tok_s"]
+
+
+def test_android_preset_tflite_int8_passes_its_gate_and_is_small(smollm2_bundle):
+    from edgelm.bundle import read_bundle
+
+    manifest = read_bundle(smollm2_bundle)
+    entry = manifest.artifact("tflite-int8")
+    assert entry.path == "tflite/model_int8.tflite" and entry.runtime == "litert"
+    assert entry.parity["passed"] and entry.parity["ppl_ratio"] <= 1.03, entry.parity
+    reference = manifest.artifact("safetensors")
+    assert entry.bytes <= 0.3 * reference.bytes  # weights stored once for both signatures, int8
+    assert entry.profile["decode_tok_s"] > reference.profile["decode_tok_s"]
+    assert "tflite" not in manifest.reference.get("skipped_formats", {})
