@@ -117,6 +117,9 @@ def export(
         console.print(f"[yellow]skipped {fmt}[/]: {why}")
     console.print(f"Bundle written to [bold]{output}[/] (report: {output}/report/report.html)")
     console.print(f"Try it: edgelm run {output} --prompt \"What is a KV cache?\"")
+    if target == "android":
+        console.print(f"On a phone: edgelm push {output} --device adb:SERIAL (serials: `adb devices`), or plain "
+                      f"`adb push {output} /data/local/tmp/edgelm/{output.name}` for the sample app")
 
 
 @app.command()
@@ -200,6 +203,49 @@ def profile(
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+@app.command()
+def devices() -> None:
+    """List the devices edgelm can reach: this machine, every `adb devices` phone, and the
+    addresses in EDGELM_DEVICES (comma-separated: ssh://user@host[:port], adb:SERIAL, chroot:PATH)."""
+    from edgelm.devices import describe, known_devices, open_device
+
+    table = Table(title="devices")
+    for col in ("device", "status", "machine", "cores", "memory GB", "os", "cpu"):
+        table.add_column(col)
+    for address in known_devices():
+        try:
+            record = describe(open_device(address), timeout=30)
+        except EdgeLMError as err:
+            table.add_row(address, f"unreachable: {_one_line(err)[:120]}", "–", "–", "–", "–", "–")
+            continue
+        table.add_row(address, "reachable", str(record["machine"]), str(record["cores"]), str(record["memory_gb"]),
+                      str(record["os"]), str(record["cpu"]))
+    console.print(table)
+
+
+@app.command()
+def push(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    device: Annotated[str, typer.Option(help="local, ssh://user@host[:port], adb:SERIAL or chroot:PATH.")],
+    formats: Annotated[Optional[str], typer.Option(
+        help="Comma-separated artifact names or formats to copy (default: every artifact but the torch reference).")
+    ] = None,
+    to: Annotated[Optional[str], typer.Option(
+        help="Folder on the device (default /data/local/tmp/edgelm/<bundle> on Android, /tmp/edgelm/<bundle> "
+             "elsewhere).")] = None,
+) -> None:
+    """Copy a bundle's artifacts to a device: staged, sha256-checked there, then renamed into place."""
+    from edgelm.devices import open_device
+    from edgelm.push import push_bundle
+
+    transport = open_device(device)
+    with console.status(f"pushing {bundle} to {device}…") as status:
+        result = push_bundle(bundle, transport, to, _split(formats),
+                             on_file=lambda rel, size: status.update(f"pushed {rel} ({size / 1e6:.1f} MB)"))
+    console.print(f"{len(result.files) + 1} files ({result.bytes / 1e6:.1f} MB, sha256 checked on the device) in "
+                  f"[bold]{device}:{result.destination}[/]: {', '.join(result.artifacts)}")
 
 
 @app.command()
