@@ -71,6 +71,11 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         },
+        "device_profiles": {  # `edgelm profile --device`: rows measured on other machines
+            "type": "array",
+            "items": {"type": "object", "required": ["device", "profiles"],
+                      "properties": {"device": {"type": "object"}, "profiles": {"type": "object"}}},
+        },
     },
 }
 
@@ -104,6 +109,7 @@ class Manifest:
     files: dict[str, str] = field(default_factory=dict)  # every file but manifest.json -> sha256
     parity_text: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)  # the fp32 source model's own parity/profile row
+    device_profiles: list[dict[str, Any]] = field(default_factory=list)  # {device, profiles: {artifact: profile}}
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 

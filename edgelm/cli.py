@@ -175,11 +175,19 @@ def profile(
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 128,
     repeats: Annotated[int, typer.Option(help="Measured runs after a warm-up.")] = 3,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the profiles as JSON here.")] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="Profile on this device instead (see `edgelm devices`; push the bundle first with `edgelm push`) and "
+             "add its rows to the bundle's report.")] = None,
+    to: Annotated[Optional[str], typer.Option(help="Where the bundle was pushed on the device (as `edgelm push --to`).")
+                  ] = None,
 ) -> None:
-    """Profile artifacts of a bundle on this machine (same prompts and token counts for each)."""
+    """Profile artifacts of a bundle on this machine or a device (same prompts and token counts for each)."""
     import edgelm
     from edgelm.bundle import read_bundle
 
+    if device:
+        _profile_on_device(bundle, device, to, format, new_tokens, repeats, threads)
+        return
     manifest = read_bundle(bundle)
     names = [manifest.artifact(format).name] if format else [a.name for a in manifest.artifacts]
     decoder = manifest.source.get("task", "text-generation") == "text-generation"
@@ -246,6 +254,26 @@ def push(
                              on_file=lambda rel, size: status.update(f"pushed {rel} ({size / 1e6:.1f} MB)"))
     console.print(f"{len(result.files) + 1} files ({result.bytes / 1e6:.1f} MB, sha256 checked on the device) in "
                   f"[bold]{device}:{result.destination}[/]: {', '.join(result.artifacts)}")
+
+
+def _profile_on_device(bundle: Path, device: str, to: Optional[str], format: Optional[str], new_tokens: int,
+                       repeats: int, threads: Optional[int]) -> None:
+    from edgelm.device_profile import profile_on_device
+    from edgelm.devices import open_device
+
+    transport = open_device(device)
+    with console.status(f"profiling on {device}…"):
+        entry = profile_on_device(bundle, transport, to, (format,) if format else (), new_tokens, repeats, threads)
+    record = entry["device"]
+    table = Table(title=f"profile on {device}: {record.get('machine')}, {record.get('cores')} cores, "
+                        f"{record.get('memory_gb')} GB, {record.get('os')}")
+    for col in ("artifact", "decode tok/s", "prefill tok/s", "TTFT s", "peak RSS MB"):
+        table.add_column(col, justify="right")
+    for name, prof in entry["profiles"].items():
+        table.add_row(name, *(f"{prof.get(k) or 0:.2f}" for k in ("decode_tok_s", "prefill_tok_s", "ttft_s",
+                                                                    "peak_rss_mb")))
+    console.print(table)
+    console.print(f"added to {bundle}/report/ beside the local rows")
 
 
 @app.command()

@@ -71,6 +71,27 @@ def report_rows(manifest: Manifest) -> list[dict[str, Any]]:
             row |= {key: parity.get(key) for key in ("min_cosine", "mean_cosine", "max_abs_diff", "label_agreement")}
             row |= {key: prof.get(key) for key in ("latency_p50_ms", "latency_p90_ms", "throughput_per_s")}
         rows.append(row)
+    return rows + _device_rows(manifest, rows)
+
+
+def _device_rows(manifest: Manifest, local: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows measured on other devices (`edgelm profile --device`): the same file's parity,
+    that device's speed and memory, labelled `artifact @ device (machine)`."""
+    by_name = {row["artifact"]: row for row in local}
+    speed_keys = {"decode_tok_s": "decode_tok_s", "prefill_tok_s": "prefill_tok_s", "ttft_s": "ttft_s",
+                  "p50_ms": "p50_token_ms", "p90_ms": "p90_token_ms", "peak_rss_mb": "peak_rss_mb", "load_s": "load_s",
+                  "latency_p50_ms": "latency_p50_ms", "latency_p90_ms": "latency_p90_ms",
+                  "throughput_per_s": "throughput_per_s"}
+    rows = []
+    for run in manifest.device_profiles:
+        device = run["device"]
+        for name, prof in run["profiles"].items():
+            if name not in by_name:
+                continue
+            row = dict(by_name[name])
+            row |= {key: prof.get(source) for key, source in speed_keys.items() if key in row}
+            row |= {"artifact": f"{name} @ {device.get('address')} ({device.get('machine')})", "device": device}
+            rows.append(row)
     return rows
 
 

@@ -207,3 +207,30 @@ def test_a_copy_corrupted_on_the_way_is_caught_by_the_device_side_hash(onnx_bund
     with pytest.raises(DeviceError, match="sha256 on the device does not match"):
         push_bundle(onnx_bundle, Corrupting(), str(destination))
     assert not destination.exists() and not list((tmp_path / "device").glob("*.partial-*"))
+
+
+def test_profile_on_a_device_adds_labelled_rows_to_the_report(onnx_bundle, tmp_path, monkeypatch):
+    """The whole path through a transport (here `local`): push, run edgelm's profiler there,
+    bring the JSON back, and record it; the bundle still verifies afterwards."""
+    import json
+    import shutil
+
+    from edgelm.bundle import read_bundle
+    from edgelm.device_profile import profile_on_device
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(onnx_bundle, bundle)
+    monkeypatch.setenv("EDGELM_DEVICE_PYTHON", sys.executable)
+    remote = str(tmp_path / "device" / "bundle")
+    with pytest.raises(DeviceError, match="push it first"):
+        profile_on_device(bundle, LocalTransport(), remote)
+    push_bundle(bundle, LocalTransport(), remote, formats=("onnx-int8",))
+    entry = profile_on_device(bundle, LocalTransport(), remote, new_tokens=8, repeats=1, threads=1)
+    assert entry["device"]["machine"] == os.uname().machine and entry["device"]["address"] == "local"
+    assert entry["profiles"]["onnx-int8"]["decode_tok_s"] > 0
+    manifest = read_bundle(bundle)  # report files rewritten, hashes updated
+    assert manifest.device_profiles[0]["profiles"].keys() == {"onnx-int8"}
+    rows = json.loads((bundle / "report" / "report.json").read_text())["rows"]
+    device_rows = [r for r in rows if "@ local" in r["artifact"]]
+    assert len(device_rows) == 1 and device_rows[0]["ppl_ratio"] == manifest.artifact("onnx-int8").parity["ppl_ratio"]
+    assert "onnx-int8 @ local" in (bundle / "report" / "report.md").read_text()
