@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Compile the app's plain-JVM module (bundle/) and run its JUnit tests with the JDK and
+# Debian's jars (apt-get install default-jdk-headless junit4 libgoogle-gson-java), no Gradle
+# or Android SDK needed. Usage: run_tests.sh BUNDLE_DIR (a bundle from `edgelm export`).
+set -euo pipefail
+cd "$(dirname "$0")/bundle"
+JARS=/usr/share/java
+CP="$JARS/gson.jar:$JARS/junit4.jar:$JARS/hamcrest-core.jar"
+for jar in gson.jar junit4.jar hamcrest-core.jar; do
+    [ -f "$JARS/$jar" ] || { echo "missing $JARS/$jar: apt-get install junit4 libgoogle-gson-java"; exit 3; }
+done
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+javac -Xlint:all -Werror -d "$OUT/main" -cp "$CP" $(find src/main/java -name '*.java')
+javac -d "$OUT/test" -cp "$CP:$OUT/main" $(find src/test/java -name '*.java')
+java -Dedgelm.bundle="${1:-}" -cp "$CP:$OUT/main:$OUT/test" org.junit.runner.JUnitCore \
+    dev.edgelm.bundle.ManifestTest dev.edgelm.bundle.RealManifestContractTest
