@@ -141,7 +141,16 @@ class ChrootTransport:
         return path
 
     def run(self, argv: list[str], timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> CommandResult:
+        self._ensure_mounts()
         return _call(self.address, ["chroot", str(self.root), *argv], timeout, check, f"run {shlex.join(argv)[:200]}")
+
+    def _ensure_mounts(self) -> None:
+        """Mount /proc and /sys inside the root once: runtimes read the CPU count and
+        topology there (cpuinfo), the profiler reads memory."""
+        for kind, folder, probe in (("proc", "proc", "self"), ("sysfs", "sys", "devices")):
+            target = self.root / folder
+            if target.is_dir() and not (target / probe).exists():
+                _call(self.address, ["mount", "-t", kind, kind, str(target)], 30, True, f"mount /{folder} in the root")
 
     def push(self, local: Path, remote: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         target = self._inside(remote)

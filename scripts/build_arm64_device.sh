@@ -49,7 +49,7 @@ PLATFORMS="--platform manylinux_2_28_aarch64 --platform manylinux_2_27_aarch64 -
 "$PYTHON_HOST" -m pip install -q --upgrade --target "$SITE" $PLATFORMS --implementation cp --python-version 3.11 \
     --only-binary :all: "$WHEELS"/edgelm-*.whl "numpy>=1.26,<3" "tokenizers>=0.22,<0.24" "jinja2>=3.1,<4" \
     "jsonschema>=4.20,<5" "typer>=0.15,<0.30" "rich>=13,<16" "psutil>=5.9,<8" "matplotlib>=3.8,<4" \
-    "safetensors>=0.4,<0.9" "onnxruntime==1.32.0" "ai-edge-litert==2.3.0" >"$log" 2>&1 \
+    "safetensors>=0.4,<0.9" "onnx==1.23.2" "onnxruntime==1.32.0" "ai-edge-litert==2.3.0" >"$log" 2>&1 \
     || { grep -v "is ignored: it is neither" "$log" | tail -20; echo "installing the aarch64 wheels failed"; exit 1; }
 rm -rf "$WHEELS"
 chroot "$ROOT" python3 -c "import edgelm, platform; print('arm64 device ready:', platform.machine(), 'edgelm', edgelm.__version__)"

@@ -158,6 +158,7 @@ def test_a_format_that_cannot_export_encoders_is_skipped_from_a_preset_but_refus
         runtime: str = "onnxruntime"
         quants: tuple = ("fp32",)
         tasks: tuple = ("text-generation",)
+        requires: tuple = ()
 
     monkeypatch.setattr(export_module, "get_exporter", lambda fmt: DecoderOnly() if fmt == "onnx" else real(fmt))
     plan, skipped = plan_artifacts(ExportOptions(target="android"), "feature-extraction")
