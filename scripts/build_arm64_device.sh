@@ -16,15 +16,29 @@ PYTHON_HOST="${EDGELM_VENV:-.venv}/bin/python"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 
-if ! command -v debootstrap >/dev/null || [ ! -x /usr/bin/qemu-aarch64-static ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user-static debootstrap binfmt-support >"$log" 2>&1 \
-        || { apt-get update -q >"$log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q qemu-user-static debootstrap binfmt-support >"$log" 2>&1; } \
-        || { tail -20 "$log"; echo "could not install qemu-user-static/debootstrap"; exit 1; }
+# qemu-user 7.2 (bookworm) crashes importing onnxruntime's and LiteRT's aarch64 builds;
+# 10.0 (bookworm-backports) runs them. Older than 8 is replaced.
+qemu_major() { /usr/bin/qemu-aarch64-static --version 2>/dev/null | sed -n 's/.*version \([0-9]*\)\..*/\1/p'; }
+install() {
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >"$log" 2>&1 \
+        || { apt-get update -q >"$log" 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$@" >"$log" 2>&1; } \
+        || { tail -20 "$log"; echo "could not install $*"; exit 1; }
+}
+command -v debootstrap >/dev/null && command -v update-binfmts >/dev/null || install debootstrap binfmt-support
+if [ "$(qemu_major || echo 0)" -lt 8 ] 2>/dev/null || [ -z "$(qemu_major)" ]; then
+    if grep -q bookworm /etc/os-release && ! grep -rqs bookworm-backports /etc/apt/sources.list /etc/apt/sources.list.d; then
+        echo "deb http://deb.debian.org/debian bookworm-backports main" > /etc/apt/sources.list.d/edgelm-backports.list
+        apt-get update -q >"$log" 2>&1
+    fi
+    if grep -q bookworm /etc/os-release; then install -t bookworm-backports qemu-user-static; else install qemu-user-static; fi
 fi
 if [ ! -e /proc/sys/fs/binfmt_misc/register ]; then
     mount -t binfmt_misc binfmt_misc /proc/sys/fs/binfmt_misc
 fi
-[ -e /proc/sys/fs/binfmt_misc/qemu-aarch64 ] || update-binfmts --enable qemu-aarch64
+# re-register: with the F flag the kernel keeps the interpreter opened at registration
+update-binfmts --disable qemu-aarch64 >/dev/null 2>&1 || true
+update-binfmts --enable qemu-aarch64
+echo "qemu-user $(qemu_major) registered for aarch64"
 
 if [ ! -f "$ROOT/.edgelm-root-complete" ]; then
     echo "building the arm64 root filesystem in $ROOT (about 6 minutes)"
