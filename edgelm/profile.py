@@ -29,7 +29,7 @@ DEFAULT_PROMPTS = (
     "Give a short example with numbers for a small model.",
 )
 VERSIONED_PACKAGES = ("edgelm", "numpy", "tokenizers", "torch", "transformers", "onnxruntime", "gguf",
-                      "llama-cpp-python")
+                      "llama-cpp-python", "executorch", "ai-edge-litert")
 
 
 def device_record() -> dict[str, Any]:
