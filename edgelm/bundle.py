@@ -71,6 +71,11 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "type": "object",
             "additionalProperties": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
         },
+        "compression": {  # the source was made by `edgelm compress`: its compression.json
+            "type": ["object", "null"],
+            "properties": {"base_model": {"type": "string"}, "base_model_relation": {"type": "string"},
+                           "recipe": {"type": "object"}, "perplexity": {"type": "object"}},
+        },
         "device_profiles": {  # `edgelm profile --device`: rows measured on other machines
             "type": "array",
             "items": {"type": "object", "required": ["device", "profiles"],
@@ -110,6 +115,7 @@ class Manifest:
     parity_text: dict[str, Any] = field(default_factory=dict)
     reference: dict[str, Any] = field(default_factory=dict)  # the fp32 source model's own parity/profile row
     device_profiles: list[dict[str, Any]] = field(default_factory=list)  # {device, profiles: {artifact: profile}}
+    compression: dict[str, Any] | None = None  # how the source came from its base model (edgelm compress)
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 

@@ -46,22 +46,35 @@ def _split(values: Optional[str]) -> tuple[str, ...] | None:
 
 @contextmanager
 def _progress() -> Iterator[Any]:
-    """A rich progress display whose `step(name)` context shows a spinner, then a tick and the time."""
+    """A rich progress display whose `step(name)` context shows a spinner, then a tick and the time.
+
+    `step.note(text)` appends live detail (a step count, a loss) to the running step's line.
+    """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     with Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), TimeElapsedColumn(),
                   console=Console(stderr=True)) as progress:
+        running: list[tuple[Any, str]] = []
 
         @contextmanager
         def step(name: str) -> Iterator[None]:
             task = progress.add_task(name, total=1)
+            running.append((task, name))
             try:
                 yield
             except BaseException:
                 progress.remove_task(task)  # the error line says what failed; no false tick
                 raise
-            progress.update(task, completed=1)
+            finally:
+                running.pop()
+            progress.update(task, completed=1, description=name)
 
+        def note(text: str) -> None:
+            if running:
+                task, name = running[-1]
+                progress.update(task, description=f"{name} · {text}")
+
+        step.note = note  # type: ignore[attr-defined]
         yield step
 
 
@@ -98,6 +111,9 @@ def export(
     repeats: Annotated[int, typer.Option(help="Measured profile runs per artifact (after a warm-up).")] = 3,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per profile run.")] = 128,
     no_profile: Annotated[bool, typer.Option("--no-profile", help="Skip profiling (parity still runs).")] = False,
+    compress: Annotated[Optional[Path], typer.Option(
+        help="Compress first with this JSON recipe (see `edgelm compress`); artifacts are checked against the "
+             "compressed model, and the manifest records the recipe and its perplexity before/after.")] = None,
 ) -> None:
     """Turn a checkpoint into a deployment bundle: export, check parity on real text, profile, report."""
     from edgelm.export import ExportOptions, export_bundle
@@ -107,7 +123,8 @@ def export(
     options = ExportOptions(target=target, formats=_split(formats), quants=_split(quant), allow_drift=allow_drift,
                             gguf_types=_split(gguf_type) or (), delegate=delegate,
                             overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
-                            profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens)
+                            profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens,
+                            compress=compress)
     with _progress() as step:
         manifest = export_bundle(model, output, options, step=step)
     console.print(_report_table(manifest, f"{manifest.source['model_id']} → {target}"))
@@ -120,6 +137,118 @@ def export(
     if target == "android":
         console.print(f"On a phone: edgelm push {output} --device adb:SERIAL (serials: `adb devices`), or plain "
                       f"`adb push {output} /data/local/tmp/edgelm/{output.name}` for the sample app")
+
+
+@app.command()
+def compress(
+    model: Annotated[Optional[str], typer.Argument(help="HF folder or .gguf file; omitted: the bundled SmolLM2-135M-Instruct.")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Model folder to write (default dist/<model>-compressed).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="A JSON recipe (or a compression.json to repeat); the options below add to it.")] = None,
+    drop_layers: Annotated[int, typer.Option(help="Drop this many layers, chosen by --importance.")] = 0,
+    importance: Annotated[str, typer.Option(help="How layers are chosen: loss (greedy, measured), cosine (ShortGPT), last.")] = "loss",
+    prune: Annotated[Optional[str], typer.Option(
+        help="l1 (global), l1-layer, 2:4 (these zero weights; files keep their size), heads or channels "
+             "(structured: matrices shrink).")] = None,
+    sparsity: Annotated[float, typer.Option(help="Fraction of weights / heads / channels --prune removes.")] = 0.5,
+    distill_steps: Annotated[int, typer.Option(help="Knowledge-distillation steps from the base model (0: none).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Distillation sequences per step.")] = 8,
+    seq_len: Annotated[int, typer.Option(help="Distillation sequence length.")] = 128,
+    lr: Annotated[float, typer.Option(help="Distillation peak learning rate.")] = 2e-4,
+    temperature: Annotated[float, typer.Option(help="Distillation softmax temperature.")] = 2.0,
+    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state MSE term (layer-reduced students).")] = 0.0,
+    max_mb: Annotated[Optional[float], typer.Option(help="Budget search: largest artifact size in MB.")] = None,
+    max_ppl_ratio: Annotated[Optional[float], typer.Option(help="Budget search: largest perplexity ratio to the base fp32 model.")] = None,
+    target: Annotated[str, typer.Option(help="Budget search: target preset whose formats and quants are tried.")] = "android",
+    formats: Annotated[Optional[str], typer.Option(help="Budget search: only these formats.")] = None,
+    quant: Annotated[Optional[str], typer.Option(help="Budget search: only these quant recipes.")] = None,
+    layer_grid: Annotated[str, typer.Option(help="Budget search: layer counts to try dropping.")] = "0,2,4,6",
+    channel_grid: Annotated[str, typer.Option(help="Budget search: MLP channel fractions to try pruning.")] = "0",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at --output.")] = False,
+) -> None:
+    """Make a model smaller before export: drop layers, prune, distill; or search a size / perplexity budget.
+
+    The output is an ordinary model folder (config, safetensors, tokenizer, compression.json)
+    that `edgelm export` takes. With --max-mb / --max-ppl-ratio, recipes are exported and
+    measured per format, and the smallest that meets both limits is written.
+    """
+    from edgelm.compress.distill import DistillSettings
+    from edgelm.compress.pipeline import compress_model
+    from edgelm.compress.recipe import CompressRecipe
+
+    name = Path(model).stem if model else "smollm2"
+    output = output or Path("dist") / f"{name}-compressed"
+    if max_mb is not None or max_ppl_ratio is not None:
+        _budget_search(model, output, max_mb, max_ppl_ratio, target, formats, quant, layer_grid, channel_grid,
+                       importance, distill_steps, overwrite)
+        return
+    base = CompressRecipe.load(recipe).to_dict() if recipe else {}
+    if drop_layers:
+        base["drop_layers"] = {"count": drop_layers, "importance": importance}
+    if prune:
+        base["prune"] = {"method": prune, "sparsity": sparsity}
+    if distill_steps:
+        base["distill"] = DistillSettings(steps=distill_steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
+                                          temperature=temperature, hidden_weight=hidden_weight).__dict__
+    plan = CompressRecipe.from_dict(base)
+    with _progress() as step:
+        def on_distill_step(done: int, loss: float, tokens_per_s: float) -> None:
+            step.note(f"step {done}/{plan.distill.steps} · loss {loss:.4f} · {tokens_per_s:.0f} tok/s")
+
+        record = compress_model(model, output, plan, overwrite=overwrite, step=step, on_distill_step=on_distill_step)
+    table = Table(title=f"{record.base_model} → {output}")
+    for col in ("stage", "held-out ppl", "ratio to base"):
+        table.add_column(col, justify="right")
+    base_ppl = record.perplexity.get("base")
+    for stage, value in record.perplexity.items():
+        table.add_row(stage, f"{value:.3f}", f"{value / base_ppl:.3f}" if base_ppl else "")
+    console.print(table)
+    console.print(f"parameters: {record.parameters['before'] / 1e6:.1f} M → {record.parameters['after'] / 1e6:.1f} M; "
+                  f"held-out text: {record.corpus.get('heldout_tokens')} tokens, training text: "
+                  f"{record.corpus.get('train_tokens')} tokens")
+    if any(s.get("shrinks_files") is False for s in record.steps):
+        console.print("[yellow]note[/]: unstructured and 2:4 sparsity zero weights but keep every matrix's shape; "
+                      "no exported format stores them sparsely, so files do not get smaller (use heads/channels)")
+    console.print(f"Next: edgelm export {output} --target android")
+
+
+def _budget_search(model: Optional[str], output: Path, max_mb: Optional[float], max_ppl_ratio: Optional[float],
+                   target: str, formats: Optional[str], quant: Optional[str], layer_grid: str, channel_grid: str,
+                   importance: str, distill_steps: int, overwrite: bool) -> None:
+    from edgelm.compress.budget import SearchSpace, search_budget
+    from edgelm.export import ExportOptions
+
+    if max_mb is None or max_ppl_ratio is None:
+        raise EdgeLMError("a budget search needs both --max-mb and --max-ppl-ratio")
+    try:
+        space = SearchSpace(layers_dropped=tuple(int(v) for v in _split(layer_grid) or ()),
+                            channel_fractions=tuple(float(v) for v in _split(channel_grid) or ()),
+                            importance=importance, distill_steps=distill_steps)
+    except ValueError as err:
+        raise EdgeLMError(f"--layer-grid takes integers and --channel-grid fractions: {err}") from err
+    options = ExportOptions(target=target, formats=_split(formats), quants=_split(quant), profile_repeats=1,
+                            profile_new_tokens=32)
+    with _progress() as step:
+        result = search_budget(model, output, max_mb=max_mb, max_ppl_ratio=max_ppl_ratio, export_options=options,
+                               space=space, overwrite=overwrite, step=step)
+    table = Table(title=f"budget: ≤ {max_mb} MB, ppl ratio ≤ {max_ppl_ratio}")
+    for col in ("layers dropped", "MLP channels pruned", "artifact", "MB", "ppl ratio", "decode tok/s", "Pareto", "fits"):
+        table.add_column(col, justify="right")
+    for c in sorted(result.candidates, key=lambda c: c.megabytes):
+        chosen = "[bold green]chosen" if c is result.chosen else ("yes" if c.meets_budget else "")
+        table.add_row(str(c.layers_dropped), f"{c.channel_fraction:.0%}", c.artifact, f"{c.megabytes:.1f}",
+                      f"{c.ppl_ratio:.3f}", f"{c.decode_tok_s:.1f}" if c.decode_tok_s else "-",
+                      "yes" if c.pareto else "", chosen)
+    console.print(table)
+    if result.chosen is None:
+        raise EdgeLMError(f"no candidate meets {max_mb} MB and ppl ratio {max_ppl_ratio} (the table shows the closest; "
+                          f"{output}/budget.json has them all): loosen a limit or widen --layer-grid/--channel-grid")
+    chosen = result.chosen
+    console.print(f"Chosen: {chosen.artifact} with {chosen.layers_dropped} layers dropped and "
+                  f"{chosen.channel_fraction:.0%} MLP channels pruned ({chosen.megabytes:.1f} MB, ppl ratio "
+                  f"{chosen.ppl_ratio:.3f}); written to {output}")
+    fmt, _, recipe_quant = chosen.artifact.partition("-")
+    source = output if (output / "config.json").is_file() else (model or "")
+    console.print(f"Next: edgelm export {source} --target {target} --formats {fmt} --quant {recipe_quant}".replace("  ", " "))
 
 
 @app.command()
@@ -318,6 +447,12 @@ def targets() -> None:
     console.print(table)
 
 
+# typer >= 0.20 vendors its own click (typer._click); usage errors come from whichever parsed the line
+_CLICKS = tuple(dict.fromkeys([click, getattr(typer, "_click", click)]))
+CLICK_ERRORS = tuple(c.exceptions.ClickException for c in _CLICKS)
+CLICK_ABORTS = tuple(dict.fromkeys([click.exceptions.Abort, getattr(typer.exceptions, "Abort", click.exceptions.Abort)]))
+
+
 def _one_line(err: BaseException) -> str:
     return " ".join(str(err).split())
 
@@ -331,10 +466,10 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         print(f"edgelm: error: {_one_line(err)}", file=sys.stderr)
         sys.exit(err.exit_code)
-    except click.exceptions.ClickException as err:
+    except CLICK_ERRORS as err:  # a usage error: click's own message and usage line
         err.show()
         sys.exit(2)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except CLICK_ABORTS + (KeyboardInterrupt,):
         print("edgelm: interrupted", file=sys.stderr)
         sys.exit(130)
     except Exception as err:  # a bug, not bad input: say so and keep the traceback one flag away

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class ExportOptions:
     threads: int | None = None
     gguf_types: tuple[str, ...] = ()  # extra llama.cpp file types by name (Q4_0, IQ4_NL, ...), beside --quant
     delegate: str | None = None  # ExecuTorch backend (xnnpack default); checked before the model loads
+    compress: str | Path | None = None  # a compression recipe (JSON) run on the model before export
 
 
 def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -133,9 +134,18 @@ def _model_card(source: SourceModel, manifest: Manifest, bundle_name: str) -> st
     usage = ('print(lm.generate("What is a KV cache?", max_new_tokens=64))' if source.task == "text-generation"
              else 'print(lm.embed(["What is a KV cache?"]))' if source.task == "feature-extraction"
              else 'print(lm.classify(["What is a KV cache?"]))')
+    compression = manifest.compression or {}
+    base_model = compression.get("base_model", source.model_id)
+    relation = compression.get("base_model_relation", "quantized")
+    compressed = ""
+    if compression:
+        done = ", ".join(s["step"].replace("_", " ") for s in compression.get("steps", []))
+        ppl = compression.get("perplexity", {})
+        compressed = (f"\nCompressed from {base_model} by `edgelm compress` ({done}); held-out perplexity "
+                      + " → ".join(f"{k} {v:.2f}" for k, v in ppl.items()) + " (compression.json in the manifest).\n")
     return f"""---
-base_model: {source.model_id}
-base_model_relation: quantized
+base_model: {base_model}
+base_model_relation: {relation}
 library_name: edgelm
 pipeline_tag: {source.task}
 tags: [edgelm, on-device, {manifest.target}]
@@ -144,7 +154,7 @@ tags: [edgelm, on-device, {manifest.target}]
 
 Exported by edgelm {__version__} from `{Path(source.path).name}` (sha256 `{source.sha256[:16]}…`,
 {source.num_parameters / 1e6:.1f} M parameters, {source.family}, {source.task}).
-
+{compressed}
 {table}
 
 Parity is measured against the fp32 source on {manifest.parity_text.get('description', 'the parity text')}.
@@ -162,6 +172,42 @@ or `edgelm run {bundle_name} --prompt "What is a KV cache?"`.
 """
 
 
+def _compression_record(source: SourceModel) -> dict[str, Any] | None:
+    """The compression.json of a folder `edgelm compress` wrote, trimmed of per-step loss curves."""
+    from edgelm.compress.recipe import CompressionRecord
+
+    if source.kind != "hf-folder":
+        return None
+    try:
+        record = CompressionRecord.read(Path(source.path))
+    except (ValueError, TypeError):
+        return None  # a hand-edited or foreign file: the export does not depend on it
+    if record is None:
+        return None
+    data = record.to_dict()
+    data["steps"] = [{k: v for k, v in s.items() if k not in ("losses", "scores")} for s in data["steps"]]
+    return data
+
+
+def _export_compressed(model: str | Path | None, output: Path, options: ExportOptions, step: StepHook) -> Manifest:
+    """`edgelm export --compress RECIPE`: compress into a scratch folder beside `output`, export that."""
+    import shutil
+    import tempfile
+
+    from edgelm.compress.pipeline import compress_model
+    from edgelm.compress.recipe import CompressRecipe
+
+    recipe = CompressRecipe.load(options.compress)  # a bad recipe fails before any work
+    output.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.compress-", dir=output.parent))
+    try:
+        compressed = scratch / output.name  # the folder name becomes the compressed model's id
+        compress_model(model, compressed, recipe, allow_pickle=options.allow_pickle, step=step)
+        return export_bundle(compressed, output, replace(options, compress=None), step)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 def export_bundle(model: str | Path | None, output: str | Path, options: ExportOptions | None = None,
                   step: StepHook | None = None) -> Manifest:
     """Export `model` (None: the default SmolLM2) into a bundle folder at `output`.
@@ -173,6 +219,8 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
     options = options or ExportOptions()
     step = step or (lambda _name: nullcontext())
     output = Path(output)
+    if options.compress:
+        return _export_compressed(model, output, options, step)
     with step("Inspecting the source model"):
         source = inspect_source(model, allow_pickle=options.allow_pickle)
         plan, skipped = plan_artifacts(options, source.task)
@@ -193,6 +241,7 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             generation=_generation_defaults(model_obj),
             parity_text=evaluation.describe(),
             reference={"skipped_formats": skipped},
+            compression=_compression_record(source),
         )
         failures = []
         for fmt, quant in plan:

@@ -80,7 +80,10 @@ def _decoder_hparams(config: Config) -> list[tuple[str, Any]]:
 
 
 def _llama_hparams(config: Config) -> list[tuple[str, Any]]:
-    return [*_decoder_hparams(config), ("add_rope_dimension_count", head_dim(config))]
+    explicit = []
+    if head_dim(config) * config.num_attention_heads != config.hidden_size:  # e.g. after `edgelm compress --prune heads`
+        explicit = [("add_key_length", head_dim(config)), ("add_value_length", head_dim(config))]
+    return [*_decoder_hparams(config), ("add_rope_dimension_count", head_dim(config)), *explicit]
 
 
 def _gemma3_hparams(config: Config) -> list[tuple[str, Any]]:

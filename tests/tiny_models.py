@@ -105,13 +105,18 @@ def tiny_config(kind: str):
 MODEL_CLASSES = {"bert": "AutoModel", "bert-cls": "AutoModelForSequenceClassification"}  # others: causal LM
 
 
-def build_tiny_model(kind: str, folder: Path, seed: int = 0) -> Path:
-    """Save a random `kind` model (llama, qwen2, gemma3, phi3, bert, bert-cls) with a tokenizer into `folder`."""
+def build_tiny_model(kind: str, folder: Path, seed: int = 0, layers: int | None = None) -> Path:
+    """Save a random `kind` model (llama, qwen2, gemma3, phi3, bert, bert-cls) with a tokenizer into `folder`.
+
+    `layers` overrides the 2 layers every kind has (the compression tests drop some).
+    """
     import torch
     import transformers
 
     torch.manual_seed(seed)
     config = tiny_config(kind)
+    if layers is not None:
+        config = type(config)(**{**config.to_dict(), "num_hidden_layers": layers, "layer_types": None})
     model_class = getattr(transformers, MODEL_CLASSES.get(kind, "AutoModelForCausalLM"))
     model = model_class.from_config(config).eval()
     model.save_pretrained(str(folder), safe_serialization=True)
