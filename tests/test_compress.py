@@ -230,8 +230,9 @@ def test_two_processes_follow_the_single_process_loss_curve(deep, tmp_path):
 def test_compress_writes_a_loadable_folder_with_its_record(deep, tmp_path):
     out = tmp_path / "small"
     recipe = CompressRecipe(drop_layers=LayerDrop(2), prune=Prune("channels", 0.5),
-                            distill=DistillSettings(steps=3, **SMALL), **FAST)
+                            distill=DistillSettings(steps=3, **SMALL), teacher_continuations=2, **FAST)
     record = compress_model(deep("qwen2"), out, recipe)
+    assert 0 < record.corpus["teacher_generated_tokens"] <= 2 * 96
     assert set(record.perplexity) == {"base", "after_drop_layers", "after_prune", "after_distill"}
     assert record.parameters["after"] < record.parameters["before"]
     assert [s["step"] for s in record.steps] == ["drop_layers", "prune", "distill"]

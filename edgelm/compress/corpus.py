@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from edgelm.errors import UnsupportedError
 from edgelm.parity import parity_text
 
 # Standard-library modules whose docstrings are long, plain English prose.
@@ -107,7 +108,11 @@ def _shingles(text: str, n: int = 5) -> set[bytes]:
 
 def deduplicate(texts: Iterable[str], jaccard: float) -> tuple[list[str], int, int]:
     """Drop exact, then near duplicates (first one kept). Returns (kept, exact_dropped, near_dropped)."""
-    from datasketch import MinHash, MinHashLSH
+    try:
+        from datasketch import MinHash, MinHashLSH
+    except ImportError as err:
+        raise UnsupportedError("edgelm compress needs datasketch to remove near-duplicate text: "
+                               "pip install 'edgelm[compress]'") from err
 
     seen: set[str] = set()
     lsh = MinHashLSH(threshold=jaccard, num_perm=64)

@@ -36,6 +36,7 @@ class CompressRecipe:
     calibration_window: int = 256
     eval_tokens: int | None = None  # held-out tokens for the before/after perplexity (None: all)
     eval_window: int = 512
+    teacher_continuations: int = 0  # sequence-level distillation: teacher-written training text (with distill)
 
     def __post_init__(self) -> None:
         if self.drop_layers and self.drop_layers.importance not in IMPORTANCE_METHODS:
