@@ -6,6 +6,9 @@
 #   bash scripts/build_arm64_device.sh [ROOT]     # default $EDGELM_ARM64_ROOT or /var/cache/edgelm/arm64-root
 #   EDGELM_DEVICES=chroot:ROOT edgelm devices      # then: edgelm push / edgelm profile --device chroot:ROOT
 #
+# Removing it: the chroot transport mounts proc and sysfs inside it on first use, so unmount
+# them first (`umount ROOT/proc ROOT/sys && rm -rf ROOT`); a bare rm -rf would walk into them.
+#
 # The root filesystem is cached (about 6 minutes to build on 2 cores); the edgelm install in
 # it is refreshed on every run, so the device always runs this checkout's code.
 set -euo pipefail
