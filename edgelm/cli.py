@@ -252,8 +252,10 @@ def _budget_search(model: Optional[str], output: Path, max_mb: Optional[float], 
                   f"{chosen.channel_fraction:.0%} MLP channels pruned ({chosen.megabytes:.1f} MB, ppl ratio "
                   f"{chosen.ppl_ratio:.3f}); written to {output}")
     fmt, _, recipe_quant = chosen.artifact.partition("-")
-    source = output if (output / "config.json").is_file() else (model or "")
-    console.print(f"Next: edgelm export {source} --target {target} --formats {fmt} --quant {recipe_quant}".replace("  ", " "))
+    source = output if (output / "config.json").is_file() else model  # None: the default model, no argument
+    command = ["edgelm", "export", *([str(source)] if source else []), "--target", target, "--formats", fmt,
+               "--quant", recipe_quant]
+    console.print("Next: " + " ".join(command))
 
 
 @app.command()

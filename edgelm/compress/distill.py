@@ -85,11 +85,13 @@ def batch_rows(step: int, batch_size: int, count: int, seed: int) -> list[int]:
     """Rows of the global batch of `step`: a fresh seeded shuffle of all sequences every epoch."""
     import torch
 
+    orders: dict[int, list[int]] = {}  # a batch spans at most two epochs
     rows = []
     for g in range(step * batch_size, (step + 1) * batch_size):
         epoch, position = divmod(g, count)
-        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        rows.append(int(order[position]))
+        if epoch not in orders:
+            orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+        rows.append(orders[epoch][position])
     return rows
 
 

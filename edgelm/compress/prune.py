@@ -153,7 +153,7 @@ def _mlp_parts(layer: Any) -> tuple[Any, list[str], str]:
 
 
 def prune_channels(model: Any, fraction: float, batches: list[Any]) -> dict[str, Any]:
-    """Remove `fraction` of the MLP channels from every layer; returns what was kept."""
+    """Remove `fraction` of the MLP channels from every layer; returns the width before and after."""
     import torch
 
     _, _, layers = layer_list(model)
@@ -162,14 +162,12 @@ def prune_channels(model: Any, fraction: float, batches: list[Any]) -> dict[str,
     keep_count = max(1, round(width * (1 - fraction)))
     downs = {str(i): owner.get_submodule(down) for i, (owner, _, down) in enumerate(parts)}
     activity = _input_activation_norms(model, downs, batches)
-    kept = []
     for i, (owner, ups, down) in enumerate(parts):
         score = activity[str(i)] * downs[str(i)].weight.detach().norm(dim=0)
         keep = torch.sort(score.topk(keep_count).indices).values
         for name in ups:
             _replace(owner, name, _shrink_linear(owner.get_submodule(name), rows=keep))
         _replace(owner, down, _shrink_linear(owner.get_submodule(down), cols=keep))
-        kept.append(keep.tolist())
     model.config.intermediate_size = keep_count
     return {"intermediate_size": [width, keep_count]}
 
