@@ -225,6 +225,15 @@ def test_two_processes_follow_the_single_process_loss_curve(deep, tmp_path):
     assert _load(tmp_path / "two").config.num_hidden_layers == 4
 
 
+def test_distill_entry_point_reports_bad_input_on_one_line(deep, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "edgelm.compress.distill", "--teacher", str(deep("llama")),
+                             "--student", str(tmp_path / "missing"), "-o", str(tmp_path / "out")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("edgelm.compress.distill: error:")
+    assert "no such file or folder" in result.stderr and not (tmp_path / "out").exists()
+
+
 # --- the pipeline, recipes, export --------------------------------------------------------
 
 def test_compress_writes_a_loadable_folder_with_its_record(deep, tmp_path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -252,8 +253,12 @@ def main(argv: list[str] | None = None) -> None:
             parser.add_argument(flag, type=type(value), default=value)
     args = parser.parse_args(argv)
     settings = DistillSettings(**{k: getattr(args, k) for k in asdict(defaults)})
-    result = distill_folders(args.teacher, args.student, args.output, settings,
-                             Path(args.checkpoints) if args.checkpoints else None)
+    try:
+        result = distill_folders(args.teacher, args.student, args.output, settings,
+                                 Path(args.checkpoints) if args.checkpoints else None)
+    except EdgeLMError as err:  # bad input: one line, as the edgelm CLI prints it
+        print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
     if result is not None:
         last = result["steps"][-1]
         print(json.dumps({"output": args.output, "perplexity": result["perplexity"], "first_loss": last["first_loss"],
