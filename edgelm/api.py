@@ -14,7 +14,7 @@ import numpy as np
 
 from edgelm.bundle import ArtifactEntry, Manifest, read_bundle
 from edgelm.encoder_eval import EncoderProfile, encoder_texts, profile_encoder, run_batched
-from edgelm.errors import BundleError, DeviceError, UnsupportedError
+from edgelm.errors import BundleError, DeviceError, PromptError, UnsupportedError
 from edgelm.generate import stream_tokens
 from edgelm.profile import Profile, profile_session, timed
 from edgelm.sampling import SamplingConfig
@@ -42,6 +42,8 @@ class LanguageModel(_Loaded):
     """A loaded decoder artifact plus its tokenizer and generation defaults."""
 
     def _prompt_ids(self, prompt: str, chat: bool | None) -> list[int]:
+        if not isinstance(prompt, str):
+            raise PromptError(f"the prompt must be text, not {type(prompt).__name__}")
         use_chat = self.tokenizer.chat_template is not None if chat is None else chat
         if use_chat:
             text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
@@ -145,7 +147,22 @@ def load(path: str | Path, format: str | None = None, device: str = "cpu", threa
             f"runtime {runtime.name!r} cannot use device {device!r} here; available: "
             f"{', '.join(runtime.available_devices())} (see `edgelm doctor`)"
         )
+    task = manifest.source.get("task", "text-generation")
+    if task not in TASK_KINDS:
+        raise BundleError(f"manifest.json: unknown task {str(task)[:40]!r}; known: {', '.join(TASK_KINDS)}")
     tokenizer = Tokenizer(root / manifest.tokenizer["path"])
     session, load_s = timed(runtime.open, root / entry.path, device=device, threads=threads)
-    kind = LanguageModel if manifest.source.get("task", "text-generation") == "text-generation" else TextEncoder
+    kind, method = TASK_KINDS[task]
+    if not hasattr(session, method):
+        session.close()
+        raise BundleError(f"manifest.json says {task}, but {entry.path} is not that kind of model; the manifest was "
+                          "edited — re-export the bundle")
     return kind(session, tokenizer, entry, manifest, load_s, threads)
+
+
+# task -> the class it loads as and the session method that kind of model has
+TASK_KINDS: dict[str, tuple[type[_Loaded], str]] = {
+    "text-generation": (LanguageModel, "prefill"),
+    "feature-extraction": (TextEncoder, "run"),
+    "text-classification": (TextEncoder, "run"),
+}

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import shutil
-import tempfile
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,9 +21,11 @@ from typing import Any
 
 from edgelm.errors import BundleError
 from edgelm.model import read_json_object, sha256_file
+from edgelm.staging import clean_stale, make_staging, move_into_place
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+TOKENIZER_READS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")  # what edgelm.tokenizer opens
 
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
@@ -146,13 +149,68 @@ class Manifest:
 
 
 def validate_manifest(data: Any) -> None:
+    """The schema, then the path rule (see check_manifest_paths); BundleError on either."""
     import jsonschema
 
     try:
         jsonschema.validate(data, MANIFEST_SCHEMA)
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-        raise BundleError(f"manifest.json does not match schema v{SCHEMA_VERSION} at {where}: {err.message}") from err
+        raise BundleError(f"manifest.json does not match schema v{SCHEMA_VERSION} at {where}: "
+                          f"{str(err.message)[:200]}") from err
+    check_manifest_paths(data)
+
+
+def check_relative_path(rel: str, what: str) -> str:
+    """A manifest path: relative, POSIX, normalised, no `..`, no empty or dot parts."""
+    parts = rel.split("/")
+    if (not rel or rel.startswith("/") or "\\" in rel or any(ord(c) < 32 for c in rel) or rel != posixpath.normpath(rel)
+            or any(part in ("", ".", "..") for part in parts) or (len(parts[0]) > 1 and parts[0][1] == ":")):
+        raise BundleError(f"manifest.json: {what} {rel[:200]!r} is not a plain relative path inside the bundle; "
+                          "the bundle was tampered with — re-export it")
+    return rel
+
+
+def check_manifest_paths(data: dict[str, Any]) -> None:
+    """One path rule for the whole bundle, before anything is opened.
+
+    Every path is relative and stays inside the bundle, every file edgelm opens is listed
+    in `files{}` (so its sha256 is checked), and each artifact's own sha256 matches its
+    `files{}` entry.
+    """
+    files: dict[str, str] = data["files"]
+    for rel in files:
+        check_relative_path(rel, "file")
+        if rel == MANIFEST:
+            raise BundleError("manifest.json lists itself in files{}; re-export the bundle")
+    for artifact in data["artifacts"]:
+        path = check_relative_path(artifact["path"], f"artifact {str(artifact['name'])[:80]!r} path")
+        if files.get(path) != artifact["sha256"]:
+            raise BundleError(f"manifest.json: artifact {str(artifact['name'])[:80]!r} ({path}) is not in files{{}} with "
+                              "its sha256; the bundle was tampered with — re-export it")
+    tokenizer = check_relative_path(data["tokenizer"]["path"], "tokenizer path")
+    if f"{tokenizer}/tokenizer.json" not in files:
+        raise BundleError(f"manifest.json: {tokenizer}/tokenizer.json is not listed in files{{}}; re-export the bundle")
+
+
+def check_files_inside(root: Path, manifest: Manifest) -> None:
+    """Each listed file is a regular file whose real path (symlinks resolved) is inside the bundle,
+    and the tokenizer folder holds no file the tokenizer would read without it being listed."""
+    real_root = root.resolve()
+    for rel in manifest.files:
+        path = root / rel
+        real = path.resolve()
+        if real_root not in real.parents:
+            raise BundleError(f"{path}: resolves to {real}, outside the bundle; the bundle was tampered with")
+        if path.exists() and not stat.S_ISREG(path.stat().st_mode):
+            raise BundleError(f"{path}: not a regular file (a FIFO, device or folder); the bundle was tampered with")
+    tokenizer = root / manifest.tokenizer["path"]
+    if real_root not in tokenizer.resolve().parents:
+        raise BundleError(f"{tokenizer}: outside the bundle; the bundle was tampered with")
+    for name in TOKENIZER_READS:
+        rel = f"{manifest.tokenizer['path']}/{name}"
+        if os.path.lexists(root / rel) and rel not in manifest.files:
+            raise BundleError(f"{root / rel}: not listed in manifest.json, so it cannot be checked; remove it or re-export")
 
 
 def hash_tree(root: Path) -> dict[str, str]:
@@ -164,27 +222,80 @@ def hash_tree(root: Path) -> dict[str, str]:
     }
 
 
-@contextmanager
-def atomic_bundle_dir(destination: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `destination`; on success rename it into place.
+def is_bundle(path: Path) -> bool:
+    """Whether `path` is a folder edgelm wrote: a real directory whose manifest.json is a valid manifest.
 
-    On any error (or a kill) nothing appears at `destination`. An existing destination is
-    replaced only with overwrite=True, and only after the new bundle is complete.
+    This is what `--overwrite` and `push` require before they replace anything.
     """
-    destination = Path(destination).resolve()
-    if destination.exists() and not overwrite:
-        raise BundleError(f"{destination} already exists; pass --overwrite or choose another -o")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
+    path = Path(path)
+    manifest = path / MANIFEST
+    if path.is_symlink() or not path.is_dir() or manifest.is_symlink() or not manifest.is_file():
+        return False
+    try:
+        Manifest.from_dict(read_json_object(manifest, BundleError, ""))
+    except BundleError:
+        return False
+    return True
+
+
+def is_compressed_model(path: Path) -> bool:
+    """Whether `path` is a model folder `edgelm compress` wrote (its compression.json is there)."""
+    record = Path(path) / "compression.json"
+    return not Path(path).is_symlink() and Path(path).is_dir() and record.is_file() and not record.is_symlink()
+
+
+def check_replaceable(destination: Path, overwrite: bool, protect: tuple[Path, ...] = (),
+                      ours: Callable[[Path], bool] = is_bundle) -> None:
+    """Refuse (BundleError, exit 2) an output path edgelm may not write or replace.
+
+    Only a folder `ours` recognises as edgelm's (by default a complete bundle) is ever
+    replaced; never a folder holding any of `protect` (the source model), a symlink, a file,
+    or any other folder.
+    """
+    for path in protect:
+        resolved = Path(path).resolve()
+        if resolved == destination.resolve() or destination.resolve() in resolved.parents:
+            raise BundleError(f"{destination} holds the source model {path}; choose another output folder")
+    if destination.is_symlink():
+        raise BundleError(f"{destination} is a symlink; pass the real folder or choose another output")
+    if not destination.exists():
+        return
+    if not overwrite:
+        raise BundleError(f"{destination} already exists; pass --overwrite to replace a bundle, or choose another -o")
+    if not ours(destination):
+        what = "an edgelm bundle (no valid manifest.json)" if ours is is_bundle else "a folder edgelm wrote"
+        raise BundleError(f"{destination} exists and is not {what}; edgelm replaces only what it wrote — "
+                          "choose another output")
+
+
+@contextmanager
+def atomic_bundle_dir(destination: Path, overwrite: bool = False, protect: tuple[Path, ...] = (),
+                      ours: Callable[[Path], bool] = is_bundle) -> Iterator[Path]:
+    """Yield a staging folder beside `destination`; on success swap it into place atomically.
+
+    On any error (or a kill) the destination keeps what it had. An existing destination is
+    replaced only with overwrite=True, only if it is an edgelm bundle, and only after the
+    new bundle is complete; `protect` paths (the source) can never be at or under it.
+    Staging folders of dead earlier runs are removed first (see edgelm.staging).
+    """
+    destination = Path(destination).absolute()
+    check_replaceable(destination, overwrite, protect, ours)
+    try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale(destination)
+        work = make_staging(destination)
+    except OSError as err:
+        raise BundleError(f"cannot write beside {destination}: {err.strerror or err}; choose a writable output") from err
     try:
         yield work
-        if destination.exists():
-            old = destination.with_name(f".{destination.name}.old-{os.getpid()}")
-            destination.rename(old)
-            work.rename(destination)
+        if os.path.lexists(destination):  # judge what is there now, not what was there at the start
+            if not overwrite:
+                raise BundleError(f"{destination} appeared while edgelm was writing; it was left as it is (choose "
+                                  "another output, or pass --overwrite to replace a bundle)")
+            check_replaceable(destination, overwrite, protect, ours)
+        old = move_into_place(work, destination, replace_existing=overwrite)
+        if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-        else:
-            work.rename(destination)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
@@ -207,7 +318,10 @@ def read_bundle(root: str | Path, verify: bool = True) -> Manifest:
     path = root / MANIFEST
     if not path.is_file():
         raise BundleError(f"{root}: no manifest.json — not an edgelm bundle (make one with `edgelm export`)")
+    if not stat.S_ISREG(path.stat().st_mode) or path.is_symlink():
+        raise BundleError(f"{path}: not a regular file; the bundle was tampered with — re-export it")
     manifest = Manifest.from_dict(read_json_object(path, BundleError, "re-export the bundle"))
+    check_files_inside(root, manifest)
     if verify:
         for rel, expected in manifest.files.items():
             file = root / rel

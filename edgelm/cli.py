@@ -476,6 +476,12 @@ def main(argv: list[str] | None = None) -> None:
     except CLICK_ERRORS as err:  # a usage error: click's own message and usage line
         err.show()
         sys.exit(2)
+    except OSError as err:  # the filesystem or a device refused (read-only, full, permissions): not a bug
+        if _state["debug"]:
+            traceback.print_exc()
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"edgelm: error: {where}{err.strerror or _one_line(err)}", file=sys.stderr)
+        sys.exit(2)
     except CLICK_ABORTS + (KeyboardInterrupt,):
         print("edgelm: interrupted", file=sys.stderr)
         sys.exit(130)

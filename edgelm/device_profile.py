@@ -19,6 +19,7 @@ from typing import Any
 from edgelm.bundle import MANIFEST, read_bundle
 from edgelm.devices import Transport, describe
 from edgelm.errors import DeviceError
+from edgelm.model import read_json_object
 from edgelm.push import default_destination
 
 PROFILE_TIMEOUT = 3600.0  # seconds for the whole on-device profile (emulated arm64 is slow)
@@ -51,7 +52,7 @@ def profile_on_device(bundle: Path, transport: Transport, remote: str | None = N
         with tempfile.TemporaryDirectory() as scratch:
             local = Path(scratch) / "profile.json"
             transport.pull(out, local)
-            profiles |= json.loads(local.read_text())
+            profiles |= read_json_object(local, DeviceError, "the device's edgelm wrote no profile")
     entry = {"device": record | _runtime_record(profiles), "profiles": profiles,
              "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "remote": remote}
     _record(bundle, entry)

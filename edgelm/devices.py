@@ -170,7 +170,11 @@ def open_device(address: str) -> Transport:
         user_host, _, port = rest.rpartition(":") if rest.count(":") == 1 else (rest, "", "")
         if not user_host or (port and not port.isdigit()):
             raise DeviceError(f"{address}: expected ssh://user@host or ssh://user@host:port")
+        if user_host.startswith("-") or any(c.isspace() for c in user_host):
+            raise DeviceError(f"{address}: a host cannot start with '-' or hold spaces (ssh would read it as an option)")
         return SSHTransport(address, user_host, int(port or 22))
+    if address.startswith("adb:") and address.removeprefix("adb:").startswith("-"):
+        raise DeviceError(f"{address}: a serial cannot start with '-' (adb would read it as an option); see `adb devices`")
     if address.startswith("adb:") and address.removeprefix("adb:"):
         return ADBTransport(address, address.removeprefix("adb:"))
     if address.startswith("chroot:") and address.removeprefix("chroot:"):

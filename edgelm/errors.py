@@ -30,6 +30,10 @@ class TokenizerError(EdgeLMError):
     """The tokenizer or chat template is missing or cannot be used."""
 
 
+class PromptError(EdgeLMError):
+    """A prompt the model cannot take: empty, or longer than its context."""
+
+
 class BundleError(EdgeLMError):
     """A bundle is incomplete, fails its schema, or a file does not match its sha256."""
 

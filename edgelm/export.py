@@ -180,7 +180,7 @@ def _compression_record(source: SourceModel) -> dict[str, Any] | None:
         return None
     try:
         record = CompressionRecord.read(Path(source.path))
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, EdgeLMError):
         return None  # a hand-edited or foreign file: the export does not depend on it
     if record is None:
         return None
@@ -192,14 +192,19 @@ def _compression_record(source: SourceModel) -> dict[str, Any] | None:
 def _export_compressed(model: str | Path | None, output: Path, options: ExportOptions, step: StepHook) -> Manifest:
     """`edgelm export --compress RECIPE`: compress into a scratch folder beside `output`, export that."""
     import shutil
-    import tempfile
 
+    from edgelm.bundle import check_replaceable
     from edgelm.compress.pipeline import compress_model
     from edgelm.compress.recipe import CompressRecipe
+    from edgelm.staging import make_staging
 
     recipe = CompressRecipe.load(options.compress)  # a bad recipe fails before any work
-    output.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.compress-", dir=output.parent))
+    check_replaceable(output.absolute(), options.overwrite, (Path(model),) if model else ())  # before hours of work
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        scratch = make_staging(output.absolute())  # cleaned by a later run if this one is killed
+    except OSError as err:
+        raise ExportError(f"cannot write beside {output}: {err.strerror or err}; choose a writable output") from err
     try:
         compressed = scratch / output.name  # the folder name becomes the compressed model's id
         compress_model(model, compressed, recipe, allow_pickle=options.allow_pickle, step=step)
@@ -224,7 +229,7 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
     with step("Inspecting the source model"):
         source = inspect_source(model, allow_pickle=options.allow_pickle)
         plan, skipped = plan_artifacts(options, source.task)
-    with atomic_bundle_dir(output, overwrite=options.overwrite) as work:
+    with atomic_bundle_dir(output, overwrite=options.overwrite, protect=(Path(source.path),)) as work:
         with step("Loading the fp32 reference model"):
             model_obj = load_reference_model(source, work / "tokenizer")
             tokenizer = Tokenizer(work / "tokenizer")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from edgelm.errors import PromptError
 from edgelm.sampling import SamplingConfig, sample_next
 from edgelm.session import Session
 from edgelm.tokenizer import IncrementalDecoder, Tokenizer
@@ -35,6 +36,15 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return best
 
 
+def check_prompt_length(n_tokens: int, max_context: int) -> None:
+    """Refuse an empty prompt, or one that leaves no room in the context, before any prefill."""
+    if n_tokens == 0:
+        raise PromptError("the prompt is empty (no tokens); give some text, or use the chat template")
+    if n_tokens >= max_context:
+        raise PromptError(f"the prompt is {n_tokens} tokens; this artifact's context holds {max_context} "
+                          "(prompt and generated tokens together): shorten it")
+
+
 def stream_tokens(
     session: Session, tokenizer: Tokenizer, prompt_ids: list[int], config: SamplingConfig
 ) -> Iterator[GeneratedToken]:
@@ -43,6 +53,7 @@ def stream_tokens(
     Stops at max_new_tokens, an EOS token (unless ignore_eos), a stop string (which is
     not emitted), or the session's maximum context.
     """
+    check_prompt_length(len(prompt_ids), session.capabilities.max_context)
     rng = np.random.default_rng(config.seed)
     eos_ids = set() if config.ignore_eos else tokenizer.eos_token_ids
     max_context = session.capabilities.max_context

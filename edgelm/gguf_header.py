@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from edgelm.errors import InvalidModelError
 
@@ -21,6 +21,9 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 _KEEP_ARRAY_ITEMS = 64  # longer arrays (vocabularies) are summarised by their length
 MAX_DIMS = 8
+MAX_ARRAY_DEPTH = 2  # llama.cpp itself reads no nested arrays
+MAX_ARRAY_ITEMS = 4_000_000  # string arrays: vocabularies (262k) and merges (under 1M) with room to spare
+MAX_TENSORS = 1_000_000
 
 
 @dataclass
@@ -39,6 +42,13 @@ class GGUFSummary:
     data_offset: int = 0
     file_bytes: int = 0
 
+    def integer(self, key: str, default: int) -> int:
+        """An integer metadata value (default when absent); InvalidModelError when it is another type."""
+        value = self.metadata.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidModelError(f"GGUF metadata {key} is {str(value)[:40]!r}, not an integer; the file is corrupt")
+        return value
+
     @property
     def num_parameters(self) -> int:
         total = 0
@@ -51,25 +61,35 @@ class GGUFSummary:
 
 
 class _Cursor:
-    def __init__(self, data: bytes, path: Path):
-        self.data, self.pos, self.path = data, 0, path
+    """Reads a file front to back; every length is checked against the bytes left before reading."""
+
+    def __init__(self, fh: BinaryIO, size: int, path: Path):
+        self.fh, self.size, self.pos, self.path = fh, size, 0, path
 
     def fail(self, what: str) -> InvalidModelError:
         return InvalidModelError(f"{self.path}: corrupt GGUF header ({what} at byte {self.pos}); re-download or re-convert it")
 
     def take(self, n: int) -> bytes:
-        if n < 0 or self.pos + n > len(self.data):
+        if n < 0 or self.pos + n > self.size:
             raise self.fail(f"needs {n} more bytes, file ends first")
-        chunk = self.data[self.pos : self.pos + n]
+        chunk = self.fh.read(n)
+        if len(chunk) != n:
+            raise self.fail("the file ended while reading it")
         self.pos += n
         return chunk
+
+    def skip(self, n: int) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"needs {n} more bytes, file ends first")
+        self.fh.seek(n, 1)
+        self.pos += n
 
     def scalar(self, fmt: str) -> Any:
         return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
     def count(self, what: str, min_item_bytes: int) -> int:
         n = self.scalar("<Q")
-        if n * min_item_bytes > len(self.data) - self.pos:
+        if n * min_item_bytes > self.size - self.pos:
             raise self.fail(f"{what} {n} cannot fit in the file")
         return n
 
@@ -77,16 +97,40 @@ class _Cursor:
         n = self.count("string length", 1)
         return self.take(n).decode("utf-8", errors="replace")
 
-    def value(self, value_type: int) -> Any:
+    def skip_string(self) -> None:
+        self.skip(self.count("string length", 1))
+
+    def value(self, value_type: int, depth: int = 0) -> Any:
+        """One metadata value. Arrays of scalars are skipped in one step past their first items;
+        string arrays are walked (each has its own length) up to MAX_ARRAY_ITEMS; arrays nest at
+        most MAX_ARRAY_DEPTH deep."""
         if value_type in _SCALARS:
             return self.scalar(_SCALARS[value_type])
         if value_type == _STRING:
             return self.string()
         if value_type == _ARRAY:
+            if depth >= MAX_ARRAY_DEPTH:
+                raise self.fail(f"arrays nested deeper than {MAX_ARRAY_DEPTH}")
             item_type = self.scalar("<I")
-            item_bytes = 8 if item_type == _STRING else struct.calcsize(_SCALARS.get(item_type, "<B"))
-            n = self.count("array length", item_bytes)
-            items = [self.value(item_type) for _ in range(n)]
+            if item_type in _SCALARS:
+                fmt = _SCALARS[item_type]
+                n = self.count("array length", struct.calcsize(fmt))
+                kept = min(n, _KEEP_ARRAY_ITEMS)
+                items = [self.scalar(fmt) for _ in range(kept)]
+                self.skip((n - kept) * struct.calcsize(fmt))
+            elif item_type in (_STRING, _ARRAY):
+                n = self.count("array length", 8 if item_type == _STRING else 12)
+                if n > MAX_ARRAY_ITEMS:
+                    raise self.fail(f"array of {n} items (limit {MAX_ARRAY_ITEMS})")
+                kept = min(n, _KEEP_ARRAY_ITEMS)
+                items = [self.value(item_type, depth + 1) for _ in range(kept)]
+                for _ in range(n - kept):
+                    if item_type == _STRING:
+                        self.skip_string()
+                    else:
+                        self.value(item_type, depth + 1)
+            else:
+                raise self.fail(f"unknown array item type {item_type}")
             return items if n <= _KEEP_ARRAY_ITEMS else {"array_length": n, "first": items[:8]}
         raise self.fail(f"unknown metadata value type {value_type}")
 
@@ -98,18 +142,27 @@ def read_gguf_summary(path: Path, *, max_header_bytes: int = 1 << 28) -> GGUFSum
     cannot fit in the file, unknown tensor types, or tensor data past the end of the file.
     """
     path = Path(path)
-    file_bytes = path.stat().st_size
+    from edgelm.model import require_regular_file
+
+    file_bytes = require_regular_file(path)
+    if file_bytes < 24:
+        raise InvalidModelError(f"{path}: {file_bytes} bytes is too short to be a GGUF file")
     with open(path, "rb") as fh:
-        head = fh.read(min(file_bytes, max_header_bytes))
-    if head[:4] != GGUF_MAGIC:
-        raise InvalidModelError(f"{path}: not a GGUF file (magic {head[:4]!r}); pass a .gguf file or a Hugging Face folder")
-    cur = _Cursor(head, path)
-    cur.take(4)
+        return _read_summary(fh, path, file_bytes, min(file_bytes, max_header_bytes))
+
+
+def _read_summary(fh: BinaryIO, path: Path, file_bytes: int, header_limit: int) -> GGUFSummary:
+    cur = _Cursor(fh, header_limit, path)
+    magic = cur.take(4)
+    if magic != GGUF_MAGIC:
+        raise InvalidModelError(f"{path}: not a GGUF file (magic {magic!r}); pass a .gguf file or a Hugging Face folder")
     version = cur.scalar("<I")
     if version not in (2, 3):
         raise cur.fail(f"unsupported GGUF version {version}")
     n_tensors = cur.count("tensor count", 24)
     n_kv = cur.count("metadata count", 12)
+    if n_tensors > MAX_TENSORS:
+        raise cur.fail(f"{n_tensors} tensors (limit {MAX_TENSORS})")
     summary = GGUFSummary(version=version, file_bytes=file_bytes)
     for _ in range(n_kv):
         key = cur.string()
@@ -120,8 +173,13 @@ def read_gguf_summary(path: Path, *, max_header_bytes: int = 1 << 28) -> GGUFSum
         if n_dims > MAX_DIMS:
             raise cur.fail(f"tensor {name!r} has {n_dims} dimensions")
         shape = [cur.scalar("<Q") for _ in range(n_dims)]
+        if any(dim >= 1 << 40 for dim in shape):
+            raise cur.fail(f"tensor {name!r} has a dimension of 2**40 or more")
         summary.tensors.append(GGUFTensorInfo(name, shape, cur.scalar("<I"), cur.scalar("<Q")))
-    alignment = int(summary.metadata.get("general.alignment", 32)) or 32
+    alignment = summary.metadata.get("general.alignment", 32)
+    if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 1 << 16 \
+            or alignment & (alignment - 1):
+        raise cur.fail(f"general.alignment {str(alignment)[:40]!r} is not a power of two up to 65536")
     summary.data_offset = (cur.pos + alignment - 1) // alignment * alignment
     _check_tensor_extents(summary, path)
     return summary

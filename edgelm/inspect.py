@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import InvalidModelError, UnsupportedError
+from edgelm.model import require_regular_file
 
 Rows = list[tuple[str, Any]]
 
@@ -88,10 +89,9 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
         import onnx
     except ImportError as err:
         raise UnsupportedError("inspecting .onnx files needs the onnx package: install `edgelm[onnx]`") from err
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise InvalidModelError(f"{path}: not a readable ONNX model ({err})") from err
+    from edgelm.runtimes.onnxruntime import load_onnx_graph
+
+    proto = load_onnx_graph(path)
     ops = Counter(n.op_type for n in proto.graph.node)
     quantized = {op: ops[op] for op in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul") if op in ops}
     dtypes = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer)
@@ -173,6 +173,8 @@ def describe(path: Path) -> tuple[str, Rows]:
     path = Path(path)
     if not path.exists():
         raise InvalidModelError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        require_regular_file(path)  # a FIFO or device named model.gguf would block the reader forever
     if path.is_dir():
         return _describe_bundle(path) if (path / "manifest.json").is_file() else _describe_model_folder(path)
     if path.suffix in DESCRIBERS:

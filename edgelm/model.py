@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -93,6 +95,7 @@ def inspect_source(model: str | Path | None = None, *, allow_pickle: bool = Fals
         return _inspect_hf_folder(path, allow_pickle=allow_pickle)
     if path.suffix in PICKLE_SUFFIXES:
         raise _pickle_refusal(path)
+    require_regular_file(path)
     return _inspect_gguf(path, model_id=path.stem)
 
 
@@ -103,12 +106,54 @@ def _pickle_refusal(path: Path) -> InvalidModelError:
     )
 
 
+MAX_JSON_BYTES = 64 << 20  # tokenizer_config.json of 260k-token vocabularies is a few MB
+MAX_JSON_DEPTH = 64  # real configs and manifests nest a handful of levels
+
+
+def require_regular_file(path: Path, error: type[EdgeLMError] = InvalidModelError) -> int:
+    """The size of `path`, which must be a regular file: a FIFO, device or socket would block
+    or stream forever when read, so it is refused before anything opens it."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        raise error(f"{path}: cannot read it ({err.strerror or err})") from err
+    if not stat.S_ISREG(info.st_mode):
+        raise error(f"{path}: not a regular file (a folder, FIFO, device or socket); pass a model file")
+    return info.st_size
+
+
+def json_depth_ok(data: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `data` nests at most `limit` levels (checked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > limit:
+            return False
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, list):
+            stack.extend((v, depth + 1) for v in value)
+    return True
+
+
+def read_json_value(path: Path, error: type[EdgeLMError], what_to_do: str) -> Any:
+    """Parse JSON from `path` within size and depth limits; `error` (with `what_to_do`) if it can't be."""
+    size = require_regular_file(path, error)
+    if size > MAX_JSON_BYTES:
+        raise error(f"{path}: {size / 1e6:.0f} MB is too large for a JSON file here (limit "
+                    f"{MAX_JSON_BYTES >> 20} MB); {what_to_do}")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError, UnicodeDecodeError) as err:  # JSONDecodeError, huge ints, deep nesting
+        raise error(f"{path}: not valid JSON ({type(err).__name__}: {str(err)[:200]}); {what_to_do}") from err
+    if not json_depth_ok(data):
+        raise error(f"{path}: JSON nested deeper than {MAX_JSON_DEPTH} levels; {what_to_do}")
+    return data
+
+
 def read_json_object(path: Path, error: type[EdgeLMError], what_to_do: str) -> dict[str, Any]:
     """Parse a JSON object from `path`, raising `error` (with `what_to_do`) if it is not one."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise error(f"{path}: not valid JSON ({err}); {what_to_do}") from err
+    data = read_json_value(path, error, what_to_do)
     if not isinstance(data, dict):
         raise error(f"{path}: expected a JSON object; {what_to_do}")
     return data
@@ -126,6 +171,7 @@ def _count_safetensors_parameters(files: list[Path]) -> int:
 
     total = 0
     for file in files:
+        require_regular_file(file)
         try:
             with safe_open(str(file), framework="numpy") as fh:
                 for name in fh.keys():

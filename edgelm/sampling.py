@@ -5,12 +5,20 @@ Pure numpy, so runtime-only installs (no torch) generate exactly like the export
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 
 from edgelm.errors import UnsupportedError
+
+
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "max_new_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
+    "repetition_penalty": (int, float), "seed": (int,), "ignore_eos": (bool,),
+}
+_KIND_NAMES = {(int,): "an integer", (int, float): "a number", (bool,): "true or false"}
 
 
 @dataclass(frozen=True)
@@ -27,7 +35,24 @@ class SamplingConfig:
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
+        for name, kinds in _FIELD_TYPES.items():
+            value = getattr(self, name)
+            if name == "seed" and value is None:
+                continue
+            if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
+                raise UnsupportedError(f"invalid sampling setting: {name} must be {_KIND_NAMES[kinds]}, "
+                                       f"not {str(value)[:40]!r}")
+            if kinds == (int, float):
+                try:
+                    finite = math.isfinite(float(value))
+                except OverflowError:
+                    finite = False
+                if not finite:
+                    raise UnsupportedError(f"invalid sampling setting: {name} must be a finite number")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise UnsupportedError("invalid sampling setting: stop must be a list of non-empty strings")
         checks = [
+            (self.seed is None or 0 <= self.seed < 2**63, "seed must be between 0 and 2**63-1"),
             (self.max_new_tokens >= 0, "max_new_tokens must be >= 0"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (self.top_k >= 0, "top_k must be >= 0"),
@@ -45,7 +70,12 @@ class SamplingConfig:
     def from_dict(cls, data: dict[str, Any]) -> SamplingConfig:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         if "stop" in known:
-            known["stop"] = tuple(known["stop"])
+            stop = known["stop"]
+            if isinstance(stop, str):
+                stop = [stop]
+            if not isinstance(stop, (list, tuple)):
+                raise UnsupportedError(f"invalid sampling setting: stop must be a list of strings, not {str(stop)[:40]!r}")
+            known["stop"] = tuple(stop)
         return cls(**known)
 
 

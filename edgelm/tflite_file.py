@@ -18,6 +18,7 @@ from pathlib import Path
 from edgelm.errors import InvalidModelError
 
 TFLITE_IDENTIFIER = b"TFL3"  # flatbuffer file identifier, bytes 4..8
+MAX_RANK = 16  # LiteRT kernels take at most 6 dimensions
 
 
 @dataclass
@@ -36,8 +37,10 @@ def _names(enum_class: type) -> dict[int, str]:
 
 def read_tflite(path: Path) -> TFLiteSummary:
     """Verify and summarise a .tflite file; InvalidModelError if it is not a whole TFLite model."""
+    from edgelm.model import require_regular_file
+
     path = Path(path)
-    size = path.stat().st_size
+    size = require_regular_file(path)
     if size < 8:
         raise InvalidModelError(f"{path}: too short to be a TFLite model ({size} bytes)")
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
@@ -46,7 +49,8 @@ def read_tflite(path: Path) -> TFLiteSummary:
                                     "re-export it with edgelm")
         try:
             return _walk(buf, size)
-        except (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError) as err:
+        except (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError, AttributeError, OverflowError,
+                RecursionError) as err:
             raise InvalidModelError(f"{path}: the TFLite flatbuffer is damaged or truncated ({type(err).__name__}: "
                                     f"{err}); re-export it") from err
 
@@ -55,14 +59,35 @@ def check_tflite_file(path: Path) -> None:
     read_tflite(path)
 
 
+class _Budget:
+    """Work allowed for one walk: linear in the file size.
+
+    Each table or vector element edgelm visits occupies at least 4 bytes in a well-formed
+    file, so a walk that visits more than size/4 of them (plus slack) is following the same
+    bytes again through aliased offsets, which a hostile file uses to make the cost a
+    product of counts; it is refused instead of followed.
+    """
+
+    def __init__(self, size: int):
+        self.left = size // 4 + 4096
+
+    def spend(self, n: int = 1) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise ValueError("the flatbuffer revisits its own tables (aliased offsets) more than its size allows")
+
+
 def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
     from ai_edge_litert import schema_py_generated as schema
+
+    budget = _Budget(size)
 
     types, builtins = _names(schema.TensorType), _names(schema.BuiltinOperator)
     model = schema.Model.GetRootAs(buf, 0)
     summary = TFLiteSummary(bytes=size, version=model.Version())
     buffers = []
     for b in range(model.BuffersLength()):
+        budget.spend()
         buffer = model.Buffers(b)
         offset, length = buffer.Offset(), buffer.Size()
         if offset:  # data stored after the flatbuffer (models over 2 GB)
@@ -75,6 +100,7 @@ def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
         buffers.append(length)
     codes = []
     for c in range(model.OperatorCodesLength()):
+        budget.spend()
         code = model.OperatorCodes(c)
         builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
         custom = code.CustomCode()
@@ -83,10 +109,15 @@ def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
         raise ValueError("no subgraphs")
     counted: set[int] = set()  # signatures share weight buffers: count each once
     for s in range(model.SubgraphsLength()):
+        budget.spend()
         subgraph = model.Subgraphs(s)
         for t in range(subgraph.TensorsLength()):
             tensor = subgraph.Tensors(t)
-            [tensor.Shape(d) for d in range(tensor.ShapeLength())]
+            rank = tensor.ShapeLength()
+            budget.spend(1 + rank)
+            if rank > MAX_RANK:
+                raise ValueError(f"tensor {t} has {rank} dimensions")
+            [tensor.Shape(d) for d in range(rank)]
             index = tensor.Buffer()
             if index >= len(buffers):
                 raise ValueError(f"tensor {t} refers to buffer {index} of {len(buffers)}")
@@ -96,12 +127,15 @@ def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
                 summary.tensor_types[name] += 1
                 summary.weight_bytes[name] += buffers[index]
         for o in range(subgraph.OperatorsLength()):
+            budget.spend()
             opcode = subgraph.Operators(o).OpcodeIndex()
             if opcode >= len(codes):
                 raise ValueError(f"operator {o} uses opcode {opcode} of {len(codes)}")
             summary.operators[codes[opcode]] += 1
     for g in range(model.SignatureDefsLength()):
+        budget.spend()
         signature = model.SignatureDefs(g)
+        budget.spend(signature.InputsLength() + signature.OutputsLength())
         inputs = [signature.Inputs(i).Name().decode() for i in range(signature.InputsLength())]
         outputs = [signature.Outputs(i).Name().decode() for i in range(signature.OutputsLength())]
         summary.signatures[signature.SignatureKey().decode()] = (inputs, outputs)

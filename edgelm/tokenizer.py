@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
-import json
+import os
+import sys
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from edgelm.errors import TokenizerError
+from edgelm.model import read_json_object, require_regular_file
 
 
 def _raise_exception(message: str) -> None:
@@ -34,16 +37,29 @@ class Tokenizer:
         except Exception as err:
             raise TokenizerError(f"{path}: not a readable tokenizer.json ({err})") from err
         config_path = folder / "tokenizer_config.json"
-        self.config: dict[str, Any] = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        self.config: dict[str, Any] = (read_json_object(config_path, TokenizerError, "fix or remove it")
+                                       if os.path.lexists(config_path) else {})
         template_path = folder / "chat_template.jinja"
-        template = template_path.read_text() if template_path.is_file() else self.config.get("chat_template")
-        self.chat_template: str | None = template if isinstance(template, str) else None
+        template = self.config.get("chat_template")
+        if os.path.lexists(template_path):
+            if require_regular_file(template_path, TokenizerError) > MAX_TEMPLATE_BYTES:
+                raise TokenizerError(f"{template_path}: larger than {MAX_TEMPLATE_BYTES >> 10} KB; not a chat template")
+            try:
+                template = template_path.read_bytes().decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise TokenizerError(f"{template_path}: not UTF-8 text ({err})") from err
+        self.chat_template: str | None = template if isinstance(template, str) and template else None
         self.bos_token = self.special_token("bos_token")
         self.eos_token = self.special_token("eos_token")
 
     def special_token(self, key: str) -> str | None:
+        """The special token's text; TokenizerError when tokenizer_config.json gives it as anything else."""
         value = self.config.get(key)
-        return value.get("content") if isinstance(value, dict) else value
+        value = value.get("content") if isinstance(value, dict) else value
+        if value is not None and not isinstance(value, str):
+            raise TokenizerError(f"tokenizer_config.json: {key} must be a string (or {{\"content\": ...}}), "
+                                 f"not {str(value)[:40]!r}")
+        return value
 
     @property
     def pad_token_id(self) -> int:
@@ -65,30 +81,153 @@ class Tokenizer:
         return {i for i in ids if i is not None}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; TokenizerError for text that is not valid Unicode (lone surrogates,
+        e.g. from invalid UTF-8 in a command line)."""
+        if not isinstance(text, str):
+            raise TokenizerError(f"expected text, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise TokenizerError(f"the text is not valid Unicode ({err.reason} at character {err.start}); "
+                                 "pass UTF-8 text") from err
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """Render `messages` with the model's template; TokenizerError if it has none."""
+        """Render `messages` with the model's template; TokenizerError if it has none or it
+        runs past its bounds (see BoundedTemplate)."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template; pass raw text (chat=False)")
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
+        return BoundedTemplate(self.chat_template).render(
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+        )
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-        env.globals["raise_exception"] = _raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+
+MAX_TEMPLATE_BYTES = 256 << 10  # real chat templates are a few KB
+MAX_TEMPLATE_OUTPUT = 16 << 20  # characters: far above any context window's worth of text
+MAX_TEMPLATE_STEPS = 2_000_000  # Python line events while rendering (a real template needs thousands)
+MAX_TEMPLATE_SECONDS = 5.0
+MAX_REPEAT = 1 << 20  # longest string or list `*` and width-taking filters may build
+
+
+class BoundedTemplate:
+    """A chat template in Jinja's immutable sandbox, with every way to run long bounded.
+
+    Templates ship with models from strangers. The sandbox stops attribute escapes; this
+    adds what it does not bound: loop work (a tracer counts Python line events of the
+    compiled template and stops at MAX_TEMPLATE_STEPS or MAX_TEMPLATE_SECONDS — this catches
+    nested `range` loops with empty bodies too), output size, `*` / `**` on large operands,
+    width arguments of `center`/`indent`/`wordwrap`/`format`, and recursion. Any of these,
+    or a MemoryError / OverflowError inside, is a TokenizerError.
+    """
+
+    def __init__(self, source: str):
+        from jinja2.exceptions import TemplateError
+
+        self._env = _bounded_environment()
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages,
-                add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "",
-                eos_token=self.eos_token or "",
-            )
-        except TemplateError as err:
-            raise TokenizerError(f"chat template failed to render: {err}") from err
+            self._template = self._env.from_string(source)
+        except (TemplateError, RecursionError, MemoryError) as err:
+            raise TokenizerError(f"chat template does not parse: {str(err)[:200]}") from err
+
+    def render(self, **context: Any) -> str:
+        from jinja2.exceptions import TemplateError
+
+        steps = 0
+        deadline = time.monotonic() + MAX_TEMPLATE_SECONDS
+
+        def tracer(frame: Any, event: str, arg: Any) -> Any:
+            nonlocal steps
+            steps += 1
+            if steps > MAX_TEMPLATE_STEPS or (steps & 1023 == 0 and time.monotonic() > deadline):
+                raise _TemplateBudgetExceeded(f"ran past {MAX_TEMPLATE_STEPS} steps or {MAX_TEMPLATE_SECONDS:.0f} s")
+            return tracer
+
+        pieces: list[str] = []
+        size = 0
+        previous = sys.gettrace()
+        sys.settrace(tracer)
+        try:
+            for piece in self._template.generate(**context):
+                size += len(piece)
+                if size > MAX_TEMPLATE_OUTPUT:
+                    raise _TemplateBudgetExceeded(f"output passed {MAX_TEMPLATE_OUTPUT >> 20} M characters")
+                pieces.append(piece)
+        except TokenizerError:
+            raise
+        except _TemplateBudgetExceeded as err:
+            raise TokenizerError(f"chat template refused: it {err}") from None
+        except (TemplateError, RecursionError, MemoryError, OverflowError, ValueError, TypeError, ArithmeticError,
+                LookupError, AttributeError) as err:
+            raise TokenizerError(f"chat template failed to render ({type(err).__name__}: {str(err)[:200]})") from None
+        finally:
+            sys.settrace(previous)
+        return "".join(pieces)
+
+
+class _TemplateBudgetExceeded(Exception):
+    """Raised from inside the render when a bound is reached (never escapes BoundedTemplate)."""
+
+
+def _check_size(value: Any) -> Any:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_REPEAT:
+        raise _TemplateBudgetExceeded(f"asked for a size of {value} (limit {MAX_REPEAT})")
+    return value
+
+
+def _bounded_environment() -> Any:
+    import operator
+
+    from jinja2 import filters
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Environment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
+            if operator_name == "**":
+                _check_size(right if isinstance(right, int) else 0)
+                if isinstance(left, int) and abs(right) > 64 and abs(left) > 1:
+                    raise _TemplateBudgetExceeded("raised a number to a power above 64")
+                return operator.pow(left, right)
+            if isinstance(left, (str, list, tuple)) and isinstance(right, int):
+                _check_size(len(left) * right)
+            if isinstance(right, (str, list, tuple)) and isinstance(left, int):
+                _check_size(len(right) * left)
+            return operator.mul(left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True)
+
+    def bounded(fn: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            for value in (*args[1:], *kwargs.values()):
+                _check_size(value)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    for name in ("center", "indent", "wordwrap", "truncate"):
+        env.filters[name] = bounded(getattr(filters, f"do_{name}"))
+    env.filters["format"] = lambda value, *args, **kwargs: _bounded_format(env, value, *args, **kwargs)
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(str(fmt)[:100])
+    return env
+
+
+def _bounded_format(env: Any, value: Any, *args: Any, **kwargs: Any) -> str:
+    """`|format` with any width or precision in the format string bounded."""
+    import re
+
+    for number in re.findall(r"\d+", str(value)):
+        if len(number) > 7 or int(number) > MAX_REPEAT:
+            raise _TemplateBudgetExceeded(f"asked for a format width of {number[:20]}")
+    from jinja2 import filters
+
+    return filters.do_format(value, *args, **kwargs)
 
 
 class IncrementalDecoder:

@@ -21,7 +21,7 @@ import llama_cpp  # at module level, so that the runtime registry reports it whe
 import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
-from edgelm.gguf_header import read_gguf_summary
+from edgelm.gguf_header import GGUFSummary, read_gguf_summary
 from edgelm.session import Capabilities
 
 DEFAULT_CONTEXT = 4096  # KV cache slots allocated up front (llama.cpp's cache is fixed-size)
@@ -46,9 +46,11 @@ def _llama():
     return llama_cpp
 
 
-def _load_model(path: Path, *, vocab_only: bool = False, gpu_layers: int = 0):
+def _load_model(path: Path, *, vocab_only: bool = False, gpu_layers: int = 0, checked: bool = False):
+    """llama.cpp's model; `checked` says the caller already read the header defensively."""
     _llama()
-    read_gguf_summary(path)  # InvalidModelError for a truncated, hostile or non-GGUF file, before llama.cpp parses it
+    if not checked:
+        read_gguf_summary(path)  # InvalidModelError for a truncated, hostile or non-GGUF file, before llama.cpp parses it
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
     params.n_gpu_layers = gpu_layers
@@ -84,11 +86,11 @@ def tokenize_with_vocab_file(path: Path, text: str, add_special: bool = False) -
 class _Context:
     """A llama.cpp model + context + batch, freed together."""
 
-    def __init__(self, path: Path, *, n_ctx: int, n_batch: int, threads: int, gpu_layers: int, embeddings: bool):
+    def __init__(self, path: Path, summary: GGUFSummary, *, n_ctx: int, n_batch: int, threads: int, gpu_layers: int,
+                 embeddings: bool):
         self._lib = _llama()
-        summary = read_gguf_summary(path)
-        self.model = _load_model(path, gpu_layers=gpu_layers)
-        f32 = int(summary.metadata.get("general.file_type", -1)) == FILE_TYPE_ALL_F32
+        self.model = _load_model(path, gpu_layers=gpu_layers, checked=True)
+        f32 = summary.integer("general.file_type", -1) == FILE_TYPE_ALL_F32
         params = llama_cpp.llama_context_default_params()
         train = llama_cpp.llama_model_n_ctx_train(self.model)
         self.n_ctx = min(n_ctx, train) if train > 0 else n_ctx
@@ -213,8 +215,10 @@ class LlamaCppAdapter:
         summary = read_gguf_summary(path)
         arch = str(summary.metadata.get("general.architecture"))
         embeddings = summary.metadata.get(f"{arch}.pooling_type") is not None
-        n_ctx = int(summary.metadata.get(f"{arch}.context_length", DEFAULT_CONTEXT)) if embeddings else DEFAULT_CONTEXT
-        context = _Context(path, n_ctx=n_ctx, n_batch=n_ctx if embeddings else BATCH,
+        n_ctx = min(summary.integer(f"{arch}.context_length", DEFAULT_CONTEXT), 1 << 20) if embeddings else DEFAULT_CONTEXT
+        if n_ctx <= 0:
+            raise InvalidModelError(f"{path}: {arch}.context_length is {n_ctx}; the file is corrupt")
+        context = _Context(path, summary, n_ctx=n_ctx, n_batch=n_ctx if embeddings else BATCH,
                            threads=threads or os.cpu_count() or 1, gpu_layers=-1 if device == "gpu" else 0,
                            embeddings=embeddings)
         return LlamaCppEncoderSession(context, device) if embeddings else LlamaCppSession(context, device)

@@ -23,15 +23,29 @@ DEVICE_PROVIDERS = {
 }
 
 
+def load_onnx_graph(path: Path) -> object:
+    """The ModelProto without its external data; InvalidModelError for anything that is not a
+    model with a graph (protobuf parses an empty or foreign file as an empty model)."""
+    import onnx
+
+    from edgelm.model import require_regular_file
+
+    require_regular_file(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as err:
+        raise InvalidModelError(f"{path}: not a readable ONNX model ({str(err)[:300]}); re-export it") from err
+    if not proto.graph.node or not proto.graph.output or not proto.opset_import:
+        raise InvalidModelError(f"{path}: not an ONNX model (no graph nodes, outputs or opset); re-export it")
+    return proto
+
+
 def check_external_data_stays_inside(path: Path) -> None:
     """Refuse a model whose external-data locations point outside its own folder."""
     import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception as err:
-        raise InvalidModelError(f"{path}: not a readable ONNX model ({err}); re-export it") from err
+    proto = load_onnx_graph(path)
     root = path.parent.resolve()
     for tensor in proto.graph.initializer:
         if uses_external_data(tensor):
@@ -41,6 +55,17 @@ def check_external_data_stays_inside(path: Path) -> None:
                     f"{path}: tensor {tensor.name!r} reads external data from {location}, outside the model's folder; "
                     "refusing to load it (a bundle must be self-contained)"
                 )
+
+
+def _max_context(metadata: str, path: Path) -> int:
+    """The context length edgelm wrote into the model's metadata (2048 if absent)."""
+    try:
+        value = json.loads(metadata).get("max_context", 2048)
+    except (ValueError, RecursionError, AttributeError) as err:
+        raise InvalidModelError(f"{path}: its edgelm metadata is not a JSON object ({type(err).__name__})") from err
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1 << 24:
+        raise InvalidModelError(f"{path}: its edgelm metadata gives max_context {str(value)[:40]!r}")
+    return value
 
 
 class OnnxSession:
@@ -138,7 +163,7 @@ class OnnxRuntimeAdapter:
         except Exception as err:
             raise InvalidModelError(f"{path}: onnxruntime could not load it ({err}); re-export it") from err
         meta = session.get_modelmeta().custom_metadata_map
-        max_context = int(json.loads(meta.get("edgelm", "{}")).get("max_context", 2048))
+        max_context = _max_context(meta.get("edgelm", "{}"), path)
         inputs = {i.name for i in session.get_inputs()}
         if "attention_mask" in inputs:
             return OnnxEncoderSession(session, max_context, session.get_providers()[0])

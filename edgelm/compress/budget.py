@@ -12,6 +12,7 @@ meets both limits (ties: lower perplexity).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -20,9 +21,11 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from edgelm.bundle import check_replaceable, is_compressed_model
 from edgelm.compress.distill import DistillSettings
 from edgelm.compress.pipeline import compress_model
 from edgelm.compress.recipe import CompressRecipe, LayerDrop, Prune
+from edgelm.staging import move_into_place
 
 StepHook = Callable[[str], AbstractContextManager[Any]]
 BUDGET_FILE = "budget.json"
@@ -79,6 +82,11 @@ def choose(candidates: list[Candidate], max_mb: float, max_ppl_ratio: float) -> 
     return min(fitting, key=lambda c: (c.megabytes, c.ppl_ratio)) if fitting else None
 
 
+def _is_budget_output(path: Path) -> bool:
+    """A folder an earlier budget search wrote (budget.json) or a compressed model folder."""
+    return is_compressed_model(path) or (path.is_dir() and not path.is_symlink() and (path / BUDGET_FILE).is_file())
+
+
 def search_budget(model: str | Path | None, output: str | Path, *, max_mb: float, max_ppl_ratio: float,
                   export_options: Any, space: SearchSpace | None = None, overwrite: bool = False,
                   step: StepHook | None = None) -> BudgetResult:
@@ -91,11 +99,8 @@ def search_budget(model: str | Path | None, output: str | Path, *, max_mb: float
 
     space = space or SearchSpace()
     step = step or (lambda _name: nullcontext())
-    output = Path(output)
-    if output.exists() and not overwrite:
-        from edgelm.errors import EdgeLMError
-
-        raise EdgeLMError(f"{output} exists; pass --overwrite to replace it")
+    output = Path(output).absolute()
+    check_replaceable(output, overwrite, (Path(model),) if model is not None else (), ours=_is_budget_output)
     options = replace(export_options, allow_drift=True, overwrite=True)
     result: BudgetResult | None = None
     with tempfile.TemporaryDirectory(prefix="edgelm-budget-", dir=output.parent if output.parent.exists() else None) as tmp:
@@ -133,15 +138,15 @@ def search_budget(model: str | Path | None, output: str | Path, *, max_mb: float
         assert result is not None
         pareto_front(result.candidates)
         result.chosen = choose(result.candidates, max_mb, max_ppl_ratio)
-        if output.exists():
-            shutil.rmtree(output)
-        if result.chosen:
-            folder = folders[(result.chosen.layers_dropped, result.chosen.channel_fraction)]
-            if folder is None:  # the uncompressed model already fits: say so, write only the search
-                output.mkdir(parents=True)
-            else:
-                shutil.move(str(folder), output)
-        else:
-            output.mkdir(parents=True)
-        (output / BUDGET_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        final = Path(tmp) / "result"
+        if result.chosen and folders[(result.chosen.layers_dropped, result.chosen.channel_fraction)] is not None:
+            shutil.move(str(folders[(result.chosen.layers_dropped, result.chosen.channel_fraction)]), final)
+        else:  # nothing fits, or the uncompressed model already does: write only the search
+            final.mkdir()
+        (final / BUDGET_FILE).write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+        if os.path.lexists(output):
+            check_replaceable(output, overwrite, ours=_is_budget_output)
+        old = move_into_place(final, output, replace_existing=overwrite)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     return result

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgelm.bundle import atomic_bundle_dir
+from edgelm.bundle import atomic_bundle_dir, is_compressed_model
 from edgelm.compress.corpus import Corpus, build_corpus, token_stream
 from edgelm.compress.distill import DistillResult, DistillSettings, distill
 from edgelm.compress.layers import choose_layers_to_drop, drop_layers
@@ -106,7 +106,8 @@ def compress_model(model: str | Path | None, output: str | Path, recipe: Compres
     step = step or (lambda _name: nullcontext())
     _set_threads()
     output = Path(output)
-    with atomic_bundle_dir(output, overwrite=overwrite) as work:
+    protect = (Path(model),) if model is not None else ()
+    with atomic_bundle_dir(output, overwrite=overwrite, protect=protect, ours=is_compressed_model) as work:
         with step("Loading the base model"):
             source, teacher, tokenizer = load_with_tokenizer(model, work / ".tokenizer", allow_pickle)
             if source.task != "text-generation" and recipe.distill:
@@ -227,7 +228,8 @@ def distill_folders(teacher_path: str | Path | None, student_path: str | Path, o
             record.perplexity = {**record.perplexity,
                                  "before_distill": round(before, 4), "after_distill": round(perplexity(student, heldout), 4)}
             record.steps = [*record.steps, {"step": "distill", **_distill_summary(result)}]
-            with atomic_bundle_dir(output, overwrite=True) as work:
+            protect = tuple(Path(p) for p in (teacher_path, student_path) if p is not None and Path(p) != output)
+            with atomic_bundle_dir(output, overwrite=True, protect=protect, ours=is_compressed_model) as work:
                 save_model_folder(student, Path(scratch) / "tokenizer", work, record)
             shutil.rmtree(checkpoints, ignore_errors=True)
             return record.to_dict()

@@ -72,16 +72,16 @@ class CompressRecipe:
 
     @classmethod
     def load(cls, path: str | Path) -> CompressRecipe:
+        from edgelm.model import read_json_object
+
         path = Path(path)
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise EdgeLMError(f"{path}: no such recipe file") from err
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise EdgeLMError(f"{path}: not a JSON recipe ({err})") from err
-        if not isinstance(data, dict):
-            raise EdgeLMError(f"{path}: a recipe is a JSON object")
-        return cls.from_dict(data.get("recipe", data))  # a compression.json works as a recipe too
+        if not path.exists():
+            raise EdgeLMError(f"{path}: no such recipe file")
+        data = read_json_object(path, EdgeLMError, "a recipe is a JSON object (see `edgelm compress --help`)")
+        recipe = data.get("recipe", data)
+        if not isinstance(recipe, dict):
+            raise EdgeLMError(f"{path}: its recipe must be a JSON object")
+        return cls.from_dict(recipe)  # a compression.json works as a recipe too
 
 
 @dataclass
@@ -106,8 +106,10 @@ class CompressionRecord:
 
     @classmethod
     def read(cls, folder: Path) -> CompressionRecord | None:
+        from edgelm.model import read_json_object
+
         path = folder / RECORD_FILE
         if not path.is_file():
             return None
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = read_json_object(path, EdgeLMError, "fix or remove it")
         return cls(**{k: v for k, v in data.items() if k in {f.name for f in fields(cls)}})

@@ -1,0 +1,107 @@
+"""SIGKILL at random points of `edgelm export` (with and without --overwrite) and of `edgelm push`:
+the path holds the complete old bundle or the complete new one every time (or nothing, when
+there was nothing before), and no staging folder is left after the next run."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import fast_export_options
+from edgelm.bundle import read_bundle
+from edgelm.export import export_bundle
+from edgelm.staging import clean_stale
+
+KILLS = int(os.environ.get("EDGELM_KILLS", "50"))
+EDGELM = [sys.executable, "-m", "edgelm"]
+
+
+def _kill_at(argv: list[str], delay: float) -> bool:
+    """Start argv, SIGKILL it after `delay` s; True when it was still running then."""
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        proc.wait(timeout=delay)
+        return False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        return True
+
+
+def _timed(argv: list[str]) -> float:
+    started = time.monotonic()
+    subprocess.run(argv, check=True, capture_output=True, timeout=600)
+    return time.monotonic() - started
+
+
+def _state(path: Path, old_created: str | None, allow_absent: bool) -> str:
+    if not path.exists():
+        assert allow_absent, f"{path} is gone: a kill left no bundle where one was"
+        return "absent"
+    manifest = read_bundle(path)  # every file present and matching its sha256
+    return "old" if manifest.created == old_created else "new"
+
+
+def _leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.") or p.name.startswith(f"{name}.")]
+
+
+@pytest.mark.slow
+def test_sigkill_during_export_leaves_old_or_new_bundle(tiny_llama, tmp_path):
+    out = tmp_path / "bundle"
+    argv = [*EDGELM, "export", str(tiny_llama), "--formats", "safetensors", "--no-profile", "-o", str(out)]
+    full = _timed([*argv])  # also leaves a complete bundle to replace
+    rng = random.Random(16)
+    seen = {"absent": 0, "old": 0, "new": 0, "finished": 0}
+    for i in range(KILLS):
+        overwrite = i % 2 == 0
+        if not overwrite and out.exists():
+            shutil.rmtree(out)
+        if overwrite and not out.exists():
+            export_bundle(tiny_llama, out, fast_export_options(formats=("safetensors",), profile=False))
+        old_created = read_bundle(out).created if out.exists() else None
+        killed = _kill_at([*argv, *(["--overwrite"] if overwrite else [])], rng.uniform(0.2, full * 1.05))
+        state = _state(out, old_created, allow_absent=not overwrite)
+        seen["finished" if not killed else state] += 1
+        time.sleep(0.05)
+        clean_stale(out)  # what the next run does first
+        assert _leftovers(tmp_path, "bundle") == [], f"kill {i}: left {_leftovers(tmp_path, 'bundle')}"
+    assert sum(seen.values()) == KILLS
+    assert seen["absent"] + seen["old"] > 0  # some kills landed before the swap …
+    print(f"export kills: {seen} (full export {full:.1f} s)")
+
+
+@pytest.mark.slow
+def test_sigkill_during_push_leaves_old_or_new_bundle(tiny_llama, tmp_path):
+    bundle = tmp_path / "bundle"
+    export_bundle(tiny_llama, bundle, fast_export_options(formats=("safetensors",), profile=False))
+    device = tmp_path / "device"
+    device.mkdir()
+    dest = device / "b"
+    argv = [*EDGELM, "push", str(bundle), "--device", "local", "--to", str(dest), "--formats", "reference-fp32"]
+    full = _timed(argv)
+    rng = random.Random(17)
+    seen = {"absent": 0, "old": 0, "new": 0, "finished": 0}
+    for i in range(KILLS):
+        if i % 2 and dest.exists():
+            shutil.rmtree(dest)  # every other kill: a first push, with nothing there before
+        old_created = None
+        if dest.exists():  # mark the earlier copy so a replaced one is told apart
+            old_created = read_bundle(dest).created
+        killed = _kill_at(argv, rng.uniform(0.1, full * 1.05))
+        time.sleep(0.3)  # a device-side `sh` started before the kill finishes its rename
+        state = _state(dest, old_created, allow_absent=old_created is None)
+        seen["finished" if not killed else state] += 1
+        subprocess.run(argv, check=True, capture_output=True, timeout=300)  # the next run cleans up
+        assert _leftovers(device, "b") == [], f"kill {i}: left {_leftovers(device, 'b')}"
+        assert read_bundle(dest)
+    assert sum(seen.values()) == KILLS
+    print(f"push kills: {seen} (full push {full:.1f} s)")
