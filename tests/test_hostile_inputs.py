@@ -281,7 +281,7 @@ def test_a_real_chat_template_still_renders():
     from edgelm.tokenizer import BoundedTemplate
 
     template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-                "| trim + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\\n"
+                "| trim + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
                 "{% endif %}")
     text = BoundedTemplate(template).render(messages=[{"role": "user", "content": "hi " * 20_000}],
                                             add_generation_prompt=True)
