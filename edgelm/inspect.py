@@ -13,6 +13,14 @@ from edgelm.model import require_regular_file
 Rows = list[tuple[str, Any]]
 
 
+def _number(value: Any, digits: int) -> str:
+    """A manifest figure for display: rounded when it is a number, else shown as it is (a
+    hand-edited manifest may hold anything there)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return str(round(value, digits))
+    return str(value)[:20]
+
+
 def _describe_bundle(path: Path) -> tuple[str, Rows]:
     from edgelm.bundle import read_bundle
 
@@ -25,11 +33,10 @@ def _describe_bundle(path: Path) -> tuple[str, Rows]:
         ("files verified", f"{len(manifest.files)} (sha256)"),
     ]
     for a in manifest.artifacts:
-        ratio = (a.parity or {}).get("ppl_ratio")
-        speed = (a.profile or {}).get("decode_tok_s")
+        ratio = _number((a.parity or {}).get("ppl_ratio"), 4)
+        speed = _number((a.profile or {}).get("decode_tok_s"), 1)
         rows.append((a.name, f"{a.path}  {a.bytes / 1e6:.1f} MB  runtime={a.runtime}  "
-                             f"ppl_ratio={ratio if ratio is None else round(ratio, 4)}  "
-                             f"decode={speed if speed is None else round(speed, 1)} tok/s"))
+                             f"ppl_ratio={ratio}  decode={speed} tok/s"))
     return f"bundle {path}", rows
 
 
@@ -94,7 +101,8 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
     proto = load_onnx_graph(path)
     ops = Counter(n.op_type for n in proto.graph.node)
     quantized = {op: ops[op] for op in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul") if op in ops}
-    dtypes = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in proto.graph.initializer)
+    names = {value: name for name, value in onnx.TensorProto.DataType.items()}
+    dtypes = Counter(names.get(t.data_type, f"type {t.data_type}") for t in proto.graph.initializer)
 
     def shape(v: Any) -> str:
         dims = [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
@@ -117,13 +125,18 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
 def _describe_pte(path: Path) -> tuple[str, Rows]:
     """Methods, delegates, operators and size of an ExecuTorch program, after the runtime's own
     verified load (a truncated or foreign file is an InvalidModelError first)."""
-    from edgelm.runtimes.executorch import LOG_VARIABLE, load_program, quiet_native_stderr
+    from edgelm.runtimes.executorch import LOG_VARIABLE, load_program, probe_in_child, quiet_native_stderr
 
+    probe_in_child(path)
     load_program(path)
     from executorch.exir._serialize._program import deserialize_pte_binary
 
-    with quiet_native_stderr(LOG_VARIABLE):
-        program = deserialize_pte_binary(path.read_bytes()).program
+    try:
+        with quiet_native_stderr(LOG_VARIABLE):
+            program = deserialize_pte_binary(path.read_bytes()).program
+    except Exception as err:  # executorch's pure-Python reader: any error means bytes it cannot describe
+        raise InvalidModelError(f"{path}: the program's tables cannot be read ({type(err).__name__}); "
+                                "re-export it") from err
     rows: Rows = [("size", f"{path.stat().st_size / 1e6:.1f} MB"),
                   ("methods", ", ".join(plan.name for plan in program.execution_plan))]
     for plan in program.execution_plan:
@@ -131,7 +144,7 @@ def _describe_pte(path: Path) -> tuple[str, Rows]:
         if plan.name == "forward":
             rows += [("forward inputs / outputs", f"{len(plan.inputs)} / {len(plan.outputs)}"),
                      ("delegates", ", ".join(f"{k}×{v}" for k, v in delegates.items()) or "none"),
-                     ("operators outside delegates", ", ".join(sorted({o.name for o in plan.operators})) or "none")]
+                     ("operators outside delegates", ", ".join(sorted({str(o.name) for o in plan.operators})) or "none")]
     return f"executorch {path}", rows
 
 

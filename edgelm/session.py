@@ -9,13 +9,15 @@ criteria, chat templates and streaming live once in edgelm.generate, never per b
 from __future__ import annotations
 
 import importlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 
-from edgelm.errors import UnsupportedError
+from edgelm.errors import InvalidModelError, UnsupportedError
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,21 @@ RUNTIME_MODULES: dict[str, str] = {
     "executorch": "edgelm.runtimes.executorch",
     "litert": "edgelm.runtimes.litert",
 }
+
+
+@contextmanager
+def model_failures(runtime: str, errors: tuple[type[BaseException], ...] = (RuntimeError,)) -> Iterator[None]:
+    """A runtime's own error while running a model it loaded becomes an InvalidModelError.
+
+    edgelm builds the inputs itself, so a runtime that fails on them is failing on the
+    file (damaged or not edgelm's): bad input, exit 2, one line.
+    """
+    try:
+        yield
+    except errors as err:
+        detail = " ".join(str(err).split())[:300]
+        raise InvalidModelError(f"{runtime} failed running this model ({type(err).__name__}: {detail}); the file may "
+                                "be damaged — re-export it") from err
 
 
 def get_runtime(name: str) -> RuntimeAdapter:

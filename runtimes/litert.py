@@ -24,7 +24,7 @@ import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.native_log import quiet_native_stderr
-from edgelm.session import Capabilities
+from edgelm.session import Capabilities, model_failures
 from edgelm.tflite_file import read_tflite
 
 LOG_VARIABLE = "EDGELM_LITERT_LOG"  # set to 1 to see LiteRT's own log lines
@@ -71,7 +71,7 @@ class InterpreterSteps:
         view[0, n:] = 0  # padding after the real tokens: the causal mask keeps it out of their results
         self._view(name, inputs[1])[0] = position
         del view
-        with quiet_native_stderr(LOG_VARIABLE):
+        with quiet_native_stderr(LOG_VARIABLE), model_failures("LiteRT"):
             self._wrapper.Invoke(subgraph)
         logits = self._view(name, outputs[0])[0, :n].copy()
         for k, output in enumerate(outputs[1:]):
@@ -125,7 +125,7 @@ class CompiledModelSteps:
         values = [padded, np.array([position], np.int32), *self._cache]
         for d, value in zip(ins, values):
             inputs[d["key"]].write(value)
-        with quiet_native_stderr(LOG_VARIABLE):
+        with quiet_native_stderr(LOG_VARIABLE), model_failures("LiteRT"):
             self._model.run_by_name(name, inputs, outputs)
         read = [outputs[d["key"]].read(int(np.prod(d["shape"])), np.float32).reshape(d["shape"]) for d in outs]
         for cache, new in zip(self._cache, read[1:]):
@@ -159,7 +159,7 @@ class LiteRTEncoderSession:
         for ids, mask in zip(input_ids, attention_mask):
             padded = np.zeros((2, 1, length), np.int32)
             padded[0, 0, :width], padded[1, 0, :width] = ids, mask
-            with quiet_native_stderr(LOG_VARIABLE):
+            with quiet_native_stderr(LOG_VARIABLE), model_failures("LiteRT", (RuntimeError, ValueError)):
                 out = self._runners[length](args_0=padded[0], args_1=padded[1])
             rows.append(next(iter(out.values()))[0])
         return np.stack(rows).astype(np.float32)

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
-from edgelm.session import Capabilities
+from edgelm.session import Capabilities, model_failures
 
 # device -> execution providers to try, in order of preference
 DEVICE_PROVIDERS = {
@@ -91,7 +91,8 @@ class OnnxSession:
         feeds.update(zip(self.past_names, self._past if self._past is not None else self._empty))
         # One call with OrtValues in and out: the cache stays in onnxruntime's memory, and no
         # per-tensor Python binding calls are made (~120 of them per token for 30 layers).
-        outputs = self.session.run_with_ort_values(self.output_names, feeds)
+        with model_failures("onnxruntime", (Exception,)):  # its errors derive from Exception only
+            outputs = self.session.run_with_ort_values(self.output_names, feeds)
         self._past = outputs[1:]
         return outputs[0].numpy()[0]
 
@@ -121,7 +122,8 @@ class OnnxEncoderSession:
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
                  "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
-        return self.session.run(self.output_names, feeds)[0]
+        with model_failures("onnxruntime", (Exception,)):
+            return self.session.run(self.output_names, feeds)[0]
 
     def close(self) -> None:
         self.session = None
