@@ -20,12 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fuzzing import PARSERS, fuzz_parser  # noqa: E402
-from tiny_models import build_tiny_model  # noqa: E402
+from fuzzing import PARSERS, fuzz_parser
+from tiny_models import build_tiny_model
 
-from edgelm.export import ExportOptions, export_bundle  # noqa: E402
-from edgelm.parity import ParitySettings  # noqa: E402
-from edgelm.profile import device_record  # noqa: E402
+from edgelm.export import ExportOptions, export_bundle
+from edgelm.parity import ParitySettings
+from edgelm.profile import device_record
 
 
 def main() -> None:

@@ -21,13 +21,13 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_models import build_tiny_model  # noqa: E402
+from tiny_models import build_tiny_model
 
-import edgelm  # noqa: E402
-from edgelm.bundle import read_bundle  # noqa: E402
-from edgelm.export import ExportOptions, export_bundle  # noqa: E402
-from edgelm.parity import ParitySettings  # noqa: E402
-from edgelm.profile import device_record  # noqa: E402
+import edgelm
+from edgelm.bundle import read_bundle
+from edgelm.export import ExportOptions, export_bundle
+from edgelm.parity import ParitySettings
+from edgelm.profile import device_record
 
 WARMUP = 200
 PROMPTS = ("The parity text", "What is a KV cache?", "Edge devices", "A", "Tell me a story about a phone")

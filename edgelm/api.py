@@ -13,7 +13,12 @@ from typing import Any
 import numpy as np
 
 from edgelm.bundle import ArtifactEntry, Manifest, read_bundle
-from edgelm.encoder_eval import EncoderProfile, encoder_texts, profile_encoder, run_batched
+from edgelm.encoder_eval import (
+    EncoderProfile,
+    encoder_texts,
+    profile_encoder,
+    run_batched,
+)
 from edgelm.errors import BundleError, DeviceError, PromptError, UnsupportedError
 from edgelm.generate import stream_tokens
 from edgelm.profile import Profile, profile_session, timed

@@ -125,7 +125,12 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
 def _describe_pte(path: Path) -> tuple[str, Rows]:
     """Methods, delegates, operators and size of an ExecuTorch program, after the runtime's own
     verified load (a truncated or foreign file is an InvalidModelError first)."""
-    from edgelm.runtimes.executorch import LOG_VARIABLE, load_program, probe_in_child, quiet_native_stderr
+    from edgelm.runtimes.executorch import (
+        LOG_VARIABLE,
+        load_program,
+        probe_in_child,
+        quiet_native_stderr,
+    )
 
     probe_in_child(path)
     load_program(path)

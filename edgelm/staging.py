@@ -35,7 +35,7 @@ _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
 
 
-def _libc_renameat2():  # noqa: ANN202 - a ctypes function or None
+def _libc_renameat2():
     try:
         fn = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):

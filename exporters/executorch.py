@@ -35,11 +35,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from edgelm.runtimes.executorch import mark_trusted
+
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
-from edgelm.runtimes.executorch import mark_trusted
 
 STATIC_CONTEXT = 1024  # cache positions allocated in the program (bounded by the model's own maximum)
 FILE_NAMES = {"fp32": "model.pte", "fp16": "model_fp16.pte", "int8": "model_8da8w.pte", "int4": "model_8da4w.pte"}
@@ -187,7 +188,7 @@ def _block_bias_module() -> Any:
     return BlockBiasCorrected
 
 
-def BlockBiasCorrected(linear: Any, block_mean: Any) -> Any:  # noqa: N802 - builds the torch module lazily
+def BlockBiasCorrected(linear: Any, block_mean: Any) -> Any:
     return _block_bias_module()(linear, block_mean)
 
 
@@ -196,7 +197,9 @@ def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
     import torch
 
     quiet_noisy_imports()
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
     from executorch.exir import to_edge_transform_and_lower
 
     from edgelm.graph import build_decoder_graph
@@ -244,7 +247,9 @@ def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[st
     import torch
 
     quiet_noisy_imports()
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+        XnnpackPartitioner,
+    )
     from executorch.exir import to_edge_transform_and_lower
 
     from edgelm.encoder_graph import EncoderGraph, example_encoder_inputs

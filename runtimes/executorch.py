@@ -10,8 +10,8 @@ file is an InvalidModelError, never a crash.
 from __future__ import annotations
 
 import functools
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 

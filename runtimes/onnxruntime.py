@@ -42,7 +42,6 @@ def load_onnx_graph(path: Path) -> object:
 
 def check_external_data_stays_inside(path: Path) -> None:
     """Refuse a model whose external-data locations point outside its own folder."""
-    import onnx
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     proto = load_onnx_graph(path)

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import fast_export_options
+
 from edgelm.bundle import atomic_bundle_dir, is_bundle
 from edgelm.devices import LocalTransport
 from edgelm.errors import BundleError
@@ -24,7 +24,7 @@ EDGELM = [sys.executable, "-m", "edgelm"]
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*EDGELM, *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run([*EDGELM, *args], capture_output=True, text=True, timeout=300, check=False)
 
 
 def user_folder(path: Path) -> Path:

@@ -13,16 +13,23 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import fast_export_options
+
 from edgelm.bundle import read_bundle
-from edgelm.errors import BundleError, EdgeLMError, InvalidModelError, PromptError, TokenizerError, UnsupportedError
+from edgelm.errors import (
+    BundleError,
+    EdgeLMError,
+    InvalidModelError,
+    PromptError,
+    TokenizerError,
+    UnsupportedError,
+)
 
 EDGELM = [sys.executable, "-m", "edgelm"]
 
 
 def run_cli(*args: str | bytes, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([*EDGELM, *args], capture_output=True, timeout=timeout)
+    return subprocess.run([*EDGELM, *args], capture_output=True, timeout=timeout, check=False)
 
 
 def assert_exit_2(result: subprocess.CompletedProcess, pattern: str = "") -> None:
@@ -45,7 +52,7 @@ def bundle(tiny_llama, tmp_path_factory) -> Path:
     return out
 
 
-def tampered(bundle: Path, tmp_path: Path, edit) -> Path:  # noqa: ANN001 - edit(manifest dict, folder)
+def tampered(bundle: Path, tmp_path: Path, edit) -> Path:
     copy = tmp_path / "b"
     shutil.copytree(bundle, copy)
     manifest = json.loads((copy / "manifest.json").read_text())
@@ -235,8 +242,9 @@ def test_hostile_gguf_metadata_is_invalid_model_error(tmp_path):
     }
     for name, kvs in cases.items():
         _gguf(path, kvs)
-        with pytest.raises(InvalidModelError):
+        with pytest.raises(InvalidModelError, match="GGUF"):
             read_gguf_summary(path)
+        assert name
         result = run_cli("inspect", str(path))
         assert_exit_2(result)
 

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import fast_export_options
+
 from edgelm.bundle import read_bundle
 from edgelm.export import export_bundle
 from edgelm.staging import clean_stale
