@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 from common import arguments, compare_decode
-
 from edgelm.runtimes.llamacpp import BATCH, DEFAULT_CONTEXT
 
 

@@ -153,7 +153,7 @@ def load(path: str | Path, format: str | None = None, device: str = "cpu", threa
             f"{', '.join(runtime.available_devices())} (see `edgelm doctor`)"
         )
     task = manifest.source.get("task", "text-generation")
-    if task not in TASK_KINDS:
+    if not isinstance(task, str) or task not in TASK_KINDS:
         raise BundleError(f"manifest.json: unknown task {str(task)[:40]!r}; known: {', '.join(TASK_KINDS)}")
     tokenizer = Tokenizer(root / manifest.tokenizer["path"])
     session, load_s = timed(runtime.open, root / entry.path, device=device, threads=threads)

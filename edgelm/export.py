@@ -22,6 +22,7 @@ from edgelm.evaluate import EVALUATIONS
 from edgelm.exporter import check_quant, get_exporter, missing_requirements
 from edgelm.model import SourceModel, inspect_source, load_reference_model, sha256_file
 from edgelm.parity import DEFAULT_GATES, ParitySettings
+from edgelm.probe import mark_trusted
 from edgelm.profile import timed
 from edgelm.report import card_rows, write_report
 from edgelm.session import get_runtime
@@ -254,6 +255,7 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             name = f"{fmt}-{quant}" if fmt != REFERENCE_FORMAT else "reference-fp32"
             with step(f"Exporting {name}"):
                 artifact = _export_one(exporter, model_obj, source, work, quant, name)
+            mark_trusted(artifact.path)  # written by this process: opened for parity without a crash probe
             runtime = get_runtime(exporter.runtime)
             with step(f"Loading {name} in {runtime.name}"):
                 session, load_s = timed(runtime.open, artifact.path, threads=options.threads)

@@ -13,6 +13,10 @@ from edgelm.model import require_regular_file
 Rows = list[tuple[str, Any]]
 
 
+def _text(value: str | bytes) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
 def _number(value: Any, digits: int) -> str:
     """A manifest figure for display: rounded when it is a number, else shown as it is (a
     hand-edited manifest may hold anything there)."""
@@ -104,9 +108,9 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
     names = {value: name for name, value in onnx.TensorProto.DataType.items()}
     dtypes = Counter(names.get(t.data_type, f"type {t.data_type}") for t in proto.graph.initializer)
 
-    def shape(v: Any) -> str:
-        dims = [d.dim_param or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
-        return f"{v.name}[{','.join(dims)}]"
+    def shape(v: Any) -> str:  # protobuf hands undecodable strings back as bytes
+        dims = [_text(d.dim_param) or str(d.dim_value) for d in v.type.tensor_type.shape.dim]
+        return f"{_text(v.name)}[{','.join(dims)}]"
 
     inputs = [shape(v) for v in proto.graph.input]
     outputs = [shape(v) for v in proto.graph.output]
@@ -125,14 +129,10 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
 def _describe_pte(path: Path) -> tuple[str, Rows]:
     """Methods, delegates, operators and size of an ExecuTorch program, after the runtime's own
     verified load (a truncated or foreign file is an InvalidModelError first)."""
-    from edgelm.runtimes.executorch import (
-        LOG_VARIABLE,
-        load_program,
-        probe_in_child,
-        quiet_native_stderr,
-    )
+    from edgelm.probe import probe
+    from edgelm.runtimes.executorch import LOG_VARIABLE, load_program, quiet_native_stderr
 
-    probe_in_child(path)
+    probe("executorch", path)  # the native loader aborts the process on some damaged programs
     load_program(path)
     from executorch.exir._serialize._program import deserialize_pte_binary
 

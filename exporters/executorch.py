@@ -35,8 +35,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from edgelm.runtimes.executorch import mark_trusted
-
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact
 from edgelm.graph import decoder_signature
@@ -226,7 +224,6 @@ def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
                               "get_num_layers": signature.num_layers, "is_encoder": False},
         ).to_executorch(_backend_config())
     path.write_bytes(program.buffer)
-    mark_trusted(path)  # this process wrote it: opening it for parity needs no crash probe
     return {**recipe, "max_context": context,
             "attention": "executorch llama custom ops (update_cache, custom_sdpa)" if custom_ops else "aten ops"}
 
@@ -268,7 +265,6 @@ def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[st
             constant_methods={"get_max_context": graph.signature.max_length, "is_encoder": True},
         ).to_executorch(_backend_config())
     path.write_bytes(program.buffer)
-    mark_trusted(path)  # this process wrote it: opening it for parity needs no crash probe
     return {**recipe, "max_context": graph.signature.max_length}
 
 

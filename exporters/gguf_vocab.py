@@ -128,7 +128,6 @@ def probe_text() -> str:
 def choose_pre_tokenizer(vocab: GGUFVocab, tokenizer_dir: Path, arch: str) -> str:
     """The llama.cpp pre-tokenizer name whose tokenization equals the source tokenizer's."""
     import gguf
-
     from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
 
     text = probe_text()

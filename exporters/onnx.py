@@ -21,8 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgelm.encoder_graph import encoder_signature
 from edgelm.architectures import TASK_MODEL_CLASSES
+from edgelm.encoder_graph import encoder_signature
 from edgelm.exporter import ExportedArtifact
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel
@@ -119,10 +119,9 @@ def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
     else:
         # The output projection decides every token; like llama.cpp's Q4_K_M (which keeps it
         # at 6 bits), int4 keeps it at 8 bits and quantizes the transformer layers to 4.
-        from onnx import numpy_helper
-
         from edgelm.exporters.onnx_block_bias import add_block_bias_correction
         from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
+        from onnx import numpy_helper
 
         head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
         bits_for_head = 8

@@ -37,12 +37,13 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from edgelm.runtimes.litert import LOG_VARIABLE
+
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
 from edgelm.native_log import quiet_native_stderr
-from edgelm.runtimes.litert import LOG_VARIABLE
 
 HOST_CONTEXT = 1024  # cache positions (bounded by the model's own maximum); recorded in the manifest
 PREFILL_LENGTH = 128  # tokens per prefill call; longer prompts run in chunks

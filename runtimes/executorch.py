@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.native_log import quiet_native_stderr
+from edgelm.probe import probe
 from edgelm.session import Capabilities, model_failures
 
 LOG_VARIABLE = "EDGELM_EXECUTORCH_LOG"  # set to 1 to see ExecuTorch's own log lines
@@ -75,135 +75,6 @@ def load_program(path: Path) -> object:
     except RuntimeError as err:
         raise InvalidModelError(f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — "
                                 "re-export it") from err
-
-
-# Files this process wrote or already probed: (resolved path, size, mtime_ns). Loading them
-# again skips the child-process probe below.
-_KNOWN_GOOD: set[tuple[str, int, int]] = set()
-PROBE_TIMEOUT_S = 300
-PROBE_ADDRESS_SPACE = 16 << 30
-
-
-def _identity(path: Path) -> tuple[str, int, int]:
-    info = path.stat()
-    return str(path.resolve()), info.st_size, info.st_mtime_ns
-
-
-def mark_trusted(path: Path) -> None:
-    """Record a .pte this process wrote itself (the exporter), so opening it needs no probe."""
-    _KNOWN_GOOD.add(_identity(Path(path)))
-
-
-def probe_in_child(path: Path) -> None:
-    """Load the program and its methods in a child process first; InvalidModelError if it dies.
-
-    ExecuTorch's native loader aborts the whole process on some damaged files (a delegate
-    error whose message is not UTF-8 ends in std::terminate), which no try/except can
-    catch. A long-lived child process under an address-space limit takes that risk
-    instead (started once per process, restarted after a file kills it); only a file it
-    loaded cleanly is opened here.
-    """
-    if _identity(path) in _KNOWN_GOOD:
-        return
-    problem = _PROBER.check(path)
-    if problem:
-        raise InvalidModelError(f"{path}: ExecuTorch could not load it ({problem}); the file is damaged or not an "
-                                "edgelm program — re-export it")
-    _KNOWN_GOOD.add(_identity(path))
-
-
-# The child: one path per line in, one JSON answer per line out (on its own descriptor:
-# native code prints to fd 1).
-_PROBE_SOURCE = r"""
-import json, os, resource, sys
-hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-limit = int(sys.argv[1]) if hard == resource.RLIM_INFINITY else min(int(sys.argv[1]), hard)
-resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-answers = os.fdopen(os.dup(1), "w")
-os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
-from pathlib import Path
-from edgelm.runtimes.executorch import load_methods
-for line in sys.stdin:
-    answers.write(json.dumps({"problem": load_methods(Path(line.rstrip("\n")))}) + "\n")
-    answers.flush()
-"""
-
-
-class _Prober:
-    """The long-lived probe child of probe_in_child (one per process, behind a lock)."""
-
-    def __init__(self) -> None:
-        import threading
-
-        self._proc: Any = None
-        self._lock = threading.Lock()
-
-    def check(self, path: Path) -> str | None:
-        """None when the child loaded `path` cleanly, else what went wrong."""
-        import atexit
-        import json
-        import selectors
-        import subprocess
-        import sys
-
-        with self._lock:
-            if self._proc is None or self._proc.poll() is not None:
-                self._proc = subprocess.Popen([sys.executable, "-c", _PROBE_SOURCE, str(PROBE_ADDRESS_SPACE)],
-                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                              stderr=subprocess.DEVNULL, text=True)
-                atexit.register(self._proc.kill)
-            proc = self._proc
-            try:
-                proc.stdin.write(f"{path.resolve()}\n")
-                proc.stdin.flush()
-            except BrokenPipeError:
-                return self._died()
-            with selectors.DefaultSelector() as selector:
-                selector.register(proc.stdout, selectors.EVENT_READ)
-                ready = selector.select(PROBE_TIMEOUT_S)
-            line = proc.stdout.readline() if ready else ""
-            if not ready:
-                proc.kill()
-                self._proc = None
-                return f"no answer in {PROBE_TIMEOUT_S} s"
-            if not line:
-                return self._died()
-            return json.loads(line)["problem"]
-
-    def _died(self) -> str:
-        code = self._proc.wait()
-        self._proc = None
-        return f"the loader crashed (signal {-code})" if code < 0 else f"the loader exited with {code}"
-
-
-_PROBER = _Prober()
-
-
-def load_methods(path: Path) -> str | None:
-    """Load the program and every method edgelm uses and run each once (a short prefill and a
-    decode step, or one encoder batch); None if that worked, else why not (what the probe
-    child runs: the runtime aborts the process on some damaged programs when they execute)."""
-    import torch
-
-    try:
-        program = load_program(path)
-        with quiet_native_stderr(LOG_VARIABLE):
-            methods = {name: program.load_method(name) for name in ("get_max_context", "is_encoder", "forward")
-                       if name in program.method_names}
-            for name in ("get_max_context", "is_encoder"):
-                if name in methods:
-                    methods[name].execute([])
-            if "is_encoder" in methods and bool(methods["is_encoder"].execute([])[0]):
-                ids = torch.ones((1, 4), dtype=torch.long)
-                methods["forward"].execute([ids, torch.ones_like(ids)])
-            elif "forward" in methods:  # a two-token prefill, then one decode step
-                methods["forward"].execute([torch.ones((1, 2), dtype=torch.long), torch.tensor([0])])
-                methods["forward"].execute([torch.ones((1, 1), dtype=torch.long), torch.tensor([2])])
-    except (InvalidModelError, RuntimeError, IndexError, TypeError, ValueError) as err:
-        return " ".join(str(err).split())[:300]
-    except MemoryError:
-        return "it needs more memory than the probe's address-space limit"
-    return None
 
 
 class ExecuTorchSession:
@@ -280,7 +151,7 @@ class ExecuTorchAdapter:
             raise DeviceError(f"ExecuTorch's Python runtime here runs XNNPACK on cpu only, not {device!r}; "
                               "GPU/NPU delegates (Vulkan, QNN, Core ML) run in the app's native runtime")
         path = Path(path)
-        probe_in_child(path)
+        probe(self.name, path)  # the native loader aborts the process on some damaged programs
         program = load_program(path)
         if threads:
             from executorch.extension.pybindings import portable_lib
@@ -295,6 +166,9 @@ class ExecuTorchAdapter:
                 max_context = int(program.load_method("get_max_context").execute([])[0])
                 encoder = "is_encoder" in program.method_names and bool(program.load_method("is_encoder").execute([])[0])
                 method = program.load_method("forward")
+        except (IndexError, TypeError, ValueError) as err:  # a constant method that returns nothing usable
+            raise InvalidModelError(f"{path}: the program's constant methods are not edgelm's ({err}); re-export "
+                                    "it") from err
         except RuntimeError as err:
             if "0x:14" in str(err) or "0x14" in str(err):  # Error::OperatorMissing
                 raise InvalidModelError(f"{path}: the program uses an operator this ExecuTorch runtime has no kernel "

@@ -24,6 +24,7 @@ import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.native_log import quiet_native_stderr
+from edgelm.probe import probe
 from edgelm.session import Capabilities, model_failures
 from edgelm.tflite_file import read_tflite
 
@@ -61,7 +62,10 @@ class InterpreterSteps:
         self.shapes = {name: [tuple(self._view(name, i).shape) for i in self.layout[name][1]] for name in SIGNATURES}
 
     def _view(self, name: str, index: int) -> np.ndarray:
-        return self._wrapper.tensor(self._interpreter, index, self.layout[name][0])
+        try:
+            return self._wrapper.tensor(self._interpreter, index, self.layout[name][0])
+        except ValueError as err:  # "Tensor data is null": a tensor table the file describes wrongly
+            raise InvalidModelError(f"LiteRT cannot use this model's tensor {index} ({err}); re-export it") from err
 
     def run(self, name: str, ids: np.ndarray, position: int) -> np.ndarray:
         subgraph, inputs, outputs = self.layout[name]
@@ -232,6 +236,7 @@ class LiteRTAdapter:
             raise DeviceError(f"LiteRT runs on cpu, gpu or npu, not {device!r}")
         path = Path(path)
         summary = read_tflite(path)
+        probe(self.name, path)  # LiteRT segfaults on some damaged tensor tables its own checks let through
         lengths = [int(name.removeprefix(ENCODER_PREFIX)) for name in summary.signatures
                    if name.startswith(ENCODER_PREFIX) and name.removeprefix(ENCODER_PREFIX).isdigit()]
         if lengths:

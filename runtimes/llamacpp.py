@@ -22,6 +22,7 @@ import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.gguf_header import GGUFSummary, read_gguf_summary
+from edgelm.probe import probe
 from edgelm.session import Capabilities
 
 DEFAULT_CONTEXT = 4096  # KV cache slots allocated up front (llama.cpp's cache is fixed-size)
@@ -213,6 +214,7 @@ class LlamaCppAdapter:
                               "\"-DGGML_CUDA=on\" (or Vulkan/Metal) for a GPU")
         path = Path(path)
         summary = read_gguf_summary(path)
+        probe(self.name, path)  # llama.cpp's loader aborts the process on some damaged tensor tables
         arch = str(summary.metadata.get("general.architecture"))
         embeddings = summary.metadata.get(f"{arch}.pooling_type") is not None
         n_ctx = min(summary.integer(f"{arch}.context_length", DEFAULT_CONTEXT), 1 << 20) if embeddings else DEFAULT_CONTEXT

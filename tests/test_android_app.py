@@ -10,8 +10,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import fast_export_options
+
 from edgelm.export import export_bundle
 
 SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "android" / "run_tests.sh"

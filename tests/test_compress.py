@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import fast_export_options
 from test_cli import _assert_bad_input, run_cli
 from tiny_models import build_tiny_model
@@ -19,7 +18,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("datasketch", reason="the compress extra is not installed (pip install 'edgelm[compress]')")
 
-from edgelm.compress.corpus import CorpusSettings, build_corpus, deduplicate, strip_markup  # noqa: E402
+from edgelm.compress.corpus import (  # noqa: E402
+    CorpusSettings,
+    build_corpus,
+    deduplicate,
+    strip_markup,
+)
 from edgelm.compress.distill import DistillSettings, distill  # noqa: E402
 from edgelm.compress.layers import choose_layers_to_drop, drop_layers, keeping_layers  # noqa: E402
 from edgelm.compress.measure import mean_nll, windows  # noqa: E402

@@ -80,9 +80,10 @@ def test_example_script_generates(smollm2_bundle):
 
 
 def test_android_preset_gguf_files_pass_their_gates_and_tokenize_like_the_source(smollm2_bundle):
+    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
+
     from edgelm.bundle import read_bundle
     from edgelm.parity import parity_text
-    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
     from edgelm.tokenizer import Tokenizer
 
     manifest = read_bundle(smollm2_bundle)

@@ -9,9 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import fast_export_options
-from edgelm.devices import ADBTransport, ChrootTransport, LocalTransport, SSHTransport, describe, open_device
+
+from edgelm.devices import (
+    ADBTransport,
+    ChrootTransport,
+    LocalTransport,
+    SSHTransport,
+    describe,
+    open_device,
+)
 from edgelm.errors import DeviceError, UnsupportedError
 from edgelm.export import export_bundle
 from edgelm.push import push_bundle

@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import fast_export_options
 
 import edgelm
-from conftest import fast_export_options
 from edgelm.api import TextEncoder
 from edgelm.encoder_eval import encoder_texts, pad_batch
 from edgelm.errors import UnsupportedError

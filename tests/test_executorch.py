@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import fast_export_options
 
 import edgelm
-from conftest import fast_export_options
 from edgelm.errors import InvalidModelError
 from edgelm.export import export_bundle
 
@@ -176,11 +176,10 @@ def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_
     """Weights on a 4-bit grid with a float offset per block (as in a Q4_1 GGUF): symmetric
     round-to-nearest shifts them; centring plus the correction reproduces them."""
     import torch
+    from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quant_primitives import MappingType
-
-    from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
 
     torch.manual_seed(0)
     out_features, in_features = 64, 4 * GROUP_SIZE

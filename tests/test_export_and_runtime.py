@@ -8,9 +8,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import fast_export_options
 
 import edgelm
-from conftest import fast_export_options
 from edgelm.bundle import MANIFEST, read_bundle, validate_manifest
 from edgelm.errors import BundleError, DeviceError
 from edgelm.export import export_bundle

@@ -7,9 +7,9 @@ import struct
 
 import numpy as np
 import pytest
+from conftest import fast_export_options
 
 import edgelm
-from conftest import fast_export_options
 from edgelm.errors import DeviceError, InvalidModelError, UnsupportedError
 from edgelm.export import export_bundle
 
@@ -75,6 +75,7 @@ def test_quant_recipes_map_to_llama_cpp_types_and_pass_their_gates(gguf_bundle):
 def test_llama_cpp_tokenizes_the_parity_text_exactly_like_the_source_tokenizer(gguf_bundle):
     from edgelm.exporters.gguf_vocab import probe_text
     from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
+
     from edgelm.tokenizer import Tokenizer
 
     text = probe_text()
@@ -177,8 +178,9 @@ def test_an_unknown_gguf_type_names_the_known_ones(tiny_llama, tmp_path):
 def test_a_sentencepiece_style_vocabulary_is_written_as_llama_cpp_spm_and_tokenizes_identically(tiny_model_factory,
                                                                                                   tmp_path):
     from edgelm.exporters.gguf_vocab import probe_text
-    from edgelm.gguf_header import read_gguf_summary
     from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
+
+    from edgelm.gguf_header import read_gguf_summary
     from edgelm.tokenizer import Tokenizer
 
     manifest = export_bundle(tiny_model_factory("llama-spm"), tmp_path / "spm",

@@ -164,26 +164,22 @@ def _tflite_with_aliased_tensors(path: Path, rank: int, tensors: int, subgraphs:
     from ai_edge_litert import schema_py_generated as schema
 
     b = flatbuffers.Builder(1024)
+
+    def repeated(offset: int, times: int) -> int:  # a vector whose every entry is the same table
+        b.StartVector(4, times, 4)
+        for _ in range(times):
+            b.PrependUOffsetTRelative(offset)
+        return b.EndVector()
+
     shape = b.CreateNumpyVector(__import__("numpy").ones(rank, dtype="int32"))
     schema.TensorStart(b)
     schema.TensorAddShape(b, shape)
-    tensor = schema.TensorEnd(b)
-    b.StartVector(4, tensors, 4)
-    for _ in range(tensors):
-        b.PrependUOffsetTRelative(tensor)
-    tensor_vec = b.EndVector()
+    tensor_vec = repeated(schema.TensorEnd(b), tensors)
     schema.SubGraphStart(b)
     schema.SubGraphAddTensors(b, tensor_vec)
-    subgraph = schema.SubGraphEnd(b)
-    b.StartVector(4, subgraphs, 4)
-    for _ in range(subgraphs):
-        b.PrependUOffsetTRelative(subgraph)
-    subgraph_vec = b.EndVector()
+    subgraph_vec = repeated(schema.SubGraphEnd(b), subgraphs)
     schema.BufferStart(b)
-    buffer = schema.BufferEnd(b)
-    b.StartVector(4, 1, 4)
-    b.PrependUOffsetTRelative(buffer)
-    buffers = b.EndVector()
+    buffers = repeated(schema.BufferEnd(b), 1)
     schema.ModelStart(b)
     schema.ModelAddVersion(b, 3)
     schema.ModelAddSubgraphs(b, subgraph_vec)

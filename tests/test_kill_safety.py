@@ -68,7 +68,9 @@ def test_sigkill_during_export_leaves_old_or_new_bundle(tiny_llama, tmp_path):
         if overwrite and not out.exists():
             export_bundle(tiny_llama, out, fast_export_options(formats=("safetensors",), profile=False))
         old_created = read_bundle(out).created if out.exists() else None
-        killed = _kill_at([*argv, *(["--overwrite"] if overwrite else [])], rng.uniform(0.2, full * 1.05))
+        # half the kills anywhere, half near the end, where the swap happens
+        delay = full * (rng.uniform(0.03, 1.0) if i % 4 < 2 else rng.uniform(0.85, 1.2))
+        killed = _kill_at([*argv, *(["--overwrite"] if overwrite else [])], delay)
         state = _state(out, old_created, allow_absent=not overwrite)
         seen["finished" if not killed else state] += 1
         time.sleep(0.05)

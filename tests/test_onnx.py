@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import fast_export_options
 
 import edgelm
-from conftest import fast_export_options
 from edgelm.errors import DeviceError, InvalidModelError, UnsupportedError
 from edgelm.export import export_bundle
 
@@ -89,7 +89,6 @@ def test_npu_without_a_provider_lists_what_is_available(onnx_bundle):
 
 def test_external_data_outside_the_model_folder_is_refused(onnx_bundle, tmp_path):
     import onnx
-
     from edgelm.runtimes.onnxruntime import ADAPTER
 
     folder = tmp_path / "model"
@@ -134,6 +133,7 @@ def test_a_model_over_the_protobuf_limit_is_written_with_external_data_inside_th
                                                                                          monkeypatch):
     """Lowering the threshold makes the tiny model take the >2 GB path: weights in model.onnx.data."""
     import edgelm.exporters.onnx as onnx_exporter
+
     from edgelm.bundle import read_bundle
 
     monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", 0)

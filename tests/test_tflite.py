@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import fast_export_options
 
 import edgelm
-from conftest import fast_export_options
 from edgelm.errors import DeviceError, InvalidModelError, UnsupportedError
 from edgelm.export import export_bundle
 

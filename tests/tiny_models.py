@@ -39,7 +39,14 @@ SPM_VOCAB_SIZE = 640
 @lru_cache(maxsize=1)
 def _sentencepiece_style_tokenizer_json() -> str:
     """A Llama-2 / Gemma style tokenizer: ▁ for spaces, BPE merges, byte fallback to <0xXX>."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        processors,
+        trainers,
+    )
 
     from edgelm.parity import parity_text
 

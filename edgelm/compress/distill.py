@@ -235,9 +235,9 @@ def distill(teacher: Any, student: Any, train_ids: list[int], settings: DistillS
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m edgelm.compress.distill` / `torchrun ... -m edgelm.compress.distill`: see the module docstring."""
-    from edgelm.compress.pipeline import distill_folders
-
     import argparse
+
+    from edgelm.compress.pipeline import distill_folders
 
     parser = argparse.ArgumentParser(prog="edgelm.compress.distill", description=__doc__.split("\n\n")[0])
     parser.add_argument("--teacher", required=True, help="teacher model: HF folder or .gguf")

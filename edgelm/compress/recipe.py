@@ -77,7 +77,7 @@ class CompressRecipe:
         path = Path(path)
         if not path.exists():
             raise EdgeLMError(f"{path}: no such recipe file")
-        data = read_json_object(path, EdgeLMError, "a recipe is a JSON object (see `edgelm compress --help`)")
+        data = read_json_object(path, EdgeLMError, "not a JSON recipe (see `edgelm compress --help`)")
         recipe = data.get("recipe", data)
         if not isinstance(recipe, dict):
             raise EdgeLMError(f"{path}: its recipe must be a JSON object")
