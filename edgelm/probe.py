@@ -6,11 +6,12 @@ value type while executing), llama.cpp aborts on GGML_ASSERTs in its loader, Lit
 segfaults on some tensor tables that pass its own checks (all found by tests/test_fuzz.py).
 No try/except can catch that, so before such a runtime opens a file in this process, a
 long-lived child process (started on first use, under an address-space limit, restarted
-after a file kills it) opens it with the same adapter and runs a short prefill and one
-decode step (or one encoder batch). Only a file that survived that is opened here.
+after a file kills it) opens it with the same adapter and runs a short prefill and two
+decode steps (or one encoder batch). Only a file that survived that is opened here.
 
-Files this process wrote itself (the exporter's artifacts, opened right after for parity)
-and files already probed are not probed again: (path, size, mtime) identifies them.
+Files this process wrote itself (the exporter's artifacts, opened right after for parity,
+identified by path, inode, size and mtime) are not probed. Every other open is probed, each
+time: file timestamps are too coarse (a few ms) to tell a rewritten file from a probed one.
 """
 
 from __future__ import annotations
@@ -30,39 +31,40 @@ from edgelm.errors import InvalidModelError
 CHILD_VARIABLE = "EDGELM_PROBE_CHILD"  # set in the child: it opens files directly
 PROBE_TIMEOUT_S = 600
 ADDRESS_SPACE = 32 << 30
-_known_good: set[tuple[str, int, int]] = set()
+_written_here: set[tuple[str, int, int, int]] = set()
 
 
-def _identity(path: Path) -> tuple[str, int, int]:
+def _identity(path: Path) -> tuple[str, int, int, int]:
     info = path.stat()
-    return str(path.resolve()), info.st_size, info.st_mtime_ns
+    return str(path.resolve()), info.st_ino, info.st_size, info.st_mtime_ns
 
 
 def mark_trusted(path: Path) -> None:
     """Record a file this process wrote itself, so opening it needs no probe."""
-    _known_good.add(_identity(Path(path)))
+    _written_here.add(_identity(Path(path)))
 
 
 def probe(runtime: str, path: Path) -> None:
     """Open `path` with `runtime` in the probe child first; InvalidModelError if that fails or dies."""
     path = Path(path)
-    if os.environ.get(CHILD_VARIABLE) or _identity(path) in _known_good:
+    if os.environ.get(CHILD_VARIABLE) or _identity(path) in _written_here:
         return
     problem = _PROBER.check(runtime, path)
     if problem:
         raise InvalidModelError(f"{path}: {runtime} could not open and run it ({problem}); the file is damaged or "
                                 "not an edgelm artifact — re-export it")
-    _known_good.add(_identity(path))
 
 
 def exercise(session: Any) -> None:
-    """What the child runs on an opened session: a two-token prefill and a decode step, or an encoder batch."""
+    """What the child runs on an opened session: a short prefill and two decode steps, or an encoder batch."""
     import numpy as np
 
-    if hasattr(session, "prefill"):
+    if hasattr(session, "prefill"):  # the ids generation would feed: its argmax, and the vocabulary's ends
         session.reset()
-        session.prefill(np.array([1, 2], dtype=np.int64))
-        session.decode(1)
+        logits = session.prefill(np.array([1, 2, 0], dtype=np.int64))
+        vocab = logits.shape[-1]
+        session.decode(int(np.argmax(logits[-1])) % vocab)
+        session.decode(vocab - 1)
     else:
         ids = np.ones((1, 4), dtype=np.int64)
         session.run(ids, np.ones_like(ids))
