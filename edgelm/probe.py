@@ -9,6 +9,10 @@ long-lived child process (started on first use, under an address-space limit, re
 after a file kills it) opens it with the same adapter and runs a short prefill and two
 decode steps (or one encoder batch). Only a file that survived that is opened here.
 
+A probe covers the inputs it runs, in its own process: a damaged ExecuTorch program that
+reads out of bounds only in some memory layouts can still pass it (4 of 10,000 mutants in
+benchmarks/results/fuzz_parsers.json).
+
 Files this process wrote itself (the exporter's artifacts, opened right after for parity,
 identified by path, inode, size and mtime) are not probed. Every other open is probed, each
 time: file timestamps are too coarse (a few ms) to tell a rewritten file from a probed one.
