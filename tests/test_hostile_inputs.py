@@ -220,7 +220,7 @@ def test_a_huge_scalar_metadata_array_is_skipped_not_parsed(tmp_path):
     started = time.monotonic()
     summary = read_gguf_summary(path)
     assert summary.metadata["x.big"]["array_length"] == n
-    assert time.monotonic() - started < 10  # 40M items took ~45 s item by item
+    assert time.monotonic() - started < 5  # item by item, 40M items took 16 s here (0.007 s skipped)
 
 
 def test_hostile_gguf_metadata_is_invalid_model_error(tmp_path):
