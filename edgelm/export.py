@@ -192,26 +192,18 @@ def _compression_record(source: SourceModel) -> dict[str, Any] | None:
 
 def _export_compressed(model: str | Path | None, output: Path, options: ExportOptions, step: StepHook) -> Manifest:
     """`edgelm export --compress RECIPE`: compress into a scratch folder beside `output`, export that."""
-    import shutil
-
     from edgelm.bundle import check_replaceable
-    from edgelm.compress.pipeline import compress_model
     from edgelm.compress.recipe import CompressRecipe
-    from edgelm.staging import make_staging
 
     recipe = CompressRecipe.load(options.compress)  # a bad recipe fails before any work
     check_replaceable(output.absolute(), options.overwrite, (Path(model),) if model else ())  # before hours of work
-    try:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        scratch = make_staging(output.absolute())  # cleaned by a later run if this one is killed
-    except OSError as err:
-        raise ExportError(f"cannot write beside {output}: {err.strerror or err}; choose a writable output") from err
-    try:
+    from edgelm.compress.pipeline import compress_model
+    from edgelm.staging import scratch_beside
+
+    with scratch_beside(output.absolute()) as scratch:  # cleaned by a later run if this one is killed
         compressed = scratch / output.name  # the folder name becomes the compressed model's id
         compress_model(model, compressed, recipe, allow_pickle=options.allow_pickle, step=step)
         return export_bundle(compressed, output, replace(options, compress=None), step)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def export_bundle(model: str | Path | None, output: str | Path, options: ExportOptions | None = None,

@@ -24,6 +24,8 @@ import secrets
 import shutil
 import socket
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -89,6 +91,19 @@ def make_staging(destination: Path, kind: str = "partial") -> Path:
     path = destination.with_name(f".{destination.name}.{kind}-{owner_tag()}-{secrets.token_hex(4)}")
     path.mkdir()
     return path
+
+
+@contextmanager
+def scratch_beside(destination: Path) -> Iterator[Path]:
+    """A staging folder beside `destination` for intermediate work, removed afterwards
+    (by the next run's clean_stale if this process is killed)."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale(destination)
+    path = make_staging(destination)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def clean_stale(destination: Path) -> list[Path]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -25,7 +24,7 @@ from edgelm.bundle import check_replaceable, is_compressed_model
 from edgelm.compress.distill import DistillSettings
 from edgelm.compress.pipeline import compress_model
 from edgelm.compress.recipe import CompressRecipe, LayerDrop, Prune
-from edgelm.staging import move_into_place
+from edgelm.staging import move_into_place, scratch_beside
 
 StepHook = Callable[[str], AbstractContextManager[Any]]
 BUDGET_FILE = "budget.json"
@@ -103,7 +102,7 @@ def search_budget(model: str | Path | None, output: str | Path, *, max_mb: float
     check_replaceable(output, overwrite, (Path(model),) if model is not None else (), ours=_is_budget_output)
     options = replace(export_options, allow_drift=True, overwrite=True)
     result: BudgetResult | None = None
-    with tempfile.TemporaryDirectory(prefix="edgelm-budget-", dir=output.parent if output.parent.exists() else None) as tmp:
+    with scratch_beside(output) as tmp:
         folders: dict[tuple[int, float], Path | None] = {}
         grid = [(d, f) for d in space.layers_dropped for f in space.channel_fractions]
         grid = [(0, 0.0)] + [key for key in dict.fromkeys(grid) if key != (0, 0.0)]  # the base model first: the denominator
