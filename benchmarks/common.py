@@ -15,6 +15,22 @@ import edgelm
 from edgelm.bundle import read_bundle
 from edgelm.profile import DEFAULT_PROMPTS, device_record
 
+def bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
+    """This machine's memory bandwidth now: the best of `repeats` copies of a `megabytes` array
+    (bytes read + written per second). Machines of one kind differ several-fold, so every
+    benchmark records it beside its figures."""
+    import time
+
+    src = np.ones(megabytes << 17, dtype=np.float64)
+    dst = np.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - start)
+    return round(2 * src.nbytes / best / 1e9, 2)
+
+
 # (artifact path, prompt ids, new tokens, threads) -> decode tok/s of a loop written directly against a runtime
 DirectLoop = Callable[[Path, list[int], int, int], float]
 

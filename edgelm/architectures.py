@@ -12,21 +12,63 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class ScaleGroup:
+    """Linears that read one producer's output, so their input channels can be rescaled
+    without changing what the model computes: the consumers' weight columns are multiplied
+    by a per-channel factor and the producer's output is divided by it.
+
+    Paths are relative to one layer. `fold` says how the producer absorbs the division:
+    "rmsnorm" (weight / s), "rmsnorm+1" (Gemma's (1 + weight) / s), "linear" (output rows
+    and bias / s). `same_heads`: only fold when attention has as many KV heads as query
+    heads (a grouped value head feeds several output-projection slices).
+    """
+
+    producer: str
+    consumers: tuple[str, ...]
+    fold: str
+    same_heads: bool = False
+
+
+LLAMA_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "rmsnorm"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "rmsnorm"),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear", same_heads=True),
+)
+GEMMA3_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "rmsnorm+1"),
+    ScaleGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "rmsnorm+1"),
+    ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
+    ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear", same_heads=True),
+)
+PHI3_GROUPS = (
+    ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "rmsnorm"),
+    ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "rmsnorm"),
+)
+# Post-LayerNorm encoders: a LayerNorm's output is also the residual stream, so only the
+# value → output projection pair can be rescaled without changing the function.
+BERT_GROUPS = (
+    ScaleGroup("attention.self.value", ("attention.output.dense",), "linear", same_heads=True),
+)
+
+
+@dataclass(frozen=True)
 class Architecture:
     model_type: str  # config.json "model_type"
     family: str  # human name
     kind: str  # "decoder" (causal LM) or "encoder"
     gguf_arch: str  # llama.cpp's architecture name
+    scale_groups: tuple[ScaleGroup, ...] = ()  # what activation-aware scaling may rescale (edgelm.scaling)
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in [
-        Architecture("llama", "Llama", "decoder", "llama"),
-        Architecture("qwen2", "Qwen2", "decoder", "qwen2"),
-        Architecture("gemma3_text", "Gemma3", "decoder", "gemma3"),
-        Architecture("phi3", "Phi-3", "decoder", "phi3"),
-        Architecture("bert", "BERT-style encoder", "encoder", "bert"),
+        Architecture("llama", "Llama", "decoder", "llama", LLAMA_GROUPS),
+        Architecture("qwen2", "Qwen2", "decoder", "qwen2", LLAMA_GROUPS),
+        Architecture("gemma3_text", "Gemma3", "decoder", "gemma3", GEMMA3_GROUPS),
+        Architecture("phi3", "Phi-3", "decoder", "phi3", PHI3_GROUPS),
+        Architecture("bert", "BERT-style encoder", "encoder", "bert", BERT_GROUPS),
     ]
 }
 

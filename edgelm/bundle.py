@@ -104,6 +104,7 @@ class ArtifactEntry:
     signature: dict[str, Any] = field(default_factory=dict)
     parity: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None  # how it was quantized: calibration, the recipes tried (edgelm.artifacts)
 
 
 @dataclass

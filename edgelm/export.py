@@ -15,22 +15,20 @@ from pathlib import Path
 from typing import Any
 
 from edgelm import __version__
-from edgelm.bundle import ArtifactEntry, Manifest, atomic_bundle_dir, write_manifest
+from edgelm.artifacts import REFERENCE_FORMAT, ArtifactBuilder
+from edgelm.bundle import Manifest, atomic_bundle_dir, write_manifest
+from edgelm.calibration import Calibration
 from edgelm.encoder_eval import ENCODER_GATES
 from edgelm.errors import EdgeLMError, ExportError, ParityError, UnsupportedError
 from edgelm.evaluate import EVALUATIONS
 from edgelm.exporter import check_quant, get_exporter, missing_requirements
-from edgelm.model import SourceModel, inspect_source, load_reference_model, sha256_file
+from edgelm.model import SourceModel, inspect_source, load_reference_model
 from edgelm.parity import DEFAULT_GATES, ParitySettings
-from edgelm.probe import mark_trusted
-from edgelm.profile import timed
 from edgelm.report import card_rows, write_report
-from edgelm.session import get_runtime
 from edgelm.targets import get_target
 from edgelm.tokenizer import Tokenizer
 
 StepHook = Callable[[str], AbstractContextManager[Any]]
-REFERENCE_FORMAT = "safetensors"
 QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # DESIGN.md's table; formats map them
 
 
@@ -52,6 +50,7 @@ class ExportOptions:
     gguf_types: tuple[str, ...] = ()  # extra llama.cpp file types by name (Q4_0, IQ4_NL, ...), beside --quant
     delegate: str | None = None  # ExecuTorch backend (xnnpack default); checked before the model loads
     compress: str | Path | None = None  # a compression recipe (JSON) run on the model before export
+    calibrate: bool = True  # int8/int4 from activation-aware scaled weights (edgelm.calibration)
 
 
 def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -99,6 +98,12 @@ def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tup
             raise UnsupportedError("--delegate picks the ExecuTorch backend; add executorch to --formats")
         get_exporter("executorch").check_setting("delegate", options.delegate)
     return plan, skipped
+
+
+def _note_progress(step: StepHook, what: str) -> Callable[[int, int], None]:
+    """A progress callback that writes `what done/total` beside the running step (CLI), or nothing."""
+    note = getattr(step, "note", None)
+    return (lambda done, total: note(f"{what} {done}/{total}")) if note else (lambda done, total: None)
 
 
 def _export_one(exporter: Any, model: Any, source: SourceModel, work: Path, quant: str, name: str) -> Any:
@@ -242,33 +247,18 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             compression=_compression_record(source),
         )
         failures = []
+        builder = ArtifactBuilder(model_obj, source, work, options, evaluation, reference, step,
+                                  Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating"))
+                                  if options.calibrate else None)
         for fmt, quant in plan:
-            exporter = get_exporter(fmt)
-            name = f"{fmt}-{quant}" if fmt != REFERENCE_FORMAT else "reference-fp32"
-            with step(f"Exporting {name}"):
-                artifact = _export_one(exporter, model_obj, source, work, quant, name)
-            mark_trusted(artifact.path)  # written by this process: opened for parity without a crash probe
-            runtime = get_runtime(exporter.runtime)
-            with step(f"Loading {name} in {runtime.name}"):
-                session, load_s = timed(runtime.open, artifact.path, threads=options.threads)
-            file_bytes = artifact.path.stat().st_size + sum(f.stat().st_size for f in artifact.extra_files)
-            with step(f"Measuring parity of {name} on real text" + (" and profiling it" if options.profile else "")):
-                # the gate of the recipe a format-specific type stands for (GGUF Q4_0 → int4, ...)
-                gate_recipe = getattr(exporter, "gate_recipe", lambda q: q)(quant)
-                measured = evaluation.measure(session, reference, gate_recipe, load_s, file_bytes)
-            session.close()
-            manifest.artifacts.append(ArtifactEntry(
-                name=name, format=fmt, path=artifact.path.relative_to(work).as_posix(),
-                sha256=sha256_file(artifact.path), bytes=file_bytes, quant=artifact.quant,
-                runtime=runtime.name, runtime_version=runtime.version(), built_by=artifact.built_by,
-                signature=artifact.signature, parity=measured.parity, profile=measured.profile,
-            ))
-            if measured.failure:
-                failures.append(f"{name}: {measured.failure}")
-        for fmt in dict.fromkeys(f for f, _ in plan):
-            finish = getattr(get_exporter(fmt), "finish", None)
-            if finish:
-                finish(work)  # drop scratch files an exporter kept between its quant recipes
+            entry, failure = builder.build(fmt, quant)
+            if entry is not None:
+                manifest.artifacts.append(entry)
+            if failure:
+                failures.append(failure)
+            elif entry is None:
+                manifest.reference.setdefault("omitted", {})[f"{fmt}-{quant}"] = builder.omitted[-1]
+        builder.finish_all()
         if failures and not options.allow_drift:
             raise ParityError("parity gate failed (nothing written; --allow-drift keeps it): " + "; ".join(failures))
         with step("Writing report and model card"):

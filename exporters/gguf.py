@@ -95,6 +95,8 @@ class GGUFExporter:
     format = "gguf"
     runtime = "llama.cpp"
     quants = tuple(QUANT_TYPES)
+    # more faithful llama.cpp types tried, in order, when a recipe misses its gate (all smaller than Q8_0)
+    fallbacks = {"int4": ("Q5_K_M", "Q6_K")}
     tasks = ("text-generation", "feature-extraction")  # llama.cpp has no classification-head path for BERT
     requires = ("torch", "transformers", "gguf", "llama_cpp")
 

@@ -21,7 +21,7 @@ from edgelm.errors import BundleError, EdgeLMError
 
 PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                              HealthCheck.too_slow])
-FUZZ_CASES = int(os.environ.get("EDGELM_FUZZ_CASES", "150"))
+FUZZ_CASES = int(os.environ.get("EDGELM_FUZZ_CASES", "60"))
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),

@@ -20,7 +20,7 @@ from edgelm.bundle import read_bundle
 from edgelm.export import export_bundle
 from edgelm.staging import clean_stale
 
-KILLS = int(os.environ.get("EDGELM_KILLS", "50"))
+KILLS = int(os.environ.get("EDGELM_KILLS", "12"))
 EDGELM = [sys.executable, "-m", "edgelm"]
 
 

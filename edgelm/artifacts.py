@@ -1,0 +1,139 @@
+"""One artifact of a bundle: export it by the first recipe of its ladder, measure it, and on a
+gate miss try the next, more faithful recipe.
+
+A quantized artifact (int8, int4) is first quantized from the activation-aware scaled model
+(edgelm.calibration), then, if that misses its gate, from the plain fp32 weights, then by
+the format's own more faithful types (an exporter's `fallbacks`, e.g. GGUF int4: Q5_K_M,
+then Q6_K), each held to the gate of the recipe it stands in for. If none holds, the
+artifact is left out of the bundle and the manifest says why: one unfaithful quantization
+does not fail the export of a user's model. A float artifact that misses its gate is a
+conversion error and still fails the export (unless --allow-drift keeps it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgelm.bundle import ArtifactEntry
+from edgelm.calibration import Calibration
+from edgelm.model import SourceModel, sha256_file
+from edgelm.probe import mark_trusted
+from edgelm.profile import timed
+from edgelm.session import get_runtime
+
+REFERENCE_FORMAT = "safetensors"
+PARITY_SUMMARY = ("ppl_ratio", "top1_agreement", "mean_kl", "min_cosine")  # kept per attempt in the manifest
+UNCALIBRATED = "none: round-to-nearest from the fp32 weights"
+
+
+@dataclass(frozen=True)
+class Attempt:
+    quant: str  # what the exporter is asked for (a --quant recipe or a format's own type)
+    calibrated: bool  # quantized from the activation-aware scaled model
+
+    def describe(self) -> str:
+        return f"{self.quant}{' (calibrated)' if self.calibrated else ''}"
+
+
+def recipe_ladder(exporter: Any, quant: str, recipe: str, calibrate: bool) -> list[Attempt]:
+    """The recipes tried for one artifact, in order, until one holds its gate."""
+    if not Calibration.applies_to(recipe):
+        return [Attempt(quant, False)]
+    ladder = ([Attempt(quant, True)] if calibrate else []) + [Attempt(quant, False)]
+    fallbacks = getattr(exporter, "fallbacks", {}).get(quant, ())
+    return ladder + [Attempt(f, calibrate) for f in fallbacks]
+
+
+class ArtifactBuilder:
+    """Builds every artifact of one export; owns which model variant each format's scratch
+    files were made from (an exporter keeps one fp32 intermediate between its recipes)."""
+
+    def __init__(self, model: Any, source: SourceModel, work: Path, options: Any, evaluation: Any, reference: Any,
+                 step: Callable[[str], AbstractContextManager[Any]], calibration: Calibration | None) -> None:
+        self.model, self.source, self.work, self.options = model, source, work, options
+        self.evaluation, self.reference, self.step, self.calibration = evaluation, reference, step, calibration
+        self._variant: dict[str, str] = {}  # format -> the model variant its scratch files hold
+        self.omitted: list[dict[str, Any]] = []
+
+    def build(self, fmt: str, quant: str) -> tuple[ArtifactEntry | None, str | None]:
+        """(entry or None when left out, the gate failure to report or None)."""
+        from edgelm.exporter import get_exporter
+
+        exporter = get_exporter(fmt)
+        name = f"{fmt}-{quant}" if fmt != REFERENCE_FORMAT else "reference-fp32"
+        # the gate of the recipe a format-specific type stands for (GGUF Q4_0 → int4, ...)
+        recipe = getattr(exporter, "gate_recipe", lambda q: q)(quant)
+        ladder = recipe_ladder(exporter, quant, recipe, self.calibration is not None)
+        tried: list[dict[str, Any]] = []
+        files: list[Path] = []
+        for number, attempt in enumerate(ladder):
+            for path in files:  # the previous attempt missed its gate
+                path.unlink(missing_ok=True)
+            label = name if number == 0 else f"{name} as {attempt.describe()}"
+            entry, failure, files = self._attempt(exporter, name, label, attempt, recipe)
+            tried.append({"quant": attempt.quant, "calibrated": attempt.calibrated, "result": failure or "passed",
+                          **{k: v for k, v in (entry.parity or {}).items() if k in PARITY_SUMMARY}})
+            entry.recipe["attempts"] = tried
+            if failure is None:
+                return entry, None
+        if self.options.allow_drift or not Calibration.applies_to(recipe):
+            return entry, f"{name}: {failure}"
+        for path in files:
+            path.unlink(missing_ok=True)
+        self.omitted.append({"reason": f"every recipe missed the {recipe} gate", "attempts": tried})
+        return None, None
+
+    def _model_for(self, fmt: str, attempt: Attempt, recipe: str) -> tuple[Any, dict[str, Any] | str]:
+        if attempt.calibrated and self.calibration is not None:
+            with self.step(f"Calibrating {recipe} scales on the calibration text"):
+                model, record = self.calibration.scaled_model(recipe)
+            variant = f"calibrated-{recipe}"
+        else:
+            model, record, variant = self.model, UNCALIBRATED, "source"
+        exporter_finish = getattr(_exporter(fmt), "finish", None)
+        if self._variant.get(fmt, variant) != variant and exporter_finish:
+            exporter_finish(self.work)  # its scratch files were made from another variant
+        self._variant[fmt] = variant
+        return model, record
+
+    def _attempt(self, exporter: Any, name: str, label: str, attempt: Attempt,
+                 recipe: str) -> tuple[ArtifactEntry, str | None, list[Path]]:
+        """Export, open and measure one attempt: (entry, gate failure or None, the files it wrote)."""
+        from edgelm.export import _export_one
+
+        model, calibration = self._model_for(exporter.format, attempt, recipe)
+        with self.step(f"Exporting {label}"):
+            artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name)
+        mark_trusted(artifact.path)  # written by this process: opened for parity without a crash probe
+        runtime = get_runtime(exporter.runtime)
+        with self.step(f"Loading {name} in {runtime.name}"):
+            session, load_s = timed(runtime.open, artifact.path, threads=self.options.threads)
+        file_bytes = artifact.path.stat().st_size + sum(f.stat().st_size for f in artifact.extra_files)
+        with self.step(f"Measuring parity of {name} on real text" + (" and profiling it" if self.options.profile else "")):
+            measured = self.evaluation.measure(session, self.reference, recipe, load_s, file_bytes)
+        session.close()
+        entry = ArtifactEntry(
+            name=name, format=exporter.format, path=artifact.path.relative_to(self.work).as_posix(),
+            sha256=sha256_file(artifact.path), bytes=file_bytes, quant=artifact.quant,
+            runtime=runtime.name, runtime_version=runtime.version(), built_by=artifact.built_by,
+            signature=artifact.signature, parity=measured.parity, profile=measured.profile,
+            recipe={"gate_recipe": recipe, "chosen": attempt.quant, "calibration": calibration},
+        )
+        return entry, measured.failure, [artifact.path, *artifact.extra_files]
+
+    def finish_all(self) -> None:
+        """Drop the scratch files exporters kept between their recipes."""
+        for fmt in self._variant:
+            finish = getattr(_exporter(fmt), "finish", None)
+            if finish:
+                finish(self.work)
+
+
+def _exporter(fmt: str) -> Any:
+    from edgelm.exporter import get_exporter
+
+    return get_exporter(fmt)

@@ -1,0 +1,66 @@
+"""Calibration for quantized artifacts: the text, and the scaled model each recipe is quantized from.
+
+The calibration text is the training split of `edgelm compress`'s cleaned corpus (CPython's
+own documentation, with the parity text removed before anything else), so no artifact is
+calibrated on the text its parity is measured on. One `Calibration` per export owns the
+token windows and, per quantization recipe (int4, int8), the activation-aware scaled copy
+of the model (edgelm.scaling), each made on first use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edgelm.scaling import PROXIES, scale_for_quantization
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    tokens: int = 16_384  # calibration tokens (windows of `window`, from the corpus's train split)
+    window: int = 512
+
+
+def calibration_windows(tokenizer: Any, settings: CalibrationSettings, max_length: int | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """[1, window] token-id tensors over the train split of the cleaned corpus, and its description."""
+    from edgelm.compress.measure import windows
+    from edgelm.compress.pipeline import TextSplits
+
+    splits = TextSplits.build(tokenizer)
+    window = min(settings.window, max_length or settings.window)
+    batches = windows(splits.train, window, settings.tokens)
+    description = {"text": "edgelm compress's cleaned corpus, train split (the parity text is removed first)",
+                   "tokens": sum(int(b.numel()) for b in batches), "window": window}
+    return batches, description
+
+
+class Calibration:
+    """The calibration windows of one export and the scaled model for each recipe, made lazily."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: CalibrationSettings | None = None,
+                 progress: Callable[[int, int], None] | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.settings = settings or CalibrationSettings()
+        self.progress = progress
+        self._batches: list[Any] | None = None
+        self._text: dict[str, Any] = {}
+        self._scaled: dict[str, tuple[Any, dict[str, Any]]] = {}
+
+    @staticmethod
+    def applies_to(recipe: str) -> bool:
+        return recipe in PROXIES
+
+    def batches(self) -> list[Any]:
+        if self._batches is None:
+            limit = getattr(self.model.config, "max_position_embeddings", None)
+            self._batches, self._text = calibration_windows(self.tokenizer, self.settings, limit)
+        return self._batches
+
+    def scaled_model(self, recipe: str) -> tuple[Any, dict[str, Any]]:
+        """The model with activation-aware scales for `recipe` folded in, and what was done."""
+        if recipe not in self._scaled:
+            model, result = scale_for_quantization(self.model, self.batches(), PROXIES[recipe], self.progress)
+            self._scaled[recipe] = (model, result.describe() | {"calibration_text": self._text})
+        return self._scaled[recipe]

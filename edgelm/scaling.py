@@ -1,0 +1,312 @@
+"""Activation-aware channel scaling (AWQ-style), folded into the model before any format quantizes it.
+
+A 4-bit block of 32 weights shares one scale, so one large input channel costs the others
+their precision; an int8 activation row shares one scale, so one loud channel costs the
+others theirs. Multiplying a linear's input channel j by s_j and dividing whatever produces
+that channel (an RMSNorm weight, the rows of the projection before it) by s_j computes the
+same function in float, but moves the difficulty between weights and activations. The
+right s is the one that makes the *quantized* model closest to the float one.
+
+For every scale group of an architecture (`edgelm.architectures.ScaleGroup`: a producer and
+the linears reading it) this module collects the consumers' input on calibration text,
+then tries s = mean|x|^a / mean|w|^(1-a) for a grid of a (AWQ's search, with the weight
+term normalised per block), plus s = 1, and keeps the s whose simulated quantization
+(`QuantProxy`: the weight grid and the activation rounding the formats apply) gives the
+smallest output error on those inputs. The result is an ordinary float model: every
+format's own quantizer then reads better-conditioned weights, so no format needs a new op
+and llama.cpp's k-quants get the equivalent of an importance matrix in their input.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgelm.architectures import ScaleGroup, lookup_architecture
+
+SEARCH_POINTS = 20  # a = 0, 1/20, ..., 19/20
+MAX_SAMPLE_ROWS = 512  # calibration tokens kept per group to score candidate scales
+
+
+@dataclass(frozen=True)
+class QuantProxy:
+    """The quantization the exporters will apply, simulated in torch to score candidate scales.
+
+    Weights: `block` input channels share a scale (0: one per output channel), asymmetric
+    (scale and offset) or symmetric. Activations: per-token dynamic rounding to
+    `activation_bits` (ExecuTorch's 8da4w/8da8w, the coarsest of the formats' activation
+    rounding), or none.
+    """
+
+    weight_bits: int
+    block: int
+    symmetric: bool
+    activation_bits: int | None = 8
+
+    def weights(self, w: Any) -> Any:
+        """Round-trip `w` [out, in] through the weight grid."""
+        rows, cols = w.shape
+        block = self.block if self.block and cols % self.block == 0 else cols
+        g = w.reshape(rows, cols // block, block)
+        if self.symmetric:
+            top = 2 ** (self.weight_bits - 1) - 1
+            scale = g.abs().amax(-1, keepdim=True).clamp(min=1e-10) / top
+            return (g / scale).round().clamp(-top - 1, top).mul(scale).reshape(rows, cols)
+        levels = 2**self.weight_bits - 1
+        low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = (high - low).clamp(min=1e-10) / levels
+        return ((g - low) / scale).round().clamp(0, levels).mul(scale).add(low).reshape(rows, cols)
+
+    def activations(self, x: Any) -> Any:
+        if not self.activation_bits:
+            return x
+        top = 2 ** (self.activation_bits - 1) - 1
+        scale = x.abs().amax(-1, keepdim=True).clamp(min=1e-10) / top
+        return (x / scale).round().clamp(-top - 1, top) * scale
+
+
+# --quant recipe -> what its artifacts do to weights and activations (the coarsest of the
+# formats: ExecuTorch's 8da4w groups of 32 and per-channel 8da8w, per-token int8 activations)
+PROXIES = {
+    "int4": QuantProxy(weight_bits=4, block=32, symmetric=False),
+    "int8": QuantProxy(weight_bits=8, block=0, symmetric=True),
+}
+
+
+@dataclass
+class GroupScales:
+    layer: int
+    group: ScaleGroup
+    scales: Any  # 1-D tensor over the consumers' input channels
+    ratio: float | None  # the search's a, None when s = 1 won
+    error_before: float  # mean squared output error of the simulated quantization at s = 1
+    error_after: float
+    blocks_clipped: int = 0
+
+
+@dataclass
+class ScalingResult:
+    proxy: QuantProxy
+    calibration_tokens: int
+    groups: list[GroupScales] = field(default_factory=list)
+
+    def describe(self) -> dict[str, Any]:
+        scaled = [g for g in self.groups if g.ratio is not None]
+        gain = [g.error_after / g.error_before for g in self.groups if g.error_before > 0]
+        return {
+            "method": "activation-aware channel scaling (AWQ-style search), folded into norms and projections"
+                      + ("; 4-bit blocks clipped by output-error search" if self.proxy.weight_bits <= 4 else ""),
+            "proxy": {"weight_bits": self.proxy.weight_bits, "block": self.proxy.block,
+                      "symmetric": self.proxy.symmetric, "activation_bits": self.proxy.activation_bits},
+            "calibration_tokens": self.calibration_tokens,
+            "groups": len(self.groups), "groups_rescaled": len(scaled),
+            "blocks_clipped": sum(g.blocks_clipped for g in self.groups),
+            "mean_simulated_error_ratio": round(sum(gain) / len(gain), 4) if gain else None,
+        }
+
+
+def layers_of(model: Any) -> Any:
+    from edgelm.compress.layers import layer_list
+
+    return layer_list(model)[2]
+
+
+def applicable_groups(model: Any) -> list[ScaleGroup]:
+    """The architecture's scale groups that this model's shapes allow."""
+    config = model.config
+    arch = lookup_architecture(getattr(config, "model_type", None), "channel scaling")
+    heads = getattr(config, "num_attention_heads", None)
+    same_heads = getattr(config, "num_key_value_heads", heads) == heads
+    return [g for g in arch.scale_groups if same_heads or not g.same_heads]
+
+
+def fold_scales(layer: Any, group: ScaleGroup, scales: Any) -> None:
+    """Multiply the consumers' input channels by `scales` and divide the producer's output by
+    them: the layer computes the same function (up to float rounding)."""
+    import torch
+
+    with torch.no_grad():
+        for name in group.consumers:
+            weight = layer.get_submodule(name).weight
+            weight.mul_(scales.to(weight.dtype)[None, :])
+        producer = layer.get_submodule(group.producer)
+        s = scales.to(producer.weight.dtype)
+        if group.fold == "rmsnorm":
+            producer.weight.div_(s)
+        elif group.fold == "rmsnorm+1":
+            producer.weight.copy_((1 + producer.weight) / s - 1)
+        elif group.fold == "linear":
+            producer.weight.div_(s[:, None])
+            if getattr(producer, "bias", None) is not None:
+                producer.bias.div_(s)
+        else:
+            raise ValueError(f"unknown fold {group.fold!r}")
+
+
+@contextmanager
+def _captured_inputs(model: Any, groups: list[ScaleGroup], keep_every: int) -> Iterator[dict[tuple[int, int], dict]]:
+    """While active, record per (layer, group): sum of |x| per channel, token count, and
+    every `keep_every`-th token's input row (up to MAX_SAMPLE_ROWS)."""
+    stats: dict[tuple[int, int], dict] = {}
+    handles = []
+
+    def hook_for(key: tuple[int, int]) -> Callable:
+        def hook(_module: Any, args: tuple) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            entry = stats.setdefault(key, {"abs_sum": 0, "count": 0, "rows": [], "kept": 0})
+            entry["abs_sum"] = entry["abs_sum"] + x.abs().sum(0)
+            entry["count"] += x.shape[0]
+            if entry["kept"] < MAX_SAMPLE_ROWS:
+                rows = x[::keep_every][: MAX_SAMPLE_ROWS - entry["kept"]]
+                entry["rows"].append(rows.clone())
+                entry["kept"] += rows.shape[0]
+        return hook
+
+    for i, layer in enumerate(layers_of(model)):
+        for j, group in enumerate(groups):
+            handles.append(layer.get_submodule(group.consumers[0]).register_forward_pre_hook(hook_for((i, j))))
+    try:
+        yield stats
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _weight_magnitude(weight: Any, block: int) -> Any:
+    """Mean over output rows of |w| relative to its block's largest |w|, per input channel."""
+    rows, cols = weight.shape
+    block = block if block and cols % block == 0 else cols
+    g = weight.abs().reshape(rows, cols // block, block)
+    return (g / g.amax(-1, keepdim=True).clamp(min=1e-10)).reshape(rows, cols).mean(0)
+
+
+def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[Any, float | None, float, float]:
+    """The scales (and the search's a) that minimise the simulated quantized output error.
+
+    x: sampled inputs [n, in]; x_mean: mean |x| per channel over all calibration tokens;
+    weight: the consumers' weights stacked [out, in]. Returns (scales, a or None, error at s=1, best error).
+    """
+    import torch
+
+    reference = x @ weight.T
+
+    def error(s: Any) -> float:
+        out = proxy.activations(x / s) @ proxy.weights(weight * s).T
+        return float((out - reference).pow(2).mean())
+
+    ones = torch.ones_like(x_mean)
+    baseline = error(ones)
+    best = (ones, None, baseline)
+    w_mean = _weight_magnitude(weight, proxy.block).clamp(min=1e-6)
+    x_mean = x_mean.clamp(min=1e-6)
+    for step in range(SEARCH_POINTS):
+        a = step / SEARCH_POINTS
+        s = x_mean.pow(a) / w_mean.pow(1 - a)
+        s = s / (s.max() * s.min()).sqrt()  # centre the range: the product of the extremes is 1
+        if not torch.isfinite(s).all():
+            continue
+        e = error(s)
+        if e < best[2]:
+            best = (s, a, e)
+    return best[0], best[1], baseline, best[2]
+
+
+CLIP_STEPS = 10  # block maxima tried: 100%, 95%, ..., 55% of the largest |w|
+CLIP_SHRINK = 0.5
+
+
+def clip_blocks(weight: Any, x: Any, proxy: QuantProxy) -> tuple[Any, int]:
+    """Clip each block of a 4-bit weight to the range that minimises that block's quantized
+    output error on the calibration inputs (AWQ's clipping search): one outlier no longer
+    stretches the grid of the 31 weights beside it. Returns (clipped weight, blocks clipped)."""
+    import torch
+
+    rows, cols = weight.shape
+    block = proxy.block
+    if not block or cols % block:
+        return weight, 0
+    w = weight.reshape(rows, cols // block, block)
+    xb = x.reshape(x.shape[0], cols // block, block)
+    reference = torch.einsum("ngb,ogb->nog", xb, w)
+    top = w.abs().amax(-1)
+    best_err = torch.full_like(top, float("inf"))
+    best_top = top.clone()
+    for step in range(CLIP_STEPS):
+        limit = top * (1 - CLIP_SHRINK * step / CLIP_STEPS)
+        clipped = torch.maximum(torch.minimum(w, limit[..., None]), -limit[..., None])
+        quantized = proxy.weights(clipped.reshape(rows, cols)).reshape(w.shape)
+        err = (torch.einsum("ngb,ogb->nog", xb, quantized) - reference).pow(2).mean(0)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_top = torch.where(better, limit, best_top)
+    clipped = torch.maximum(torch.minimum(w, best_top[..., None]), -best_top[..., None]).reshape(rows, cols)
+    return clipped, int((best_top < top).sum())
+
+
+def scale_for_quantization(model: Any, batches: list[Any], proxy: QuantProxy,
+                           progress: Callable[[int, int], None] | None = None) -> tuple[Any, ScalingResult]:
+    """A copy of `model` with activation-aware scales folded in for `proxy`, and what was done.
+
+    `batches`: [1, n] token-id tensors of calibration text (never the parity text).
+    """
+    import torch
+
+    groups = applicable_groups(model)
+    tokens = sum(int(b.numel()) for b in batches)
+    result = ScalingResult(proxy=proxy, calibration_tokens=tokens)
+    if not groups:
+        return model, result
+    keep_every = max(1, tokens // MAX_SAMPLE_ROWS)
+    body = getattr(model, "base_model", model)  # the layers without the output head: its logits are not needed
+    with torch.inference_mode(), _captured_inputs(model, groups, keep_every) as stats:
+        for batch in batches:
+            body(input_ids=batch, use_cache=False) if _takes_cache(model) else body(input_ids=batch)
+    scaled = copy.deepcopy(model)
+    layers = layers_of(scaled)
+    total = len(layers) * len(groups)
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            for j, group in enumerate(groups):
+                entry = stats[(i, j)]
+                x = torch.cat(entry["rows"])
+                weight = torch.cat([layer.get_submodule(n).weight.detach().float() for n in group.consumers])
+                scales, ratio, before, after = search_scales(x, entry["abs_sum"] / entry["count"], weight, proxy)
+                if ratio is not None:
+                    fold_scales(layer, group, scales)
+                clipped = 0
+                if proxy.weight_bits <= 4:
+                    for name in group.consumers:
+                        linear = layer.get_submodule(name)
+                        new, count = clip_blocks(linear.weight.detach().float(), x / scales, proxy)
+                        linear.weight.copy_(new.to(linear.weight.dtype))
+                        clipped += count
+                result.groups.append(GroupScales(i, group, scales, ratio, before, after, clipped))
+                if progress:
+                    progress(i * len(groups) + j + 1, total)
+    return scaled, result
+
+
+def _takes_cache(model: Any) -> bool:
+    return bool(getattr(model, "can_generate", lambda: False)())
+
+
+def rescale_randomly(model: Any, low: float, high: float, seed: int = 0) -> int:
+    """Make a function-preserving, off-grid twin in place: every scale group's input channels
+    multiplied by log-uniform random factors in [low, high], the inverse folded into the
+    producer. Weights that sat on a quantization grid no longer do. Returns groups rescaled."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    count = 0
+    for layer in layers_of(model):
+        for group in applicable_groups(model):
+            width = layer.get_submodule(group.consumers[0]).weight.shape[1]
+            u = torch.rand(width, generator=generator, dtype=torch.float64)
+            scales = torch.exp(math.log(low) + u * (math.log(high) - math.log(low))).float()
+            fold_scales(layer, group, scales)
+            count += 1
+    return count
