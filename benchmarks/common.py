@@ -15,6 +15,7 @@ import edgelm
 from edgelm.bundle import read_bundle
 from edgelm.profile import DEFAULT_PROMPTS, device_record
 
+
 def bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
     """This machine's memory bandwidth now: the best of `repeats` copies of a `megabytes` array
     (bytes read + written per second). Machines of one kind differ several-fold, so every

@@ -20,10 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bandwidth_gb_s  # noqa: E402
+from common import bandwidth_gb_s
 
-from edgelm.export import ExportOptions, export_bundle  # noqa: E402
-from edgelm.profile import device_record  # noqa: E402
+from edgelm.export import ExportOptions, export_bundle
+from edgelm.profile import device_record
 
 TWINS = {"default": None, "mild": ("rescaled", 2.0), "hard": ("rescaled", 4.0), "finetuned": ("finetuned", 0.0)}
 

@@ -81,7 +81,7 @@ def _progress() -> Iterator[Any]:
 def _report_table(manifest: Any, title: str) -> Table:
     from edgelm.report import format_cell, layout_for, report_rows
 
-    hidden = ("prefill_tok_s", "p50_ms", "load_s", "gate", "mean_cosine")
+    hidden = ("prefill_tok_s", "p50_ms", "load_s", "gate", "mean_cosine", "method")
     shown = [c for c in layout_for(manifest).columns if c[1] not in hidden]
     table = Table(title=title)
     for heading, _ in shown:
@@ -105,6 +105,10 @@ def export(
         help="ExecuTorch backend: xnnpack (default); vulkan, qnn, coreml, mps where this install can lower to "
              "them and run the result.")] = None,
     allow_drift: Annotated[bool, typer.Option(help="Keep artifacts that miss their parity gate.")] = False,
+    calibrate: Annotated[bool, typer.Option(
+        help="Quantize int8/int4 from activation-aware scaled weights, searched on calibration text (never the "
+             "parity text). A quantized artifact that misses its gate is retried uncalibrated, then with the "
+             "format's more faithful types, and left out (with the reason in the report) if none holds.")] = True,
     allow_pickle: Annotated[bool, typer.Option(help="Accept PyTorch pickle checkpoints (they can run code).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --output.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Threads for runtimes while measuring.")] = None,
@@ -124,7 +128,7 @@ def export(
                             gguf_types=_split(gguf_type) or (), delegate=delegate,
                             overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
                             profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens,
-                            compress=compress)
+                            compress=compress, calibrate=calibrate)
     with _progress() as step:
         manifest = export_bundle(model, output, options, step=step)
     console.print(_report_table(manifest, f"{manifest.source['model_id']} → {target}"))
@@ -132,6 +136,9 @@ def export(
                   f"`edgelm profile {output}` measures each artifact alone")
     for fmt, why in manifest.reference.get("skipped_formats", {}).items():
         console.print(f"[yellow]skipped {fmt}[/]: {why}")
+    for name, why in manifest.reference.get("omitted", {}).items():
+        console.print(f"[yellow]left out {name}[/]: {why['reason']} (tried {len(why['attempts'])} recipes; "
+                      "report/report.md lists them)")
     console.print(f"Bundle written to [bold]{output}[/] (report: {output}/report/report.html)")
     console.print(f"Try it: edgelm run {output} --prompt \"What is a KV cache?\"")
     if target == "android":

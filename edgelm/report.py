@@ -26,7 +26,7 @@ class ReportLayout:
 
 
 DECODER = ReportLayout(
-    columns=[("artifact", "artifact"), ("quant", "quant"), ("size MB", "size_mb"), ("ppl", "perplexity"),
+    columns=[("artifact", "artifact"), ("quant", "quant"), ("method", "method"), ("size MB", "size_mb"), ("ppl", "perplexity"),
              ("ppl ratio", "ppl_ratio"), ("top-1", "top1"), ("KL", "kl"), ("gate", "gate"),
              ("decode tok/s", "decode_tok_s"), ("prefill tok/s", "prefill_tok_s"), ("TTFT s", "ttft_s"),
              ("p50 ms", "p50_ms"), ("p90 ms", "p90_ms"), ("peak RSS MB", "peak_rss_mb"), ("load s", "load_s")],
@@ -36,7 +36,8 @@ DECODER = ReportLayout(
           ("ppl ratio", "ppl_ratio"), ("decode tok/s", "decode_tok_s")],
 )
 ENCODER = ReportLayout(
-    columns=[("artifact", "artifact"), ("quant", "quant"), ("size MB", "size_mb"), ("min cosine", "min_cosine"),
+    columns=[("artifact", "artifact"), ("quant", "quant"), ("method", "method"), ("size MB", "size_mb"),
+             ("min cosine", "min_cosine"),
              ("mean cosine", "mean_cosine"), ("max |diff|", "max_abs_diff"), ("label agreement", "label_agreement"),
              ("gate", "gate"), ("p50 ms @128", "latency_p50_ms"), ("p90 ms @128", "latency_p90_ms"),
              ("batch-8 inputs/s", "throughput_per_s"), ("peak RSS MB", "peak_rss_mb"), ("load s", "load_s")],
@@ -51,13 +52,26 @@ def layout_for(manifest: Manifest) -> ReportLayout:
     return DECODER if manifest.source.get("task", "text-generation") == "text-generation" else ENCODER
 
 
+def quantization_method(entry: Any) -> str:
+    """How an artifact was quantized, in a few words: calibrated or not, and a fallback if one was chosen."""
+    recipe = entry.recipe or {}
+    if recipe.get("gate_recipe") in (None, "fp32", "fp16"):
+        return "float"
+    calibration = recipe.get("calibration")
+    how = (f"calibrated ({calibration['calibration_tokens']:,} tokens)" if isinstance(calibration, dict)
+           else "round-to-nearest")
+    tried = len(recipe.get("attempts") or [])
+    return how + (f", after {tried - 1} recipe(s) missed" if tried > 1 else "")
+
+
 def report_rows(manifest: Manifest) -> list[dict[str, Any]]:
     """Flatten each artifact's parity and profile into one row of plain numbers."""
     decoder = layout_for(manifest) is DECODER
     rows = []
     for entry in manifest.artifacts:
         parity, prof = entry.parity or {}, entry.profile or {}
-        row = {"artifact": entry.name, "format": entry.format, "quant": entry.quant, "runtime": entry.runtime,
+        row = {"artifact": entry.name, "format": entry.format, "quant": entry.quant, "method": quantization_method(entry),
+               "runtime": entry.runtime,
                "size_mb": entry.bytes / 1e6, "gate": parity.get("gate"), "passed": parity.get("passed"),
                "peak_rss_mb": prof.get("peak_rss_mb"), "load_s": prof.get("load_s")}
         if decoder:
@@ -130,6 +144,14 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
     skipped = manifest.reference.get("skipped_formats")
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
+    for name, why in manifest.reference.get("omitted", {}).items():
+        tried = ", ".join(f"{a['quant']}{' calibrated' if a['calibrated'] else ''} ({a['result']})" for a in why["attempts"])
+        lines += ["", f"Left out: {name}: {why['reason']}; tried {tried}."]
+    calibrated = next((a.recipe["calibration"] for a in manifest.artifacts
+                       if a.recipe and isinstance(a.recipe.get("calibration"), dict)), None)
+    if calibrated:
+        text = calibrated["calibration_text"]
+        lines += ["", f"Calibration: {calibrated['method']}, on {text['tokens']:,} tokens of {text['text']}."]
     return "\n".join(lines) + "\n"
 
 

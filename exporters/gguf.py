@@ -13,7 +13,7 @@ import ctypes
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact
@@ -96,7 +96,7 @@ class GGUFExporter:
     runtime = "llama.cpp"
     quants = tuple(QUANT_TYPES)
     # more faithful llama.cpp types tried, in order, when a recipe misses its gate (all smaller than Q8_0)
-    fallbacks = {"int4": ("Q5_K_M", "Q6_K")}
+    fallbacks: ClassVar[dict[str, tuple[str, ...]]] = {"int4": ("Q5_K_M", "Q6_K")}
     tasks = ("text-generation", "feature-extraction")  # llama.cpp has no classification-head path for BERT
     requires = ("torch", "transformers", "gguf", "llama_cpp")
 

@@ -13,7 +13,12 @@ from conftest import fast_export_options
 
 from edgelm.architectures import ARCHITECTURES
 from edgelm.export import export_bundle
-from edgelm.scaling import PROXIES, applicable_groups, rescale_randomly, scale_for_quantization
+from edgelm.scaling import (
+    PROXIES,
+    applicable_groups,
+    rescale_randomly,
+    scale_for_quantization,
+)
 
 
 def _load(folder):
