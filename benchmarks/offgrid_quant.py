@@ -52,26 +52,27 @@ def build_twins(names: list[str], scratch: Path) -> dict[str, Path | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--twins", default="default,mild,hard")
-    parser.add_argument("--formats", default="onnx,gguf,executorch,tflite")
-    parser.add_argument("--quant", default="int8,int4")
+    parser.add_argument("--exports", default="onnx,gguf,executorch:int8,int4;tflite:int8",
+                        help="exports per twin: FORMATS:QUANTS, separated by ';' (TFLite has no int4 recipe)")
     parser.add_argument("--calibration", default="on,off", help="on, off or on,off")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/offgrid_quant.json"))
     args = parser.parse_args()
     rows = []
     report = {"device": device_record() | {"memory_bandwidth_gb_s": bandwidth_gb_s()}, "rows": rows,
-              "how": f"benchmarks/offgrid_quant.py --twins {args.twins} --formats {args.formats} "
-                     f"--quant {args.quant} --calibration {args.calibration}"}
+              "how": f"benchmarks/offgrid_quant.py --twins {args.twins} --exports '{args.exports}' "
+                     f"--calibration {args.calibration}"}
     with tempfile.TemporaryDirectory(prefix="edgelm-offgrid-") as tmp:
         scratch = Path(tmp)
         folders = build_twins(args.twins.split(","), scratch)
         for twin, folder in folders.items():
-            for calibration in args.calibration.split(","):
-                options = ExportOptions(formats=tuple(args.formats.split(",")), quants=tuple(args.quant.split(",")),
+            for calibration, export in [(c, e) for c in args.calibration.split(",") for e in args.exports.split(";")]:
+                formats, quants = export.split(":")
+                options = ExportOptions(formats=tuple(formats.split(",")), quants=tuple(quants.split(",")),
                                         allow_drift=True, profile=False, calibrate=calibration == "on")
                 start = time.time()
-                manifest = export_bundle(folder, scratch / f"bundle-{twin}-{calibration}", options)
+                manifest = export_bundle(folder, scratch / f"bundle-{twin}-{calibration}-{len(rows)}", options)
                 seconds = round(time.time() - start, 1)
-                for entry in manifest.artifacts:
+                for entry in manifest.artifacts[1:]:  # the reference is 1.0 by definition
                     parity = entry.parity or {}
                     row = {"twin": twin, "calibration": calibration, "artifact": entry.name, "kept": entry.quant,
                            "ppl_ratio": round(parity.get("ppl_ratio", 0), 4),

@@ -30,20 +30,29 @@ PARITY_SUMMARY = ("ppl_ratio", "top1_agreement", "mean_kl", "min_cosine")  # kep
 UNCALIBRATED = "none: round-to-nearest from the fp32 weights"
 
 
+MIXED_FRACTIONS = (0.25, 0.5)  # mixed-precision rungs: this share of the most sensitive layers at 8 bits
+
+
 @dataclass(frozen=True)
 class Attempt:
     quant: str  # what the exporter is asked for (a --quant recipe or a format's own type)
     calibrated: bool  # quantized from the activation-aware scaled model
+    eight_bit_share: float = 0.0  # mixed precision: this share of layers, most sensitive first, at 8 bits
 
     def describe(self) -> str:
-        return f"{self.quant}{' (calibrated)' if self.calibrated else ''}"
+        mixed = f", {self.eight_bit_share:.0%} of layers at 8 bits" if self.eight_bit_share else ""
+        return f"{self.quant}{' (calibrated' + mixed + ')' if self.calibrated else mixed}"
 
 
 def recipe_ladder(exporter: Any, quant: str, recipe: str, calibrate: bool) -> list[Attempt]:
-    """The recipes tried for one artifact, in order, until one holds its gate."""
+    """The recipes tried for one artifact, in order, until one holds its gate: calibrated, plain,
+    mixed precision by measured layer sensitivity (formats that can), the format's own
+    more faithful types."""
     if not Calibration.applies_to(recipe):
         return [Attempt(quant, False)]
     ladder = ([Attempt(quant, True)] if calibrate else []) + [Attempt(quant, False)]
+    if quant in getattr(exporter, "mixed_precision", ()):
+        ladder += [Attempt(quant, calibrate, share) for share in MIXED_FRACTIONS]
     fallbacks = getattr(exporter, "fallbacks", {}).get(quant, ())
     return ladder + [Attempt(f, calibrate) for f in fallbacks]
 
@@ -67,7 +76,7 @@ class ArtifactBuilder:
         name = f"{fmt}-{quant}" if fmt != REFERENCE_FORMAT else "reference-fp32"
         # the gate of the recipe a format-specific type stands for (GGUF Q4_0 → int4, ...)
         recipe = getattr(exporter, "gate_recipe", lambda q: q)(quant)
-        ladder = recipe_ladder(exporter, quant, recipe, self.calibration is not None)
+        ladder = recipe_ladder(exporter, quant, recipe, self.options.calibrate)
         tried: list[dict[str, Any]] = []
         files: list[Path] = []
         for number, attempt in enumerate(ladder):
@@ -76,6 +85,7 @@ class ArtifactBuilder:
             label = name if number == 0 else f"{name} as {attempt.describe()}"
             entry, failure, files = self._attempt(exporter, name, label, attempt, recipe)
             tried.append({"quant": attempt.quant, "calibrated": attempt.calibrated, "result": failure or "passed",
+                          **({"layers_at_8_bits": entry.recipe["layers_at_8_bits"]} if attempt.eight_bit_share else {}),
                           **{k: v for k, v in (entry.parity or {}).items() if k in PARITY_SUMMARY}})
             entry.recipe["attempts"] = tried
             if failure is None:
@@ -106,8 +116,11 @@ class ArtifactBuilder:
         from edgelm.export import _export_one
 
         model, calibration = self._model_for(exporter.format, attempt, recipe)
+        settings: dict[str, Any] = {}
+        if attempt.eight_bit_share and self.calibration is not None:
+            settings["layers_8bit"] = self.calibration.sensitive_layers(recipe, attempt.eight_bit_share)
         with self.step(f"Exporting {label}"):
-            artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name)
+            artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
         mark_trusted(artifact.path)  # written by this process: opened for parity without a crash probe
         runtime = get_runtime(exporter.runtime)
         with self.step(f"Loading {name} in {runtime.name}"):
@@ -121,7 +134,8 @@ class ArtifactBuilder:
             sha256=sha256_file(artifact.path), bytes=file_bytes, quant=artifact.quant,
             runtime=runtime.name, runtime_version=runtime.version(), built_by=artifact.built_by,
             signature=artifact.signature, parity=measured.parity, profile=measured.profile,
-            recipe={"gate_recipe": recipe, "chosen": attempt.quant, "calibration": calibration},
+            recipe={"gate_recipe": recipe, "chosen": attempt.quant, "calibration": calibration,
+                    **({"layers_at_8_bits": list(settings["layers_8bit"])} if settings else {})},
         )
         return entry, measured.failure, [artifact.path, *artifact.extra_files]
 

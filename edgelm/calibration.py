@@ -47,6 +47,7 @@ class Calibration:
         self._batches: list[Any] | None = None
         self._text: dict[str, Any] = {}
         self._scaled: dict[str, tuple[Any, dict[str, Any]]] = {}
+        self._sensitivity: dict[str, list[float]] = {}
 
     @staticmethod
     def applies_to(recipe: str) -> bool:
@@ -63,4 +64,13 @@ class Calibration:
         if recipe not in self._scaled:
             model, result = scale_for_quantization(self.model, self.batches(), PROXIES[recipe], self.progress)
             self._scaled[recipe] = (model, result.describe() | {"calibration_text": self._text})
+            self._sensitivity[recipe] = result.layer_sensitivity()
         return self._scaled[recipe]
+
+    def sensitive_layers(self, recipe: str, fraction: float) -> tuple[int, ...]:
+        """The `fraction` of layers whose simulated `recipe` quantization errs most on the
+        calibration text (at least one), most sensitive first."""
+        self.scaled_model(recipe)
+        sensitivity = self._sensitivity[recipe]
+        count = max(1, round(fraction * len(sensitivity))) if sensitivity else 0
+        return tuple(sorted(range(len(sensitivity)), key=lambda i: -sensitivity[i])[:count])

@@ -49,13 +49,14 @@ class DecoderEvaluation:
     def measure(self, session: Any, reference: Any, quant: str, load_s: float, file_bytes: int) -> Measured:
         options = self.options
         gate = options.gates.get(quant, options.gates["fp32"])
-        parity = measure_parity(session, reference, self.ids, gate, options.parity)
+        parity = measure_parity(session, reference, self.ids, gate, options.parity,
+                                max_kl=options.kl_gates.get(quant), min_confident_top1=options.top1_gates.get(quant))
         profile = None
         if options.profile:
             profile = profile_session(session, self.tokenizer, max_new_tokens=options.profile_new_tokens,
                                       repeats=options.profile_repeats, load_s=load_s, file_bytes=file_bytes,
                                       threads=options.threads, rss_scope=EXPORT_RSS_SCOPE).to_dict()
-        failure = None if parity.passed else f"ppl ratio {parity.ppl_ratio:.4f} > gate {gate}"
+        failure = parity.failure()
         return Measured(parity.to_dict(), profile, failure)
 
 

@@ -23,7 +23,7 @@ from edgelm.errors import EdgeLMError, ExportError, ParityError, UnsupportedErro
 from edgelm.evaluate import EVALUATIONS
 from edgelm.exporter import check_quant, get_exporter, missing_requirements
 from edgelm.model import SourceModel, inspect_source, load_reference_model
-from edgelm.parity import DEFAULT_GATES, ParitySettings
+from edgelm.parity import CONFIDENT_TOP1_GATES, DEFAULT_GATES, KL_GATES, ParitySettings
 from edgelm.report import card_rows, write_report
 from edgelm.targets import get_target
 from edgelm.tokenizer import Tokenizer
@@ -41,6 +41,8 @@ class ExportOptions:
     overwrite: bool = False
     allow_pickle: bool = False
     gates: dict[str, float] = field(default_factory=lambda: dict(DEFAULT_GATES))  # decoders: max ppl ratio
+    kl_gates: dict[str, float] = field(default_factory=lambda: dict(KL_GATES))  # decoders: max mean KL
+    top1_gates: dict[str, float] = field(default_factory=lambda: dict(CONFIDENT_TOP1_GATES))  # min, confident positions
     encoder_gates: dict[str, float] = field(default_factory=lambda: dict(ENCODER_GATES))  # encoders: min cosine
     parity: ParitySettings = field(default_factory=ParitySettings)
     profile: bool = True
@@ -106,11 +108,12 @@ def _note_progress(step: StepHook, what: str) -> Callable[[int, int], None]:
     return (lambda done, total: note(f"{what} {done}/{total}")) if note else (lambda done, total: None)
 
 
-def _export_one(exporter: Any, model: Any, source: SourceModel, work: Path, quant: str, name: str) -> Any:
+def _export_one(exporter: Any, model: Any, source: SourceModel, work: Path, quant: str, name: str,
+                **settings: Any) -> Any:
     """One artifact; a converter's own exception becomes an ExportError naming the artifact
     (the bundle is still being built in a temp dir, so nothing half-written is left)."""
     try:
-        return exporter.export(model, source, work, quant)
+        return exporter.export(model, source, work, quant, **settings)
     except EdgeLMError:
         raise
     except Exception as err:
@@ -248,8 +251,7 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
         )
         failures = []
         builder = ArtifactBuilder(model_obj, source, work, options, evaluation, reference, step,
-                                  Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating"))
-                                  if options.calibrate else None)
+                                  Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating")))
         for fmt, quant in plan:
             entry, failure = builder.build(fmt, quant)
             if entry is not None:

@@ -86,6 +86,7 @@ class GroupScales:
     error_before: float  # mean squared output error of the simulated quantization at s = 1
     error_after: float
     blocks_clipped: int = 0
+    output_power: float = 0.0  # mean square of the float outputs: errors relative to it compare across layers
 
 
 @dataclass
@@ -93,6 +94,14 @@ class ScalingResult:
     proxy: QuantProxy
     calibration_tokens: int
     groups: list[GroupScales] = field(default_factory=list)
+
+    def layer_sensitivity(self) -> list[float]:
+        """Per layer: the simulated quantization's output error relative to the output, summed over its groups."""
+        layers = max((g.layer for g in self.groups), default=-1) + 1
+        sensitivity = [0.0] * layers
+        for g in self.groups:
+            sensitivity[g.layer] += g.error_after / g.output_power if g.output_power > 0 else 0.0
+        return sensitivity
 
     def describe(self) -> dict[str, Any]:
         scaled = [g for g in self.groups if g.ratio is not None]
@@ -184,11 +193,12 @@ def _weight_magnitude(weight: Any, block: int) -> Any:
     return (g / g.amax(-1, keepdim=True).clamp(min=1e-10)).reshape(rows, cols).mean(0)
 
 
-def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[Any, float | None, float, float]:
+def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[Any, float | None, float, float, float]:
     """The scales (and the search's a) that minimise the simulated quantized output error.
 
     x: sampled inputs [n, in]; x_mean: mean |x| per channel over all calibration tokens;
-    weight: the consumers' weights stacked [out, in]. Returns (scales, a or None, error at s=1, best error).
+    weight: the consumers' weights stacked [out, in]. Returns (scales, a or None, error at s=1, best error,
+    mean square of the float output).
     """
     import torch
 
@@ -212,7 +222,7 @@ def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[
         e = error(s)
         if e < best[2]:
             best = (s, a, e)
-    return best[0], best[1], baseline, best[2]
+    return best[0], best[1], baseline, best[2], float(reference.pow(2).mean())
 
 
 CLIP_STEPS = 10  # block maxima tried: 100%, 95%, ..., 55% of the largest |w|
@@ -274,7 +284,7 @@ def scale_for_quantization(model: Any, batches: list[Any], proxy: QuantProxy,
                 entry = stats[(i, j)]
                 x = torch.cat(entry["rows"])
                 weight = torch.cat([layer.get_submodule(n).weight.detach().float() for n in group.consumers])
-                scales, ratio, before, after = search_scales(x, entry["abs_sum"] / entry["count"], weight, proxy)
+                scales, ratio, before, after, power = search_scales(x, entry["abs_sum"] / entry["count"], weight, proxy)
                 if ratio is not None:
                     fold_scales(layer, group, scales)
                 clipped = 0
@@ -284,7 +294,7 @@ def scale_for_quantization(model: Any, batches: list[Any], proxy: QuantProxy,
                         new, count = clip_blocks(linear.weight.detach().float(), x / scales, proxy)
                         linear.weight.copy_(new.to(linear.weight.dtype))
                         clipped += count
-                result.groups.append(GroupScales(i, group, scales, ratio, before, after, clipped))
+                result.groups.append(GroupScales(i, group, scales, ratio, before, after, clipped, power))
                 if progress:
                     progress(i * len(groups) + j + 1, total)
     return scaled, result

@@ -106,8 +106,27 @@ def save_model(proto: Any, path: Path) -> list[Path]:
     return [data]
 
 
-def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
-    """Write `src` quantized per `quant` to `dst`; return what was done (for the manifest)."""
+def layer_matmuls(model: Any, layers: tuple[int, ...]) -> list[str]:
+    """Names of the MatMul nodes inside the given decoder/encoder layers, read from the scope
+    torch.onnx records on each node (`body.layers.3.mlp.down_proj`, `layer.3.attention...`)."""
+    import re
+
+    wanted = set(layers)
+    names = []
+    for node in model.graph.node:
+        if node.op_type != "MatMul":
+            continue
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "")
+        found = re.search(r"\blayers?\.(\d+)\.", scopes)
+        if found and int(found.group(1)) in wanted:
+            names.append(node.name)
+    return names
+
+
+def quantize_weights(src: Path, dst: Path, quant: str, layers_8bit: tuple[int, ...] = ()) -> dict[str, Any]:
+    """Write `src` quantized per `quant` to `dst`; return what was done (for the manifest).
+
+    `layers_8bit` (int4 only): layers whose matrices stay 8-bit (mixed precision)."""
     import onnx
 
     model = onnx.load(str(src))
@@ -131,14 +150,15 @@ def quantize_weights(src: Path, dst: Path, quant: str) -> dict[str, Any]:
         else:
             # the bias correction needs the float weights the quantizer is about to replace
             weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
-            model = _matmul_nbits(model, NBITS[quant], exclude=head)
-            model = _matmul_nbits(model, bits_for_head, include=head)
+            eight = head + layer_matmuls(model, layers_8bit)
+            model = _matmul_nbits(model, NBITS[quant], exclude=eight)
+            model = _matmul_nbits(model, bits_for_head, include=eight)
             corrected = add_block_bias_correction(model, weights)
         shared = share_quantized_embedding(model, TIED_TABLE)
         done = {"op": "MatMulNBits", "bits": NBITS[quant], "output_projection_bits": bits_for_head,
                 "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4,
                 "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
-                "block_bias_correction": corrected}
+                "block_bias_correction": corrected, **({"layers_at_8_bits": list(layers_8bit)} if layers_8bit else {})}
     done["external_data"] = bool(save_model(model, dst))
     return done
 
@@ -172,8 +192,10 @@ class OnnxExporter:
     quants = ("fp32", "fp16", "int8", "int4")
     tasks = tuple(TASK_MODEL_CLASSES)  # every task edgelm knows
     requires = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime")
+    mixed_precision = ("int4",)  # can keep chosen layers at 8 bits (export's layers_8bit)
 
-    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
+    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str,
+               layers_8bit: tuple[int, ...] = ()) -> ExportedArtifact:
         import onnx
 
         folder = bundle_dir / "onnx"
@@ -190,7 +212,7 @@ class OnnxExporter:
         if quant == "fp32":
             recipe: dict[str, Any] = {"weights": "float32", "external_data": bool(save_model(onnx.load(str(scratch)), path))}
         else:
-            recipe = quantize_weights(scratch, path, quant)
+            recipe = quantize_weights(scratch, path, quant, layers_8bit)
         # onnxruntime cannot write a >2 GB optimized model in place; such models are optimized at load.
         recipe["optimized_offline"] = not recipe["external_data"]
         if recipe["optimized_offline"]:

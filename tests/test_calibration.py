@@ -142,3 +142,37 @@ def test_an_encoder_whose_int4_misses_its_cosine_gate_still_exports(tiny_model_f
     assert "int4 gate" in manifest.reference["omitted"]["onnx-int4"]["reason"]
     assert all(a["result"].startswith("min cosine") for a in manifest.reference["omitted"]["onnx-int4"]["attempts"])
     assert not list((tmp_path / "b" / "onnx").glob("model_q4*"))
+
+
+def test_gates_bound_kl_and_confident_top1_not_only_perplexity():
+    from edgelm.parity import CONFIDENT_TOP1_GATES, KL_GATES, ParityResult
+
+    def result(ratio, kl, top1):
+        return ParityResult(tokens_scored=100, perplexity=15.0 * ratio, reference_perplexity=15.0, ppl_ratio=ratio,
+                            top1_agreement=top1, mean_kl=kl, max_abs_logit_diff_first_window=1.0,
+                            greedy_match_tokens=10, greedy_tokens=64, gate=1.10, passed=True,
+                            confident_positions=40, confident_top1_agreement=top1,
+                            max_kl=KL_GATES["int4"], min_confident_top1=CONFIDENT_TOP1_GATES["int4"])
+
+    assert result(1.04, 0.02, 0.95).failure() is None
+    assert "mean KL" in result(1.04, 0.38, 0.95).failure()  # the drift the ratio hid
+    assert "top-1" in result(1.04, 0.05, 0.73).failure()
+    assert "ppl ratio" in result(1.20, 0.02, 0.95).failure()
+
+
+def test_onnx_mixed_precision_keeps_the_chosen_layers_at_8_bits(tiny_llama, tmp_path):
+    import onnx
+
+    from edgelm.exporters.onnx import export_decoder_onnx, layer_matmuls, quantize_weights
+
+    model = _load(tiny_llama)
+    export_decoder_onnx(model, tmp_path / "fp32.onnx")
+    fp32 = onnx.load(str(tmp_path / "fp32.onnx"))
+    layer1 = layer_matmuls(fp32, (1,))
+    assert len(layer1) == 7  # q, k, v, o, gate, up, down
+    done = quantize_weights(tmp_path / "fp32.onnx", tmp_path / "q4.onnx", "int4", layers_8bit=(1,))
+    assert done["layers_at_8_bits"] == [1]
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
+            for n in onnx.load(str(tmp_path / "q4.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    assert {bits[f"{name}_Q8"] for name in layer1} == {8}
+    assert sum(1 for b in bits.values() if b == 4) == 7 * (model.config.num_hidden_layers - 1)
