@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from edgelm.scaling import PROXIES, scale_for_quantization
+from edgelm.scaling import PROXIES, capture_inputs, scale_for_quantization
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,7 @@ class Calibration:
         self._text: dict[str, Any] = {}
         self._scaled: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._sensitivity: dict[str, list[float]] = {}
+        self._inputs: dict | None = None  # the layers' inputs on the calibration text: one pass for every recipe
 
     @staticmethod
     def applies_to(recipe: str) -> bool:
@@ -62,7 +63,10 @@ class Calibration:
     def scaled_model(self, recipe: str) -> tuple[Any, dict[str, Any]]:
         """The model with activation-aware scales for `recipe` folded in, and what was done."""
         if recipe not in self._scaled:
-            model, result = scale_for_quantization(self.model, self.batches(), PROXIES[recipe], self.progress)
+            if self._inputs is None:
+                self._inputs = capture_inputs(self.model, self.batches())
+            model, result = scale_for_quantization(self.model, self.batches(), PROXIES[recipe], self.progress,
+                                                   self._inputs)
             self._scaled[recipe] = (model, result.describe() | {"calibration_text": self._text})
             self._sensitivity[recipe] = result.layer_sensitivity()
         return self._scaled[recipe]

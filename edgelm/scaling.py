@@ -257,24 +257,38 @@ def clip_blocks(weight: Any, x: Any, proxy: QuantProxy) -> tuple[Any, int]:
     return clipped, int((best_top < top).sum())
 
 
-def scale_for_quantization(model: Any, batches: list[Any], proxy: QuantProxy,
-                           progress: Callable[[int, int], None] | None = None) -> tuple[Any, ScalingResult]:
-    """A copy of `model` with activation-aware scales folded in for `proxy`, and what was done.
-
-    `batches`: [1, n] token-id tensors of calibration text (never the parity text).
-    """
+def capture_inputs(model: Any, batches: list[Any]) -> dict[tuple[int, int], dict]:
+    """Run the calibration text through the model once and keep, per (layer, scale group), what
+    the search needs: mean |x| per input channel and a sample of input rows."""
     import torch
 
     groups = applicable_groups(model)
     tokens = sum(int(b.numel()) for b in batches)
-    result = ScalingResult(proxy=proxy, calibration_tokens=tokens)
-    if not groups:
-        return model, result
     keep_every = max(1, tokens // MAX_SAMPLE_ROWS)
     body = getattr(model, "base_model", model)  # the layers without the output head: its logits are not needed
     with torch.inference_mode(), _captured_inputs(model, groups, keep_every) as stats:
         for batch in batches:
             body(input_ids=batch, use_cache=False) if _takes_cache(model) else body(input_ids=batch)
+    for entry in stats.values():
+        entry["tokens"] = tokens
+    return stats
+
+
+def scale_for_quantization(model: Any, batches: list[Any], proxy: QuantProxy,
+                           progress: Callable[[int, int], None] | None = None,
+                           stats: dict[tuple[int, int], dict] | None = None) -> tuple[Any, ScalingResult]:
+    """A copy of `model` with activation-aware scales folded in for `proxy`, and what was done.
+
+    `batches`: [1, n] token-id tensors of calibration text (never the parity text); `stats`:
+    capture_inputs(model, batches) when the caller already has it (one pass serves every recipe).
+    """
+    import torch
+
+    groups = applicable_groups(model)
+    result = ScalingResult(proxy=proxy, calibration_tokens=sum(int(b.numel()) for b in batches))
+    if not groups:
+        return model, result
+    stats = stats if stats is not None else capture_inputs(model, batches)
     scaled = copy.deepcopy(model)
     layers = layers_of(scaled)
     total = len(layers) * len(groups)
