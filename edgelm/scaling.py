@@ -85,7 +85,6 @@ class GroupScales:
     ratio: float | None  # the search's a, None when s = 1 won
     error_before: float  # mean squared output error of the simulated quantization at s = 1
     error_after: float
-    blocks_clipped: int = 0
     output_power: float = 0.0  # mean square of the float outputs: errors relative to it compare across layers
 
 
@@ -107,13 +106,11 @@ class ScalingResult:
         scaled = [g for g in self.groups if g.ratio is not None]
         gain = [g.error_after / g.error_before for g in self.groups if g.error_before > 0]
         return {
-            "method": "activation-aware channel scaling (AWQ-style search), folded into norms and projections"
-                      + ("; 4-bit blocks clipped by output-error search" if self.proxy.weight_bits <= 4 else ""),
+            "method": "activation-aware channel scaling (AWQ-style search), folded into norms and projections",
             "proxy": {"weight_bits": self.proxy.weight_bits, "block": self.proxy.block,
                       "symmetric": self.proxy.symmetric, "activation_bits": self.proxy.activation_bits},
             "calibration_tokens": self.calibration_tokens,
             "groups": len(self.groups), "groups_rescaled": len(scaled),
-            "blocks_clipped": sum(g.blocks_clipped for g in self.groups),
             "mean_simulated_error_ratio": round(sum(gain) / len(gain), 4) if gain else None,
         }
 
@@ -225,38 +222,6 @@ def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[
     return best[0], best[1], baseline, best[2], float(reference.pow(2).mean())
 
 
-CLIP_STEPS = 10  # block maxima tried: 100%, 95%, ..., 55% of the largest |w|
-CLIP_SHRINK = 0.5
-
-
-def clip_blocks(weight: Any, x: Any, proxy: QuantProxy) -> tuple[Any, int]:
-    """Clip each block of a 4-bit weight to the range that minimises that block's quantized
-    output error on the calibration inputs (AWQ's clipping search): one outlier no longer
-    stretches the grid of the 31 weights beside it. Returns (clipped weight, blocks clipped)."""
-    import torch
-
-    rows, cols = weight.shape
-    block = proxy.block
-    if not block or cols % block:
-        return weight, 0
-    w = weight.reshape(rows, cols // block, block)
-    xb = x.reshape(x.shape[0], cols // block, block)
-    reference = torch.einsum("ngb,ogb->nog", xb, w)
-    top = w.abs().amax(-1)
-    best_err = torch.full_like(top, float("inf"))
-    best_top = top.clone()
-    for step in range(CLIP_STEPS):
-        limit = top * (1 - CLIP_SHRINK * step / CLIP_STEPS)
-        clipped = torch.maximum(torch.minimum(w, limit[..., None]), -limit[..., None])
-        quantized = proxy.weights(clipped.reshape(rows, cols)).reshape(w.shape)
-        err = (torch.einsum("ngb,ogb->nog", xb, quantized) - reference).pow(2).mean(0)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_top = torch.where(better, limit, best_top)
-    clipped = torch.maximum(torch.minimum(w, best_top[..., None]), -best_top[..., None]).reshape(rows, cols)
-    return clipped, int((best_top < top).sum())
-
-
 def capture_inputs(model: Any, batches: list[Any]) -> dict[tuple[int, int], dict]:
     """Run the calibration text through the model once and keep, per (layer, scale group), what
     the search needs: mean |x| per input channel and a sample of input rows."""
@@ -301,14 +266,7 @@ def scale_for_quantization(model: Any, batches: list[Any], proxy: QuantProxy,
                 scales, ratio, before, after, power = search_scales(x, entry["abs_sum"] / entry["count"], weight, proxy)
                 if ratio is not None:
                     fold_scales(layer, group, scales)
-                clipped = 0
-                if proxy.weight_bits <= 4:
-                    for name in group.consumers:
-                        linear = layer.get_submodule(name)
-                        new, count = clip_blocks(linear.weight.detach().float(), x / scales, proxy)
-                        linear.weight.copy_(new.to(linear.weight.dtype))
-                        clipped += count
-                result.groups.append(GroupScales(i, group, scales, ratio, before, after, clipped, power))
+                result.groups.append(GroupScales(i, group, scales, ratio, before, after, power))
                 if progress:
                     progress(i * len(groups) + j + 1, total)
     return scaled, result

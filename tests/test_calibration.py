@@ -67,12 +67,7 @@ def test_scaling_undoes_a_rescaled_twin_and_keeps_the_function(tiny_model_factor
     assert sum(g.error_after for g in result.groups) < 0.8 * sum(g.error_before for g in result.groups)
     assert result.describe()["groups_rescaled"] > 0
     ids = torch.randint(3, 200, (1, 16))
-    if recipe == "int8":  # scaling alone: the same function
-        assert torch.allclose(_outputs(scaled, ids), _outputs(model, ids), atol=1e-4, rtol=1e-4)
-    else:  # 4-bit also clips outlying weights of a block: close, not equal
-        assert result.describe()["blocks_clipped"] > 0
-        assert torch.nn.functional.cosine_similarity(_outputs(scaled, ids).flatten(), _outputs(model, ids).flatten(),
-                                                     dim=0) > 0.99
+    assert torch.allclose(_outputs(scaled, ids), _outputs(model, ids), atol=1e-4, rtol=1e-4)
 
 
 def test_calibration_text_never_contains_the_parity_text(tiny_llama):
@@ -162,8 +157,11 @@ def test_gates_bound_kl_and_confident_top1_not_only_perplexity():
 
 def test_onnx_mixed_precision_keeps_the_chosen_layers_at_8_bits(tiny_llama, tmp_path):
     import onnx
-
-    from edgelm.exporters.onnx import export_decoder_onnx, layer_matmuls, quantize_weights
+    from edgelm.exporters.onnx import (
+        export_decoder_onnx,
+        layer_matmuls,
+        quantize_weights,
+    )
 
     model = _load(tiny_llama)
     export_decoder_onnx(model, tmp_path / "fp32.onnx")
