@@ -20,6 +20,7 @@ from typing import Any
 
 from edgelm.bundle import ArtifactEntry
 from edgelm.calibration import Calibration
+from edgelm.exporter import get_exporter
 from edgelm.model import SourceModel, sha256_file
 from edgelm.probe import mark_trusted
 from edgelm.profile import timed
@@ -28,8 +29,6 @@ from edgelm.session import get_runtime
 REFERENCE_FORMAT = "safetensors"
 PARITY_SUMMARY = ("ppl_ratio", "top1_agreement", "mean_kl", "min_cosine")  # kept per attempt in the manifest
 UNCALIBRATED = "none: round-to-nearest from the fp32 weights"
-
-
 MIXED_FRACTIONS = (0.25, 0.5)  # mixed-precision rungs: this share of the most sensitive layers at 8 bits
 
 
@@ -62,7 +61,7 @@ class ArtifactBuilder:
     files were made from (an exporter keeps one fp32 intermediate between its recipes)."""
 
     def __init__(self, model: Any, source: SourceModel, work: Path, options: Any, evaluation: Any, reference: Any,
-                 step: Callable[[str], AbstractContextManager[Any]], calibration: Calibration | None) -> None:
+                 step: Callable[[str], AbstractContextManager[Any]], calibration: Calibration) -> None:
         self.model, self.source, self.work, self.options = model, source, work, options
         self.evaluation, self.reference, self.step, self.calibration = evaluation, reference, step, calibration
         self._variant: dict[str, str] = {}  # format -> the model variant its scratch files hold
@@ -70,8 +69,6 @@ class ArtifactBuilder:
 
     def build(self, fmt: str, quant: str) -> tuple[ArtifactEntry | None, str | None]:
         """(entry or None when left out, the gate failure to report or None)."""
-        from edgelm.exporter import get_exporter
-
         exporter = get_exporter(fmt)
         name = f"{fmt}-{quant}" if fmt != REFERENCE_FORMAT else "reference-fp32"
         # the gate of the recipe a format-specific type stands for (GGUF Q4_0 → int4, ...)
@@ -98,13 +95,13 @@ class ArtifactBuilder:
         return None, None
 
     def _model_for(self, fmt: str, attempt: Attempt, recipe: str) -> tuple[Any, dict[str, Any] | str]:
-        if attempt.calibrated and self.calibration is not None:
+        if attempt.calibrated:
             with self.step(f"Calibrating {recipe} scales on the calibration text"):
                 model, record = self.calibration.scaled_model(recipe)
             variant = f"calibrated-{recipe}"
         else:
             model, record, variant = self.model, UNCALIBRATED, "source"
-        exporter_finish = getattr(_exporter(fmt), "finish", None)
+        exporter_finish = getattr(get_exporter(fmt), "finish", None)
         if self._variant.get(fmt, variant) != variant and exporter_finish:
             exporter_finish(self.work)  # its scratch files were made from another variant
         self._variant[fmt] = variant
@@ -117,7 +114,7 @@ class ArtifactBuilder:
 
         model, calibration = self._model_for(exporter.format, attempt, recipe)
         settings: dict[str, Any] = {}
-        if attempt.eight_bit_share and self.calibration is not None:
+        if attempt.eight_bit_share:
             settings["layers_8bit"] = self.calibration.sensitive_layers(recipe, attempt.eight_bit_share)
         with self.step(f"Exporting {label}"):
             artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
@@ -142,12 +139,7 @@ class ArtifactBuilder:
     def finish_all(self) -> None:
         """Drop the scratch files exporters kept between their recipes."""
         for fmt in self._variant:
-            finish = getattr(_exporter(fmt), "finish", None)
+            finish = getattr(get_exporter(fmt), "finish", None)
             if finish:
                 finish(self.work)
 
-
-def _exporter(fmt: str) -> Any:
-    from edgelm.exporter import get_exporter
-
-    return get_exporter(fmt)
