@@ -20,11 +20,13 @@ from typing import Any
 
 from edgelm.bundle import ArtifactEntry
 from edgelm.calibration import Calibration
+from edgelm.errors import VendorMismatchError
 from edgelm.exporter import get_exporter
 from edgelm.model import SourceModel, sha256_file
 from edgelm.probe import mark_trusted
 from edgelm.profile import timed
 from edgelm.session import get_runtime
+from edgelm.vendors.check import VendorChecks
 
 REFERENCE_FORMAT = "safetensors"
 PARITY_SUMMARY = ("ppl_ratio", "top1_agreement", "mean_kl", "min_cosine")  # kept per attempt in the manifest
@@ -61,9 +63,11 @@ class ArtifactBuilder:
     files were made from (an exporter keeps one fp32 intermediate between its recipes)."""
 
     def __init__(self, model: Any, source: SourceModel, work: Path, options: Any, evaluation: Any, reference: Any,
-                 step: Callable[[str], AbstractContextManager[Any]], calibration: Calibration) -> None:
+                 step: Callable[[str], AbstractContextManager[Any]], calibration: Calibration,
+                 vendors: VendorChecks | None = None) -> None:
         self.model, self.source, self.work, self.options = model, source, work, options
         self.evaluation, self.reference, self.step, self.calibration = evaluation, reference, step, calibration
+        self.vendors = vendors  # None: no vendor-runtime checks (encoders, or switched off)
         self._variant: dict[str, str] = {}  # format -> the model variant its scratch files hold
         self.omitted: list[dict[str, Any]] = []
 
@@ -125,7 +129,14 @@ class ArtifactBuilder:
         file_bytes = artifact.path.stat().st_size + sum(f.stat().st_size for f in artifact.extra_files)
         with self.step(f"Measuring parity of {name} on real text" + (" and profiling it" if self.options.profile else "")):
             measured = self.evaluation.measure(session, self.reference, recipe, load_s, file_bytes)
+        vendor = None
+        if measured.failure is None and self.vendors is not None:
+            with self.step(f"Running {name} in its vendor's LLM runtime"):
+                vendor = self.vendors.run(exporter.format, artifact.path, self.work, session)
         session.close()
+        if vendor is not None and vendor.failed and not self.options.allow_vendor_mismatch:
+            raise VendorMismatchError(f"{name}: {vendor.result[len('failed: '):]} (nothing written; "
+                                      "--allow-vendor-mismatch keeps it)")
         entry = ArtifactEntry(
             name=name, format=exporter.format, path=artifact.path.relative_to(self.work).as_posix(),
             sha256=sha256_file(artifact.path), bytes=file_bytes, quant=artifact.quant,
@@ -133,8 +144,10 @@ class ArtifactBuilder:
             signature=artifact.signature, parity=measured.parity, profile=measured.profile,
             recipe={"gate_recipe": recipe, "chosen": attempt.quant, "calibration": calibration,
                     **({"layers_at_8_bits": list(settings["layers_8bit"])} if settings else {})},
+            vendor_runtimes=[vendor.to_dict()] if vendor else [],
         )
-        return entry, measured.failure, [artifact.path, *artifact.extra_files]
+        written = [self.work / rel for rel in (vendor.files if vendor else [])]
+        return entry, measured.failure, [artifact.path, *artifact.extra_files, *written]
 
     def finish_all(self) -> None:
         """Drop the scratch files exporters kept between their recipes."""

@@ -67,6 +67,13 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     "signature": {"type": "object"},
                     "parity": {"type": ["object", "null"]},
                     "profile": {"type": ["object", "null"]},
+                    "vendor_runtimes": {  # edgelm.vendors: the format's own LLM runtime, run on this file
+                        "type": "array",
+                        "items": {"type": "object", "required": ["runtime", "package", "result"],
+                                  "properties": {"runtime": {"type": "string"}, "package": {"type": "string"},
+                                                 "result": {"type": "string"},
+                                                 "files": {"type": "array", "items": {"type": "string"}}}},
+                    },
                 },
             },
         },
@@ -105,6 +112,7 @@ class ArtifactEntry:
     parity: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None
     recipe: dict[str, Any] | None = None  # how it was quantized: calibration, the recipes tried (edgelm.artifacts)
+    vendor_runtimes: list[dict[str, Any]] = field(default_factory=list)  # edgelm.vendors.VendorCheck rows
 
 
 @dataclass
@@ -189,6 +197,9 @@ def check_manifest_paths(data: dict[str, Any]) -> None:
         if files.get(path) != artifact["sha256"]:
             raise BundleError(f"manifest.json: artifact {str(artifact['name'])[:80]!r} ({path}) is not in files{{}} with "
                               "its sha256; the bundle was tampered with — re-export it")
+        for vendor in artifact.get("vendor_runtimes", []):
+            for rel in vendor.get("files", []):
+                check_relative_path(rel, f"vendor runtime file of {str(artifact['name'])[:80]!r}")
     tokenizer = check_relative_path(data["tokenizer"]["path"], "tokenizer path")
     if f"{tokenizer}/tokenizer.json" not in files:
         raise BundleError(f"manifest.json: {tokenizer}/tokenizer.json is not listed in files{{}}; re-export the bundle")

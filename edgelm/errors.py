@@ -46,3 +46,10 @@ class ParityError(EdgeLMError):
     """An artifact drifted past its parity gate (use --allow-drift to keep it anyway)."""
 
     exit_code = 1
+
+
+class VendorMismatchError(EdgeLMError):
+    """A format's own LLM runtime refused an artifact or generated other text than edgelm
+    (use --allow-vendor-mismatch to keep it anyway)."""
+
+    exit_code = 1

@@ -23,10 +23,12 @@ from edgelm.errors import EdgeLMError, ExportError, ParityError, UnsupportedErro
 from edgelm.evaluate import EVALUATIONS
 from edgelm.exporter import check_quant, get_exporter, missing_requirements
 from edgelm.model import SourceModel, inspect_source, load_reference_model
-from edgelm.parity import CONFIDENT_TOP1_GATES, DEFAULT_GATES, KL_GATES, ParitySettings
+from edgelm.parity import CONFIDENT_TOP1_GATES, DEFAULT_GATES, GREEDY_PROMPT_TOKENS, KL_GATES, ParitySettings
 from edgelm.report import card_rows, write_report
 from edgelm.targets import get_target
 from edgelm.tokenizer import Tokenizer
+from edgelm.vendors import generation_facts
+from edgelm.vendors.check import VendorChecks
 
 StepHook = Callable[[str], AbstractContextManager[Any]]
 QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # DESIGN.md's table; formats map them
@@ -53,6 +55,8 @@ class ExportOptions:
     delegate: str | None = None  # ExecuTorch backend (xnnpack default); checked before the model loads
     compress: str | Path | None = None  # a compression recipe (JSON) run on the model before export
     calibrate: bool = True  # int8/int4 from activation-aware scaled weights (edgelm.calibration)
+    vendor_check: bool = True  # run each decoder artifact in its format's own LLM runtime (edgelm.vendors)
+    allow_vendor_mismatch: bool = False  # keep an artifact that runtime refuses or runs differently
 
 
 def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -120,6 +124,16 @@ def _export_one(exporter: Any, model: Any, source: SourceModel, work: Path, quan
         raise ExportError(f"{name}: the {exporter.format} converter failed on this {source.model_type} model "
                           f"({type(err).__name__}: {str(err)[:500]}); other formats may still export it — "
                           f"try --formats without {exporter.format}") from err
+
+
+def _vendor_checks(model: Any, tokenizer: Tokenizer, evaluation: Any, source: SourceModel, work: Path,
+                   options: ExportOptions) -> VendorChecks | None:
+    """The vendor-runtime checks of a decoder export: the parity prompt (its first tokens, as
+    text) and the model's facts; None for encoders (no vendor LLM runtime runs them)."""
+    if not options.vendor_check or source.task != "text-generation":
+        return None
+    prompt = tokenizer.decode(evaluation.ids[:GREEDY_PROMPT_TOKENS])
+    return VendorChecks(tokenizer, generation_facts(work / "tokenizer", model.config), prompt, options.threads)
 
 
 def _generation_defaults(model: Any) -> dict[str, Any]:
@@ -251,7 +265,8 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
         )
         failures = []
         builder = ArtifactBuilder(model_obj, source, work, options, evaluation, reference, step,
-                                  Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating")))
+                                  Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating")),
+                                  _vendor_checks(model_obj, tokenizer, evaluation, source, work, options))
         for fmt, quant in plan:
             entry, failure = builder.build(fmt, quant)
             if entry is not None:

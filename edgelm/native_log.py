@@ -17,15 +17,26 @@ from collections.abc import Iterator
 @contextlib.contextmanager
 def quiet_native_stderr(keep_variable: str) -> Iterator[None]:
     """Send fd 2 to /dev/null for the duration, unless the environment sets `keep_variable`."""
+    with quiet_native_streams(keep_variable, (2,)):
+        yield
+
+
+@contextlib.contextmanager
+def quiet_native_streams(keep_variable: str, fds: tuple[int, ...] = (1, 2)) -> Iterator[None]:
+    """Send the file descriptors `fds` to /dev/null for the duration, unless the environment
+    sets `keep_variable` (the vendors' LLM runners also print tokens and stats to fd 1)."""
     if os.environ.get(keep_variable):
         yield
         return
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in fds}
     with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
+        for fd in fds:
+            os.dup2(devnull.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+                os.close(copy)

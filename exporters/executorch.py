@@ -190,8 +190,9 @@ def BlockBiasCorrected(linear: Any, block_mean: Any) -> Any:
     return _block_bias_module()(linear, block_mean)
 
 
-def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
-    """Export `model` (not modified) as an XNNPACK-delegated .pte at `path`; return the recipe."""
+def export_pte(model: Any, quant: str, path: Path, runner: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Export `model` (not modified) as an XNNPACK-delegated .pte at `path`; return the recipe.
+    `runner`: extra constant methods (the LLM runner's, edgelm.vendors.executorch_runner)."""
     import torch
 
     quiet_noisy_imports()
@@ -221,7 +222,7 @@ def export_pte(model: Any, quant: str, path: Path) -> dict[str, Any]:
         program = to_edge_transform_and_lower(
             exported, partitioner=[XnnpackPartitioner()],
             constant_methods={"get_max_context": context, "get_vocab_size": signature.vocab_size,
-                              "get_num_layers": signature.num_layers, "is_encoder": False},
+                              "get_num_layers": signature.num_layers, "is_encoder": False, **(runner or {})},
         ).to_executorch(_backend_config())
     path.write_bytes(program.buffer)
     return {**recipe, "max_context": context,
@@ -314,13 +315,19 @@ class ExecuTorchExporter:
             return ExportedArtifact(path=path, quant=quant, built_by=f"edgelm.encoder_graph {built_by}",
                                     signature={**signature, "delegates": [DEFAULT_DELEGATE], "quantization": recipe,
                                                "methods": ["forward", "get_max_context", "is_encoder"]})
-        recipe = export_pte(model, quant, path)
+        from edgelm.vendors import generation_facts
+        from edgelm.vendors.executorch_runner import runner_methods
+
         signature = decoder_signature(model.config)
+        facts = generation_facts(bundle_dir / "tokenizer", model.config)
+        runner = runner_methods(min(STATIC_CONTEXT, signature.max_context), facts.bos_id, facts.eos_ids)
+        recipe = export_pte(model, quant, path, runner)
         return ExportedArtifact(
             path=path, quant=quant, built_by=f"edgelm.graph (static cache) {built_by}",
             signature={"inputs": ["input_ids[1,n] int64", "input_pos[1] int64"], "outputs": ["logits[1,n,vocab] float32"],
                        "kv_cache": f"static, {recipe['max_context']} positions in mutable buffers inside the program",
-                       "methods": ["forward", "get_max_context", "get_vocab_size", "get_num_layers", "is_encoder"],
+                       "methods": ["forward", "get_max_context", "get_vocab_size", "get_num_layers", "is_encoder",
+                                   *runner],
                        "delegates": [DEFAULT_DELEGATE], "num_layers": signature.num_layers,
                        "max_context": recipe["max_context"], "quantization": recipe},
         )

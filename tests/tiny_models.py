@@ -18,8 +18,10 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 VOCAB_SIZE = 384
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+@lru_cache(maxsize=2)
+def _tokenizer_json(ascii_only: bool = False) -> str:
+    """ascii_only: no tokens for the bytes 0x80-0xFF (characters outside ASCII are dropped), so
+    every token decodes to valid text on its own, as a vendor runner's per-token callback needs."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from edgelm.parity import parity_text
@@ -27,10 +29,22 @@ def _tokenizer_json() -> str:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([parity_text()[:20000]], trainer)
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if ascii_only:
+        alphabet = [c for c in alphabet if c.encode() in _ascii_byte_symbols()]
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, initial_alphabet=alphabet)
+    text = parity_text()[:20000]
+    tok.train_from_iterator([text.encode("ascii", "ignore").decode() if ascii_only else text], trainer)
     return tok.to_str()
+
+
+def _ascii_byte_symbols() -> set[bytes]:
+    """The ByteLevel pre-tokenizer's symbols for the bytes 0x00-0x7F."""
+    from tokenizers import pre_tokenizers
+
+    symbols = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(
+        "".join(chr(b) for b in range(128)))
+    return {c.encode() for c in symbols[0][0]}
 
 
 SPM_VOCAB_SIZE = 640
@@ -63,7 +77,7 @@ def _sentencepiece_style_tokenizer_json() -> str:
     return json.dumps(data)
 
 
-def write_tokenizer(folder: Path, sentencepiece_style: bool = False) -> None:
+def write_tokenizer(folder: Path, sentencepiece_style: bool = False, ascii_only: bool = False) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if sentencepiece_style:
         (folder / "tokenizer.json").write_text(_sentencepiece_style_tokenizer_json())
@@ -71,7 +85,7 @@ def write_tokenizer(folder: Path, sentencepiece_style: bool = False) -> None:
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
         }))
         return
-    (folder / "tokenizer.json").write_text(_tokenizer_json())
+    (folder / "tokenizer.json").write_text(_tokenizer_json(ascii_only))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
         "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE,
@@ -112,10 +126,15 @@ def tiny_config(kind: str):
 MODEL_CLASSES = {"bert": "AutoModel", "bert-cls": "AutoModelForSequenceClassification"}  # others: causal LM
 
 
-def build_tiny_model(kind: str, folder: Path, seed: int = 0, layers: int | None = None) -> Path:
+def build_tiny_model(kind: str, folder: Path, seed: int = 0, layers: int | None = None,
+                     initializer_range: float | None = None, ascii_vocab: bool = False) -> Path:
     """Save a random `kind` model (llama, qwen2, gemma3, phi3, bert, bert-cls) with a tokenizer into `folder`.
 
     `layers` overrides the 2 layers every kind has (the compression tests drop some).
+    `initializer_range` 0.2 (instead of 0.02) gives a model whose greedy continuation varies
+    from token to token, where the default repeats one token: what the vendor-runtime
+    comparisons need to mean something; `ascii_vocab` gives it a tokenizer without lone
+    non-ASCII bytes (see _tokenizer_json).
     """
     import torch
     import transformers
@@ -124,8 +143,10 @@ def build_tiny_model(kind: str, folder: Path, seed: int = 0, layers: int | None 
     config = tiny_config(kind)
     if layers is not None:
         config = type(config)(**{**config.to_dict(), "num_hidden_layers": layers, "layer_types": None})
+    if initializer_range is not None:
+        config.initializer_range = initializer_range
     model_class = getattr(transformers, MODEL_CLASSES.get(kind, "AutoModelForCausalLM"))
     model = model_class.from_config(config).eval()
     model.save_pretrained(str(folder), safe_serialization=True)
-    write_tokenizer(folder, sentencepiece_style=kind.endswith("-spm"))
+    write_tokenizer(folder, sentencepiece_style=kind.endswith("-spm"), ascii_only=ascii_vocab)
     return folder

@@ -1,0 +1,156 @@
+"""The vendors' own LLM runtimes, run on the files edgelm writes: the bundle is what an app ships.
+
+Phone apps do not embed edgelm; they link ExecuTorch's LLM runner (`LlmModule` on Android,
+`TextLLMRunner` in its Python binding), onnxruntime-genai, LiteRT-LM or llama.cpp. Each of
+those has its own generation loop, its own tokenizer and its own expectations of the file
+(constant methods, a genai_config.json, stop tokens in the metadata). So every decoder
+artifact of an export is also run by its format's vendor runtime, unmodified, and its greedy
+continuation of the parity prompt is compared with the one edgelm's own session gives on the
+same file. The manifest records, per artifact, which runtime was checked, its version and the
+result; a runtime that is not installed is recorded as skipped with the reason.
+
+One row per format in `VENDOR_MODULES`; each module defines `VENDOR`, an object with the
+`VendorRuntime` shape below.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+# format -> module defining `VENDOR`; imported lazily (each pulls in a native library).
+VENDOR_MODULES: dict[str, str] = {
+    "executorch": "edgelm.vendors.executorch_runner",
+    "gguf": "edgelm.vendors.llamacpp",
+    "onnx": "edgelm.vendors.onnxruntime_genai",
+}
+NEW_TOKENS = 64  # the continuation compared, as in the parity report's greedy check
+
+
+@dataclass
+class VendorRun:
+    """What a vendor runtime generated from a prompt, greedily."""
+
+    text: str
+    tokens: int  # tokens generated (stops at the model's end-of-turn/end-of-text tokens)
+    decode_tok_s: float | None  # tokens after the first ÷ the time after the first token
+    load_s: float
+
+
+@dataclass
+class VendorCheck:
+    """One vendor runtime's verdict on one artifact (stored in the manifest)."""
+
+    runtime: str  # what an app would call: "executorch TextLLMRunner", "onnxruntime-genai Generator", ...
+    package: str
+    version: str | None
+    result: str  # "passed", "skipped: <why>", "failed: <why>"
+    prompt_chars: int = 0
+    edgelm_text: str | None = None
+    vendor_text: str | None = None
+    matching_chars: int | None = None  # identical leading characters of the two continuations
+    vendor_decode_tok_s: float | None = None
+    vendor_load_s: float | None = None
+    files: list[str] = field(default_factory=list)  # sidecar files written for the runtime (bundle-relative)
+
+    @property
+    def passed(self) -> bool:
+        return self.result == "passed"
+
+    @property
+    def failed(self) -> bool:
+        return self.result.startswith("failed")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class VendorRuntime(Protocol):
+    name: str  # "executorch TextLLMRunner"
+    package: str  # the PyPI distribution that ships it
+    import_name: str  # what must import for it to run
+
+    def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
+        """Write the files the runtime reads beside the artifact (none for most); return them."""
+
+    def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
+                 new_tokens: int, threads: int | None) -> VendorRun:
+        """Greedy continuation of `prompt` (raw text, no chat template) by the runtime's own loop."""
+
+
+@dataclass(frozen=True)
+class GenerationFacts:
+    """What a vendor runtime needs to know about the model beyond the artifact file."""
+
+    tokenizer_dir: Path  # the bundle's tokenizer folder (tokenizer.json, tokenizer_config.json)
+    eos_ids: tuple[int, ...]  # stop tokens
+    bos_id: int | None  # added in front of a prompt by the tokenizer, if any
+    max_context: int
+    vocab_size: int
+    chat_template: str | None = None
+
+
+def get_vendor(fmt: str) -> VendorRuntime | None:
+    """The vendor runtime checked for `fmt`'s artifacts, or None when the format has none here."""
+    module = VENDOR_MODULES.get(fmt)
+    return importlib.import_module(module).VENDOR if module else None
+
+
+def missing(vendor: VendorRuntime) -> str | None:
+    """Why `vendor` cannot run here, or None."""
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(vendor.import_name) is not None
+    except ModuleNotFoundError:
+        found = False
+    if not found:
+        return f"{vendor.package} is not installed (pip install 'edgelm[vendors]')"
+    return None
+
+
+def package_version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class TokenClock:
+    """Arrival times of streamed tokens; the decode rate is tokens after the first ÷ the time
+    since the first (the first token's wait is prefill)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def tick(self, _piece: Any = None) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def decode_tok_s(self) -> float | None:
+        if len(self.stamps) < 2 or self.stamps[-1] <= self.stamps[0]:
+            return None
+        return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+
+
+def common_prefix(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def generation_facts(tokenizer_dir: Path, config: Any) -> GenerationFacts:
+    """The facts of a bundle's model that vendor runtimes read from their own metadata: stop
+    tokens (the tokenizer's EOS and the model config's), the BOS the tokenizer adds, sizes."""
+    from edgelm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_dir)
+    eos = set(tokenizer.eos_token_ids)
+    configured = getattr(config, "eos_token_id", None)
+    eos.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    with_specials, plain = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
+    bos = with_specials[0] if with_specials[1:] == plain and len(with_specials) == len(plain) + 1 else None
+    return GenerationFacts(tokenizer_dir=tokenizer_dir, eos_ids=tuple(sorted(int(i) for i in eos)), bos_id=bos,
+                           max_context=int(getattr(config, "max_position_embeddings", 2048)),
+                           vocab_size=int(config.vocab_size), chat_template=tokenizer.chat_template)

@@ -1,0 +1,57 @@
+"""Run one artifact in its vendor runtime and compare the text with edgelm's own session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from edgelm.parity import greedy_continuation
+from edgelm.vendors import NEW_TOKENS, GenerationFacts, VendorCheck, common_prefix, get_vendor, missing, package_version
+
+
+def edgelm_continuation(session: Any, tokenizer: Any, prompt: str, facts: GenerationFacts,
+                        new_tokens: int = NEW_TOKENS) -> str:
+    """edgelm's greedy continuation of `prompt` on an open session, cut where a runtime's loop
+    stops (the first stop token), decoded as an app would show it."""
+    ids = greedy_continuation(session, tokenizer.encode(prompt), new_tokens)
+    stop = next((i for i, token in enumerate(ids) if token in facts.eos_ids), len(ids))
+    return tokenizer.decode(ids[:stop])
+
+
+def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tokenizer: Any,
+                   facts: GenerationFacts, prompt: str, threads: int | None = None) -> VendorCheck | None:
+    """The vendor runtime's verdict on `artifact`, or None when `fmt` has no vendor LLM runtime."""
+    vendor = get_vendor(fmt)
+    if vendor is None:
+        return None
+    check = VendorCheck(runtime=vendor.name, package=vendor.package, version=package_version(vendor.package),
+                        result="passed", prompt_chars=len(prompt))
+    reason = missing(vendor)
+    if reason:
+        check.result = f"skipped: {reason}"
+        return check
+    check.edgelm_text = edgelm_continuation(session, tokenizer, prompt, facts)
+    try:
+        check.files = [p.relative_to(bundle_dir).as_posix() for p in vendor.prepare(artifact, bundle_dir, facts)]
+        run = vendor.generate(artifact, bundle_dir, prompt, facts, NEW_TOKENS, threads)
+    except Exception as err:  # the runtime's own refusal is the finding: report it in its words
+        check.result = f"failed: {vendor.name} refused the file ({type(err).__name__}: {str(err)[:300]})"
+        return check
+    check.vendor_text, check.vendor_decode_tok_s, check.vendor_load_s = run.text, run.decode_tok_s, run.load_s
+    check.matching_chars = common_prefix(run.text, check.edgelm_text)
+    if run.text != check.edgelm_text:
+        check.result = (f"failed: {vendor.name}'s greedy text differs from edgelm's after {check.matching_chars} of "
+                        f"{len(check.edgelm_text)} characters")
+    return check
+
+
+class VendorChecks:
+    """The vendor-runtime check of every decoder artifact of one export: one prompt (the parity
+    prompt as text, as an app would pass it) and one set of model facts for all of them."""
+
+    def __init__(self, tokenizer: Any, facts: GenerationFacts, prompt: str, threads: int | None = None) -> None:
+        self.tokenizer, self.facts, self.prompt, self.threads = tokenizer, facts, prompt, threads
+
+    def run(self, fmt: str, artifact: Path, bundle_dir: Path, session: Any) -> VendorCheck | None:
+        return check_artifact(fmt, artifact, bundle_dir, session, self.tokenizer, self.facts, self.prompt,
+                              self.threads)

@@ -1,0 +1,74 @@
+"""ExecuTorch's LLM runner (`TextLLMRunner`, the C++ runner that Android's `LlmModule` wraps).
+
+The runner reads the model's facts from constant methods of the .pte (`get_max_seq_len`,
+`get_max_context_len`, `get_bos_id`, `get_eos_ids`, `use_kv_cache`, `enable_dynamic_shape`,
+... see `RUNNER_METHODS`, which edgelm's exporter writes), calls `forward(tokens[1, n],
+input_pos[1])` — edgelm's static-cache calling convention — and tokenizes with
+pytorch-tokenizers, which reads the bundle's HF `tokenizer.json`.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edgelm.native_log import quiet_native_streams
+from edgelm.vendors import GenerationFacts, TokenClock, VendorRun
+
+LOG_VARIABLE = "EDGELM_EXECUTORCH_LOG"
+
+
+def runner_methods(max_context: int, facts_bos: int | None, eos_ids: tuple[int, ...]) -> dict[str, Any]:
+    """The constant methods ExecuTorch's LLM runner reads (extension/llm/runner/constants.h):
+    the prompt may be prefilled in one call up to the whole context (the program's token
+    dimension is dynamic), the cache lives inside the program, and these tokens stop it."""
+    methods: dict[str, Any] = {
+        "get_max_seq_len": max_context, "get_max_context_len": max_context, "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True,
+    }
+    if eos_ids:
+        methods["get_eos_ids"] = list(eos_ids)
+    if facts_bos is not None:
+        methods["get_bos_id"] = facts_bos
+    return methods
+
+
+class ExecuTorchRunner:
+    name = "executorch TextLLMRunner"
+    package = "executorch"
+    import_name = "executorch.extension.llm.runner"
+
+    def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
+        return []  # everything the runner reads is inside the .pte and tokenizer.json
+
+    def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
+                 new_tokens: int, threads: int | None) -> VendorRun:
+        from edgelm.runtimes.executorch import _load_kernel_libraries, _runtime
+
+        _runtime()  # the quantized and llama custom-op kernels an app links in, registered here
+        _load_kernel_libraries()
+        if threads:
+            from executorch.extension.pybindings import portable_lib
+
+            portable_lib._unsafe_reset_threadpool(threads)
+        from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+        pieces: list[str] = []
+        clock = TokenClock()
+
+        def on_token(piece: str) -> None:
+            pieces.append(piece)
+            clock.tick()
+
+        with quiet_native_streams(LOG_VARIABLE):
+            start = time.perf_counter()
+            runner = TextLLMRunner(str(artifact), str(facts.tokenizer_dir / "tokenizer.json"))
+            load_s = time.perf_counter() - start
+            config = GenerationConfig(echo=False, max_new_tokens=new_tokens, temperature=0.0,
+                                      num_bos=1 if facts.bos_id is not None else 0)
+            runner.generate(prompt, config, token_callback=on_token)
+        return VendorRun(text="".join(pieces), tokens=len(pieces), decode_tok_s=clock.decode_tok_s(), load_s=load_s)
+
+
+VENDOR = ExecuTorchRunner()
