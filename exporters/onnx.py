@@ -9,6 +9,8 @@ Quant mapping (DESIGN.md, adjusted to what measured faithful on this model famil
 The stored file is already graph-optimized (basic level, portable across CPUs), so loading
 does not re-optimize. Models over 1.8 GB of weights keep them in `<file>.data` beside the
 graph (ONNX external data; the runtime refuses any location outside the model's folder).
+Each artifact has its own folder (`onnx/int4/model_q4.onnx`), where a decoder's also gets the
+genai_config.json and tokenizer files onnxruntime-genai loads it with.
 """
 
 from __future__ import annotations
@@ -208,7 +210,10 @@ class OnnxExporter:
                 export_decoder_onnx(model, scratch)
             else:
                 export_encoder_onnx(model, source.task, scratch)
-        path = folder / FILE_NAMES[quant]
+        # one folder per artifact: onnxruntime-genai reads one genai_config.json per folder, which
+        # must name a model file inside that folder (edgelm.vendors.onnxruntime_genai writes it)
+        path = folder / quant / FILE_NAMES[quant]
+        path.parent.mkdir(exist_ok=True)
         if quant == "fp32":
             recipe: dict[str, Any] = {"weights": "float32", "external_data": bool(save_model(onnx.load(str(scratch)), path))}
         else:

@@ -92,6 +92,8 @@ class GenerationFacts:
     max_context: int
     vocab_size: int
     chat_template: str | None = None
+    pad_id: int | None = None
+    shape: dict[str, int] = field(default_factory=dict)  # num_layers, num_heads, num_kv_heads, head_dim, hidden_size
 
 
 def get_vendor(fmt: str) -> VendorRuntime | None:
@@ -151,6 +153,12 @@ def generation_facts(tokenizer_dir: Path, config: Any) -> GenerationFacts:
     eos.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
     with_specials, plain = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
     bos = with_specials[0] if with_specials[1:] == plain and len(with_specials) == len(plain) + 1 else None
+    from edgelm.graph import decoder_signature
+
+    signature = decoder_signature(config)
+    shape = {"num_layers": signature.num_layers, "num_heads": int(config.num_attention_heads),
+             "num_kv_heads": signature.num_kv_heads, "head_dim": signature.head_dim,
+             "hidden_size": int(config.hidden_size)}
     return GenerationFacts(tokenizer_dir=tokenizer_dir, eos_ids=tuple(sorted(int(i) for i in eos)), bos_id=bos,
-                           max_context=int(getattr(config, "max_position_embeddings", 2048)),
-                           vocab_size=int(config.vocab_size), chat_template=tokenizer.chat_template)
+                           max_context=signature.max_context, vocab_size=signature.vocab_size,
+                           chat_template=tokenizer.chat_template, pad_id=tokenizer.pad_token_id, shape=shape)

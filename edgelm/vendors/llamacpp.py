@@ -1,0 +1,59 @@
+"""llama.cpp's own high-level API (`llama_cpp.Llama`, llama-cpp-python): its tokenizer, its
+sampler chain and its stop tokens, all read from the GGUF alone (the file carries the chat
+template, BOS/EOS and end-of-turn tokens edgelm wrote into its metadata)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from edgelm.vendors import GenerationFacts, TokenClock, VendorRun
+
+GREEDY = {"temperature": 0.0, "top_k": 1, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
+
+
+def open_llama(artifact: Path, threads: int | None, context: int = 2048) -> Any:
+    """The GGUF in llama.cpp's Llama class, as an app using llama-cpp-python opens it (after
+    edgelm's defensive header read, which refuses hostile files before llama.cpp parses them).
+
+    The attention and KV-cache settings are the ones edgelm's own llama.cpp session uses (F32
+    cache without flash attention for an F32 file, llama.cpp's F16 cache with flash attention
+    otherwise), so that a difference between the two continuations is the loop's, the
+    tokenizer's or the sampler's, not a kernel choice."""
+    import llama_cpp
+
+    from edgelm.gguf_header import read_gguf_summary
+    from edgelm.runtimes.llamacpp import FILE_TYPE_ALL_F32, GGML_TYPE_F16, GGML_TYPE_F32, _llama
+
+    f32 = read_gguf_summary(artifact).integer("general.file_type", -1) == FILE_TYPE_ALL_F32
+    _llama()  # backend initialised and its log silenced once per process
+    return llama_cpp.Llama(model_path=str(artifact), n_ctx=context, n_threads=threads, n_threads_batch=threads,
+                           flash_attn=not f32, type_k=GGML_TYPE_F32 if f32 else GGML_TYPE_F16,
+                           type_v=GGML_TYPE_F32 if f32 else GGML_TYPE_F16, verbose=False)
+
+
+class LlamaCpp:
+    name = "llama.cpp Llama.create_completion"
+    package = "llama_cpp_python"
+    import_name = "llama_cpp"
+
+    def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
+        return []  # the GGUF is self-contained
+
+    def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
+                 new_tokens: int, threads: int | None) -> VendorRun:
+        start = time.perf_counter()
+        llm = open_llama(artifact, threads)
+        load_s = time.perf_counter() - start
+        clock, pieces = TokenClock(), []
+        try:
+            for chunk in llm.create_completion(prompt, max_tokens=new_tokens, stream=True, **GREEDY):
+                pieces.append(chunk["choices"][0]["text"])
+                clock.tick()
+        finally:
+            llm.close()
+        return VendorRun(text="".join(pieces), tokens=len(pieces), decode_tok_s=clock.decode_tok_s(), load_s=load_s)
+
+
+VENDOR = LlamaCpp()
