@@ -58,6 +58,15 @@ def recipe_ladder(exporter: Any, quant: str, recipe: str, calibrate: bool) -> li
     return ladder + [Attempt(f, calibrate) for f in fallbacks]
 
 
+def _remove(files: list[Path], root: Path) -> None:
+    """Delete an attempt's files, and their folder if that leaves it empty (an artifact's own folder)."""
+    for path in files:
+        path.unlink(missing_ok=True)
+    for folder in {path.parent for path in files}:
+        if folder != root and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
 class ArtifactBuilder:
     """Builds every artifact of one export; owns which model variant each format's scratch
     files were made from (an exporter keeps one fp32 intermediate between its recipes)."""
@@ -81,8 +90,7 @@ class ArtifactBuilder:
         tried: list[dict[str, Any]] = []
         files: list[Path] = []
         for number, attempt in enumerate(ladder):
-            for path in files:  # the previous attempt missed its gate
-                path.unlink(missing_ok=True)
+            _remove(files, self.work)  # the previous attempt missed its gate
             label = name if number == 0 else f"{name} as {attempt.describe()}"
             entry, failure, files = self._attempt(exporter, name, label, attempt, recipe)
             tried.append({"quant": attempt.quant, "calibrated": attempt.calibrated, "result": failure or "passed",
@@ -93,8 +101,7 @@ class ArtifactBuilder:
                 return entry, None
         if self.options.allow_drift or not Calibration.applies_to(recipe):
             return entry, f"{name}: {failure}"
-        for path in files:
-            path.unlink(missing_ok=True)
+        _remove(files, self.work)
         self.omitted.append({"reason": f"every recipe missed the {recipe} gate", "attempts": tried})
         return None, None
 

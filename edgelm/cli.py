@@ -109,6 +109,14 @@ def export(
         help="Quantize int8/int4 from activation-aware scaled weights, searched on calibration text (never the "
              "parity text). A quantized artifact that misses its gate is retried uncalibrated, then with the "
              "format's more faithful types, and left out (with the reason in the report) if none holds.")] = True,
+    vendor_check: Annotated[bool, typer.Option(
+        help="Run each decoder artifact in its format's own LLM runtime (ExecuTorch's TextLLMRunner, "
+             "onnxruntime-genai, llama.cpp's Llama) and require edgelm's greedy text from it; the manifest "
+             "records each runtime's version and verdict. A runtime that is not installed is recorded as "
+             "skipped.")] = True,
+    allow_vendor_mismatch: Annotated[bool, typer.Option(
+        help="Keep an artifact its vendor runtime refuses or runs to other text (the verdict stays in the "
+             "manifest).")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept PyTorch pickle checkpoints (they can run code).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --output.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Threads for runtimes while measuring.")] = None,
@@ -128,7 +136,8 @@ def export(
                             gguf_types=_split(gguf_type) or (), delegate=delegate,
                             overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
                             profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens,
-                            compress=compress, calibrate=calibrate)
+                            compress=compress, calibrate=calibrate, vendor_check=vendor_check,
+                            allow_vendor_mismatch=allow_vendor_mismatch)
     with _progress() as step:
         manifest = export_bundle(model, output, options, step=step)
     console.print(_report_table(manifest, f"{manifest.source['model_id']} → {target}"))
@@ -139,6 +148,10 @@ def export(
     for name, why in manifest.reference.get("omitted", {}).items():
         console.print(f"[yellow]left out {name}[/]: {why['reason']} (tried {len(why['attempts'])} recipes; "
                       "report/report.md lists them)")
+    for artifact in manifest.artifacts:
+        for vendor in artifact.vendor_runtimes:
+            if vendor["result"] != "passed":
+                console.print(f"[yellow]{artifact.name} in {vendor['runtime']}[/]: {vendor['result']}")
     console.print(f"Bundle written to [bold]{output}[/] (report: {output}/report/report.html)")
     console.print(f"Try it: edgelm run {output} --prompt \"What is a KV cache?\"")
     if target == "android":

@@ -51,8 +51,12 @@ def device_manifest(manifest: Manifest, formats: tuple[str, ...] | None) -> Mani
         known = ", ".join(a.name for a in manifest.artifacts)
         raise UnsupportedError(f"no artifact of the bundle matches {', '.join(formats or ())}; it has: {known}")
 
+    # the files an artifact's vendor runtime loads it with (onnxruntime-genai's config) go with it
+    vendor_files = {rel for a in chosen for vendor in a.vendor_runtimes for rel in vendor.get("files", [])}
+
     def belongs(rel: str) -> bool:
-        return rel.startswith("tokenizer/") or any(rel == a.path or rel.startswith(a.path + ".") for a in chosen)
+        return rel.startswith("tokenizer/") or any(rel == a.path or rel.startswith(a.path + ".") for a in chosen) \
+            or rel in vendor_files
 
     data = manifest.to_dict()
     names = {a.name for a in chosen}

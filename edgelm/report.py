@@ -152,7 +152,21 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
     if calibrated:
         text = calibrated["calibration_text"]
         lines += ["", f"Calibration: {calibrated['method']}, on {text['tokens']:,} tokens of {text['text']}."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _vendor_lines(manifest)) + "\n"
+
+
+def _vendor_lines(manifest: Manifest) -> list[str]:
+    """Which vendor LLM runtime ran each artifact, its verdict, and both decode speeds."""
+    rows = [(a, v) for a in manifest.artifacts for v in a.vendor_runtimes]
+    if not rows:
+        return []
+    lines = ["", "Vendor runtimes (greedy continuation of the parity prompt, compared with edgelm's on the same file):",
+             "", "| artifact | runtime | version | result | vendor decode tok/s | edgelm decode tok/s |", "|---|---|---|---|---|---|"]
+    for artifact, vendor in rows:
+        ours = (artifact.profile or {}).get("decode_tok_s")
+        lines.append(f"| {artifact.name} | {vendor['runtime']} | {vendor.get('version') or '-'} | {vendor['result']} | "
+                     f"{format_cell(vendor.get('vendor_decode_tok_s'))} | {format_cell(ours)} |")
+    return lines
 
 
 def _html(rows: list[dict[str, Any]], manifest: Manifest, plots: list[str]) -> str:

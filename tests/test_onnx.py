@@ -93,7 +93,7 @@ def test_external_data_outside_the_model_folder_is_refused(onnx_bundle, tmp_path
 
     folder = tmp_path / "model"
     folder.mkdir()
-    proto = onnx.load(str(onnx_bundle / "onnx" / "model.onnx"))
+    proto = onnx.load(str(onnx_bundle / "onnx" / "fp32" / "model.onnx"))
     onnx.save(proto, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
               location="weights.data", size_threshold=0)
     (folder / "weights.data").rename(tmp_path / "outside.data")
@@ -140,14 +140,14 @@ def test_a_model_over_the_protobuf_limit_is_written_with_external_data_inside_th
     out = tmp_path / "big"
     export_bundle(tiny_llama, out, fast_export_options(formats=("onnx",), quants=("fp32", "int4"), profile=False))
     manifest = read_bundle(out)  # verifies the sha256 of every file, the .data files included
-    for name in ("model.onnx", "model_q4.onnx"):
+    for name in ("fp32/model.onnx", "int4/model_q4.onnx"):
         entry = next(a for a in manifest.artifacts if a.path == f"onnx/{name}")
         data = out / "onnx" / f"{name}.data"
         assert data.is_file() and f"onnx/{name}.data" in manifest.files
         assert entry.signature["quantization"]["external_data"] is True
         assert entry.bytes == (out / entry.path).stat().st_size + data.stat().st_size
         assert entry.parity["passed"]
-    assert sorted(p.name for p in (out / "onnx").iterdir()) == ["model.onnx", "model.onnx.data", "model_q4.onnx",
-                                                                "model_q4.onnx.data"]
+    onnx_files = sorted(p.relative_to(out / "onnx").as_posix() for p in (out / "onnx").rglob("*.onnx*"))
+    assert onnx_files == ["fp32/model.onnx", "fp32/model.onnx.data", "int4/model_q4.onnx", "int4/model_q4.onnx.data"]
     lm = edgelm.load(out, format="onnx-int4")
     assert lm.generate("The object", max_new_tokens=4, ignore_eos=True)

@@ -18,6 +18,19 @@ def edgelm_continuation(session: Any, tokenizer: Any, prompt: str, facts: Genera
     return tokenizer.decode(ids[:stop])
 
 
+def one_line(message: str, limit: int = 400) -> str:
+    """A native runtime's message on one line; a long one keeps its start and its end, where
+    C++ runtimes put the actual reason ("... Missing Input: past_value_0")."""
+    message = " ".join(message.split())
+    return message if len(message) <= limit else f"{message[:limit // 3]} … {message[-(limit * 2 // 3):]}"
+
+
+def shown(text: str) -> str:
+    """The text without U+FFFD: runtimes differ only in how they show bytes that are not valid
+    UTF-8 on their own (edgelm's decoder prints U+FFFD, llama.cpp drops them), not in tokens."""
+    return text.replace("\ufffd", "")
+
+
 def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tokenizer: Any,
                    facts: GenerationFacts, prompt: str, threads: int | None = None) -> VendorCheck | None:
     """The vendor runtime's verdict on `artifact`, or None when `fmt` has no vendor LLM runtime."""
@@ -35,13 +48,14 @@ def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tok
         check.files = [p.relative_to(bundle_dir).as_posix() for p in vendor.prepare(artifact, bundle_dir, facts)]
         run = vendor.generate(artifact, bundle_dir, prompt, facts, NEW_TOKENS, threads)
     except Exception as err:  # the runtime's own refusal is the finding: report it in its words
-        check.result = f"failed: {vendor.name} refused the file ({type(err).__name__}: {str(err)[:300]})"
+        check.result = f"failed: {vendor.name} refused the file ({type(err).__name__}: {one_line(str(err))})"
         return check
     check.vendor_text, check.vendor_decode_tok_s, check.vendor_load_s = run.text, run.decode_tok_s, run.load_s
-    check.matching_chars = common_prefix(run.text, check.edgelm_text)
-    if run.text != check.edgelm_text:
+    ours, theirs = shown(check.edgelm_text), shown(run.text)
+    check.matching_chars = common_prefix(theirs, ours)
+    if theirs != ours:
         check.result = (f"failed: {vendor.name}'s greedy text differs from edgelm's after {check.matching_chars} of "
-                        f"{len(check.edgelm_text)} characters")
+                        f"{len(ours)} characters")
     return check
 
 

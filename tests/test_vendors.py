@@ -1,0 +1,154 @@
+"""Every decoder artifact runs in its format's own LLM runtime, unmodified, to edgelm's text.
+
+The tiny models here are "lively" (initializer range 0.2: the greedy continuation changes from
+token to token, where a default random model repeats one token) and use an ASCII-only byte-level
+vocabulary (ExecuTorch's Python binding hands each token's text to a callback as a str, which
+fails on a lone byte of a multi-byte character).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import fast_export_options
+from tiny_models import build_tiny_model
+
+FORMATS = ("onnx", "gguf", "executorch")
+RUNTIMES = {"onnx": "onnxruntime-genai Generator", "gguf": "llama.cpp Llama.create_completion",
+            "executorch": "executorch TextLLMRunner"}
+
+
+def _lively(kind: str, tmp_path_factory) -> Path:
+    return build_tiny_model(kind, tmp_path_factory.mktemp(f"lively-{kind}"), initializer_range=0.2, ascii_vocab=True)
+
+
+@pytest.fixture(scope="module")
+def vendor_bundles(tmp_path_factory) -> dict[str, Path]:
+    """Llama with the quantized recipes of the android preset, Gemma3 (sliding windows, its own norms) in fp32."""
+    from edgelm.export import export_bundle
+
+    bundles = {}
+    for kind, quants in (("llama", ("int8", "int4")), ("gemma3", ("fp32",))):
+        out = tmp_path_factory.mktemp("vendor-bundles") / kind
+        export_bundle(_lively(kind, tmp_path_factory), out, fast_export_options(formats=FORMATS, quants=quants))
+        bundles[kind] = out
+    return bundles
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_every_decoder_artifact_runs_in_its_vendor_runtime_to_edgelms_text(vendor_bundles, kind):
+    manifest = json.loads((vendor_bundles[kind] / "manifest.json").read_text())
+    checked = {a["name"]: a["vendor_runtimes"] for a in manifest["artifacts"] if a["format"] in FORMATS}
+    assert len(checked) == len(FORMATS) * (2 if kind == "llama" else 1)
+    for name, rows in checked.items():
+        assert len(rows) == 1, name
+        row = rows[0]
+        assert row["runtime"] == RUNTIMES[name.split("-")[0]]
+        assert row["result"] == "passed", (name, row["result"])
+        assert row["version"], name
+        text = row["edgelm_text"]
+        assert row["vendor_text"] == text, name
+        # a continuation that says something: long, and not one token repeated (a default tiny model's "rrrr…")
+        assert len(text) >= 64 and len(set(text)) >= 6, (name, text)
+
+
+def test_the_reference_artifact_has_no_vendor_runtime(vendor_bundles):
+    manifest = json.loads((vendor_bundles["llama"] / "manifest.json").read_text())
+    reference = next(a for a in manifest["artifacts"] if a["format"] == "safetensors")
+    assert reference["vendor_runtimes"] == []
+
+
+def test_onnx_artifacts_carry_the_genai_config_and_tokenizer_listed_in_the_manifest(vendor_bundles):
+    import edgelm
+
+    bundle = vendor_bundles["llama"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for artifact in (a for a in manifest["artifacts"] if a["format"] == "onnx"):
+        folder = Path(artifact["path"]).parent.as_posix()
+        files = artifact["vendor_runtimes"][0]["files"]
+        assert sorted(files) == sorted(f"{folder}/{n}" for n in ("genai_config.json", "tokenizer.json",
+                                                                 "tokenizer_config.json"))
+        assert all(f in manifest["files"] for f in files)  # hashed like every other file
+        config = json.loads((bundle / folder / "genai_config.json").read_text())
+        assert config["model"]["decoder"]["filename"] == Path(artifact["path"]).name
+        assert config["search"]["past_present_share_buffer"] is False
+    lm = edgelm.load(bundle, format="onnx-int4")  # edgelm's own runtime still opens the same file
+    assert lm.generate("The class", max_new_tokens=4, temperature=0.0)
+
+
+def test_the_pte_carries_the_llm_runner_constant_methods(vendor_bundles):
+    from executorch.runtime import Runtime
+
+    from edgelm.vendors.executorch_runner import runner_methods
+
+    bundle = vendor_bundles["llama"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    pte = next(a for a in manifest["artifacts"] if a["format"] == "executorch")
+    program = Runtime.get().load_program(str(bundle / pte["path"]))
+    expected = runner_methods(512, None, (2,))
+    assert set(expected) <= set(program.method_names)
+    assert int(program.load_method("get_max_seq_len").execute([])[0]) == 512
+    assert bool(program.load_method("enable_dynamic_shape").execute([])[0]) is True
+
+
+def test_a_runtime_that_is_not_installed_is_skipped_with_its_reason(monkeypatch, tmp_path, tiny_llama):
+    from edgelm.export import export_bundle
+    from edgelm.vendors import llamacpp
+
+    monkeypatch.setattr(llamacpp.VENDOR, "import_name", "no_such_llama_binding")
+    manifest = export_bundle(tiny_llama, tmp_path / "b", fast_export_options(formats=("gguf",), quants=("fp32",),
+                                                                             profile=False))
+    row = next(a for a in manifest.artifacts if a.format == "gguf").vendor_runtimes[0]
+    assert row["result"].startswith("skipped: llama_cpp_python is not installed")
+
+
+def _refused(monkeypatch):
+    """onnxruntime-genai given a config that names an input the graph does not have."""
+    from edgelm.vendors import onnxruntime_genai
+
+    real = onnxruntime_genai.genai_config
+
+    def wrong_names(model_file, facts):
+        config = real(model_file, facts)
+        config["model"]["decoder"]["inputs"]["past_key_names"] = "past_key_values.%d.key"
+        return config
+
+    monkeypatch.setattr(onnxruntime_genai, "genai_config", wrong_names)
+
+
+def test_a_vendor_refusal_fails_the_export_with_the_runtimes_message(monkeypatch, tmp_path, tiny_llama):
+    from edgelm.errors import VendorMismatchError
+    from edgelm.export import export_bundle
+
+    _refused(monkeypatch)
+    options = fast_export_options(formats=("onnx",), quants=("fp32",), profile=False)
+    with pytest.raises(VendorMismatchError, match="onnx-fp32: onnxruntime-genai Generator refused the file") as err:
+        export_bundle(tiny_llama, tmp_path / "b", options)
+    assert err.value.exit_code == 1
+    assert "Missing Input: past_value_0" in str(err.value)  # the runtime's own words
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_allow_vendor_mismatch_keeps_the_artifact_with_the_verdict(monkeypatch, tmp_path, tiny_llama):
+    from edgelm.export import export_bundle
+
+    _refused(monkeypatch)
+    options = fast_export_options(formats=("onnx",), quants=("fp32",), profile=False, allow_vendor_mismatch=True)
+    manifest = export_bundle(tiny_llama, tmp_path / "b", options)
+    row = next(a for a in manifest.artifacts if a.format == "onnx").vendor_runtimes[0]
+    assert row["result"].startswith("failed: onnxruntime-genai Generator refused the file")
+    assert "Vendor runtimes" in (tmp_path / "b" / "report" / "report.md").read_text()
+
+
+def test_a_vendor_file_path_that_leaves_the_bundle_is_refused(tiny_bundle):
+    from edgelm.bundle import MANIFEST, validate_manifest
+    from edgelm.errors import BundleError
+
+    data = json.loads((tiny_bundle / MANIFEST).read_text())
+    data["artifacts"][0]["vendor_runtimes"] = [{"runtime": "x", "package": "x", "result": "passed",
+                                                "files": ["../outside.json"]}]
+    with pytest.raises(BundleError, match="vendor runtime file"):
+        validate_manifest(data)
