@@ -124,3 +124,37 @@ def test_android_preset_tflite_int8_passes_its_gate_and_is_small(smollm2_bundle)
     assert entry.bytes <= 0.3 * reference.bytes  # weights stored once for both signatures, int8
     assert entry.profile["decode_tok_s"] > reference.profile["decode_tok_s"]
     assert "tflite" not in manifest.reference.get("skipped_formats", {})
+
+
+VENDOR_CHECKED = ("executorch-int4", "onnx-int4", "onnx-int8", "gguf-int4", "gguf-int8")
+
+
+def test_each_artifact_runs_to_edgelms_text_in_its_vendors_llm_runtime(smollm2_bundle):
+    """ExecuTorch's TextLLMRunner, onnxruntime-genai and llama.cpp's Llama, each on the file as
+    written, continue the parity prompt (64 tokens) greedily to the text edgelm's runtime gives."""
+    from edgelm.bundle import read_bundle
+
+    manifest = read_bundle(smollm2_bundle)
+    artifacts = {a.name: a for a in manifest.artifacts}
+    for name in VENDOR_CHECKED:
+        row = artifacts[name].vendor_runtimes[0]
+        assert row["result"] == "passed", (name, row)
+        assert row["vendor_text"] == row["edgelm_text"] and len(row["edgelm_text"].split()) >= 20, (name, row)
+
+
+def test_gguf_chat_in_llama_cpp_answers_like_edgelm_run(smollm2_bundle):
+    """llama.cpp's own chat API, reading the template, BOS/EOS and end-of-turn from the GGUF alone,
+    answers like `edgelm run` with greedy settings."""
+    import edgelm
+    from edgelm.vendors.llamacpp import GREEDY, open_llama
+
+    question = "What is a KV cache?"
+    for name in ("gguf-int4", "gguf-int8"):
+        lm = edgelm.load(smollm2_bundle, format=name, threads=2)
+        ours = lm.generate(question, chat=True, max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
+        llm = open_llama(smollm2_bundle / lm.artifact.path, 2)
+        answer = llm.create_chat_completion(messages=[{"role": "user", "content": question}], max_tokens=64,
+                                            **GREEDY)["choices"][0]["message"]["content"]
+        llm.close()
+        lm.close()
+        assert answer == ours and len(ours.split()) >= 20, name

@@ -162,6 +162,7 @@ def test_push_copies_what_the_runtime_needs_and_the_copy_loads(onnx_bundle, tmp_
     pushed = tmp_path / "device" / "bundle"
     assert result.artifacts == ["onnx-int8"] and pushed.is_dir()
     assert not (pushed / "reference").exists() and not (pushed / "onnx" / "fp32" / "model.onnx").exists()
+    assert (pushed / "onnx" / "int8" / "genai_config.json").is_file()  # what onnxruntime-genai loads it with
     assert not list((tmp_path / "device").glob("*.partial-*"))
     model = edgelm.load(pushed)  # the device manifest lists exactly what is there, all verified
     assert model.generate("The parity", max_new_tokens=3) == edgelm.load(onnx_bundle, format="onnx-int8").generate(
