@@ -30,7 +30,7 @@ def _runtime():
     with quiet_native_stderr(LOG_VARIABLE):
         from executorch.runtime import Runtime, Verification
 
-        _load_kernel_libraries()
+        load_kernel_libraries()
         return Runtime.get(), Verification
 
 
@@ -42,8 +42,12 @@ KERNEL_LIBRARIES = ("lib/libexecutorch_kernels_quantized.so", "extension/llm/cus
 
 
 @functools.cache
-def _load_kernel_libraries() -> None:
+def load_kernel_libraries() -> None:
+    """Register ExecuTorch's quantized and llama custom-op kernels in this process (what an app
+    links in); needed before ExecuTorch's runtime or its LLM runner runs an edgelm .pte."""
     import ctypes
+
+    import torch  # noqa: F401  the custom-op library links against libtorch, loaded by this import
 
     import executorch
 

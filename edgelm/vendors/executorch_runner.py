@@ -44,10 +44,9 @@ class ExecuTorchRunner:
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
                  new_tokens: int, threads: int | None) -> VendorRun:
-        from edgelm.runtimes.executorch import _load_kernel_libraries, _runtime
+        from edgelm.runtimes.executorch import load_kernel_libraries
 
-        _runtime()  # the quantized and llama custom-op kernels an app links in, registered here
-        _load_kernel_libraries()
+        load_kernel_libraries()  # the quantized and llama custom-op kernels an app links in
         if threads:
             from executorch.extension.pybindings import portable_lib
 
