@@ -293,6 +293,10 @@ def run(
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
     stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Do not apply the chat template.")] = False,
+    runtime: Annotated[str, typer.Option(
+        help="edgelm (its runtime and sampling loop) or vendor: the format's own LLM runtime and loop on the same "
+             "file (ExecuTorch's TextLLMRunner, onnxruntime-genai, llama.cpp's Llama), greedy, as an app runs it.")
+    ] = "edgelm",
 ) -> None:
     """Generate text from a bundle, streaming it to stdout (an encoder bundle prints the
     prompt's embedding or its label probabilities instead)."""
@@ -303,6 +307,10 @@ def run(
                                       repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
     if stop:
         sampling["stop"] = tuple(stop)
+    _check_runtime_choice(runtime)
+    if runtime == "vendor":
+        _run_in_vendor_runtime(bundle, format, prompt, threads, max_new_tokens, no_chat, sampling)
+        return
     lm = edgelm.load(bundle, format=format, device=device, threads=threads)
     if isinstance(lm, TextEncoder):
         _print_encoder_output(lm, prompt)
@@ -311,6 +319,96 @@ def run(
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
+
+
+RUNTIME_CHOICES = ("edgelm", "vendor")
+
+
+def _check_runtime_choice(runtime: str) -> None:
+    if runtime not in RUNTIME_CHOICES:
+        raise UnsupportedError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
+
+
+def _run_in_vendor_runtime(bundle: Path, format: str | None, prompt: str, threads: int | None,
+                           max_new_tokens: int | None, no_chat: bool, sampling: dict[str, Any]) -> None:
+    """`edgelm run --runtime vendor`: the artifact's own LLM runtime streams its greedy text."""
+    from edgelm.bundle import read_bundle
+    from edgelm.tokenizer import Tokenizer
+    from edgelm.vendors import vendor_for
+
+    unsupported = sorted(set(sampling) - {"max_new_tokens", "temperature"})
+    if unsupported or sampling.get("temperature", 0.0) != 0.0:
+        raise UnsupportedError("--runtime vendor runs the vendor's greedy loop; sampling options "
+                               f"({', '.join(unsupported or ['temperature'])}) apply to --runtime edgelm")
+    manifest = read_bundle(bundle)
+    entry = manifest.artifact(format) if format else next(
+        (a for a in manifest.artifacts if a.vendor_runtimes), manifest.artifacts[0])
+    vendor, facts = vendor_for(bundle, entry)
+    tokenizer = Tokenizer(bundle / manifest.tokenizer["path"])
+    text = prompt if no_chat or tokenizer.chat_template is None else \
+        tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    new_tokens = max_new_tokens or int(manifest.generation.get("max_new_tokens", 256))
+
+    def show(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    vendor.generate(bundle / entry.path, bundle, text, facts, new_tokens, threads, on_text=show)
+    sys.stdout.write("\n")
+
+
+def _profile_vendor_runtimes(bundle: Path, format: str | None, threads: int | None, new_tokens: int, repeats: int,
+                             json_out: Path | None, both: bool) -> None:
+    """Decode tok/s of each artifact in its vendor's LLM runtime (and edgelm's, with `both`),
+    interleaved round by round on the same prompt; medians."""
+    import statistics
+
+    import edgelm
+    from edgelm.bundle import read_bundle
+    from edgelm.profile import DEFAULT_PROMPTS
+    from edgelm.vendors import vendor_for
+
+    manifest = read_bundle(bundle)
+    entries = [manifest.artifact(format)] if format else [a for a in manifest.artifacts if a.vendor_runtimes]
+    if not entries:
+        raise UnsupportedError(f"{bundle}: no artifact was checked in a vendor runtime at export (re-export it)")
+    runners = {entry.name: vendor_for(bundle, entry) for entry in entries}  # refuses before any work
+    rates: dict[str, dict[str, list[float]]] = {e.name: {"vendor": [], "edgelm": [], "tokens": []} for e in entries}
+    sessions = {e.name: edgelm.load(bundle, format=e.name, threads=threads, verify=False) for e in entries} if both \
+        else {}
+    with console.status("profiling in the vendor runtimes…"):
+        for entry in entries:  # warm-up
+            vendor, facts = runners[entry.name]
+            vendor.generate(bundle / entry.path, bundle, DEFAULT_PROMPTS[0], facts, 8, threads)
+        for _ in range(repeats):
+            for entry in entries:
+                vendor, facts = runners[entry.name]
+                run = vendor.generate(bundle / entry.path, bundle, DEFAULT_PROMPTS[0], facts, new_tokens, threads)
+                rates[entry.name]["vendor"].append(run.decode_tok_s or 0.0)
+                rates[entry.name]["tokens"].append(run.tokens)
+                if both:
+                    profile = sessions[entry.name].profile(max_new_tokens=new_tokens, repeats=1)
+                    rates[entry.name]["edgelm"].append(profile.decode_tok_s)
+    table = Table(title=f"profile in the vendors' runtimes: {bundle}")
+    columns = ("artifact", "vendor runtime", "tokens", "vendor decode tok/s", *(("edgelm decode tok/s",) if both else ()))
+    for col in columns:
+        table.add_column(col, justify="right")
+    results = {}
+    for entry in entries:
+        row = rates[entry.name]
+        results[entry.name] = {"runtime": runners[entry.name][0].name, **row,
+                               "vendor_decode_tok_s": statistics.median(row["vendor"]),
+                               **({"edgelm_decode_tok_s": statistics.median(row["edgelm"])} if both else {})}
+        table.add_row(entry.name, runners[entry.name][0].name, str(max(row["tokens"])),
+                      f"{results[entry.name]['vendor_decode_tok_s']:.1f}",
+                      *((f"{results[entry.name]['edgelm_decode_tok_s']:.1f}",) if both else ()))
+    for session in sessions.values():
+        session.close()
+    console.print(table)
+    console.print("vendor decode = tokens after the first ÷ time after the first, in the runtime's own loop (it stops "
+                  "at end-of-text); edgelm decode ignores end-of-text")
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2) + "\n")
 
 
 def _print_encoder_output(encoder: Any, text: str) -> None:
@@ -336,11 +434,19 @@ def profile(
              "add its rows to the bundle's report.")] = None,
     to: Annotated[Optional[str], typer.Option(help="Where the bundle was pushed on the device (as `edgelm push --to`).")
                   ] = None,
+    runtime: Annotated[str, typer.Option(
+        help="edgelm, vendor (each artifact's own LLM runtime and loop: decode tok/s as an app sees it), or both "
+             "(side by side, interleaved).")] = "edgelm",
 ) -> None:
     """Profile artifacts of a bundle on this machine or a device (same prompts and token counts for each)."""
     import edgelm
     from edgelm.bundle import read_bundle
 
+    if runtime not in (*RUNTIME_CHOICES, "both"):
+        raise UnsupportedError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}, both")
+    if runtime != "edgelm":
+        _profile_vendor_runtimes(bundle, format, threads, new_tokens, repeats, json_out, both=runtime == "both")
+        return
     if device:
         _profile_on_device(bundle, device, to, format, new_tokens, repeats, threads)
         return

@@ -24,17 +24,28 @@ def _lively(kind: str, tmp_path_factory) -> Path:
     return build_tiny_model(kind, tmp_path_factory.mktemp(f"lively-{kind}"), initializer_range=0.2, ascii_vocab=True)
 
 
-@pytest.fixture(scope="module")
-def vendor_bundles(tmp_path_factory) -> dict[str, Path]:
-    """Llama with the quantized recipes of the android preset, Gemma3 (sliding windows, its own norms) in fp32."""
-    from edgelm.export import export_bundle
+class _Bundles(dict):
+    """Exported on first use: Llama with the quantized recipes of the android preset, Gemma3
+    (sliding windows, its own norms) in fp32."""
 
-    bundles = {}
-    for kind, quants in (("llama", ("int8", "int4")), ("gemma3", ("fp32",))):
-        out = tmp_path_factory.mktemp("vendor-bundles") / kind
-        export_bundle(_lively(kind, tmp_path_factory), out, fast_export_options(formats=FORMATS, quants=quants))
-        bundles[kind] = out
-    return bundles
+    QUANTS = {"llama": ("int8", "int4"), "gemma3": ("fp32",)}
+
+    def __init__(self, factory) -> None:
+        super().__init__()
+        self.factory = factory
+
+    def __missing__(self, kind: str) -> Path:
+        from edgelm.export import export_bundle
+
+        out = self.factory.mktemp("vendor-bundles") / kind
+        export_bundle(_lively(kind, self.factory), out, fast_export_options(formats=FORMATS, quants=self.QUANTS[kind]))
+        self[kind] = out
+        return out
+
+
+@pytest.fixture(scope="module")
+def vendor_bundles(tmp_path_factory) -> _Bundles:
+    return _Bundles(tmp_path_factory)
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
@@ -152,3 +163,42 @@ def test_a_vendor_file_path_that_leaves_the_bundle_is_refused(tiny_bundle):
                                                 "files": ["../outside.json"]}]
     with pytest.raises(BundleError, match="vendor runtime file"):
         validate_manifest(data)
+
+
+def test_run_with_the_vendor_runtime_streams_the_same_text_as_edgelm(vendor_bundles):
+    from test_cli import run_cli
+
+    bundle = str(vendor_bundles["llama"])
+    common = ("run", bundle, "--format", "gguf-int8", "--prompt", "The class statement", "--no-chat",
+              "--max-new-tokens", "24")
+    vendor = run_cli(*common, "--runtime", "vendor")
+    ours = run_cli(*common, "--temperature", "0", "--repetition-penalty", "1")
+    assert vendor.returncode == 0 and ours.returncode == 0, vendor.stderr + ours.stderr
+    assert vendor.stdout == ours.stdout and len(vendor.stdout.strip()) > 10
+
+
+def test_profile_shows_vendor_and_edgelm_decode_side_by_side(vendor_bundles, tmp_path):
+    from test_cli import run_cli
+
+    out = tmp_path / "p.json"
+    result = run_cli("profile", str(vendor_bundles["llama"]), "--runtime", "both", "--new-tokens", "16", "--repeats", "2",
+                     "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert set(rows) == {f"{fmt}-{q}" for fmt in FORMATS for q in ("int8", "int4")}
+    for name, row in rows.items():
+        assert row["vendor_decode_tok_s"] > 0 and row["edgelm_decode_tok_s"] > 0, name
+        assert len(row["vendor"]) == len(row["edgelm"]) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--format", "reference-fp32"), "no vendor LLM runtime for safetensors"),
+    (("--format", "onnx-int8", "--temperature", "0.7"), "greedy loop"),
+    (("--runtime", "someone"), "--runtime 'someone'"),
+])
+def test_run_with_a_vendor_runtime_refuses_what_it_cannot_do(vendor_bundles, args, message):
+    from test_cli import run_cli
+
+    result = run_cli("run", str(vendor_bundles["llama"]), "--prompt", "Hi", "--runtime", "vendor", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

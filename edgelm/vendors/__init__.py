@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -78,8 +79,9 @@ class VendorRuntime(Protocol):
         """Write the files the runtime reads beside the artifact (none for most); return them."""
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None) -> VendorRun:
-        """Greedy continuation of `prompt` (raw text, no chat template) by the runtime's own loop."""
+                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
+        """Greedy continuation of `prompt` (text as given: a chat template is the caller's) by the
+        runtime's own loop and tokenizer; each piece of text also goes to `on_text`."""
 
 
 @dataclass(frozen=True)
@@ -123,14 +125,24 @@ def package_version(package: str) -> str | None:
 
 
 class TokenClock:
-    """Arrival times of streamed tokens; the decode rate is tokens after the first ÷ the time
-    since the first (the first token's wait is prefill)."""
+    """The text pieces a runtime streams and their arrival times (passed on to `on_text`, for a
+    CLI that prints them); the decode rate is tokens after the first ÷ the time since the first
+    (the first token's wait is prefill)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_text: Callable[[str], None] | None = None) -> None:
         self.stamps: list[float] = []
+        self.pieces: list[str] = []
+        self.on_text = on_text
 
-    def tick(self, _piece: Any = None) -> None:
+    def add(self, piece: str) -> None:
         self.stamps.append(time.perf_counter())
+        self.pieces.append(piece)
+        if self.on_text:
+            self.on_text(piece)
+
+    def run(self, load_s: float) -> VendorRun:
+        return VendorRun(text="".join(self.pieces), tokens=len(self.pieces), decode_tok_s=self.decode_tok_s(),
+                         load_s=load_s)
 
     def decode_tok_s(self) -> float | None:
         if len(self.stamps) < 2 or self.stamps[-1] <= self.stamps[0]:
@@ -142,23 +154,52 @@ def common_prefix(a: str, b: str) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def generation_facts(tokenizer_dir: Path, config: Any) -> GenerationFacts:
-    """The facts of a bundle's model that vendor runtimes read from their own metadata: stop
-    tokens (the tokenizer's EOS and the model config's), the BOS the tokenizer adds, sizes."""
+def _tokenizer_facts(tokenizer_dir: Path, extra_eos: Any = None) -> dict[str, Any]:
+    """Stop tokens (the tokenizer's EOS and `extra_eos`, e.g. the model config's), the BOS the
+    tokenizer puts in front of a text, the pad token and the chat template."""
     from edgelm.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(tokenizer_dir)
     eos = set(tokenizer.eos_token_ids)
-    configured = getattr(config, "eos_token_id", None)
-    eos.update(configured if isinstance(configured, (list, tuple)) else [configured] if configured is not None else [])
+    eos.update(extra_eos if isinstance(extra_eos, (list, tuple)) else [extra_eos] if extra_eos is not None else [])
     with_specials, plain = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
     bos = with_specials[0] if with_specials[1:] == plain and len(with_specials) == len(plain) + 1 else None
+    return {"tokenizer_dir": tokenizer_dir, "eos_ids": tuple(sorted(int(i) for i in eos)), "bos_id": bos,
+            "chat_template": tokenizer.chat_template, "pad_id": tokenizer.pad_token_id}
+
+
+def bundle_facts(bundle_dir: Path, entry: Any) -> GenerationFacts:
+    """The facts of an exported bundle's artifact, read from the bundle (no model config needed):
+    what running a vendor runtime on it later (`edgelm run --runtime vendor`) needs."""
+    signature = entry.signature or {}
+    return GenerationFacts(**_tokenizer_facts(bundle_dir / "tokenizer"),
+                           max_context=int(signature.get("max_context", 2048)),
+                           vocab_size=int(signature.get("vocab_size", 0)))
+
+
+def generation_facts(tokenizer_dir: Path, config: Any) -> GenerationFacts:
+    """The facts of a model being exported that vendor runtimes read from their own metadata."""
     from edgelm.graph import decoder_signature
 
     signature = decoder_signature(config)
     shape = {"num_layers": signature.num_layers, "num_heads": int(config.num_attention_heads),
              "num_kv_heads": signature.num_kv_heads, "head_dim": signature.head_dim,
              "hidden_size": int(config.hidden_size)}
-    return GenerationFacts(tokenizer_dir=tokenizer_dir, eos_ids=tuple(sorted(int(i) for i in eos)), bos_id=bos,
-                           max_context=signature.max_context, vocab_size=signature.vocab_size,
-                           chat_template=tokenizer.chat_template, pad_id=tokenizer.pad_token_id, shape=shape)
+    return GenerationFacts(**_tokenizer_facts(tokenizer_dir, getattr(config, "eos_token_id", None)),
+                           max_context=signature.max_context, vocab_size=signature.vocab_size, shape=shape)
+
+
+def vendor_for(bundle_dir: Path, entry: Any) -> tuple[VendorRuntime, GenerationFacts]:
+    """The vendor runtime that runs a bundle's artifact, with the facts it needs; UnsupportedError
+    for a format without one here or one that is not installed."""
+    from edgelm.errors import UnsupportedError
+
+    vendor = get_vendor(entry.format)
+    if vendor is None:
+        known = ", ".join(VENDOR_MODULES)
+        raise UnsupportedError(f"{entry.name}: edgelm has no vendor LLM runtime for {entry.format} files (it has for: "
+                               f"{known}); use --runtime edgelm")
+    reason = missing(vendor)
+    if reason:
+        raise UnsupportedError(f"{entry.name}: {reason}")
+    return vendor, bundle_facts(bundle_dir, entry)

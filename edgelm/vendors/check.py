@@ -6,7 +6,15 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.parity import greedy_continuation
-from edgelm.vendors import NEW_TOKENS, GenerationFacts, VendorCheck, common_prefix, get_vendor, missing, package_version
+from edgelm.vendors import (
+    NEW_TOKENS,
+    GenerationFacts,
+    VendorCheck,
+    common_prefix,
+    get_vendor,
+    missing,
+    package_version,
+)
 
 
 def edgelm_continuation(session: Any, tokenizer: Any, prompt: str, facts: GenerationFacts,
@@ -47,7 +55,7 @@ def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tok
     try:
         check.files = [p.relative_to(bundle_dir).as_posix() for p in vendor.prepare(artifact, bundle_dir, facts)]
         run = vendor.generate(artifact, bundle_dir, prompt, facts, NEW_TOKENS, threads)
-    except Exception as err:  # the runtime's own refusal is the finding: report it in its words
+    except Exception as err:  # noqa: BLE001 — the runtime's own refusal, of any type, is the finding
         check.result = f"failed: {vendor.name} refused the file ({type(err).__name__}: {one_line(str(err))})"
         return check
     check.vendor_text, check.vendor_decode_tok_s, check.vendor_load_s = run.text, run.decode_tok_s, run.load_s

@@ -10,6 +10,7 @@ pytorch-tokenizers, which reads the bundle's HF `tokenizer.json`.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,7 @@ class ExecuTorchRunner:
         return []  # everything the runner reads is inside the .pte and tokenizer.json
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None) -> VendorRun:
+                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
         from edgelm.runtimes.executorch import load_kernel_libraries
 
         load_kernel_libraries()  # the quantized and llama custom-op kernels an app links in
@@ -53,21 +54,15 @@ class ExecuTorchRunner:
             portable_lib._unsafe_reset_threadpool(threads)
         from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-        pieces: list[str] = []
-        clock = TokenClock()
-
-        def on_token(piece: str) -> None:
-            pieces.append(piece)
-            clock.tick()
-
+        clock = TokenClock(on_text)
         with quiet_native_streams(LOG_VARIABLE):
             start = time.perf_counter()
             runner = TextLLMRunner(str(artifact), str(facts.tokenizer_dir / "tokenizer.json"))
             load_s = time.perf_counter() - start
             config = GenerationConfig(echo=False, max_new_tokens=new_tokens, temperature=0.0,
                                       num_bos=1 if facts.bos_id is not None else 0)
-            runner.generate(prompt, config, token_callback=on_token)
-        return VendorRun(text="".join(pieces), tokens=len(pieces), decode_tok_s=clock.decode_tok_s(), load_s=load_s)
+            runner.generate(prompt, config, token_callback=clock.add)
+        return clock.run(load_s)
 
 
 VENDOR = ExecuTorchRunner()

@@ -5,6 +5,7 @@ template, BOS/EOS and end-of-turn tokens edgelm wrote into its metadata)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,12 @@ def open_llama(artifact: Path, threads: int | None, context: int = 2048) -> Any:
     import llama_cpp
 
     from edgelm.gguf_header import read_gguf_summary
-    from edgelm.runtimes.llamacpp import FILE_TYPE_ALL_F32, GGML_TYPE_F16, GGML_TYPE_F32, _llama
+    from edgelm.runtimes.llamacpp import (
+        FILE_TYPE_ALL_F32,
+        GGML_TYPE_F16,
+        GGML_TYPE_F32,
+        _llama,
+    )
 
     f32 = read_gguf_summary(artifact).integer("general.file_type", -1) == FILE_TYPE_ALL_F32
     _llama()  # backend initialised and its log silenced once per process
@@ -42,18 +48,17 @@ class LlamaCpp:
         return []  # the GGUF is self-contained
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None) -> VendorRun:
+                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
         start = time.perf_counter()
         llm = open_llama(artifact, threads)
         load_s = time.perf_counter() - start
-        clock, pieces = TokenClock(), []
+        clock = TokenClock(on_text)
         try:
             for chunk in llm.create_completion(prompt, max_tokens=new_tokens, stream=True, **GREEDY):
-                pieces.append(chunk["choices"][0]["text"])
-                clock.tick()
+                clock.add(chunk["choices"][0]["text"])
         finally:
             llm.close()
-        return VendorRun(text="".join(pieces), tokens=len(pieces), decode_tok_s=clock.decode_tok_s(), load_s=load_s)
+        return clock.run(load_s)
 
 
 VENDOR = LlamaCpp()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +86,7 @@ class OnnxRuntimeGenAI:
         return [*written, folder / CONFIG]
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None) -> VendorRun:
+                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
         import onnxruntime_genai as og
 
         start = time.perf_counter()
@@ -96,17 +97,16 @@ class OnnxRuntimeGenAI:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
         generator = og.Generator(model, params)
-        stream, pieces, clock = tokenizer.create_stream(), [], TokenClock()
+        stream, clock = tokenizer.create_stream(), TokenClock(on_text)
         generator.append_tokens(ids)
         while not generator.is_done():
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             if token in facts.eos_ids:
                 break
-            pieces.append(stream.decode(token))
-            clock.tick()
+            clock.add(stream.decode(token))
         del generator
-        return VendorRun(text="".join(pieces), tokens=len(pieces), decode_tok_s=clock.decode_tok_s(), load_s=load_s)
+        return clock.run(load_s)
 
 
 VENDOR = OnnxRuntimeGenAI()
