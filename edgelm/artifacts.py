@@ -137,7 +137,7 @@ class ArtifactBuilder:
         with self.step(f"Measuring parity of {name} on real text" + (" and profiling it" if self.options.profile else "")):
             measured = self.evaluation.measure(session, self.reference, recipe, load_s, file_bytes)
         vendor = None
-        if measured.failure is None and self.vendors is not None:
+        if measured.failure is None and self.vendors is not None and self.vendors.covers(exporter.format):
             with self.step(f"Running {name} in its vendor's LLM runtime"):
                 vendor = self.vendors.run(exporter.format, artifact.path, self.work, session)
         session.close()

@@ -55,6 +55,8 @@ def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tok
     try:
         check.files = [p.relative_to(bundle_dir).as_posix() for p in vendor.prepare(artifact, bundle_dir, facts)]
         run = vendor.generate(artifact, bundle_dir, prompt, facts, NEW_TOKENS, threads)
+    except (TypeError, AttributeError, NameError):
+        raise  # a bug in edgelm's adapter, not the runtime's verdict on the file
     except Exception as err:  # noqa: BLE001 — the runtime's own refusal, of any type, is the finding
         check.result = f"failed: {vendor.name} refused the file ({type(err).__name__}: {one_line(str(err))})"
         return check
@@ -73,6 +75,11 @@ class VendorChecks:
 
     def __init__(self, tokenizer: Any, facts: GenerationFacts, prompt: str, threads: int | None = None) -> None:
         self.tokenizer, self.facts, self.prompt, self.threads = tokenizer, facts, prompt, threads
+
+    @staticmethod
+    def covers(fmt: str) -> bool:
+        """Whether `fmt` has a vendor LLM runtime edgelm checks."""
+        return fmt in VENDOR_MODULES
 
     def run(self, fmt: str, artifact: Path, bundle_dir: Path, session: Any) -> VendorCheck | None:
         return check_artifact(fmt, artifact, bundle_dir, session, self.tokenizer, self.facts, self.prompt,
