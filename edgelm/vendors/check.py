@@ -8,6 +8,7 @@ from typing import Any
 from edgelm.parity import greedy_continuation
 from edgelm.vendors import (
     NEW_TOKENS,
+    VENDOR_MODULES,
     GenerationFacts,
     VendorCheck,
     common_prefix,
