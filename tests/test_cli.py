@@ -89,7 +89,8 @@ def test_failed_gate_exits_1(tiny_llama, tmp_path):
     code = ("import sys; from edgelm.cli import main; import edgelm.parity as p; "
             "p.DEFAULT_GATES['fp32'] = 0.5; import edgelm.export as e; e.DEFAULT_GATES['fp32'] = 0.5; main(sys.argv[1:])")
     result = subprocess.run([sys.executable, "-c", code, "export", str(tiny_llama), "-o", str(tmp_path / "out"),
-                             "--no-profile"], capture_output=True, text=True, timeout=300)
+                             "--no-profile", "--formats", "gguf", "--quant", "fp32"], capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 1, result.stderr
     assert "parity gate failed" in result.stderr
     assert not (tmp_path / "out").exists()

@@ -111,8 +111,9 @@ def test_other_decoder_architectures_export_and_pass_parity(tiny_model_factory, 
 def test_failed_parity_gate_writes_nothing(tiny_llama, tmp_path):
     from edgelm.errors import ParityError
 
-    # a negative gate cannot be met: the pipeline must refuse and leave no bundle behind
-    options = fast_export_options(profile=False, gates={"fp32": -1.0})
+    # a negative gate cannot be met: the pipeline must refuse and leave no bundle behind (one float
+    # artifact is enough: quantized ones would first climb their whole recipe ladder, for minutes)
+    options = fast_export_options(profile=False, gates={"fp32": -1.0}, formats=("gguf",), quants=("fp32",))
     with pytest.raises(ParityError, match="allow-drift"):
         export_bundle(tiny_llama, tmp_path / "out", options)
     assert not (tmp_path / "out").exists()
