@@ -15,6 +15,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def smollm2_bundle(tmp_path_factory) -> Path:
+    """The README's first command, run here; EDGELM_E2E_BUNDLE names a bundle that command
+    already wrote, for re-running these checks without another half-hour export."""
+    import os
+
+    if os.environ.get("EDGELM_E2E_BUNDLE"):
+        return Path(os.environ["EDGELM_E2E_BUNDLE"])
     out = tmp_path_factory.mktemp("dist") / "smollm2"
     result = subprocess.run([sys.executable, "-m", "edgelm", "export", "--target", "android", "-o", str(out),
                              "--repeats", "1", "--new-tokens", "64"], capture_output=True, text=True, timeout=2400)
