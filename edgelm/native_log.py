@@ -40,3 +40,26 @@ def quiet_native_streams(keep_variable: str, fds: tuple[int, ...] = (1, 2)) -> I
             for fd, copy in saved.items():
                 os.dup2(copy, fd)
                 os.close(copy)
+
+
+@contextlib.contextmanager
+def captured_native_stdout() -> Iterator[list[bytes]]:
+    """Collect what native code writes to fd 1 for the duration (the list gets the bytes on exit):
+    ExecuTorch's LLM runner prints the generated text there, byte for byte, where its Python
+    callback fails on a piece that is not valid UTF-8 on its own."""
+    import ctypes
+    import tempfile
+
+    sys.stdout.flush()
+    collected: list[bytes] = []
+    saved = os.dup(1)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 1)
+        try:
+            yield collected
+        finally:
+            ctypes.CDLL(None).fflush(None)  # C stdio buffers a file; push what the runner printed
+            os.dup2(saved, 1)
+            os.close(saved)
+            sink.seek(0)
+            collected.append(sink.read())

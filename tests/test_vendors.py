@@ -16,7 +16,7 @@ from conftest import fast_export_options
 from tiny_models import build_tiny_model
 
 FORMATS = ("onnx", "gguf", "executorch")
-RUNTIMES = {"onnx": "onnxruntime-genai Generator", "gguf": "llama.cpp Llama.create_completion",
+RUNTIMES = {"onnx": "onnxruntime-genai Generator", "gguf": "llama.cpp Llama.generate",
             "executorch": "executorch TextLLMRunner"}
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,8 @@ class VendorRun:
     tokens: int  # tokens generated (stops at the model's end-of-turn/end-of-text tokens)
     decode_tok_s: float | None  # tokens after the first ÷ the time after the first token
     load_s: float
+    ids: list[int] | None = None  # the generated token ids, where the runtime's API gives them
+    prompt_ids: list[int] | None = None  # how its own tokenizer encoded the prompt, where it shows that
 
 
 @dataclass
@@ -54,6 +56,7 @@ class VendorCheck:
     edgelm_text: str | None = None
     vendor_text: str | None = None
     matching_chars: int | None = None  # identical leading characters of the two continuations
+    matching_tokens: int | None = None  # identical leading token ids, where the runtime gives ids
     vendor_decode_tok_s: float | None = None
     vendor_load_s: float | None = None
     files: list[str] = field(default_factory=list)  # sidecar files written for the runtime (bundle-relative)
@@ -140,9 +143,9 @@ class TokenClock:
         if self.on_text:
             self.on_text(piece)
 
-    def run(self, load_s: float) -> VendorRun:
+    def run(self, load_s: float, ids: list[int] | None = None, prompt_ids: list[int] | None = None) -> VendorRun:
         return VendorRun(text="".join(self.pieces), tokens=len(self.pieces), decode_tok_s=self.decode_tok_s(),
-                         load_s=load_s)
+                         load_s=load_s, ids=ids, prompt_ids=prompt_ids)
 
     def decode_tok_s(self) -> float | None:
         if len(self.stamps) < 2 or self.stamps[-1] <= self.stamps[0]:
@@ -150,7 +153,8 @@ class TokenClock:
         return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
 
 
-def common_prefix(a: str, b: str) -> int:
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (characters, token ids) two sequences share."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 

@@ -19,12 +19,13 @@ from edgelm.vendors import (
 
 
 def edgelm_continuation(session: Any, tokenizer: Any, prompt: str, facts: GenerationFacts,
-                        new_tokens: int = NEW_TOKENS) -> str:
-    """edgelm's greedy continuation of `prompt` on an open session, cut where a runtime's loop
-    stops (the first stop token), decoded as an app would show it."""
-    ids = greedy_continuation(session, tokenizer.encode(prompt), new_tokens)
+                        new_tokens: int = NEW_TOKENS) -> tuple[list[int], list[int]]:
+    """(prompt ids, edgelm's greedy continuation of them on an open session, cut where a
+    runtime's loop stops: the first stop token)."""
+    prompt_ids = tokenizer.encode(prompt)
+    ids = greedy_continuation(session, prompt_ids, new_tokens)
     stop = next((i for i, token in enumerate(ids) if token in facts.eos_ids), len(ids))
-    return tokenizer.decode(ids[:stop])
+    return prompt_ids, ids[:stop]
 
 
 def one_line(message: str, limit: int = 400) -> str:
@@ -35,9 +36,11 @@ def one_line(message: str, limit: int = 400) -> str:
 
 
 def shown(text: str) -> str:
-    """The text without U+FFFD: runtimes differ only in how they show bytes that are not valid
-    UTF-8 on their own (edgelm's decoder prints U+FFFD, llama.cpp drops them), not in tokens."""
-    return text.replace("\ufffd", "")
+    """The text as compared: without U+FFFD and control characters other than tab and newlines.
+    Runtimes differ only in how they show bytes that are not valid UTF-8 on their own (edgelm's
+    decoder prints U+FFFD, llama.cpp drops them) and whether they print control characters
+    (ExecuTorch's tokenizer drops them), not in tokens."""
+    return "".join(c for c in text if c != "\ufffd" and (c >= " " or c in "\t\n\r"))
 
 
 def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tokenizer: Any,
@@ -52,7 +55,8 @@ def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tok
     if reason:
         check.result = f"skipped: {reason}"
         return check
-    check.edgelm_text = edgelm_continuation(session, tokenizer, prompt, facts)
+    prompt_ids, ids = edgelm_continuation(session, tokenizer, prompt, facts)
+    check.edgelm_text = tokenizer.decode(ids)
     try:
         check.files = [p.relative_to(bundle_dir).as_posix() for p in vendor.prepare(artifact, bundle_dir, facts)]
         run = vendor.generate(artifact, bundle_dir, prompt, facts, NEW_TOKENS, threads)
@@ -62,12 +66,28 @@ def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tok
         check.result = f"failed: {vendor.name} refused the file ({type(err).__name__}: {one_line(str(err))})"
         return check
     check.vendor_text, check.vendor_decode_tok_s, check.vendor_load_s = run.text, run.decode_tok_s, run.load_s
-    ours, theirs = shown(check.edgelm_text), shown(run.text)
+    check.result = _verdict(vendor.name, check, run, prompt_ids, ids)
+    return check
+
+
+def _verdict(runtime: str, check: VendorCheck, run: Any, prompt_ids: list[int], ids: list[int]) -> str:
+    """Token ids where the runtime gives them (its text of bytes that are not valid UTF-8 is its
+    own business), the text otherwise."""
+    if run.prompt_ids is not None and list(run.prompt_ids) != list(prompt_ids):
+        first = common_prefix(run.prompt_ids, prompt_ids)
+        return (f"failed: {runtime}'s tokenizer encodes the prompt differently ({len(run.prompt_ids)} tokens against "
+                f"edgelm's {len(prompt_ids)}, first difference at token {first})")
+    if run.ids is not None:
+        check.matching_tokens = common_prefix(run.ids, ids)
+        if list(run.ids) != list(ids):
+            return (f"failed: {runtime}'s greedy tokens differ from edgelm's after {check.matching_tokens} of "
+                    f"{len(ids)}")
+        return "passed"
+    ours, theirs = shown(check.edgelm_text or ""), shown(run.text)
     check.matching_chars = common_prefix(theirs, ours)
     if theirs != ours:
-        check.result = (f"failed: {vendor.name}'s greedy text differs from edgelm's after {check.matching_chars} of "
-                        f"{len(ours)} characters")
-    return check
+        return f"failed: {runtime}'s greedy text differs from edgelm's after {check.matching_chars} of {len(ours)} characters"
+    return "passed"
 
 
 class VendorChecks:

@@ -14,10 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from edgelm.native_log import quiet_native_streams
-from edgelm.vendors import GenerationFacts, TokenClock, VendorRun
+from edgelm.native_log import captured_native_stdout, quiet_native_streams
+from edgelm.vendors import GenerationFacts, VendorRun
 
 LOG_VARIABLE = "EDGELM_EXECUTORCH_LOG"
+STATS_MARKER = b"\nPyTorchObserver {"  # the runner prints its stats after the text
 
 
 def runner_methods(max_context: int, facts_bos: int | None, eos_ids: tuple[int, ...]) -> dict[str, Any]:
@@ -54,15 +55,21 @@ class ExecuTorchRunner:
             portable_lib._unsafe_reset_threadpool(threads)
         from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-        clock = TokenClock(on_text)
-        with quiet_native_streams(LOG_VARIABLE):
+        stats: list[Any] = []
+        with quiet_native_streams(LOG_VARIABLE, (2,)), captured_native_stdout() as printed:
             start = time.perf_counter()
             runner = TextLLMRunner(str(artifact), str(facts.tokenizer_dir / "tokenizer.json"))
             load_s = time.perf_counter() - start
             config = GenerationConfig(echo=False, max_new_tokens=new_tokens, temperature=0.0,
                                       num_bos=1 if facts.bos_id is not None else 0)
-            runner.generate(prompt, config, token_callback=clock.add)
-        return clock.run(load_s)
+            runner.generate(prompt, config, stats_callback=stats.append)
+        text = printed[0].rsplit(STATS_MARKER, 1)[0].decode("utf-8", errors="replace")
+        if on_text:  # the runner's Python binding cannot stream a piece that is not valid UTF-8 on its own
+            on_text(text)
+        generated = int(stats[0].num_generated_tokens) if stats else 0
+        span_ms = (stats[0].inference_end_ms - stats[0].first_token_ms) if stats else 0
+        rate = (generated - 1) / (span_ms / 1000) if generated > 1 and span_ms > 0 else None
+        return VendorRun(text=text, tokens=generated, decode_tok_s=rate, load_s=load_s)
 
 
 VENDOR = ExecuTorchRunner()

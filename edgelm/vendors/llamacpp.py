@@ -4,6 +4,7 @@ template, BOS/EOS and end-of-turn tokens edgelm wrote into its metadata)."""
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,7 @@ def open_llama(artifact: Path, threads: int | None, context: int = 2048) -> Any:
 
 
 class LlamaCpp:
-    name = "llama.cpp Llama.create_completion"
+    name = "llama.cpp Llama.generate"
     package = "llama_cpp_python"
     import_name = "llama_cpp"
 
@@ -49,16 +50,27 @@ class LlamaCpp:
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
                  new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
+        """The loop under `Llama.create_completion` (`Llama.generate`, greedy), on the prompt as
+        create_completion tokenizes it (BOS where the GGUF asks for it, special tokens parsed),
+        so that the token ids can be compared, not only the text."""
         start = time.perf_counter()
         llm = open_llama(artifact, threads)
         load_s = time.perf_counter() - start
-        clock = TokenClock(on_text)
+        clock, text = TokenClock(), codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = {*facts.eos_ids, llm.token_eos()}
+        prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
+        generated: list[int] = []
         try:
-            for chunk in llm.create_completion(prompt, max_tokens=new_tokens, stream=True, **GREEDY):
-                clock.add(chunk["choices"][0]["text"])
+            for token in llm.generate(prompt_ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0):
+                if token in stops or len(generated) == new_tokens:
+                    break
+                generated.append(int(token))
+                clock.add(text.decode(llm.detokenize([token])))
+                if on_text and clock.pieces[-1]:
+                    on_text(clock.pieces[-1])
         finally:
             llm.close()
-        return clock.run(load_s)
+        return clock.run(load_s, ids=generated, prompt_ids=list(prompt_ids))
 
 
 VENDOR = LlamaCpp()

@@ -97,16 +97,17 @@ class OnnxRuntimeGenAI:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
         generator = og.Generator(model, params)
-        stream, clock = tokenizer.create_stream(), TokenClock(on_text)
+        stream, clock, generated = tokenizer.create_stream(), TokenClock(on_text), []
         generator.append_tokens(ids)
         while not generator.is_done():
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
             if token in facts.eos_ids:
                 break
+            generated.append(token)
             clock.add(stream.decode(token))
         del generator
-        return clock.run(load_s)
+        return clock.run(load_s, ids=generated, prompt_ids=[int(i) for i in ids])
 
 
 VENDOR = OnnxRuntimeGenAI()
