@@ -30,10 +30,11 @@ from common import bandwidth_gb_s
 
 import edgelm
 from edgelm.bundle import read_bundle
-from edgelm.parity import ParitySettings, _log_softmax, parity_text
+from edgelm.parity import GREEDY_PROMPT_TOKENS, ParitySettings, _log_softmax, parity_text
 from edgelm.profile import DEFAULT_PROMPTS, device_record
 from edgelm.tokenizer import Tokenizer
 from edgelm.vendors import generation_facts, get_vendor
+from edgelm.vendors.check import check_artifact
 
 PEERS = {  # name -> the builder's --extra_options
     "genai-builder-int4": [],
@@ -114,6 +115,13 @@ def main() -> None:
     prompt = DEFAULT_PROMPTS[0]
     entries = [a for a in manifest.artifacts if get_vendor(a.format) is not None]
     sessions = {a.name: edgelm.load(args.bundle, format=a.name, threads=args.threads, verify=False) for a in entries}
+    # the export's check, repeated here with this code: the parity prompt, 64 greedy tokens
+    tokenizer = Tokenizer(args.bundle / "tokenizer")
+    parity_prompt = tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
+    checks = {a.name: check_artifact(a.format, args.bundle / a.path, args.bundle, sessions[a.name].session(), tokenizer,
+                                     facts, parity_prompt, args.threads) for a in entries}
+    for name, check in checks.items():
+        print(name, check.result, flush=True)
     runs: dict[str, dict[str, list[float]]] = {a.name: {"vendor": [], "edgelm": []} for a in entries}
     peers: dict[str, dict[str, Any]] = {}
     if not args.no_peers:
@@ -148,9 +156,11 @@ def main() -> None:
     rows = []
     for entry in entries:
         vendor, ours = runs[entry.name]["vendor"], runs[entry.name]["edgelm"]
-        check = (entry.vendor_runtimes or [{}])[0]
-        rows.append({"artifact": entry.name, "bytes": entry.bytes, "vendor_runtime": check.get("runtime"),
-                     "vendor_version": check.get("version"), "vendor_check": check.get("result"),
+        check = checks[entry.name]
+        rows.append({"artifact": entry.name, "bytes": entry.bytes, "vendor_runtime": check.runtime,
+                     "vendor_version": check.version, "vendor_check": check.result,
+                     "vendor_check_matching_tokens": check.matching_tokens,
+                     "vendor_check_text": check.vendor_text, "edgelm_check_text": check.edgelm_text,
                      "ppl_ratio": (entry.parity or {}).get("ppl_ratio"),
                      "vendor_decode_tok_s_runs": vendor, "vendor_decode_tok_s_median": statistics.median(vendor),
                      "vendor_tokens": runs[entry.name]["vendor_tokens"],
