@@ -30,7 +30,12 @@ from common import bandwidth_gb_s
 
 import edgelm
 from edgelm.bundle import read_bundle
-from edgelm.parity import GREEDY_PROMPT_TOKENS, ParitySettings, _log_softmax, parity_text
+from edgelm.parity import (
+    GREEDY_PROMPT_TOKENS,
+    ParitySettings,
+    _log_softmax,
+    parity_text,
+)
 from edgelm.profile import DEFAULT_PROMPTS, device_record
 from edgelm.tokenizer import Tokenizer
 from edgelm.vendors import generation_facts, get_vendor
