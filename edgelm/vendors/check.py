@@ -66,27 +66,37 @@ def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tok
         check.result = f"failed: {vendor.name} refused the file ({type(err).__name__}: {one_line(str(err))})"
         return check
     check.vendor_text, check.vendor_decode_tok_s, check.vendor_load_s = run.text, run.decode_tok_s, run.load_s
-    check.result = _verdict(vendor.name, check, run, prompt_ids, ids)
+    check.result = _verdict(vendor, tokenizer, check, run, prompt_ids, ids)
     return check
 
 
-def _verdict(runtime: str, check: VendorCheck, run: Any, prompt_ids: list[int], ids: list[int]) -> str:
+def edgelm_text_as_shown_by(vendor: Any, tokenizer: Any, ids: list[int]) -> str:
+    """edgelm's ids as text the way `vendor` shows text: ExecuTorch's runner decodes token by token
+    and drops a piece that is not valid UTF-8 on its own (a character split across two byte
+    tokens never appears) and shows special tokens' text; the others decode the whole sequence."""
+    if getattr(vendor, "text_per_token", False):
+        return "".join(tokenizer.decode([token], skip_special_tokens=False) for token in ids)
+    return tokenizer.decode(ids)
+
+
+def _verdict(vendor: Any, tokenizer: Any, check: VendorCheck, run: Any, prompt_ids: list[int],
+             ids: list[int]) -> str:
     """Token ids where the runtime gives them (its text of bytes that are not valid UTF-8 is its
     own business), the text otherwise."""
     if run.prompt_ids is not None and list(run.prompt_ids) != list(prompt_ids):
         first = common_prefix(run.prompt_ids, prompt_ids)
-        return (f"failed: {runtime}'s tokenizer encodes the prompt differently ({len(run.prompt_ids)} tokens against "
+        return (f"failed: {vendor.name}'s tokenizer encodes the prompt differently ({len(run.prompt_ids)} tokens against "
                 f"edgelm's {len(prompt_ids)}, first difference at token {first})")
     if run.ids is not None:
         check.matching_tokens = common_prefix(run.ids, ids)
         if list(run.ids) != list(ids):
-            return (f"failed: {runtime}'s greedy tokens differ from edgelm's after {check.matching_tokens} of "
+            return (f"failed: {vendor.name}'s greedy tokens differ from edgelm's after {check.matching_tokens} of "
                     f"{len(ids)}")
         return "passed"
-    ours, theirs = shown(check.edgelm_text or ""), shown(run.text)
+    ours, theirs = shown(edgelm_text_as_shown_by(vendor, tokenizer, ids)), shown(run.text)
     check.matching_chars = common_prefix(theirs, ours)
     if theirs != ours:
-        return f"failed: {runtime}'s greedy text differs from edgelm's after {check.matching_chars} of {len(ours)} characters"
+        return f"failed: {vendor.name}'s greedy text differs from edgelm's after {check.matching_chars} of {len(ours)} characters"
     return "passed"
 
 

@@ -40,6 +40,7 @@ class ExecuTorchRunner:
     name = "executorch TextLLMRunner"
     package = "executorch"
     import_name = "executorch.extension.llm.runner"
+    text_per_token = True  # it prints each token's text alone, dropping pieces that are not valid UTF-8
 
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
         return []  # everything the runner reads is inside the .pte and tokenizer.json
