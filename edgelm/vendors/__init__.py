@@ -82,9 +82,11 @@ class VendorRuntime(Protocol):
         """Write the files the runtime reads beside the artifact (none for most); return them."""
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
+                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None,
+                 ignore_eos: bool = False) -> VendorRun:
         """Greedy continuation of `prompt` (text as given: a chat template is the caller's) by the
-        runtime's own loop and tokenizer; each piece of text also goes to `on_text`."""
+        runtime's own loop and tokenizer; each piece of text also goes to `on_text`. `ignore_eos`
+        (benchmarks: a fixed token count) where the runtime's API allows it."""
 
 
 @dataclass(frozen=True)

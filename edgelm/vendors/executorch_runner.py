@@ -46,7 +46,8 @@ class ExecuTorchRunner:
         return []  # everything the runner reads is inside the .pte and tokenizer.json
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
+                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None,
+                 ignore_eos: bool = False) -> VendorRun:
         from edgelm.runtimes.executorch import load_kernel_libraries
 
         load_kernel_libraries()  # the quantized and llama custom-op kernels an app links in
@@ -55,6 +56,8 @@ class ExecuTorchRunner:
 
             portable_lib._unsafe_reset_threadpool(threads)
         from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+
+        del ignore_eos  # the runner's Python binding has no ignore_eos; tokens are counted instead
 
         stats: list[Any] = []
         with quiet_native_streams(LOG_VARIABLE, (2,)), captured_native_stdout() as printed:

@@ -49,7 +49,8 @@ class LlamaCpp:
         return []  # the GGUF is self-contained
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
+                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None,
+                 ignore_eos: bool = False) -> VendorRun:
         """The loop under `Llama.create_completion` (`Llama.generate`, greedy), on the prompt as
         create_completion tokenizes it (BOS where the GGUF asks for it, special tokens parsed),
         so that the token ids can be compared, not only the text."""
@@ -57,7 +58,7 @@ class LlamaCpp:
         llm = open_llama(artifact, threads)
         load_s = time.perf_counter() - start
         clock, text = TokenClock(), codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = {*facts.eos_ids, llm.token_eos()}
+        stops = set() if ignore_eos else {*facts.eos_ids, llm.token_eos()}
         prompt_ids = llm.tokenize(prompt.encode("utf-8"), add_bos=True, special=True)
         generated: list[int] = []
         try:

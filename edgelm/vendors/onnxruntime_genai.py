@@ -86,7 +86,8 @@ class OnnxRuntimeGenAI:
         return [*written, folder / CONFIG]
 
     def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None) -> VendorRun:
+                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None,
+                 ignore_eos: bool = False) -> VendorRun:
         import onnxruntime_genai as og
 
         start = time.perf_counter()
@@ -95,14 +96,15 @@ class OnnxRuntimeGenAI:
         load_s = time.perf_counter() - start
         ids = tokenizer.encode(prompt)
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False,
+                                  **({"min_length": len(ids) + new_tokens} if ignore_eos else {}))
         generator = og.Generator(model, params)
         stream, clock, generated = tokenizer.create_stream(), TokenClock(on_text), []
         generator.append_tokens(ids)
         while not generator.is_done():
             generator.generate_next_token()
             token = int(generator.get_next_tokens()[0])
-            if token in facts.eos_ids:
+            if token in facts.eos_ids and not ignore_eos:
                 break
             generated.append(token)
             clock.add(stream.decode(token))
