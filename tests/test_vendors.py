@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from conftest import fast_export_options
@@ -28,7 +29,7 @@ class _Bundles(dict):
     """Exported on first use: Llama with the quantized recipes of the android preset, Gemma3
     (sliding windows, its own norms) in fp32."""
 
-    QUANTS = {"llama": ("int8", "int4"), "gemma3": ("fp32",)}
+    QUANTS: ClassVar[dict[str, tuple[str, ...]]] = {"llama": ("int8", "int4"), "gemma3": ("fp32",)}
 
     def __init__(self, factory) -> None:
         super().__init__()
