@@ -62,10 +62,6 @@ class VendorCheck:
     files: list[str] = field(default_factory=list)  # sidecar files written for the runtime (bundle-relative)
 
     @property
-    def passed(self) -> bool:
-        return self.result == "passed"
-
-    @property
     def failed(self) -> bool:
         return self.result.startswith("failed")
 
@@ -77,6 +73,7 @@ class VendorRuntime(Protocol):
     name: str  # "executorch TextLLMRunner"
     package: str  # the PyPI distribution that ships it
     import_name: str  # what must import for it to run
+    text_per_token: bool  # its text is each token decoded alone (ExecuTorch's runner), not the whole sequence
 
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
         """Write the files the runtime reads beside the artifact (none for most); return them."""

@@ -74,7 +74,7 @@ def edgelm_text_as_shown_by(vendor: Any, tokenizer: Any, ids: list[int]) -> str:
     """edgelm's ids as text the way `vendor` shows text: ExecuTorch's runner decodes token by token
     and drops a piece that is not valid UTF-8 on its own (a character split across two byte
     tokens never appears) and shows special tokens' text; the others decode the whole sequence."""
-    if getattr(vendor, "text_per_token", False):
+    if vendor.text_per_token:
         return "".join(tokenizer.decode([token], skip_special_tokens=False) for token in ids)
     return tokenizer.decode(ids)
 

@@ -44,6 +44,7 @@ class LlamaCpp:
     name = "llama.cpp Llama.generate"
     package = "llama_cpp_python"
     import_name = "llama_cpp"
+    text_per_token = False  # compared by token ids anyway
 
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
         return []  # the GGUF is self-contained

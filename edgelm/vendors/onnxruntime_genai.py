@@ -70,6 +70,7 @@ class OnnxRuntimeGenAI:
     name = "onnxruntime-genai Generator"
     package = "onnxruntime-genai"
     import_name = "onnxruntime_genai"
+    text_per_token = False  # compared by token ids anyway
 
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
         """genai_config.json and copies of the tokenizer files beside the model file."""
