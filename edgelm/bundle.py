@@ -128,6 +128,7 @@ class Manifest:
     reference: dict[str, Any] = field(default_factory=dict)  # the fp32 source model's own parity/profile row
     device_profiles: list[dict[str, Any]] = field(default_factory=list)  # {device, profiles: {artifact: profile}}
     compression: dict[str, Any] | None = None  # how the source came from its base model (edgelm compress)
+    export_steps: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds, depth}: where the time went
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 

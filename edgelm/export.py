@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -22,15 +21,22 @@ from edgelm.encoder_eval import ENCODER_GATES
 from edgelm.errors import EdgeLMError, ExportError, ParityError, UnsupportedError
 from edgelm.evaluate import EVALUATIONS
 from edgelm.exporter import check_quant, get_exporter, missing_requirements
+from edgelm.memo_session import MemoizedSession
 from edgelm.model import SourceModel, inspect_source, load_reference_model
-from edgelm.parity import CONFIDENT_TOP1_GATES, DEFAULT_GATES, GREEDY_PROMPT_TOKENS, KL_GATES, ParitySettings
+from edgelm.parity import (
+    CONFIDENT_TOP1_GATES,
+    DEFAULT_GATES,
+    GREEDY_PROMPT_TOKENS,
+    KL_GATES,
+    ParitySettings,
+)
 from edgelm.report import card_rows, write_report
+from edgelm.steps import StepClock, StepHook
 from edgelm.targets import get_target
 from edgelm.tokenizer import Tokenizer
 from edgelm.vendors import generation_facts
 from edgelm.vendors.check import VendorChecks
 
-StepHook = Callable[[str], AbstractContextManager[Any]]
 QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # DESIGN.md's table; formats map them
 
 
@@ -237,7 +243,7 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
     artifact misses its gate without allow_drift (nothing is left at `output`).
     """
     options = options or ExportOptions()
-    step = step or (lambda _name: nullcontext())
+    step = StepClock(step)  # the report's table of where the time went
     output = Path(output)
     if options.compress:
         return _export_compressed(model, output, options, step)
@@ -252,6 +258,8 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
         from edgelm.runtimes.torch_reference import reference_session
 
         reference = reference_session(model_obj, source.task)
+        if source.task == "text-generation":  # every artifact is scored on the same windows: compute them once
+            reference = MemoizedSession(reference, work)
         manifest = Manifest(
             edgelm_version=__version__,
             created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -276,8 +284,10 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             elif entry is None:
                 manifest.reference.setdefault("omitted", {})[f"{fmt}-{quant}"] = builder.omitted[-1]
         builder.finish_all()
+        reference.close()
         if failures and not options.allow_drift:
             raise ParityError("parity gate failed (nothing written; --allow-drift keeps it): " + "; ".join(failures))
+        manifest.export_steps = step.to_list()
         with step("Writing report and model card"):
             write_report(work / "report", manifest)
             (work / "README.md").write_text(_model_card(source, manifest, str(output)))

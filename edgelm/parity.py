@@ -110,8 +110,9 @@ def measure_parity(
 ) -> ParityResult:
     """Score `artifact` against `reference` on token ids of the parity text.
 
-    Each window is prefilled from an empty cache in both sessions; reference logits are
-    recomputed per window rather than held for the whole text (4,096 × vocab floats).
+    Each window is prefilled from an empty cache in both sessions, one window at a time (the
+    whole text's logits are 4,096 × vocab floats); an export passes its reference wrapped in
+    edgelm.memo_session, so the fp32 model computes each window once for all artifacts.
     """
     nll = ref_nll = kl_sum = 0.0
     agree = scored = confident = confident_agree = 0

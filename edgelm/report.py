@@ -152,7 +152,20 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
     if calibrated:
         text = calibrated["calibration_text"]
         lines += ["", f"Calibration: {calibrated['method']}, on {text['tokens']:,} tokens of {text['text']}."]
-    return "\n".join(lines + _vendor_lines(manifest)) + "\n"
+    return "\n".join(lines + _vendor_lines(manifest) + _step_lines(manifest)) + "\n"
+
+
+def _step_lines(manifest: Manifest) -> list[str]:
+    """Where the export's wall time went, step by step (the report itself is written after)."""
+    steps = manifest.export_steps
+    if not steps:
+        return []
+    total = sum(s["seconds"] for s in steps if s.get("depth", 0) == 0)
+    lines = ["", f"Export steps ({total:.0f} s before this report):", "", "| step | seconds | share |", "|---|---|---|"]
+    for s in steps:
+        indent = "↳ " * s.get("depth", 0)
+        lines.append(f"| {indent}{s['step']} | {s['seconds']:.1f} | {s['seconds'] / max(total, 1e-9):.0%} |")
+    return lines
 
 
 def _vendor_lines(manifest: Manifest) -> list[str]:
@@ -216,7 +229,7 @@ def write_report(folder: Path, manifest: Manifest) -> list[dict[str, Any]]:
     plots = _plots(rows, layout_for(manifest), folder / "plots")
     (folder / "report.json").write_text(json.dumps({
         "source": manifest.source, "target": manifest.target, "parity_text": manifest.parity_text,
-        "rows": rows, "artifacts": [a.__dict__ for a in manifest.artifacts],
+        "rows": rows, "artifacts": [a.__dict__ for a in manifest.artifacts], "export_steps": manifest.export_steps,
     }, indent=2) + "\n")
     (folder / "report.md").write_text(_markdown(rows, manifest))
     (folder / "report.html").write_text(_html(rows, manifest, plots))

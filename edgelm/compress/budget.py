@@ -14,8 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ from edgelm.compress.distill import DistillSettings
 from edgelm.compress.pipeline import compress_model
 from edgelm.compress.recipe import CompressRecipe, LayerDrop, Prune
 from edgelm.staging import move_into_place, scratch_beside
+from edgelm.steps import StepHook
 
-StepHook = Callable[[str], AbstractContextManager[Any]]
 BUDGET_FILE = "budget.json"
 
 

@@ -12,7 +12,7 @@ import copy
 import os
 import shutil
 from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,9 +25,9 @@ from edgelm.compress.measure import mean_nll, perplexity, windows
 from edgelm.compress.prune import prunable_linears, prune
 from edgelm.compress.recipe import CompressionRecord, CompressRecipe
 from edgelm.model import SourceModel, inspect_source, load_reference_model
+from edgelm.steps import StepHook
 from edgelm.tokenizer import Tokenizer
 
-StepHook = Callable[[str], AbstractContextManager[Any]]
 DistillHook = Callable[[int, float, float], None]
 
 
