@@ -127,6 +127,9 @@ class ArtifactBuilder:
         settings: dict[str, Any] = {}
         if attempt.eight_bit_share:
             settings["layers_8bit"] = self.calibration.sensitive_layers(recipe, attempt.eight_bit_share)
+        if attempt.calibrated and recipe in getattr(exporter, "gptq", ()):
+            with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
+                settings["hessians"] = self.calibration.hessians(recipe)
         with self.step(f"Exporting {label}"):
             artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
         mark_trusted(artifact.path)  # written by this process: opened for parity without a crash probe
@@ -150,7 +153,7 @@ class ArtifactBuilder:
             runtime=runtime.name, runtime_version=runtime.version(), built_by=artifact.built_by,
             signature=artifact.signature, parity=measured.parity, profile=measured.profile,
             recipe={"gate_recipe": recipe, "chosen": attempt.quant, "calibration": calibration,
-                    **({"layers_at_8_bits": list(settings["layers_8bit"])} if settings else {})},
+                    **({"layers_at_8_bits": list(settings["layers_8bit"])} if "layers_8bit" in settings else {})},
             vendor_runtimes=[vendor.to_dict()] if vendor else [],
         )
         written = [self.work / rel for rel in (vendor.files if vendor else [])]

@@ -49,6 +49,7 @@ class Calibration:
         self._scaled: dict[str, tuple[Any, dict[str, Any]]] = {}
         self._sensitivity: dict[str, list[float]] = {}
         self._inputs: dict | None = None  # the layers' inputs on the calibration text: one pass for every recipe
+        self._hessians: dict[str, dict[str, Any]] = {}
 
     @staticmethod
     def applies_to(recipe: str) -> bool:
@@ -70,6 +71,15 @@ class Calibration:
             self._scaled[recipe] = (model, result.describe() | {"calibration_text": self._text})
             self._sensitivity[recipe] = result.layer_sensitivity()
         return self._scaled[recipe]
+
+    def hessians(self, recipe: str) -> dict[str, Any]:
+        """Per Linear of the scaled model for `recipe`, its inputs' Σ xxᵀ on the calibration text
+        (edgelm.gptq), for exporters that pick their 4-bit codes by GPTQ."""
+        if recipe not in self._hessians:
+            from edgelm.gptq import collect_hessians
+
+            self._hessians[recipe] = collect_hessians(self.scaled_model(recipe)[0], self.batches())
+        return self._hessians[recipe]
 
     def sensitive_layers(self, recipe: str, fraction: float) -> tuple[int, ...]:
         """The `fraction` of layers whose simulated `recipe` quantization errs most on the

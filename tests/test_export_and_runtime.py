@@ -30,6 +30,11 @@ def test_bundle_has_manifest_tokenizer_card_report_and_reference(tiny_bundle):
     assert "base_model_relation: quantized" in (tiny_bundle / "README.md").read_text()
     rows = json.loads((tiny_bundle / "report/report.json").read_text())["rows"]
     assert rows[0]["perplexity"] == pytest.approx(entry.parity["perplexity"])
+    # where the export's time went, step by step; the reference memo's scratch logits are gone
+    steps = [s["step"] for s in manifest.export_steps]
+    assert steps[0] == "Inspecting the source model" and any(s.startswith("Measuring parity") for s in steps)
+    assert "Export steps" in (tiny_bundle / "report/report.md").read_text()
+    assert not any(".reference-logits" in rel for rel in manifest.files)
 
 
 def test_reference_perplexity_of_random_model_is_near_vocab_size(tiny_bundle):

@@ -1,0 +1,120 @@
+"""GPTQ-style error compensation onto a format's own 4-bit grid.
+
+Round-to-nearest quantizes every weight on its own; GPTQ (Frantar et al., 2022) quantizes
+one input column at a time and spreads each column's rounding error over the columns not
+yet quantized, weighted by the inverse Hessian of the layer's inputs on calibration text
+(H = XᵀX): the output error on real activations, not the weight error, is what it
+minimises. The grid itself — each block's scale and zero point — is the format's own,
+computed from the float weights by the format's quantizer and passed in here, so the
+result is a set of integer codes the format stores unchanged (no new op, no re-rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+DAMPING = 0.01  # of the mean diagonal of H, added to it (GPTQ's percdamp)
+COLUMN_BLOCK = 128  # columns updated together (lazy batch updates; the result does not depend on it)
+
+
+@dataclass
+class HessianAccumulator:
+    """Σ xxᵀ of one linear layer's inputs over calibration tokens (float32: one [in, in] matrix
+    per distinct input of every layer is held at once)."""
+
+    features: int
+    tokens: int = 0
+    total: Any = None
+
+    def add(self, inputs: Any) -> None:
+        import torch
+
+        x = inputs.detach().reshape(-1, self.features).to(torch.float32)
+        self.total = x.T @ x if self.total is None else self.total + x.T @ x
+        self.tokens += x.shape[0]
+
+    def hessian(self) -> Any:
+        return self.total / max(self.tokens, 1)
+
+
+def gptq_codes(weight: Any, hessian: Any, scales: Any, zero_points: Any, block_size: int,
+               max_code: int = 15) -> Any:
+    """Integer codes in [0, max_code] for `weight` [out, in] on the grid w = scale · (code − zero_point).
+
+    `scales` and `zero_points` are [out, in / block_size]: the format's own per-block grid.
+    Returns codes [out, in] (int64).
+    """
+    import torch
+
+    w = weight.detach().to(torch.float64).clone()
+    h = hessian.to(torch.float64).clone()
+    columns = w.shape[1]
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(columns, dtype=torch.float64)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    scale = scales.to(torch.float64).repeat_interleave(block_size, dim=1)[:, :columns]
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero block: every code is its zero point
+    zero = zero_points.to(torch.float64).repeat_interleave(block_size, dim=1)[:, :columns]
+    codes = torch.empty_like(w, dtype=torch.int64)
+    for start in range(0, columns, COLUMN_BLOCK):
+        end = min(start + COLUMN_BLOCK, columns)
+        block = w[:, start:end].clone()
+        errors = torch.zeros_like(block)
+        inverse = upper[start:end, start:end]
+        for i in range(end - start):
+            column, s, z = block[:, i], scale[:, start + i], zero[:, start + i]
+            code = torch.clamp(torch.round(column / divisor[:, start + i]) + z, 0, max_code)
+            codes[:, start + i] = code.to(torch.int64)
+            error = (column - (code - z) * s) / inverse[i, i]
+            block[:, i:] -= error.unsqueeze(1) @ inverse[i, i:].unsqueeze(0)
+            errors[:, i] = error
+        w[:, end:] -= errors @ upper[start:end, end:]
+    return codes
+
+
+def collect_hessians(model: Any, batches: list[Any], skip: tuple[str, ...] = ("lm_head",)) -> dict[str, HessianAccumulator]:
+    """Σ xxᵀ of every Linear's input over the calibration batches, by module name (the output
+    head excepted: it stays 8-bit). Linears that read the same tensor (q/k/v, gate/up) share
+    one accumulator, so memory is one matrix per distinct input."""
+    import torch
+
+    linears = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] not in skip}
+    sums: dict[str, HessianAccumulator] = {}
+    seen: dict[int, tuple[Any, str]] = {}  # id of an input in this batch -> (the tensor, kept alive; its first reader)
+
+    def hook(name: str) -> Any:
+        def record(_module: Any, args: tuple) -> None:
+            x = args[0]
+            first = seen.setdefault(id(x), (x, name))[1]
+            if first not in sums:
+                sums[first] = HessianAccumulator(x.shape[-1])
+            if first == name:
+                sums[name].add(x)
+            else:
+                sums[name] = sums[first]
+        return record
+
+    body = getattr(model, "base_model", model)
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in linears.items()]
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                body(input_ids=batch)  # the layers only: the head's logits are not needed
+                seen.clear()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return sums
+
+
+def weight_fingerprint(weight_in_by_out: Any) -> str:
+    """Identify a float weight by its bytes, [in, out] as an ONNX MatMul stores it."""
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha1(np.ascontiguousarray(weight_in_by_out, dtype=np.float32).tobytes()).hexdigest()

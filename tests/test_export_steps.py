@@ -1,0 +1,91 @@
+"""The export's step table (edgelm.steps) and the reference memo (edgelm.memo_session)."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+
+from edgelm.memo_session import MemoizedSession
+from edgelm.parity import ParitySettings, measure_parity
+from edgelm.session import Capabilities
+from edgelm.steps import StepClock
+
+
+class CountingSession:
+    """A deterministic fake decoder: logits depend on the whole history since reset."""
+
+    def __init__(self, vocab: int = 9000) -> None:
+        self.capabilities = Capabilities(max_context=4096)
+        self.vocab, self.history, self.calls = vocab, [], 0
+
+    def _logits(self, ids: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        rows = []
+        for token in ids:
+            self.history.append(int(token))
+            rng = np.random.default_rng(hash(tuple(self.history)) % (1 << 32))
+            rows.append(rng.standard_normal(self.vocab).astype(np.float32))
+        return np.stack(rows)
+
+    def prefill(self, ids: np.ndarray) -> np.ndarray:
+        return self._logits(np.asarray(ids))
+
+    def decode(self, token_id: int) -> np.ndarray:
+        return self._logits(np.asarray([token_id]))[-1]
+
+    def reset(self) -> None:
+        self.history = []
+
+
+def test_memo_returns_the_same_answers_and_computes_each_once(tmp_path):
+    inner, plain = CountingSession(), CountingSession()
+    memo = MemoizedSession(inner, tmp_path)
+    ids = list(range(1, 300))
+    artifact = CountingSession()
+    settings = ParitySettings(max_tokens=256, window=64, stride=64)
+    first = measure_parity(artifact, memo, ids, 1.1, settings)
+    calls = inner.calls
+    second = measure_parity(CountingSession(), memo, ids, 1.1, settings)
+    assert inner.calls == calls  # the second artifact is scored without running the reference again
+    assert memo.reused > 0
+    unmemoized = measure_parity(CountingSession(), plain, ids, 1.1, settings)
+    assert first.to_dict() == second.to_dict() == unmemoized.to_dict()
+    assert any(tmp_path.iterdir())  # a window's logits (64 × 9000 floats) went to disk
+    memo.close()
+    assert not any(tmp_path.iterdir())
+
+
+def test_memo_brings_the_wrapped_cache_to_the_asked_history(tmp_path):
+    inner, plain = CountingSession(), CountingSession()
+    memo = MemoizedSession(inner, tmp_path)
+    memo.prefill(np.array([5, 6, 7]))
+    memo.reset()
+    memo.prefill(np.array([1, 2]))
+    memo.reset()
+    memo.prefill(np.array([5, 6, 7]))  # remembered: the wrapped session now holds [1, 2]
+    got = memo.decode(8)  # not remembered: computed after replaying [5, 6, 7]
+    plain.prefill(np.array([5, 6, 7]))
+    np.testing.assert_array_equal(got, plain.decode(8))
+    memo.close()
+
+
+def test_step_clock_times_nested_steps_and_forwards_notes():
+    seen, notes = [], []
+
+    @contextmanager
+    def hook(name):
+        seen.append(name)
+        yield
+
+    hook.note = notes.append
+    clock = StepClock(hook)
+    with clock("outer"), clock("inner"):
+        clock.note("1/2")
+    with pytest.raises(ValueError), clock("failing"):
+        raise ValueError
+    assert seen == ["outer", "inner", "failing"] and notes == ["1/2"]
+    assert [(t.step, t.depth) for t in clock.times] == [("inner", 1), ("outer", 0), ("failing", 0)]
+    assert all(t.seconds >= 0 for t in clock.times)
+    assert not hasattr(StepClock(), "note")  # no hook, no live detail

@@ -1,0 +1,76 @@
+"""GPTQ error compensation (edgelm.gptq) and its MatMulNBits packing (exporters/onnx_gptq.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from edgelm.exporters.onnx_gptq import pack_nibbles, unpack_nibbles
+
+from edgelm.gptq import HessianAccumulator, collect_hessians, gptq_codes
+
+BLOCK = 32
+
+
+def asymmetric_grid(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """onnxruntime's block grid: range widened to include 0, scale (max − min)/15, integer zero point."""
+    blocks = weight.unflatten(-1, (-1, BLOCK))
+    low, high = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+    scale = (high - low) / 15
+    return scale, torch.clamp(torch.round(-low / scale), 0, 15)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return (codes.double() - zero.repeat_interleave(BLOCK, 1)) * scale.repeat_interleave(BLOCK, 1)
+
+
+def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return torch.clamp(torch.round(weight / scale.repeat_interleave(BLOCK, 1)) + zero.repeat_interleave(BLOCK, 1), 0, 15)
+
+
+def test_with_uncorrelated_inputs_gptq_is_round_to_nearest():
+    torch.manual_seed(0)
+    weight = torch.randn(16, 128)
+    scale, zero = asymmetric_grid(weight)
+    codes = gptq_codes(weight, torch.eye(128), scale, zero, BLOCK)
+    assert torch.equal(codes, round_to_nearest(weight, scale, zero).long())
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    torch.manual_seed(0)
+    mixing = torch.randn(128, 128) + 3 * torch.eye(128)
+    inputs = torch.randn(4096, 128) @ mixing  # correlated channels, as a layer's real inputs are
+    weight = torch.randn(64, 128)
+    scale, zero = asymmetric_grid(weight)
+    accumulator = HessianAccumulator(128)
+    accumulator.add(inputs)
+    gptq = dequantize(gptq_codes(weight, accumulator.hessian(), scale, zero, BLOCK), scale, zero)
+    rtn = dequantize(round_to_nearest(weight, scale, zero), scale, zero)
+    x = inputs.double()
+
+    def error(q: torch.Tensor) -> float:
+        return float(((x @ weight.double().T - x @ q.T) ** 2).mean())
+
+    assert error(gptq) < 0.7 * error(rtn)
+    codes = gptq_codes(weight, accumulator.hessian(), scale, zero, BLOCK)
+    assert codes.min() >= 0 and codes.max() <= 15  # on the format's own grid, nothing re-rounded
+
+
+def test_nibbles_round_trip_low_first():
+    codes = np.random.default_rng(0).integers(0, 16, size=(5, 64))
+    packed = pack_nibbles(codes)
+    assert packed.shape == (5, 32) and packed[0, 0] == codes[0, 0] | (codes[0, 1] << 4)
+    np.testing.assert_array_equal(unpack_nibbles(packed, 64), codes)
+
+
+def test_hessians_are_shared_by_linears_reading_the_same_input(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).eval()
+    sums = collect_hessians(model, [torch.randint(0, 100, (1, 24)) for _ in range(2)])
+    layer = "model.layers.0"
+    assert sums[f"{layer}.self_attn.q_proj"] is sums[f"{layer}.self_attn.k_proj"] is sums[f"{layer}.self_attn.v_proj"]
+    assert sums[f"{layer}.mlp.gate_proj"] is sums[f"{layer}.mlp.up_proj"]
+    assert sums[f"{layer}.self_attn.q_proj"] is not sums[f"{layer}.mlp.gate_proj"]
+    assert sums[f"{layer}.mlp.down_proj"].tokens == 48 and "lm_head" not in sums
+    hessian = sums[f"{layer}.mlp.down_proj"].hessian()
+    assert torch.allclose(hessian, hessian.T) and bool((torch.diag(hessian) > 0).all())
