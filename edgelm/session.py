@@ -26,6 +26,27 @@ class Capabilities:
     devices: tuple[str, ...] = ("cpu",)
     returns_all_logits: bool = True  # prefill gives logits for every position (parity needs it)
     notes: dict[str, str] = field(default_factory=dict)
+    vocab_size: int | None = None  # token ids a decoder takes: 0 .. vocab_size - 1 (None: the runtime checks)
+
+
+def token_ids(ids: object, capabilities: Capabilities) -> np.ndarray:
+    """`ids` as int64 [n], or a PromptError when one lies outside the model's vocabulary.
+
+    Checked before any runtime sees them: ExecuTorch's quantized embedding kernel aborts the
+    whole process on an out-of-range id, and the others fail with messages about their own
+    internals (a tokenizer whose added tokens outgrow the model's table does this too).
+    """
+    from edgelm.errors import PromptError
+
+    try:
+        array = np.asarray(ids, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError, OverflowError) as err:
+        raise PromptError(f"token ids must be integers ({type(err).__name__}: {str(err)[:80]})") from err
+    vocab = capabilities.vocab_size
+    if vocab and array.size and (int(array.min()) < 0 or int(array.max()) >= vocab):
+        bad = int(array[(array < 0) | (array >= vocab)][0])
+        raise PromptError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+    return array
 
 
 class Session(Protocol):

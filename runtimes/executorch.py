@@ -17,7 +17,7 @@ import numpy as np
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.native_log import quiet_native_stderr
 from edgelm.probe import probe
-from edgelm.session import Capabilities, model_failures
+from edgelm.session import Capabilities, model_failures, token_ids
 
 LOG_VARIABLE = "EDGELM_EXECUTORCH_LOG"  # set to 1 to see ExecuTorch's own log lines
 PTE_IDENTIFIER = b"ET"  # flatbuffer file identifier at bytes 4..8 ("ET12", ...)
@@ -82,13 +82,13 @@ def load_program(path: Path) -> object:
 
 
 class ExecuTorchSession:
-    def __init__(self, program: object, method: object, max_context: int):
+    def __init__(self, program: object, method: object, max_context: int, vocab_size: int | None = None):
         import torch
 
         self._torch = torch
         self._program, self._method = program, method
         self._pos = 0
-        self.capabilities = Capabilities(max_context=max_context,
+        self.capabilities = Capabilities(max_context=max_context, vocab_size=vocab_size,
                                          notes={"kv_cache": f"static, {max_context} positions inside the program"})
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
@@ -104,10 +104,10 @@ class ExecuTorchSession:
         return logits[0].float().numpy()
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
-        return self._run(np.asarray(ids, dtype=np.int64))
+        return self._run(token_ids(ids, self.capabilities))
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self._run(np.asarray([token_id], dtype=np.int64))[-1]
+        return self._run(token_ids([token_id], self.capabilities))[-1]
 
     def reset(self) -> None:
         # positions are absolute and the mask hides every slot past the last written one,
@@ -169,6 +169,8 @@ class ExecuTorchAdapter:
                                             "exported by edgelm's ExecuTorch exporter")
                 max_context = int(program.load_method("get_max_context").execute([])[0])
                 encoder = "is_encoder" in program.method_names and bool(program.load_method("is_encoder").execute([])[0])
+                vocab = (int(program.load_method("get_vocab_size").execute([])[0])
+                         if "get_vocab_size" in program.method_names else None)
                 method = program.load_method("forward")
         except (IndexError, TypeError, ValueError) as err:  # a constant method that returns nothing usable
             raise InvalidModelError(f"{path}: the program's constant methods are not edgelm's ({err}); re-export "
@@ -179,7 +181,9 @@ class ExecuTorchAdapter:
                                         f"for ({err}); run it with the executorch version edgelm doctor lists") from err
             raise InvalidModelError(f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — "
                                     "re-export it") from err
-        return (ExecuTorchEncoderSession if encoder else ExecuTorchSession)(program, method, max_context)
+        if encoder:
+            return ExecuTorchEncoderSession(program, method, max_context)
+        return ExecuTorchSession(program, method, max_context, vocab)
 
 
 ADAPTER = ExecuTorchAdapter()

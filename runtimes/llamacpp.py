@@ -23,7 +23,7 @@ import numpy as np
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.gguf_header import GGUFSummary, read_gguf_summary
 from edgelm.probe import probe
-from edgelm.session import Capabilities
+from edgelm.session import Capabilities, token_ids
 
 DEFAULT_CONTEXT = 4096  # KV cache slots allocated up front (llama.cpp's cache is fixed-size)
 BATCH = 512
@@ -148,11 +148,11 @@ class LlamaCppSession:
     def __init__(self, context: _Context, device: str):
         self._c = context
         self._pos = 0
-        self.capabilities = Capabilities(max_context=context.n_ctx, devices=(device,),
+        self.capabilities = Capabilities(max_context=context.n_ctx, devices=(device,), vocab_size=context.n_vocab,
                                          notes={"kv_cache": f"llama.cpp, {context.kv_type}, {context.n_ctx} slots"})
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = token_ids(ids, self.capabilities)
         out = []
         for start in range(0, len(ids), self._c.n_batch):
             chunk = ids[start : start + self._c.n_batch]
@@ -162,7 +162,7 @@ class LlamaCppSession:
         return np.concatenate(out)
 
     def decode(self, token_id: int) -> np.ndarray:
-        self._c.decode(np.asarray([token_id]), self._pos, True)
+        self._c.decode(token_ids([token_id], self.capabilities), self._pos, True)
         self._pos += 1
         return self._c.logits(1)[0]
 

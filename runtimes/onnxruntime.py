@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
-from edgelm.session import Capabilities, model_failures
+from edgelm.session import Capabilities, model_failures, token_ids
 
 # device -> execution providers to try, in order of preference
 DEVICE_PROVIDERS = {
@@ -80,7 +80,9 @@ class OnnxSession:
         empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32))
         self._empty = [empty] * len(self.past_names)
         self.output_names = ["logits", *self.present_names]
+        vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
         self.capabilities = Capabilities(max_context=max_context, devices=("cpu",),
+                                         vocab_size=vocab if isinstance(vocab, int) else None,
                                          notes={"provider": provider, "kv_cache": "OrtValues kept in onnxruntime between steps"})
         self._past: list[object] | None = None
 
@@ -96,10 +98,10 @@ class OnnxSession:
         return outputs[0].numpy()[0]
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
-        return self._run(np.asarray(ids, dtype=np.int64))
+        return self._run(token_ids(ids, self.capabilities))
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self._run(np.asarray([token_id], dtype=np.int64))[-1]
+        return self._run(token_ids([token_id], self.capabilities))[-1]
 
     def reset(self) -> None:
         self._past = None

@@ -15,7 +15,7 @@ import numpy as np
 from edgelm.architectures import TASK_MODEL_CLASSES, lookup_architecture, task_for
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.model import read_json_object
-from edgelm.session import Capabilities
+from edgelm.session import Capabilities, token_ids
 
 
 class TorchSession:
@@ -26,7 +26,7 @@ class TorchSession:
         config = model.config
         self.capabilities = Capabilities(
             max_context=int(max_context or getattr(config, "max_position_embeddings", 2048)),
-            notes={"kv_cache": "transformers DynamicCache"},
+            notes={"kv_cache": "transformers DynamicCache"}, vocab_size=getattr(config, "vocab_size", None),
         )
         self._cache: Any = None
 
@@ -41,10 +41,10 @@ class TorchSession:
         return out.logits[0].float().numpy()
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
-        return self._forward(np.asarray(ids, dtype=np.int64))
+        return self._forward(token_ids(ids, self.capabilities))
 
     def decode(self, token_id: int) -> np.ndarray:
-        return self._forward(np.asarray([token_id], dtype=np.int64))[-1]
+        return self._forward(token_ids([token_id], self.capabilities))[-1]
 
     def reset(self) -> None:
         self._cache = None

@@ -307,6 +307,41 @@ def test_a_prompt_longer_than_the_context_is_refused_before_prefill(bundle):
     assert calls == []
 
 
+OUT_OF_VOCABULARY = r"""
+import sys
+from pathlib import Path
+from edgelm.errors import PromptError
+from edgelm.session import get_runtime
+session = get_runtime(sys.argv[1]).open(Path(sys.argv[2]), threads=1)
+vocab = session.capabilities.vocab_size
+for call in (lambda: session.prefill([1, vocab]), lambda: session.decode(-1), lambda: session.prefill([1, 1 << 40])):
+    session.reset()
+    try:
+        call()
+        print("ran")
+    except PromptError as err:
+        print("refused:", err)
+"""
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_by_every_decoder_runtime(tiny_bundle):
+    """ExecuTorch's quantized embedding kernel aborts the process on such an id (exit 134);
+    every decoder session checks ids against its vocabulary first (in a child process here,
+    so a regression fails this test instead of killing the test run)."""
+    manifest = read_bundle(tiny_bundle)
+    runtimes = set()
+    for entry in manifest.artifacts:
+        if entry.runtime in runtimes or entry.runtime == "litert":  # LiteRT's own Gather check raises
+            continue
+        runtimes.add(entry.runtime)
+        result = subprocess.run([sys.executable, "-c", OUT_OF_VOCABULARY, entry.runtime, str(tiny_bundle / entry.path)],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, (entry.name, result.returncode, result.stderr[-500:])
+        lines = result.stdout.splitlines()
+        assert len(lines) == 3 and all(line.startswith("refused: token id") for line in lines), (entry.name, lines)
+    assert {"executorch", "onnxruntime", "llama.cpp", "torch"} <= runtimes
+
+
 # --- exit 2, one line, for every bad input ----------------------------------------------------
 
 def test_deep_or_huge_json_in_config_and_manifest_is_exit_2(tiny_llama, bundle, tmp_path):
