@@ -96,9 +96,10 @@ def test_quantized_artifacts_record_their_calibration(tiny_llama, tmp_path):
                                    **{k: int4["attempts"][0][k] for k in int4["attempts"][0] if k not in
                                       ("quant", "calibrated", "result")}}
     assert by_name["onnx-fp32"].recipe["calibration"].startswith("none")
-    # the calibrated int4 picked every 4-bit layer's codes by GPTQ, so none needs the block-bias branch
+    # each 4-bit layer of the calibrated int4 kept GPTQ's codes or round-to-nearest with the block bias
     quantization = by_name["onnx-int4"].signature["quantization"]
-    assert quantization["gptq_layers"] == 7 * 2 and quantization["block_bias_correction"] == 0
+    assert quantization["gptq_layers"] >= 1
+    assert quantization["gptq_layers"] + quantization["block_bias_correction"] == 7 * 2
     written = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert {a["name"]: a["recipe"]["chosen"] for a in written["artifacts"]}["onnx-int4"] == "int4"
 

@@ -74,3 +74,44 @@ def test_hessians_are_shared_by_linears_reading_the_same_input(tiny_model_factor
     assert sums[f"{layer}.mlp.down_proj"].tokens == 48 and "lm_head" not in sums
     hessian = sums[f"{layer}.mlp.down_proj"].hessian()
     assert torch.allclose(hessian, hessian.T) and bool((torch.diag(hessian) > 0).all())
+
+
+def one_matmul_nbits(weight: np.ndarray):
+    """A one-MatMul ONNX model quantized by onnxruntime's own 4-bit quantizer (edgelm's settings)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgelm.exporters.onnx import _matmul_nbits
+
+    k, n = weight.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+                              [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    return _matmul_nbits(model, 4)
+
+
+def test_each_layer_keeps_gptq_or_the_block_bias_whichever_errs_less():
+    from onnx import numpy_helper
+
+    from edgelm.exporters.onnx_gptq import apply_gptq
+    from edgelm.gptq import weight_fingerprint
+
+    rng = np.random.default_rng(0)
+    k, n = 128, 48
+    accumulator = HessianAccumulator(k)
+    accumulator.add(torch.from_numpy(rng.standard_normal((2048, k)) @ (rng.standard_normal((k, k)) + 3 * np.eye(k))))
+    # on a float-offset 4-bit grid (as a Q4_1 GGUF's weights are): the block bias rebuilds it exactly
+    on_grid = (rng.integers(0, 16, (n, k // BLOCK, BLOCK)) * rng.uniform(0.01, 0.02, (n, k // BLOCK, 1))
+               + rng.uniform(-0.2, 0, (n, k // BLOCK, 1))).reshape(n, k).T
+    off_grid = rng.standard_normal((k, n))
+    for weight, recoded in ((on_grid, set()), (off_grid, {"w"})):
+        model = one_matmul_nbits(weight)
+        before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
+        done = apply_gptq(model, {"w": weight.astype(np.float32)}, {"layer": accumulator},
+                          {weight_fingerprint(weight.astype(np.float32)): "layer"})
+        assert done == recoded
+        after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        codes = next(name for name in after if name.endswith("_Q4"))
+        assert np.array_equal(before[codes], after[codes]) == (not recoded)
+        assert all(np.array_equal(before[name], after[name]) for name in after if name != codes)  # grid kept
