@@ -21,11 +21,13 @@ COLUMN_BLOCK = 128  # columns updated together (lazy batch updates; the result d
 @dataclass
 class HessianAccumulator:
     """Σ xxᵀ of one linear layer's inputs over calibration tokens (float32: one [in, in] matrix
-    per distinct input of every layer is held at once)."""
+    per distinct input of every layer is held at once). Linears that read the same input
+    share one accumulator, and with it the factor of the inverse GPTQ needs."""
 
     features: int
     tokens: int = 0
     total: Any = None
+    _factor: Any = None
 
     def add(self, inputs: Any) -> None:
         import torch
@@ -33,31 +35,46 @@ class HessianAccumulator:
         x = inputs.detach().reshape(-1, self.features).to(torch.float32)
         self.total = x.T @ x if self.total is None else self.total + x.T @ x
         self.tokens += x.shape[0]
+        self._factor = None
 
     def hessian(self) -> Any:
         return self.total / max(self.tokens, 1)
 
+    def dead(self) -> Any:
+        """Input channels that were zero on every calibration token."""
+        import torch
 
-def gptq_codes(weight: Any, hessian: Any, scales: Any, zero_points: Any, block_size: int,
+        return torch.diag(self.total) == 0
+
+    def inverse_factor(self) -> Any:
+        """Upper Cholesky factor of the damped H⁻¹ (float64 to factor, float32 to use), made once."""
+        import torch
+
+        if self._factor is None:
+            h = self.hessian().to(torch.float64)
+            dead = self.dead()
+            h[dead, dead] = 1
+            h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(self.features, dtype=torch.float64)
+            self._factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+        return self._factor
+
+
+def gptq_codes(weight: Any, inputs: HessianAccumulator, scales: Any, zero_points: Any, block_size: int,
                max_code: int = 15) -> Any:
     """Integer codes in [0, max_code] for `weight` [out, in] on the grid w = scale · (code − zero_point).
 
-    `scales` and `zero_points` are [out, in / block_size]: the format's own per-block grid.
-    Returns codes [out, in] (int64).
+    `inputs`: the layer's input statistics; `scales` and `zero_points` are [out, in / block_size]:
+    the format's own per-block grid. Returns codes [out, in] (int64).
     """
     import torch
 
-    w = weight.detach().to(torch.float64).clone()
-    h = hessian.to(torch.float64).clone()
+    w = weight.detach().to(torch.float32).clone()
     columns = w.shape[1]
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
-    h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(columns, dtype=torch.float64)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    scale = scales.to(torch.float64).repeat_interleave(block_size, dim=1)[:, :columns]
+    w[:, inputs.dead()] = 0
+    upper = inputs.inverse_factor()
+    scale = scales.to(torch.float32).repeat_interleave(block_size, dim=1)[:, :columns]
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero block: every code is its zero point
-    zero = zero_points.to(torch.float64).repeat_interleave(block_size, dim=1)[:, :columns]
+    zero = zero_points.to(torch.float32).repeat_interleave(block_size, dim=1)[:, :columns]
     codes = torch.empty_like(w, dtype=torch.int64)
     for start in range(0, columns, COLUMN_BLOCK):
         end = min(start + COLUMN_BLOCK, columns)
@@ -69,7 +86,7 @@ def gptq_codes(weight: Any, hessian: Any, scales: Any, zero_points: Any, block_s
             code = torch.clamp(torch.round(column / divisor[:, start + i]) + z, 0, max_code)
             codes[:, start + i] = code.to(torch.int64)
             error = (column - (code - z) * s) / inverse[i, i]
-            block[:, i:] -= error.unsqueeze(1) @ inverse[i, i:].unsqueeze(0)
+            block[:, i:].addr_(error, inverse[i, i:], alpha=-1)  # spread this column's error over the rest
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
     return codes

@@ -67,7 +67,7 @@ def apply_gptq(model: Any, original_weights: dict[str, np.ndarray], hessians: di
         zero_points = unpack_nibbles(zero_point_bytes.reshape(n, -1), blocks)
         hessian = hessians[module].hessian().to(torch.float64)
         float_weight = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float64))  # [N, K]
-        codes = gptq_codes(float_weight, hessian, torch.from_numpy(scales.astype(np.float32)),
+        codes = gptq_codes(float_weight, hessians[module], torch.from_numpy(scales.astype(np.float32)),
                            torch.from_numpy(zero_points.astype(np.float32)), block).numpy()
         gptq = (codes - np.repeat(zero_points, block, axis=1)) * np.repeat(scales, block, axis=1)
         rounded = dequantize_matmul_nbits(numpy_helper.to_array(inits[node.input[1]]), scales, zero_point_bytes,

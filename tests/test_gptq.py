@@ -31,7 +31,9 @@ def test_with_uncorrelated_inputs_gptq_is_round_to_nearest():
     torch.manual_seed(0)
     weight = torch.randn(16, 128)
     scale, zero = asymmetric_grid(weight)
-    codes = gptq_codes(weight, torch.eye(128), scale, zero, BLOCK)
+    uncorrelated = HessianAccumulator(128)
+    uncorrelated.add(torch.eye(128))  # Σ xxᵀ = I
+    codes = gptq_codes(weight, uncorrelated, scale, zero, BLOCK)
     assert torch.equal(codes, round_to_nearest(weight, scale, zero).long())
 
 
@@ -43,7 +45,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     scale, zero = asymmetric_grid(weight)
     accumulator = HessianAccumulator(128)
     accumulator.add(inputs)
-    gptq = dequantize(gptq_codes(weight, accumulator.hessian(), scale, zero, BLOCK), scale, zero)
+    gptq = dequantize(gptq_codes(weight, accumulator, scale, zero, BLOCK), scale, zero)
     rtn = dequantize(round_to_nearest(weight, scale, zero), scale, zero)
     x = inputs.double()
 
@@ -51,7 +53,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
         return float(((x @ weight.double().T - x @ q.T) ** 2).mean())
 
     assert error(gptq) < 0.7 * error(rtn)
-    codes = gptq_codes(weight, accumulator.hessian(), scale, zero, BLOCK)
+    codes = gptq_codes(weight, accumulator, scale, zero, BLOCK)
     assert codes.min() >= 0 and codes.max() <= 15  # on the format's own grid, nothing re-rounded
 
 
