@@ -80,9 +80,8 @@ def test_hessians_are_shared_by_linears_reading_the_same_input(tiny_model_factor
 
 def one_matmul_nbits(weight: np.ndarray):
     """A one-MatMul ONNX model quantized by onnxruntime's own 4-bit quantizer (edgelm's settings)."""
-    from onnx import TensorProto, helper, numpy_helper
-
     from edgelm.exporters.onnx import _matmul_nbits
+    from onnx import TensorProto, helper, numpy_helper
 
     k, n = weight.shape
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
@@ -94,9 +93,9 @@ def one_matmul_nbits(weight: np.ndarray):
 
 
 def test_each_layer_keeps_gptq_or_the_block_bias_whichever_errs_less():
+    from edgelm.exporters.onnx_gptq import apply_gptq
     from onnx import numpy_helper
 
-    from edgelm.exporters.onnx_gptq import apply_gptq
     from edgelm.gptq import weight_fingerprint
 
     rng = np.random.default_rng(0)
