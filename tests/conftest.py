@@ -10,21 +10,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_models import build_tiny_model  # noqa: E402
 
 
-# The suite runs on two workers, one test module each at a time (`pytest -n 2 --dist loadfile
-# --no-loadscope-reorder`, the README's command). Its two longest modules go first, one to each
-# worker, and everything else fills in around them; in any other order a worker can pick the
-# half-hour end-to-end export up last and run it alone.
-LONGEST_FIRST = ("test_default_model_e2e.py", "test_offgrid_e2e.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item):
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the order inside each module and among the rest is kept
-
-
 @pytest.fixture(scope="session")
 def tiny_model_factory(tmp_path_factory):
     """Build (once per session) a tiny random model folder of a given kind."""
