@@ -335,7 +335,7 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_every_decoder_runtime(t
             continue
         runtimes.add(entry.runtime)
         result = subprocess.run([sys.executable, "-c", OUT_OF_VOCABULARY, entry.runtime, str(tiny_bundle / entry.path)],
-                                capture_output=True, text=True, timeout=300)
+                                capture_output=True, text=True, timeout=300, check=False)
         assert result.returncode == 0, (entry.name, result.returncode, result.stderr[-500:])
         lines = result.stdout.splitlines()
         assert len(lines) == 3 and all(line.startswith("refused: token id") for line in lines), (entry.name, lines)
