@@ -131,9 +131,10 @@ def quantize_weights(src: Path, dst: Path, quant: str, layers_8bit: tuple[int, .
 
     `layers_8bit` (int4 only): layers whose matrices stay 8-bit (mixed precision). `gptq` (int4
     only): (Hessians by module name, weight fingerprint → module name) of the torch model `src`
-    was exported from; the 4-bit codes are then picked by GPTQ on onnxruntime's own grid, and
-    the block-bias correction is left out (it undoes part of GPTQ's compensation: simulated on
-    the off-grid twin, ppl ratio 1.065 without it, 1.077 with it, round-to-nearest 1.076)."""
+    was exported from; each 4-bit layer then keeps GPTQ's codes on onnxruntime's own grid or
+    round-to-nearest with the block-bias correction, whichever errs less on the calibration
+    inputs (exporters/onnx_gptq.py); the two are not combined (the block bias undoes part of
+    GPTQ's compensation: simulated on the mild off-grid twin, 1.0765 with it, 1.0652 without)."""
     import onnx
 
     model = onnx.load(str(src))
