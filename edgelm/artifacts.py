@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgelm.background import BackgroundExport, BackgroundExports, worth_a_second_process
 from edgelm.bundle import ArtifactEntry
 from edgelm.calibration import Calibration
 from edgelm.errors import VendorMismatchError
@@ -79,14 +80,42 @@ class ArtifactBuilder:
         self.vendors = vendors  # None: no vendor-runtime checks (encoders, or switched off)
         self._variant: dict[str, str] = {}  # format -> the model variant its scratch files hold
         self.omitted: list[dict[str, Any]] = []
+        self.background = BackgroundExports()  # first recipes being exported by worker processes
+        self._background_calibration: dict[tuple[str, Attempt], dict[str, Any] | str] = {}
 
-    def build(self, fmt: str, quant: str) -> tuple[ArtifactEntry | None, str | None]:
-        """(entry or None when left out, the gate failure to report or None)."""
+    def _ladder(self, fmt: str, quant: str) -> tuple[Any, str, str, list[Attempt]]:
+        """(exporter, artifact name, the gate recipe, the recipes to try) for one artifact."""
         exporter = get_exporter(fmt)
         name = f"{fmt}-{quant}" if fmt != REFERENCE_FORMAT else "reference-fp32"
         # the gate of the recipe a format-specific type stands for (GGUF Q4_0 → int4, ...)
         recipe = getattr(exporter, "gate_recipe", lambda q: q)(quant)
-        ladder = recipe_ladder(exporter, quant, recipe, self.options.calibrate)
+        return exporter, name, recipe, recipe_ladder(exporter, quant, recipe, self.options.calibrate)
+
+    def start_background_exports(self, plan: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """Start the first recipe of each artifact whose exporter is slow single-threaded Python
+        (`exports_in_background`) in a worker process, when there is other work to overlap it
+        with, the model is big enough to gain and memory holds a second copy; return the plan with those artifacts last,
+        so their files are ready when their turn comes."""
+        started = []
+        for fmt, quant in plan:
+            exporter, name, recipe, ladder = self._ladder(fmt, quant)
+            first = ladder[0]
+            if (not getattr(exporter, "exports_in_background", False) or len(plan) - len(started) <= 2
+                    or first.eight_bit_share or (first.calibrated and recipe in getattr(exporter, "gptq", ()))):
+                continue  # nothing to overlap with, or the recipe needs this process's calibration state
+            if not worth_a_second_process(self.model):
+                continue
+            model, calibration = self._model_for(fmt, first, recipe)
+            with self.step(f"Starting {name}'s export in a background process"):
+                self.background.start((fmt, first), BackgroundExport(model, fmt, self.source, self.work, first.quant,
+                                                                     name))
+            self._background_calibration[(fmt, first)] = calibration
+            started.append((fmt, quant))
+        return [item for item in plan if item not in started] + started
+
+    def build(self, fmt: str, quant: str) -> tuple[ArtifactEntry | None, str | None]:
+        """(entry or None when left out, the gate failure to report or None)."""
+        exporter, name, recipe, ladder = self._ladder(fmt, quant)
         tried: list[dict[str, Any]] = []
         files: list[Path] = []
         for number, attempt in enumerate(ladder):
@@ -123,25 +152,34 @@ class ArtifactBuilder:
         """Export, open and measure one attempt: (entry, gate failure or None, the files it wrote)."""
         from edgelm.export import _export_one
 
-        model, calibration = self._model_for(exporter.format, attempt, recipe)
         settings: dict[str, Any] = {}
-        if attempt.eight_bit_share:
-            settings["layers_8bit"] = self.calibration.sensitive_layers(recipe, attempt.eight_bit_share)
-        if attempt.calibrated and recipe in getattr(exporter, "gptq", ()):
-            with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
-                settings["hessians"] = self.calibration.hessians(recipe)
-        with self.step(f"Exporting {label}"):
-            artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
-        mark_trusted(artifact.path)  # written by this process: opened for parity without a crash probe
+        pending = self.background.take((exporter.format, attempt))
+        if pending is not None:
+            calibration = self._background_calibration.pop((exporter.format, attempt))
+            with self.step(f"Waiting for {label}'s export in its background process"):
+                artifact, seconds = pending.result()
+            getattr(self.step, "record_background", lambda *_: None)(f"Exporting {label} (background process)",
+                                                                    seconds)
+        else:
+            model, calibration = self._model_for(exporter.format, attempt, recipe)
+            if attempt.eight_bit_share:
+                settings["layers_8bit"] = self.calibration.sensitive_layers(recipe, attempt.eight_bit_share)
+            if attempt.calibrated and recipe in getattr(exporter, "gptq", ()):
+                with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
+                    settings["hessians"] = self.calibration.hessians(recipe)
+            with self.step(f"Exporting {label}"):
+                artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
+        mark_trusted(artifact.path)  # written by this export: opened for parity without a crash probe
         runtime = get_runtime(exporter.runtime)
-        with self.step(f"Loading {name} in {runtime.name}"):
+        with self.step(f"Loading {name} in {runtime.name}"), self.background.paused():
             session, load_s = timed(runtime.open, artifact.path, threads=self.options.threads)
         file_bytes = artifact.path.stat().st_size + sum(f.stat().st_size for f in artifact.extra_files)
         with self.step(f"Measuring parity of {name} on real text" + (" and profiling it" if self.options.profile else "")):
-            measured = self.evaluation.measure(session, self.reference, recipe, load_s, file_bytes)
+            measured = self.evaluation.measure(session, self.reference, recipe, load_s, file_bytes,
+                                               quiet=self.background.paused)
         vendor = None
         if measured.failure is None and self.vendors is not None and self.vendors.covers(exporter.format):
-            with self.step(f"Running {name} in its vendor's LLM runtime"):
+            with self.step(f"Running {name} in its vendor's LLM runtime"), self.background.paused():
                 vendor = self.vendors.run(exporter.format, artifact.path, self.work, session)
         session.close()
         if vendor is not None and vendor.failed and not self.options.allow_vendor_mismatch:
@@ -160,7 +198,9 @@ class ArtifactBuilder:
         return entry, measured.failure, [artifact.path, *artifact.extra_files, *written]
 
     def finish_all(self) -> None:
-        """Drop the scratch files exporters kept between their recipes."""
+        """Stop any background export still running; drop the scratch files exporters kept
+        between their recipes."""
+        self.background.close()
         for fmt in self._variant:
             finish = getattr(get_exporter(fmt), "finish", None)
             if finish:

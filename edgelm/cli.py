@@ -119,6 +119,10 @@ def export(
              "manifest).")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept PyTorch pickle checkpoints (they can run code).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --output.")] = False,
+    background: Annotated[bool, typer.Option(
+        help="Export ExecuTorch (minutes of single-threaded lowering) in a second process while the other "
+             "formats export, when memory allows a second copy of the model; it is paused while anything is "
+             "profiled. --no-background exports everything in this process, one after another.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="Threads for runtimes while measuring.")] = None,
     repeats: Annotated[int, typer.Option(help="Measured profile runs per artifact (after a warm-up).")] = 3,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per profile run.")] = 128,
@@ -137,7 +141,7 @@ def export(
                             overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
                             profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens,
                             compress=compress, calibrate=calibrate, vendor_check=vendor_check,
-                            allow_vendor_mismatch=allow_vendor_mismatch)
+                            allow_vendor_mismatch=allow_vendor_mismatch, background=background)
     with _progress() as step:
         manifest = export_bundle(model, output, options, step=step)
     console.print(_report_table(manifest, f"{manifest.source['model_id']} → {target}"))

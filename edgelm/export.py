@@ -63,6 +63,7 @@ class ExportOptions:
     calibrate: bool = True  # int8/int4 from activation-aware scaled weights (edgelm.calibration)
     vendor_check: bool = True  # run each decoder artifact in its format's own LLM runtime (edgelm.vendors)
     allow_vendor_mismatch: bool = False  # keep an artifact that runtime refuses or runs differently
+    background: bool = True  # slow single-threaded exports (ExecuTorch) in a worker beside the others
 
 
 def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -275,15 +276,17 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
         builder = ArtifactBuilder(model_obj, source, work, options, evaluation, reference, step,
                                   Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating")),
                                   _vendor_checks(model_obj, tokenizer, evaluation, source, work, options))
-        for fmt, quant in plan:
-            entry, failure = builder.build(fmt, quant)
-            if entry is not None:
-                manifest.artifacts.append(entry)
-            if failure:
-                failures.append(failure)
-            elif entry is None:
-                manifest.reference.setdefault("omitted", {})[f"{fmt}-{quant}"] = builder.omitted[-1]
-        builder.finish_all()
+        try:
+            for fmt, quant in builder.start_background_exports(plan) if options.background else plan:
+                entry, failure = builder.build(fmt, quant)
+                if entry is not None:
+                    manifest.artifacts.append(entry)
+                if failure:
+                    failures.append(failure)
+                elif entry is None:
+                    manifest.reference.setdefault("omitted", {})[f"{fmt}-{quant}"] = builder.omitted[-1]
+        finally:
+            builder.finish_all()  # also stops a background export when another artifact failed
         reference.close()
         if failures and not options.allow_drift:
             raise ParityError("parity gate failed (nothing written; --allow-drift keeps it): " + "; ".join(failures))

@@ -160,11 +160,13 @@ def _step_lines(manifest: Manifest) -> list[str]:
     steps = manifest.export_steps
     if not steps:
         return []
-    total = sum(s["seconds"] for s in steps if s.get("depth", 0) == 0)
-    lines = ["", f"Export steps ({total:.0f} s before this report):", "", "| step | seconds | share |", "|---|---|---|"]
+    total = sum(s["seconds"] for s in steps if s.get("depth", 0) == 0 and not s.get("background"))
+    lines = ["", f"Export steps ({total:.0f} s of wall time before this report):", "",
+             "| step | seconds | share |", "|---|---|---|"]
     for s in steps:
         indent = "↳ " * s.get("depth", 0)
-        lines.append(f"| {indent}{s['step']} | {s['seconds']:.1f} | {s['seconds'] / max(total, 1e-9):.0%} |")
+        share = "beside the others" if s.get("background") else f"{s['seconds'] / max(total, 1e-9):.0%}"
+        lines.append(f"| {indent}{s['step']} | {s['seconds']:.1f} | {share} |")
     return lines
 
 

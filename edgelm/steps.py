@@ -21,6 +21,7 @@ class StepTime:
     step: str
     seconds: float
     depth: int = 0  # 1 for a step run inside another (its time is also in the outer step's)
+    background: bool = False  # ran in a second process beside the other steps (not in the total)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,8 +51,12 @@ class StepClock:
             self._open -= 1
             self.times.append(StepTime(name, round(time.perf_counter() - start, 2), depth))
 
+    def record_background(self, name: str, seconds: float) -> None:
+        """A step that ran in another process (edgelm.background), beside the steps timed here."""
+        self.times.append(StepTime(name, round(seconds, 2), background=True))
+
     def total_s(self) -> float:
-        return round(sum(t.seconds for t in self.times if t.depth == 0), 2)
+        return round(sum(t.seconds for t in self.times if t.depth == 0 and not t.background), 2)
 
     def to_list(self) -> list[dict[str, Any]]:
         return [t.to_dict() for t in self.times]

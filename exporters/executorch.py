@@ -295,6 +295,7 @@ class ExecuTorchExporter:
     quants = tuple(FILE_NAMES)
     tasks = ("text-generation", "feature-extraction", "text-classification")
     requires = ("torch", "transformers", "executorch", "torchao")
+    exports_in_background = True  # the XNNPACK lowering is minutes of single-threaded Python (edgelm.background)
 
     def check_setting(self, key: str, value: str) -> str:
         """Format-specific export settings (`--delegate`), validated before any model is loaded."""

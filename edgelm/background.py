@@ -1,0 +1,177 @@
+"""One artifact exported in a second process while the export goes on with the others.
+
+ExecuTorch's XNNPACK lowering is single-threaded Python (fake-tensor re-traces in every pass):
+on the default model it is half of the export's wall time while one of two cores sits idle.
+`BackgroundExport` hands that artifact's first recipe to a worker process at the start of
+the export and collects the file when the artifact's turn comes; everything else (the other
+formats' exports, calibration, parity) runs beside it.
+
+Timing must not suffer from the overlap: `paused()` stops the worker (SIGSTOP) while an
+artifact is profiled or run in its vendor runtime, so every tok/s in the report is measured
+on a machine doing nothing else, as before. The worker dies with the export: it is killed
+when the export ends or fails, and by the kernel if the export process is killed (Linux
+PR_SET_PDEATHSIG), so no orphan writes into a bundle folder after its owner is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Hashable, Iterator
+from pathlib import Path
+from typing import Any
+
+from edgelm.errors import EdgeLMError, ExportError
+
+# the worker holds its own copy of the model plus the lowering's graphs: ask for this many times
+# the fp32 weights of free memory (plus headroom) before running it beside the main process
+MEMORY_FACTOR = 4
+MEMORY_HEADROOM = 1.5 * 2**30
+# below this size the worker's start (saving the model, importing torch and the exporter: ~15 s
+# on 2 cores) costs more than the overlap saves (a tiny test model lowers in ~20 s)
+MIN_PARAMETERS = 50_000_000
+
+
+def worth_a_second_process(model: Any) -> bool:
+    """Whether `model` is big enough to gain from a background export, and a second copy of it
+    and a lowering fit in the memory available now."""
+    import psutil
+
+    parameters = list(model.parameters())
+    count = sum(p.numel() for p in parameters)
+    weights = sum(p.numel() * p.element_size() for p in parameters)
+    return count >= MIN_PARAMETERS and psutil.virtual_memory().available > MEMORY_FACTOR * weights + MEMORY_HEADROOM
+
+
+def _die_with_parent() -> None:
+    """Linux: the kernel kills this process when its parent dies (a killed export leaves no orphan)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _work(job_file: Path) -> None:
+    """The worker process: load the job its parent saved, export, save the outcome beside it."""
+    import torch
+
+    from edgelm.export import _export_one
+    from edgelm.exporter import get_exporter
+
+    torch.set_num_threads(1)  # the lowering is single-threaded; the other core is the export's
+    job = torch.load(job_file, weights_only=False)  # written by our parent a moment ago
+    job_file.unlink()
+    start = time.perf_counter()
+    try:
+        artifact = _export_one(get_exporter(job["format"]), job["model"], job["source"], Path(job["work"]),
+                               job["quant"], job["name"])
+        outcome: tuple[str, Any, float] = ("ok", artifact, time.perf_counter() - start)
+    except EdgeLMError as err:
+        outcome = ("error", err, 0.0)
+    torch.save(outcome, job_file.with_suffix(".result"))
+
+
+class BackgroundExport:
+    """One artifact being exported by a worker process (`python -m edgelm.background JOB`); owns
+    that process and its two scratch files in the bundle being built.
+
+    A subprocess rather than multiprocessing: spawn re-imports the caller's `__main__`, which
+    would make every script that calls `export_bundle` need an `if __name__ == "__main__"` guard.
+    """
+
+    def __init__(self, model: Any, fmt: str, source: Any, work: Path, quant: str, name: str) -> None:
+        import torch
+
+        self.name = name
+        self._job = work / f".background-{name}.job"
+        self._result = self._job.with_suffix(".result")
+        self._log = self._job.with_suffix(".log")
+        torch.save({"model": model, "format": fmt, "source": source, "work": str(work), "quant": quant, "name": name},
+                   self._job)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules we run with
+        with self._log.open("wb") as log:
+            self._process = subprocess.Popen([sys.executable, "-m", "edgelm.background", str(self._job)],
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
+                                             start_new_session=True)  # Ctrl-C is the parent's; it stops us
+        self._paused = False
+
+    def result(self) -> tuple[Any, float]:
+        """Wait for the worker: (the ExportedArtifact, the worker's seconds). Re-raises its EdgeLMError."""
+        import torch
+
+        self.resume()
+        try:
+            code = self._process.wait()
+            if not self._result.is_file():
+                tail = self._log.read_text(errors="replace").strip().splitlines()[-1:] if self._log.is_file() else []
+                raise ExportError(f"{self.name}: the background export process failed (exit code {code}"
+                                  f"{': ' + tail[0][:300] if tail else ''}); --no-background exports it in this "
+                                  "process")
+            status, value, seconds = torch.load(self._result, weights_only=False)  # written by our worker
+        finally:
+            self.close()
+        if status == "error":
+            raise value
+        return value, seconds
+
+    def pause(self) -> None:
+        if self._process.poll() is None and not self._paused:
+            self._signal(signal.SIGSTOP)
+            self._paused = True
+
+    def resume(self) -> None:
+        if self._paused:
+            self._signal(signal.SIGCONT)
+            self._paused = False
+
+    def _signal(self, number: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self._process.pid, number)
+
+    def close(self) -> None:
+        """Stop the worker if it still runs (the export failed or ended early), reap it, and
+        remove its scratch files."""
+        if self._process.poll() is None:
+            self.resume()
+            self._process.kill()
+        self._process.wait()
+        for path in (self._job, self._result, self._log):
+            path.unlink(missing_ok=True)
+
+
+class BackgroundExports:
+    """The export's background artifacts, by (format, quant); `paused()` stops them all while
+    something is timed."""
+
+    def __init__(self) -> None:
+        self._running: dict[Hashable, BackgroundExport] = {}
+
+    def start(self, key: Hashable, export: BackgroundExport) -> None:
+        self._running[key] = export
+
+    def take(self, key: Hashable) -> BackgroundExport | None:
+        return self._running.pop(key, None)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        for export in self._running.values():
+            export.pause()
+        try:
+            yield
+        finally:
+            for export in self._running.values():
+                export.resume()
+
+    def close(self) -> None:
+        for export in self._running.values():
+            export.close()
+        self._running.clear()
+
+
+if __name__ == "__main__":
+    _die_with_parent()
+    _work(Path(sys.argv[1]))

@@ -1,0 +1,110 @@
+"""ExecuTorch's lowering in a worker process beside the rest of the export (edgelm.background)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from conftest import fast_export_options
+
+from edgelm.background import BackgroundExport, BackgroundExports
+from edgelm.errors import ExportError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_an_export_lowers_executorch_in_the_background_and_leaves_no_scratch(tiny_llama, tmp_path, monkeypatch):
+    import edgelm.background
+    from edgelm.export import export_bundle
+
+    monkeypatch.setattr(edgelm.background, "MIN_PARAMETERS", 0)  # the tiny model is below the default size
+    manifest = export_bundle(tiny_llama, tmp_path / "bundle", fast_export_options(
+        formats=("executorch", "gguf"), quants=("int8",)))
+    names = [a.name for a in manifest.artifacts]
+    assert names == ["reference-fp32", "gguf-int8", "executorch-int8"]  # the background artifact comes last
+    executorch = manifest.artifact("executorch")
+    assert executorch.parity["passed"] and executorch.parity["ppl_ratio"] < 1.01
+    steps = {s["step"]: s for s in manifest.export_steps}
+    background = steps["Exporting executorch-int8 (background process)"]
+    assert background["background"] and background["seconds"] > 0
+    assert "Waiting for executorch-int8's export in its background process" in steps
+    assert not list((tmp_path / "bundle").rglob(".background-*"))
+    report = (tmp_path / "bundle" / "report" / "report.md").read_text()
+    assert "| Exporting executorch-int8 (background process) |" in report and "beside the others" in report
+
+
+def test_a_small_model_or_a_lone_artifact_is_exported_in_this_process(tiny_llama, tmp_path):
+    from edgelm.export import export_bundle
+
+    manifest = export_bundle(tiny_llama, tmp_path / "bundle", fast_export_options(
+        formats=("executorch",), quants=("int8",), profile=False))
+    assert not any(s.get("background") for s in manifest.export_steps)
+    assert any(s["step"] == "Exporting executorch-int8" for s in manifest.export_steps)
+
+
+def _start(tmp_path: Path) -> BackgroundExport:
+    """A worker on a job it cannot finish quickly (a real model to load), for the process tests."""
+    model = torch.nn.Linear(4, 4)
+    return BackgroundExport(model, "executorch", None, tmp_path, "int8", "executorch-int8")
+
+
+def test_a_worker_that_dies_becomes_an_export_error_and_its_files_go(tmp_path):
+    export = _start(tmp_path)
+    os.kill(export._process.pid, 9)
+    with pytest.raises(ExportError, match="background export process failed"):
+        export.result()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_paused_stops_the_worker_while_something_is_timed(tmp_path):
+    exports = BackgroundExports()
+    export = _start(tmp_path)
+    exports.start("key", export)
+    try:
+        with exports.paused():
+            assert psutil.Process(export._process.pid).status() == psutil.STATUS_STOPPED
+        assert psutil.Process(export._process.pid).status() != psutil.STATUS_STOPPED
+    finally:
+        exports.close()
+    assert not _alive(export._process.pid)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_worker_dies_with_a_killed_export(tiny_llama, tmp_path):
+    """A SIGKILLed export cannot clean up: the kernel must stop its worker (PR_SET_PDEATHSIG)."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        sys.path[:0] = {[str(ROOT), str(ROOT / "tests")]!r}
+        from edgelm.background import BackgroundExport
+        from edgelm.model import inspect_source, load_reference_model
+        source = inspect_source({str(tiny_llama)!r})
+        model = load_reference_model(source, Path({str(tmp_path)!r}) / "tokenizer")
+        export = BackgroundExport(model, "executorch", source, Path({str(tmp_path)!r}), "int8", "executorch-int8")
+        print(export._process.pid, flush=True)
+        time.sleep(600)
+    """)
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    time.sleep(5)  # the worker has set its death signal and is lowering (tens of seconds)
+    assert _alive(worker)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 3
+    while _alive(worker) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _alive(worker)
