@@ -22,14 +22,18 @@ from typing import Any
 import numpy as np
 
 
+def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
+    """uint8 bytes holding two 4-bit values each (low nibble first) → the first `count` values per row."""
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
+    return values[:, :count]
+
+
 def dequantize_matmul_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
                             k: int, n: int, block_size: int) -> np.ndarray:
     """Rebuild the [K, N] float weight a 4-bit MatMulNBits node computes with."""
     blocks = packed.shape[1]
-    low, high = packed & 0x0F, packed >> 4
-    q = np.stack([low, high], axis=-1).reshape(n, blocks, block_size).astype(np.float32)
-    zp_bytes = zero_points.reshape(n, -1)
-    zp = np.stack([zp_bytes & 0x0F, zp_bytes >> 4], axis=-1).reshape(n, -1)[:, :blocks].astype(np.float32)
+    q = unpack_nibbles(packed.reshape(n, -1), blocks * block_size).reshape(n, blocks, block_size).astype(np.float32)
+    zp = unpack_nibbles(zero_points.reshape(n, -1), blocks).astype(np.float32)
     weights = (q - zp[..., None]) * scales.reshape(n, blocks, 1)
     return weights.reshape(n, blocks * block_size)[:, :k].T
 

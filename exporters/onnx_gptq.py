@@ -18,15 +18,9 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits
+from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits, unpack_nibbles
 
 from edgelm.gptq import HessianAccumulator, gptq_codes, weight_fingerprint
-
-
-def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
-    """uint8 bytes holding two 4-bit values each (low nibble first) → the first `count` values per row."""
-    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)
-    return values[:, :count]
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
