@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgelm.background import BackgroundExport, BackgroundExports, worth_a_second_process
+from edgelm.background import (
+    BackgroundExport,
+    BackgroundExports,
+    worth_a_second_process,
+)
 from edgelm.bundle import ArtifactEntry
 from edgelm.calibration import Calibration
 from edgelm.errors import VendorMismatchError
@@ -94,8 +98,8 @@ class ArtifactBuilder:
     def start_background_exports(self, plan: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Start the first recipe of each artifact whose exporter is slow single-threaded Python
         (`exports_in_background`) in a worker process, when there is other work to overlap it
-        with, the model is big enough to gain and memory holds a second copy; return the plan with those artifacts last,
-        so their files are ready when their turn comes."""
+        with, the model is big enough to gain and memory holds a copy per worker; return the
+        plan with those artifacts last, so their files are ready when their turn comes."""
         started = []
         for fmt, quant in plan:
             exporter, name, recipe, ladder = self._ladder(fmt, quant)
@@ -103,7 +107,7 @@ class ArtifactBuilder:
             if (not getattr(exporter, "exports_in_background", False) or len(plan) - len(started) <= 2
                     or first.eight_bit_share or (first.calibrated and recipe in getattr(exporter, "gptq", ()))):
                 continue  # nothing to overlap with, or the recipe needs this process's calibration state
-            if not worth_a_second_process(self.model):
+            if not worth_a_second_process(self.model, workers=len(started) + 1):
                 continue
             model, calibration = self._model_for(fmt, first, recipe)
             with self.step(f"Starting {name}'s export in a background process"):

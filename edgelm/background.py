@@ -1,10 +1,11 @@
-"""One artifact exported in a second process while the export goes on with the others.
+"""Artifacts exported in worker processes while the export goes on with the others.
 
-ExecuTorch's XNNPACK lowering is single-threaded Python (fake-tensor re-traces in every pass):
-on the default model it is half of the export's wall time while one of two cores sits idle.
-`BackgroundExport` hands that artifact's first recipe to a worker process at the start of
-the export and collects the file when the artifact's turn comes; everything else (the other
-formats' exports, calibration, parity) runs beside it.
+ExecuTorch's XNNPACK lowering and litert-torch's TFLite conversion are single-threaded Python
+(fake-tensor re-traces in every pass): on the default model they were 60% of the export's
+wall time while one of two cores sat idle. `BackgroundExport` hands such an artifact's first
+recipe to a worker process at the start of the export and collects the file when the
+artifact's turn comes; everything else (the other formats' exports, calibration, parity)
+runs beside it.
 
 Timing must not suffer from the overlap: `paused()` stops the worker (SIGSTOP) while an
 artifact is profiled or run in its vendor runtime, so every tok/s in the report is measured
@@ -36,15 +37,16 @@ MEMORY_HEADROOM = 1.5 * 2**30
 MIN_PARAMETERS = 50_000_000
 
 
-def worth_a_second_process(model: Any) -> bool:
-    """Whether `model` is big enough to gain from a background export, and a second copy of it
-    and a lowering fit in the memory available now."""
+def worth_a_second_process(model: Any, workers: int = 1) -> bool:
+    """Whether `model` is big enough to gain from background exports, and `workers` copies of
+    it with their lowerings fit in the memory available now."""
     import psutil
 
     parameters = list(model.parameters())
     count = sum(p.numel() for p in parameters)
     weights = sum(p.numel() * p.element_size() for p in parameters)
-    return count >= MIN_PARAMETERS and psutil.virtual_memory().available > MEMORY_FACTOR * weights + MEMORY_HEADROOM
+    needed = workers * MEMORY_FACTOR * weights + MEMORY_HEADROOM
+    return count >= MIN_PARAMETERS and psutil.virtual_memory().available > needed
 
 
 def _die_with_parent() -> None:

@@ -120,9 +120,10 @@ def export(
     allow_pickle: Annotated[bool, typer.Option(help="Accept PyTorch pickle checkpoints (they can run code).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --output.")] = False,
     background: Annotated[bool, typer.Option(
-        help="Export ExecuTorch (minutes of single-threaded lowering) in a second process while the other "
-             "formats export, when memory allows a second copy of the model; it is paused while anything is "
-             "profiled. --no-background exports everything in this process, one after another.")] = True,
+        help="Export ExecuTorch and TFLite (minutes of single-threaded lowering each) in worker processes while "
+             "the other formats export, for models over 50M parameters when memory allows a copy per worker; "
+             "workers are paused while anything is profiled. --no-background exports everything in this "
+             "process, one after another.")] = True,
     threads: Annotated[Optional[int], typer.Option(help="Threads for runtimes while measuring.")] = None,
     repeats: Annotated[int, typer.Option(help="Measured profile runs per artifact (after a warm-up).")] = 3,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per profile run.")] = 128,

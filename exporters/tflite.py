@@ -169,6 +169,7 @@ class TFLiteExporter:
     quants = tuple(FILE_NAMES)
     tasks = ("text-generation", "feature-extraction", "text-classification")
     requires = ("torch", "transformers", "litert_torch", "ai_edge_litert", "ai_edge_quantizer")
+    exports_in_background = True  # litert-torch's conversion is minutes of single-threaded Python (edgelm.background)
 
     def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
         folder = bundle_dir / "tflite"
