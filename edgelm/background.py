@@ -65,6 +65,10 @@ def _work(job_file: Path) -> None:
     from edgelm.exporter import get_exporter
 
     torch.set_num_threads(1)  # the lowering is single-threaded; the other core is the export's
+    # Lowest priority: the export's own multithreaded steps (calibration, parity) stall on any
+    # thread that loses its core, so the worker takes what they leave (measured on 2 cores:
+    # at equal priority, calibration and the reference's parity took 2.5x as long).
+    os.nice(19)
     job = torch.load(job_file, weights_only=False)  # written by our parent a moment ago
     job_file.unlink()
     start = time.perf_counter()
