@@ -86,6 +86,7 @@ MANIFEST_SCHEMA: dict[str, Any] = {
             "properties": {"base_model": {"type": "string"}, "base_model_relation": {"type": "string"},
                            "recipe": {"type": "object"}, "perplexity": {"type": "object"}},
         },
+        "export_key": {"type": ["string", "null"]},  # edgelm.up_to_date: what the export depended on
         "device_profiles": {  # `edgelm profile --device`: rows measured on other machines
             "type": "array",
             "items": {"type": "object", "required": ["device", "profiles"],
@@ -129,6 +130,7 @@ class Manifest:
     device_profiles: list[dict[str, Any]] = field(default_factory=list)  # {device, profiles: {artifact: profile}}
     compression: dict[str, Any] | None = None  # how the source came from its base model (edgelm compress)
     export_steps: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds, depth}: where the time went
+    export_key: str | None = None  # edgelm.up_to_date: re-running an unchanged export keeps this bundle
     created: str = ""
     schema_version: int = SCHEMA_VERSION
 

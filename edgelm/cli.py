@@ -6,6 +6,7 @@ print as one line; `--debug` (or EDGELM_DEBUG=1) shows the full traceback.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import sys
@@ -124,6 +125,10 @@ def export(
              "the other formats export, for models over 50M parameters when memory allows a copy per worker; "
              "workers are paused while anything is profiled. --no-background exports everything in this "
              "process, one after another.")] = True,
+    rebuild: Annotated[bool, typer.Option(
+        help="Export even if --output already holds an intact bundle made from the same model, options, "
+             "edgelm and runtime versions on this machine (by default that bundle is kept: re-running an "
+             "unchanged export takes seconds).")] = False,
     threads: Annotated[Optional[int], typer.Option(help="Threads for runtimes while measuring.")] = None,
     repeats: Annotated[int, typer.Option(help="Measured profile runs per artifact (after a warm-up).")] = 3,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per profile run.")] = 128,
@@ -142,9 +147,13 @@ def export(
                             overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
                             profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens,
                             compress=compress, calibrate=calibrate, vendor_check=vendor_check,
-                            allow_vendor_mismatch=allow_vendor_mismatch, background=background)
+                            allow_vendor_mismatch=allow_vendor_mismatch, background=background, reuse=not rebuild)
+    started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     with _progress() as step:
         manifest = export_bundle(model, output, options, step=step)
+    if manifest.created < started:
+        console.print(f"[green]{output} is up to date[/]: made on {manifest.created} from the same model, options and "
+                      "versions on this machine (--rebuild exports it again)")
     console.print(_report_table(manifest, f"{manifest.source['model_id']} → {target}"))
     console.print("peak RSS here is the export process's (it also holds the torch reference); "
                   f"`edgelm profile {output}` measures each artifact alone")

@@ -34,6 +34,7 @@ from edgelm.report import card_rows, write_report
 from edgelm.steps import StepClock, StepHook
 from edgelm.targets import get_target
 from edgelm.tokenizer import Tokenizer
+from edgelm.up_to_date import current_bundle, export_key
 from edgelm.vendors import generation_facts
 from edgelm.vendors.check import VendorChecks
 
@@ -63,7 +64,8 @@ class ExportOptions:
     calibrate: bool = True  # int8/int4 from activation-aware scaled weights (edgelm.calibration)
     vendor_check: bool = True  # run each decoder artifact in its format's own LLM runtime (edgelm.vendors)
     allow_vendor_mismatch: bool = False  # keep an artifact that runtime refuses or runs differently
-    background: bool = True  # slow single-threaded exports (ExecuTorch) in a worker beside the others
+    background: bool = True  # slow single-threaded exports (ExecuTorch, TFLite) in workers beside the others
+    reuse: bool = True  # an intact bundle at the output made from the same inputs is kept (edgelm.up_to_date)
 
 
 def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
@@ -239,7 +241,9 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
                   step: StepHook | None = None) -> Manifest:
     """Export `model` (None: the default SmolLM2) into a bundle folder at `output`.
 
-    Returns the manifest written. Raises InvalidModelError / UnsupportedError /
+    Returns the manifest written — or, when `output` already holds an intact bundle made from
+    the same source, options, versions and machine, that bundle's manifest (edgelm.up_to_date;
+    options.reuse=False exports anyway). Raises InvalidModelError / UnsupportedError /
     TokenizerError for bad input (before anything is written), ParityError when an
     artifact misses its gate without allow_drift (nothing is left at `output`).
     """
@@ -251,6 +255,12 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
     with step("Inspecting the source model"):
         source = inspect_source(model, allow_pickle=options.allow_pickle)
         plan, skipped = plan_artifacts(options, source.task)
+        key = export_key(source, options)
+    if options.reuse:
+        with step(f"Checking the bundle already at {output}"):
+            existing = current_bundle(output, key)
+        if existing is not None:
+            return existing  # same source, options, versions and machine: nothing would change
     with atomic_bundle_dir(output, overwrite=options.overwrite, protect=(Path(source.path),)) as work:
         with step("Loading the fp32 reference model"):
             model_obj = load_reference_model(source, work / "tokenizer")
@@ -271,6 +281,7 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             parity_text=evaluation.describe(),
             reference={"skipped_formats": skipped},
             compression=_compression_record(source),
+            export_key=key,
         )
         failures = []
         builder = ArtifactBuilder(model_obj, source, work, options, evaluation, reference, step,
