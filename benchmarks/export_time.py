@@ -1,0 +1,68 @@
+"""How long the README's first command takes: the android preset on the default model, cold,
+then the same command again (an unchanged re-run keeps the bundle: edgelm.up_to_date).
+
+    python benchmarks/export_time.py --out benchmarks/results/export_time.json [--no-background]
+
+Runs `edgelm export --target android --repeats 1 --new-tokens 64` (as the end-to-end test
+does) into a temporary folder, records the wall time, the bundle's step table, this machine
+and its memory bandwidth measured in the same run, and the re-run's wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import bandwidth_gb_s
+
+from edgelm.bundle import read_bundle
+from edgelm.profile import device_record
+
+
+def timed_export(output: Path, extra: list[str]) -> tuple[float, str]:
+    command = [sys.executable, "-m", "edgelm", "export", "--target", "android", "-o", str(output),
+               "--repeats", "1", "--new-tokens", "64", *extra]
+    start = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise SystemExit(f"export failed ({result.returncode}): {result.stderr[-2000:]}")
+    return time.perf_counter() - start, result.stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--no-background", action="store_true", help="export every artifact in one process")
+    args = parser.parse_args()
+    extra = ["--no-background"] if args.no_background else []
+    bandwidth = bandwidth_gb_s()
+    with tempfile.TemporaryDirectory() as scratch:
+        output = Path(scratch) / "smollm2"
+        cold_s, _ = timed_export(output, extra)
+        rerun_s, rerun_out = timed_export(output, extra)
+        manifest = read_bundle(output)
+    record = {
+        "command": "edgelm export --target android --repeats 1 --new-tokens 64" + (" --no-background" if extra else ""),
+        "cold_export_s": round(cold_s, 1),
+        "unchanged_rerun_s": round(rerun_s, 1),
+        "rerun_said_up_to_date": "is up to date" in rerun_out,
+        "export_steps": manifest.export_steps,
+        "artifacts": {a.name: {"ppl_ratio": a.parity["ppl_ratio"], "decode_tok_s": (a.profile or {}).get("decode_tok_s")}
+                      for a in manifest.artifacts},
+        "device": device_record(),
+        "memory_bandwidth_gb_s": bandwidth,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps({k: record[k] for k in ("cold_export_s", "unchanged_rerun_s", "memory_bandwidth_gb_s")}))
+
+
+if __name__ == "__main__":
+    main()
