@@ -38,7 +38,7 @@ from edgelm.up_to_date import current_bundle, export_key
 from edgelm.vendors import generation_facts
 from edgelm.vendors.check import VendorChecks
 
-QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # DESIGN.md's table; formats map them
+QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # the README's recipes; each format maps them to its own types
 
 
 @dataclass

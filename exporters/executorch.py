@@ -8,7 +8,7 @@ float32 activations (every recipe but fp16) the cache writes and attention go th
 ExecuTorch's llama custom ops (update_cache, custom_sdpa), which read grouped heads in
 place and stop at the last written position; the runtime registers their kernels.
 
-Quant mapping (DESIGN.md), through torchao configs that the XNNPACK partitioner lowers:
+Quant mapping (the README's recipes), through torchao configs that the XNNPACK partitioner lowers:
   fp32 → float; fp16 → float16 weights, activations and KV cache;
   int8 → 8-bit dynamic activations, 8-bit per-channel weights (8da8w);
   int4 → 8-bit dynamic activations, 4-bit weights in groups of 32 (8da4w) for the

@@ -1,6 +1,6 @@
 """GGUF exporter: the source state dict → an F32 GGUF (gguf package) → llama.cpp's quantizer.
 
-Quant mapping (DESIGN.md): fp32 → F32, fp16 → F16, int8 → Q8_0, int4 → Q4_K_M. Every
+Quant mapping (the README's recipes): fp32 → F32, fp16 → F16, int8 → Q8_0, int4 → Q4_K_M. Every
 recipe starts from one F32 file written from the fp32 source model, so the k-quants are
 llama.cpp's own (`llama_model_quantize`, via llama-cpp-python), not a re-implementation.
 Architecture specifics live in gguf_arch.py (one row each), tokenizer metadata in

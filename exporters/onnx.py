@@ -1,9 +1,9 @@
 """ONNX exporter: the shared decoder or encoder graph → torch.onnx (dynamo) → quantized → ORT-optimized.
 
-Quant mapping (DESIGN.md, adjusted to what measured faithful on this model family):
+Quant mapping (the README's recipes, adjusted to what measured faithful on this model family):
   fp32 → float; fp16 → float16 weights (float32 inputs/outputs);
   int8 → MatMulNBits 8-bit weight-only, block 32, accuracy_level 4 (int8 compute).
-         onnxruntime's default `quantize_dynamic` loses 71% perplexity on SmolLM2 (BASELINES.md),
+         onnxruntime's default `quantize_dynamic` loses 71% perplexity on SmolLM2 (peer baselines, README),
          8-bit weight-only keeps it within 1%, so that is what int8 means here;
   int4 → MatMulNBits 4-bit, block 32, asymmetric, accuracy_level 4, output projection 8-bit.
 The stored file is already graph-optimized (basic level, portable across CPUs), so loading

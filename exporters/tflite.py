@@ -14,12 +14,12 @@ Inputs are int32 (LiteRT's converter narrows 64-bit integers). A prompt chunk sh
 PREFILL_LENGTH is padded; the padding sits after the real tokens, so the causal mask keeps
 it out of their results, and the runtime keeps only the real positions' keys and values.
 
-Quant mapping (DESIGN.md), applied to the float flatbuffer with ai-edge-quantizer:
+Quant mapping (the README's recipes), applied to the float flatbuffer with ai-edge-quantizer:
   fp32 → float; fp16 → float16 weights (computed in float32: XNNPACK's default);
   int8 → dynamic range: int8 per-channel weights, activations quantized on the fly;
-  int4 → not offered yet. DESIGN.md's weight-only blockwise int4 is not in this
+  int4 → not offered yet. The planned weight-only blockwise int4 is not in this
          ai-edge-quantizer's policy for FULLY_CONNECTED; its dynamic blockwise int4 is
-         symmetric round-to-nearest (ppl ratio 1.50 on SmolLM2, BASELINES.md) and gives an
+         symmetric round-to-nearest (ppl ratio 1.50 on SmolLM2 in the peer baselines) and gives an
          all-zero row (a padding token's embedding, tied to the output projection) a zero
          scale that XNNPACK refuses to load.
 Embedding lookup and output projection share one [vocab, hidden] buffer when tied, and both

@@ -8,7 +8,7 @@ The max context and prefill length are read from the signatures' shapes.
 On CPU the session works in the interpreter's own tensors (XNNPACK delegate): the cache
 inputs of both signatures are written in place, one new position at a time, so a decode
 step moves a few kilobytes instead of the whole cache (LiteRT's signature runners copy every
-input and output on every call, BASELINES.md). `device="gpu"` / `"npu"` go through LiteRT's
+input and output on every call, the peer baselines in the README). `device="gpu"` / `"npu"` go through LiteRT's
 CompiledModel with its GPU / NPU accelerator (CPU fallback for unsupported ops), copying
 the cache per step, and fail clearly where this install or machine has no such accelerator.
 Every file is verified (edgelm.tflite_file) before LiteRT's native loader parses it.

@@ -36,7 +36,7 @@ def test_export_writes_a_bundle_with_the_reference_row(smollm2_bundle):
 
     manifest = read_bundle(smollm2_bundle)
     ref = manifest.artifact("safetensors")
-    # peers measured 14.715 on the same text (BASELINES.md); the fp32 reference must agree
+    # peers measured 14.715 on the same text (the README's peer baselines); the fp32 reference must agree
     assert ref.parity["perplexity"] == pytest.approx(14.715, rel=0.01)
     assert ref.parity["tokens_scored"] >= 4000
     assert ref.profile["decode_tok_s"] > 1 and ref.profile["peak_rss_mb"] > 100
