@@ -1,16 +1,17 @@
-"""GPTQ codes for onnxruntime's 4-bit MatMulNBits, on the grid its own quantizer chose.
+"""GPTQ codes for onnxruntime's 4-bit MatMulNBits, in the layout its own quantizer writes.
 
 onnxruntime's MatMulNBitsQuantizer rounds each weight to the nearest step of a per-block
-grid (scale and integer zero point per block of 32 inputs). This keeps that grid — the
-scales and zero points the quantizer wrote — and replaces only the packed 4-bit codes with
-the ones edgelm.gptq picks from the layer's input Hessian on the calibration text. The
-graph, the op and the file layout stay exactly what onnxruntime made.
+min/max grid (scale and integer zero point per block of 32 inputs). For every layer with a
+Hessian this searches each block's range by weighted error (edgelm.gptq.searched_grid),
+picks the codes by GPTQ on that grid, and writes codes, scales and zero points back into the
+quantizer's own initializers: the graph, the op and the file layout stay exactly what
+onnxruntime made.
 
-Per layer, GPTQ's codes are kept only when they beat the other recipe, round-to-nearest with
-the block-bias correction (exporters/onnx_block_bias.py), on the layer's output error over the
-calibration text, tr((W − Q) H (W − Q)ᵀ). Weights already on a float-offset 4-bit grid (the
-default model's) are reproduced exactly by the block bias and keep it; off-grid weights mostly
-take GPTQ's codes.
+Per layer, GPTQ's result is kept only when it beats the other recipe, round-to-nearest on
+onnxruntime's grid with the block-bias correction (exporters/onnx_block_bias.py), on the
+layer's output error over the calibration text, tr((W − Q) H (W − Q)ᵀ). Weights already on a
+float-offset 4-bit grid (the default model's) are reproduced exactly by the block bias and
+keep it; off-grid weights mostly take GPTQ's.
 """
 
 from __future__ import annotations
@@ -18,9 +19,14 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits, unpack_nibbles
+from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits
 
-from edgelm.gptq import HessianAccumulator, gptq_codes, weight_fingerprint
+from edgelm.gptq import (
+    HessianAccumulator,
+    gptq_codes,
+    searched_grid,
+    weight_fingerprint,
+)
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -31,7 +37,7 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
 
 def apply_gptq(model: Any, original_weights: dict[str, np.ndarray], hessians: dict[str, HessianAccumulator],
                fingerprints: dict[str, str]) -> set[str]:
-    """Re-pick the codes of every 4-bit MatMulNBits whose float weight has a Hessian.
+    """Re-pick the grid and codes of every 4-bit MatMulNBits whose float weight has a Hessian.
 
     `original_weights`: the fp32 MatMul weights ([K, N]) by initializer name, read before
     quantization; `fingerprints`: weight_fingerprint → module name of the torch model the
@@ -56,22 +62,25 @@ def apply_gptq(model: Any, original_weights: dict[str, np.ndarray], hessians: di
         if module is None or module not in hessians:
             continue
         blocks = k // block
-        scales = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
-        zero_point_bytes = numpy_helper.to_array(inits[node.input[3]])
-        zero_points = unpack_nibbles(zero_point_bytes.reshape(n, -1), blocks)
+        ort_scales = numpy_helper.to_array(inits[node.input[2]])
+        ort_zero_points = numpy_helper.to_array(inits[node.input[3]])
         hessian = hessians[module].hessian().to(torch.float64)
         float_weight = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float64))  # [N, K]
-        codes = gptq_codes(float_weight, hessians[module], torch.from_numpy(scales.astype(np.float32)),
-                           torch.from_numpy(zero_points.astype(np.float32)), block).numpy()
+        scales, zero_points = searched_grid(float_weight, torch.diagonal(hessian), block)
+        codes = gptq_codes(float_weight, hessians[module], scales, zero_points, block).numpy()
+        scales, zero_points = scales.numpy(), zero_points.numpy().astype(np.uint8)
         gptq = (codes - np.repeat(zero_points, block, axis=1)) * np.repeat(scales, block, axis=1)
-        rounded = dequantize_matmul_nbits(numpy_helper.to_array(inits[node.input[1]]), scales, zero_point_bytes,
-                                          k, n, block).T.astype(np.float64)
+        rounded = dequantize_matmul_nbits(numpy_helper.to_array(inits[node.input[1]]), ort_scales.reshape(n, blocks),
+                                          ort_zero_points, k, n, block).T.astype(np.float64)
         residual = float_weight.numpy() - rounded
         with_bias = rounded + np.repeat(residual.reshape(n, blocks, block).mean(-1), block, axis=1)
         if output_error(float_weight.numpy() - gptq, hessian) >= output_error(float_weight.numpy() - with_bias, hessian):
-            continue  # round-to-nearest with the block bias does better on this layer
+            continue  # round-to-nearest with the block bias (on onnxruntime's min/max grid) does better here
         packed = pack_nibbles(codes).reshape(n, blocks, block // 2)
-        inits[node.input[1]].CopyFrom(numpy_helper.from_array(packed, node.input[1]))
+        padded = np.pad(zero_points, ((0, 0), (0, blocks % 2)))  # two zero points per byte, rows padded to even
+        for index, value in ((1, packed), (2, scales.astype(ort_scales.dtype).reshape(ort_scales.shape)),
+                             (3, pack_nibbles(padded).reshape(ort_zero_points.shape))):
+            inits[node.input[index]].CopyFrom(numpy_helper.from_array(value, node.input[index]))
         done.add(source_name)
     return done
 

@@ -114,6 +114,54 @@ def test_each_layer_keeps_gptq_or_the_block_bias_whichever_errs_less():
                           {weight_fingerprint(weight.astype(np.float32)): "layer"})
         assert done == recoded
         after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        codes = next(name for name in after if name.endswith("_Q4"))
-        assert np.array_equal(before[codes], after[codes]) == (not recoded)
-        assert all(np.array_equal(before[name], after[name]) for name in after if name != codes)  # grid kept
+        assert all(np.array_equal(before[name], after[name]) for name in after) == (not recoded)
+
+
+def test_searched_grid_never_errs_more_than_min_max_per_block():
+    from edgelm.gptq import searched_grid
+
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * torch.rand(1, 256) * 3  # input channels of unequal spread
+    importance = torch.rand(256)
+    scale, zero = searched_grid(weight, importance, BLOCK)
+    low_scale, low_zero = asymmetric_grid(weight)
+
+    def error(scale, zero):
+        rounded = dequantize(round_to_nearest(weight, scale, zero), scale, zero)
+        return (((rounded - weight) ** 2) * importance).unflatten(-1, (-1, BLOCK)).sum(-1)
+
+    assert torch.all(zero == torch.round(zero)) and zero.min() >= 0 and zero.max() <= 15
+    searched, min_max = error(scale, zero), error(low_scale, low_zero)
+    assert torch.all(searched <= min_max + 1e-9)
+    assert searched.sum() < 0.95 * min_max.sum()
+
+
+def test_the_written_grid_and_codes_are_what_onnxruntime_computes_with():
+    """An odd number of blocks per row (3): zero points are packed two per byte with padding."""
+    import onnxruntime as ort
+    from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits
+    from edgelm.exporters.onnx_gptq import apply_gptq, output_error
+    from onnx import helper, numpy_helper
+
+    from edgelm.gptq import weight_fingerprint
+
+    rng = np.random.default_rng(1)
+    k, n = 96, 40
+    inputs = rng.standard_normal((2048, k)) @ (rng.standard_normal((k, k)) + 3 * np.eye(k))
+    accumulator = HessianAccumulator(k)
+    accumulator.add(torch.from_numpy(inputs))
+    weight = (rng.standard_normal((k, n)) * rng.uniform(0.3, 3, (k, 1))).astype(np.float32)
+    model = one_matmul_nbits(weight)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    node = next(node for node in model.graph.node if node.op_type == "MatMulNBits")
+    round_to_nearest_weight = dequantize_matmul_nbits(*(inits[name] for name in node.input[1:4]), k, n, BLOCK)
+    assert apply_gptq(model, {"w": weight}, {"layer": accumulator}, {weight_fingerprint(weight): "layer"}) == {"w"}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    written = dequantize_matmul_nbits(*(inits[name] for name in node.input[1:4]), k, n, BLOCK)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((1, k)).astype(np.float32)
+    expected = x @ written  # accuracy_level 4 rounds x to 8 bits per block: ~0.5% of the output's range
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, atol=0.01 * np.abs(expected).max())
+    hessian = accumulator.hessian().double()
+    assert output_error((weight - written).T, hessian) < 0.8 * output_error((weight - round_to_nearest_weight).T, hessian)
+    assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "block_size")) == BLOCK
