@@ -47,13 +47,21 @@ def test_an_export_lowers_executorch_in_the_background_and_leaves_no_scratch(tin
     assert "| Exporting executorch-int8 (background process) |" in report and "beside the others" in report
 
 
-def test_a_small_model_or_a_lone_artifact_is_exported_in_this_process(tiny_llama, tmp_path):
-    from edgelm.export import export_bundle
+def test_a_small_model_or_a_lone_artifact_is_exported_in_this_process(tmp_path, monkeypatch):
+    import edgelm.background
+    from edgelm.artifacts import ArtifactBuilder
+    from edgelm.background import worth_a_second_process
+    from edgelm.steps import StepClock
 
-    manifest = export_bundle(tiny_llama, tmp_path / "bundle", fast_export_options(
-        formats=("executorch",), quants=("int8",), profile=False))
-    assert not any(s.get("background") for s in manifest.export_steps)
-    assert any(s["step"] == "Exporting executorch-int8" for s in manifest.export_steps)
+    small = torch.nn.Linear(64, 64)
+    assert not worth_a_second_process(small)  # under MIN_PARAMETERS: the worker's start costs more
+    monkeypatch.setattr(edgelm.background, "MIN_PARAMETERS", 0)
+    assert worth_a_second_process(small)
+    assert not worth_a_second_process(small, workers=10**9)  # no memory for that many copies
+    builder = ArtifactBuilder(small, None, tmp_path, fast_export_options(), None, None, StepClock(), None)
+    lone = [("safetensors", "fp32"), ("executorch", "int8")]
+    assert builder.start_background_exports(lone) == lone  # nothing to overlap it with
+    assert not builder.background._running
 
 
 def _start(tmp_path: Path) -> BackgroundExport:
