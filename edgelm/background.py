@@ -101,8 +101,9 @@ class BackgroundExport:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules we run with
         with self._log.open("wb") as log:
             self._process = subprocess.Popen([sys.executable, "-m", "edgelm.background", str(self._job)],
-                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env,
-                                             start_new_session=True)  # Ctrl-C is the parent's; it stops us
+                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+        # not start_new_session: a new session is a new scheduler autogroup, where the worker's
+        # nice would only rank it against itself and it would take a full core from the export
         self._paused = False
 
     def result(self) -> tuple[Any, float]:
@@ -179,5 +180,6 @@ class BackgroundExports:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal group: the parent stops us
     _die_with_parent()
     _work(Path(sys.argv[1]))
