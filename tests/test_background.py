@@ -64,6 +64,15 @@ def test_a_small_model_or_a_lone_artifact_is_exported_in_this_process(tmp_path, 
     assert not builder.background._running
 
 
+def _becomes(pid: int, stopped: bool, within_s: float = 5.0) -> bool:
+    deadline = time.time() + within_s
+    while (psutil.Process(pid).status() == psutil.STATUS_STOPPED) != stopped:
+        if time.time() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def _start(tmp_path: Path) -> BackgroundExport:
     """A worker on a job it cannot finish quickly (a real model to load), for the process tests."""
     model = torch.nn.Linear(4, 4)
@@ -84,8 +93,8 @@ def test_paused_stops_the_worker_while_something_is_timed(tmp_path):
     exports.start("key", export)
     try:
         with exports.paused():
-            assert psutil.Process(export._process.pid).status() == psutil.STATUS_STOPPED
-        assert psutil.Process(export._process.pid).status() != psutil.STATUS_STOPPED
+            assert _becomes(export._process.pid, stopped=True)  # signals arrive asynchronously
+        assert _becomes(export._process.pid, stopped=False)
     finally:
         exports.close()
     assert not _alive(export._process.pid)
