@@ -151,8 +151,8 @@ class BackgroundExport:
 
 
 class BackgroundExports:
-    """The export's background artifacts, by (format, quant); `paused()` stops them all while
-    something is timed."""
+    """The export's background artifacts, by the caller's key (ArtifactBuilder: format and
+    recipe attempt); `paused()` stops them all while something is timed."""
 
     def __init__(self) -> None:
         self._running: dict[Hashable, BackgroundExport] = {}
