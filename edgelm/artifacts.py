@@ -28,7 +28,7 @@ from edgelm.calibration import Calibration
 from edgelm.errors import VendorMismatchError
 from edgelm.exporter import get_exporter
 from edgelm.model import SourceModel, sha256_file
-from edgelm.probe import mark_trusted
+from edgelm.isolation import mark_trusted
 from edgelm.profile import timed
 from edgelm.session import get_runtime
 from edgelm.vendors.check import VendorChecks
@@ -173,7 +173,7 @@ class ArtifactBuilder:
                     settings["hessians"] = self.calibration.hessians(recipe)
             with self.step(f"Exporting {label}"):
                 artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
-        mark_trusted(artifact.path)  # written by this export: opened for parity without a crash probe
+        mark_trusted(artifact.path)  # written by this export: opened in this process for parity
         runtime = get_runtime(exporter.runtime)
         with self.step(f"Loading {name} in {runtime.name}"), self.background.paused():
             session, load_s = timed(runtime.open, artifact.path, threads=self.options.threads)

@@ -129,11 +129,13 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
 def _describe_pte(path: Path) -> tuple[str, Rows]:
     """Methods, delegates, operators and size of an ExecuTorch program, after the runtime's own
     verified load (a truncated or foreign file is an InvalidModelError first)."""
-    from edgelm.probe import probe
+    from edgelm.isolation import probe, runs_here
     from edgelm.runtimes.executorch import LOG_VARIABLE, load_program, quiet_native_stderr
 
-    probe("executorch", path)  # the native loader aborts the process on some damaged programs
-    load_program(path)
+    if runs_here(path):
+        load_program(path)
+    else:
+        probe("executorch", path)  # its verified load, in a child: the native loader can end the process
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     try:

@@ -16,7 +16,7 @@ import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.native_log import quiet_native_stderr
-from edgelm.probe import probe
+from edgelm.isolation import open_isolated, runs_here
 from edgelm.session import Capabilities, model_failures, token_ids
 
 LOG_VARIABLE = "EDGELM_EXECUTORCH_LOG"  # set to 1 to see ExecuTorch's own log lines
@@ -155,7 +155,8 @@ class ExecuTorchAdapter:
             raise DeviceError(f"ExecuTorch's Python runtime here runs XNNPACK on cpu only, not {device!r}; "
                               "GPU/NPU delegates (Vulkan, QNN, Core ML) run in the app's native runtime")
         path = Path(path)
-        probe(self.name, path)  # the native loader aborts the process on some damaged programs
+        if not runs_here(path):  # its native code can end the process on a damaged file
+            return open_isolated(self.name, path, device, threads)
         program = load_program(path)
         if threads:
             from executorch.extension.pybindings import portable_lib

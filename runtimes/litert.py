@@ -24,8 +24,8 @@ import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.native_log import quiet_native_stderr
-from edgelm.probe import probe
-from edgelm.session import Capabilities, model_failures
+from edgelm.isolation import open_isolated, runs_here
+from edgelm.session import Capabilities, model_failures, token_ids
 from edgelm.tflite_file import read_tflite
 
 LOG_VARIABLE = "EDGELM_LITERT_LOG"  # set to 1 to see LiteRT's own log lines
@@ -60,6 +60,7 @@ class InterpreterSteps:
             for index in self.layout[name][1][2:]:
                 self._view(name, index).fill(0)  # arena memory is not zeroed; masked slots must be finite
         self.shapes = {name: [tuple(self._view(name, i).shape) for i in self.layout[name][1]] for name in SIGNATURES}
+        self.vocab_size = int(self._view("decode", self.layout["decode"][2][0]).shape[-1])
 
     def _view(self, name: str, index: int) -> np.ndarray:
         try:
@@ -120,6 +121,7 @@ class CompiledModelSteps:
                               {d["key"]: model.create_output_buffer_by_name(name, d["key"]) for d in outs},
                               ins, outs)
         self._cache = [np.zeros(shape, np.float32) for shape in self.shapes["decode"][2:]]
+        self.vocab_size = int(self._io["decode"][3][0]["shape"][-1])
 
     def run(self, name: str, ids: np.ndarray, position: int) -> np.ndarray:
         inputs, outputs, ins, outs = self._io[name]
@@ -179,8 +181,9 @@ class LiteRTSession:
         self.max_context = int(steps.shapes["decode"][2][2])
         self.prefill_length = int(steps.shapes["prefill"][0][1])
         self._pos = 0
-        self.capabilities = Capabilities(max_context=self.max_context, devices=(device,), notes={
-            "kv_cache": f"host-owned, {self.max_context} positions", "prefill_length": str(self.prefill_length)})
+        self.capabilities = Capabilities(max_context=self.max_context, devices=(device,), vocab_size=steps.vocab_size,
+                                         notes={"kv_cache": f"host-owned, {self.max_context} positions",
+                                                "prefill_length": str(self.prefill_length)})
 
     def _check_room(self, n: int) -> None:
         if self._pos + n > self.max_context:
@@ -193,14 +196,15 @@ class LiteRTSession:
         return logits
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
+        ids = token_ids(ids, self.capabilities)  # the graph takes int32 ids: a larger one would wrap silently
         self._check_room(len(ids))
         chunks = [ids[i:i + self.prefill_length] for i in range(0, len(ids), self.prefill_length)]
         return np.concatenate([self._run("prefill", chunk) for chunk in chunks])
 
     def decode(self, token_id: int) -> np.ndarray:
+        ids = token_ids([token_id], self.capabilities)
         self._check_room(1)
-        return self._run("decode", np.asarray([token_id]))[-1]
+        return self._run("decode", ids)[-1]
 
     def reset(self) -> None:
         # slots at or past the position are masked in the graph, so old entries are never read
@@ -236,7 +240,8 @@ class LiteRTAdapter:
             raise DeviceError(f"LiteRT runs on cpu, gpu or npu, not {device!r}")
         path = Path(path)
         summary = read_tflite(path)
-        probe(self.name, path)  # LiteRT segfaults on some damaged tensor tables its own checks let through
+        if not runs_here(path):  # its native code can end the process on a damaged file
+            return open_isolated(self.name, path, device, threads)
         lengths = [int(name.removeprefix(ENCODER_PREFIX)) for name in summary.signatures
                    if name.startswith(ENCODER_PREFIX) and name.removeprefix(ENCODER_PREFIX).isdigit()]
         if lengths:

@@ -22,7 +22,7 @@ import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.gguf_header import GGUFSummary, read_gguf_summary
-from edgelm.probe import probe
+from edgelm.isolation import open_isolated, runs_here
 from edgelm.session import Capabilities, token_ids
 
 DEFAULT_CONTEXT = 4096  # KV cache slots allocated up front (llama.cpp's cache is fixed-size)
@@ -214,7 +214,8 @@ class LlamaCppAdapter:
                               "\"-DGGML_CUDA=on\" (or Vulkan/Metal) for a GPU")
         path = Path(path)
         summary = read_gguf_summary(path)
-        probe(self.name, path)  # llama.cpp's loader aborts the process on some damaged tensor tables
+        if not runs_here(path):  # its native code can end the process on a damaged file
+            return open_isolated(self.name, path, device, threads)
         arch = str(summary.metadata.get("general.architecture"))
         embeddings = summary.metadata.get(f"{arch}.pooling_type") is not None
         n_ctx = min(summary.integer(f"{arch}.context_length", DEFAULT_CONTEXT), 1 << 20) if embeddings else DEFAULT_CONTEXT

@@ -196,6 +196,7 @@ def vendor_for(bundle_dir: Path, entry: Any) -> tuple[VendorRuntime, GenerationF
     """The vendor runtime that runs a bundle's artifact, with the facts it needs; UnsupportedError
     for a format without one here or one that is not installed."""
     from edgelm.errors import UnsupportedError
+    from edgelm.isolation import ISOLATED_RUNTIMES, probe
 
     vendor = get_vendor(entry.format)
     if vendor is None:
@@ -205,4 +206,6 @@ def vendor_for(bundle_dir: Path, entry: Any) -> tuple[VendorRuntime, GenerationF
     reason = missing(vendor)
     if reason:
         raise UnsupportedError(f"{entry.name}: {reason}")
+    if entry.runtime in ISOLATED_RUNTIMES:  # the vendor's loop runs in this process: its native code must not end it
+        probe(entry.runtime, bundle_dir / entry.path)
     return vendor, bundle_facts(bundle_dir, entry)
