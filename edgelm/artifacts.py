@@ -105,14 +105,15 @@ class ArtifactBuilder:
             exporter, name, recipe, ladder = self._ladder(fmt, quant)
             first = ladder[0]
             if (not getattr(exporter, "exports_in_background", False) or len(plan) - len(started) <= 2
-                    or first.eight_bit_share or (first.calibrated and recipe in getattr(exporter, "gptq", ()))):
-                continue  # nothing to overlap with, or the recipe needs this process's calibration state
+                    or first.eight_bit_share):
+                continue  # nothing to overlap with, or the recipe needs the layers' sensitivity first
             if not worth_a_second_process(self.model, workers=len(started) + 1):
                 continue
             model, calibration = self._model_for(fmt, first, recipe)
+            settings = self._gptq_settings(exporter, first, recipe)
             with self.step(f"Starting {name}'s export in a background process"):
                 self.background.start((fmt, first), BackgroundExport(model, fmt, self.source, self.work, first.quant,
-                                                                     name))
+                                                                     name, settings))
             self._background_calibration[(fmt, first)] = calibration
             started.append((fmt, quant))
         return [item for item in plan if item not in started] + started
@@ -151,6 +152,14 @@ class ArtifactBuilder:
         self._variant[fmt] = variant
         return model, record
 
+    def _gptq_settings(self, exporter: Any, attempt: Attempt, recipe: str) -> dict[str, Any]:
+        """The exporter's GPTQ input (the layers' input statistics on the calibration text) for a
+        calibrated attempt of a recipe it picks codes for by GPTQ; else nothing."""
+        if not (attempt.calibrated and recipe in getattr(exporter, "gptq", ())):
+            return {}
+        with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
+            return {"hessians": self.calibration.hessians(recipe)}
+
     def _attempt(self, exporter: Any, name: str, label: str, attempt: Attempt,
                  recipe: str) -> tuple[ArtifactEntry, str | None, list[Path]]:
         """Export, open and measure one attempt: (entry, gate failure or None, the files it wrote)."""
@@ -168,9 +177,7 @@ class ArtifactBuilder:
             model, calibration = self._model_for(exporter.format, attempt, recipe)
             if attempt.eight_bit_share:
                 settings["layers_8bit"] = self.calibration.sensitive_layers(recipe, attempt.eight_bit_share)
-            if attempt.calibrated and recipe in getattr(exporter, "gptq", ()):
-                with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
-                    settings["hessians"] = self.calibration.hessians(recipe)
+            settings.update(self._gptq_settings(exporter, attempt, recipe))
             with self.step(f"Exporting {label}"):
                 artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
         mark_trusted(artifact.path)  # written by this export: opened in this process for parity

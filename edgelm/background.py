@@ -74,7 +74,7 @@ def _work(job_file: Path) -> None:
     start = time.perf_counter()
     try:
         artifact = _export_one(get_exporter(job["format"]), job["model"], job["source"], Path(job["work"]),
-                               job["quant"], job["name"])
+                               job["quant"], job["name"], **job["settings"])
         outcome: tuple[str, Any, float] = ("ok", artifact, time.perf_counter() - start)
     except EdgeLMError as err:
         outcome = ("error", err, 0.0)
@@ -89,15 +89,17 @@ class BackgroundExport:
     would make every script that calls `export_bundle` need an `if __name__ == "__main__"` guard.
     """
 
-    def __init__(self, model: Any, fmt: str, source: Any, work: Path, quant: str, name: str) -> None:
+    def __init__(self, model: Any, fmt: str, source: Any, work: Path, quant: str, name: str,
+                 settings: dict[str, Any] | None = None) -> None:
+        """`settings`: the exporter's keyword arguments (GPTQ's layer statistics, ...)."""
         import torch
 
         self.name = name
         self._job = work / f".background-{name}.job"
         self._result = self._job.with_suffix(".result")
         self._log = self._job.with_suffix(".log")
-        torch.save({"model": model, "format": fmt, "source": source, "work": str(work), "quant": quant, "name": name},
-                   self._job)
+        torch.save({"model": model, "format": fmt, "source": source, "work": str(work), "quant": quant, "name": name,
+                    "settings": settings or {}}, self._job)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules we run with
         with self._log.open("wb") as log:
             self._process = subprocess.Popen([sys.executable, "-m", "edgelm.background", str(self._job)],

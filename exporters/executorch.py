@@ -88,8 +88,11 @@ def runnable_delegates() -> list[str]:
             and name == DEFAULT_DELEGATE]
 
 
-def _quantize(graph: Any, quant: str) -> dict[str, Any]:
-    """Apply the torchao recipe for `quant` to `graph` in place; return what was done."""
+def _quantize(graph: Any, quant: str, hessians: dict[str, Any] | None = None,
+              names: dict[int, str] | None = None) -> dict[str, Any]:
+    """Apply the torchao recipe for `quant` to `graph` in place; return what was done.
+    `hessians` (int4, calibrated attempts): per source Linear name, its inputs' statistics on the
+    calibration text (edgelm.gptq); `names` maps id(module) → that name."""
     if quant == "fp32":
         return {"weights": "float32"}
     if quant == "fp16":  # the model was cast before the graph was built (see _working_copy)
@@ -109,14 +112,16 @@ def _quantize(graph: Any, quant: str) -> dict[str, Any]:
     if quant == "int8":
         quantize_(graph, per_channel_8bit, filter_fn=linear())
         return {"activations": "int8 dynamic per token", "weights": "int8 per channel", "embedding": embeddings}
-    corrected = quantize_with_block_bias(graph, Int8DynamicActivationIntxWeightConfig(
+    corrected, recoded = quantize_with_block_bias(graph, Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE),
-        weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR), filter_fn=linear(exclude="lm_head"))
+        weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR), filter_fn=linear(exclude="lm_head"),
+        hessians=hessians, names=names)
     quantize_(graph, per_channel_8bit, filter_fn=lambda module, fqn: fqn == "lm_head")
     return {"activations": "int8 dynamic per token",
             "weights": f"int4 symmetric around each block's midpoint, groups of {GROUP_SIZE}; the midpoint is added "
                        "back by the block-bias correction (Q4_1-like)",
-            "block_bias_correction": corrected, "output_projection": "int8 per channel", "embedding": embeddings}
+            "block_bias_correction": corrected, "output_projection": "int8 per channel", "embedding": embeddings,
+            **({"gptq_layers": recoded} if hessians else {})}
 
 
 def quantize_embeddings(graph: Any) -> str:
@@ -139,7 +144,8 @@ def quantize_embeddings(graph: Any) -> str:
     return "int8 per row"
 
 
-def quantize_with_block_bias(graph: Any, config: Any, filter_fn: Any) -> int:
+def quantize_with_block_bias(graph: Any, config: Any, filter_fn: Any, hessians: dict[str, Any] | None = None,
+                             names: dict[int, str] | None = None) -> tuple[int, int]:
     """4-bit weights with a float offset per block, built from symmetric int4 (which XNNPACK's
     8da4w kernels run; their asymmetric form did not lower correctly here).
 
@@ -149,25 +155,73 @@ def quantize_with_block_bias(graph: Any, config: Any, filter_fn: Any) -> int:
     exact. The offset — and the mean of whatever rounding left — comes back as one small
     float Linear: per output row and block, the mean residual (W − dequantized W) times the
     sum of the block's inputs (1/GROUP_SIZE of the multiply-adds; the same correction as the
-    ONNX int4 recipe, exporters/onnx_block_bias.py). Returns how many layers were corrected.
+    ONNX int4 recipe, exporters/onnx_block_bias.py).
+
+    With `hessians` (a layer's input statistics on the calibration text, found through
+    `names`: id(module) → source name), a layer may take GPTQ's codes instead (see
+    _gptq_on_block_grid). Returns (layers corrected, layers that took GPTQ's codes).
     """
     import torch
     from torchao.quantization import quantize_
 
     targets = [(name, module) for name, module in graph.named_modules() if filter_fn(module, name)]
     originals = {name: module.weight.detach().clone() for name, module in targets}
+    inputs = {name: (hessians or {}).get((names or {}).get(id(module))) for name, module in targets}
     for _, module in targets:
         blocks = module.weight.detach().unflatten(-1, (-1, GROUP_SIZE))
         low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
         module.weight = torch.nn.Parameter((blocks - (low + 8 * (high - low) / 15)).flatten(-2), requires_grad=False)
     quantize_(graph, config, filter_fn=filter_fn)
+    recoded = 0
     for name, module in targets:
         residual = originals[name] - module.weight.dequantize().to(originals[name].dtype)
         block_mean = residual.unflatten(-1, (-1, GROUP_SIZE)).mean(-1)  # [out, in / GROUP_SIZE]
+        if inputs[name] is not None:
+            offsets = _gptq_on_block_grid(module.weight, originals[name], block_mean, inputs[name])
+            if offsets is not None:
+                block_mean, recoded = offsets, recoded + 1
         parent_name, _, attribute = name.rpartition(".")
         setattr(graph.get_submodule(parent_name) if parent_name else graph, attribute,
                 BlockBiasCorrected(module, block_mean))
-    return len(targets)
+    return len(targets), recoded
+
+
+def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: Any) -> Any:
+    """GPTQ's codes for one layer, written into torchao's int4 tensor, when they err less on the
+    calibration text than round-to-nearest + block bias; returns the new per-block offsets
+    (or None: the layer keeps what it has — a weight already on a 4-bit grid keeps it exactly).
+
+    Any asymmetric 4-bit grid w = s·(q − z), q ∈ 0..15, is this recipe's symmetric int4
+    k = q − 8 with scale s plus a float offset s·(8 − z) per block, which the block-bias Linear
+    adds. So the grid is edgelm.gptq's searched one (each block's range chosen by error
+    weighted by the inputs' energy), GPTQ picks the codes on it, and the error compared is
+    tr((W − Ŵ) H (W − Ŵ)ᵀ), the output error on the calibration inputs.
+    """
+    import torch
+
+    from edgelm.gptq import gptq_codes, searched_grid
+
+    h = inputs.hessian()
+    scale, zero = searched_grid(original, torch.diag(h), GROUP_SIZE)
+    codes = gptq_codes(original, inputs, scale, zero, GROUP_SIZE)
+    offsets = scale * (8 - zero)
+
+    def spread(per_block: Any) -> Any:
+        return per_block.repeat_interleave(GROUP_SIZE, dim=1)
+
+    gptq_weight = (codes - 8) * spread(scale) + spread(offsets)
+    rtn_weight = quantized.dequantize().to(original.dtype) + spread(block_mean)
+
+    def output_error(weight: Any) -> float:
+        error = original - weight
+        return float(((error @ h) * error).sum())
+
+    if output_error(gptq_weight) >= output_error(rtn_weight):
+        return None
+    quantized.qdata.copy_((codes - 8).to(quantized.qdata.dtype))
+    quantized.scale.copy_(scale.to(quantized.scale.dtype))
+    quantized.zero_point.zero_()
+    return offsets.to(block_mean.dtype)
 
 
 def _block_bias_module() -> Any:
@@ -190,9 +244,11 @@ def BlockBiasCorrected(linear: Any, block_mean: Any) -> Any:
     return _block_bias_module()(linear, block_mean)
 
 
-def export_pte(model: Any, quant: str, path: Path, runner: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_pte(model: Any, quant: str, path: Path, runner: dict[str, Any] | None = None,
+               hessians: dict[str, Any] | None = None) -> dict[str, Any]:
     """Export `model` (not modified) as an XNNPACK-delegated .pte at `path`; return the recipe.
-    `runner`: extra constant methods (the LLM runner's, edgelm.vendors.executorch_runner)."""
+    `runner`: extra constant methods (the LLM runner's, edgelm.vendors.executorch_runner);
+    `hessians`: int4 layers' input statistics for GPTQ (edgelm.gptq), by module name."""
     import torch
 
     quiet_noisy_imports()
@@ -214,7 +270,8 @@ def export_pte(model: Any, quant: str, path: Path, runner: dict[str, Any] | None
     graph = build_decoder_graph(work, static_context=context, separate_head=quant != "fp32", executorch_ops=custom_ops)
     for parameter in graph.parameters():
         parameter.requires_grad_(False)  # in-place cache writes on tensors that need grad cannot be exported
-    recipe = _quantize(graph, quant)
+    recipe = _quantize(graph, quant, hessians if quant == "int4" else None,
+                       {id(module): name for name, module in work.named_modules()})
     n = torch.export.Dim("n", min=1, max=context)
     ids, pos = torch.zeros((1, 2), dtype=torch.long), torch.zeros((1,), dtype=torch.long)
     with _quiet():
@@ -305,6 +362,7 @@ class ExecuTorchExporter:
     tasks = ("text-generation", "feature-extraction", "text-classification")
     requires = ("torch", "transformers", "executorch", "torchao")
     exports_in_background = True  # the XNNPACK lowering is minutes of single-threaded Python (edgelm.background)
+    gptq = ("int4",)  # calibrated attempts pick 4-bit codes by GPTQ (the export's hessians)
 
     def check_setting(self, key: str, value: str) -> str:
         """Format-specific export settings (`--delegate`), validated before any model is loaded."""
@@ -312,7 +370,8 @@ class ExecuTorchExporter:
             raise UnsupportedError(f"the ExecuTorch exporter has no setting {key!r}")
         return check_delegate(value)
 
-    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
+    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str,
+               hessians: dict[str, Any] | None = None) -> ExportedArtifact:
         folder = bundle_dir / "executorch"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / FILE_NAMES[quant]
@@ -331,7 +390,7 @@ class ExecuTorchExporter:
         signature = decoder_signature(model.config)
         facts = generation_facts(bundle_dir / "tokenizer", model.config)
         runner = runner_methods(min(STATIC_CONTEXT, signature.max_context), facts.bos_id, facts.eos_ids)
-        recipe = export_pte(model, quant, path, runner)
+        recipe = export_pte(model, quant, path, runner, hessians)
         return ExportedArtifact(
             path=path, quant=quant, built_by=f"edgelm.graph (static cache) {built_by}",
             signature={"inputs": ["input_ids[1,n] int64", "input_pos[1] int64"], "outputs": ["logits[1,n,vocab] float32"],

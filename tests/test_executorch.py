@@ -198,7 +198,7 @@ def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_
         model[0].weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
         config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE), mapping_type=mapping)
         if correct:
-            assert quantize_with_block_bias(model, config, pick) == 1
+            assert quantize_with_block_bias(model, config, pick) == (1, 0)
         else:
             quantize_(model, config, filter_fn=pick)
         with torch.no_grad():
@@ -207,6 +207,46 @@ def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_
     plain = error(MappingType.SYMMETRIC, correct=False)
     corrected = error(MappingType.SYMMETRIC_NO_CLIPPING_ERR, correct=True)
     assert corrected < plain / 20, (plain, corrected)
+
+
+def test_gptq_codes_in_the_block_bias_recipe_cut_the_output_error_on_correlated_inputs():
+    """An off-grid weight and inputs with correlated channels (as activations have): GPTQ's codes
+    on a searched grid, written into torchao's int4 tensor with their offsets in the block-bias
+    Linear, err less on held-out inputs than round-to-nearest + block bias."""
+    import torch
+    from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
+    from edgelm.gptq import HessianAccumulator
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerGroup
+    from torchao.quantization.quant_primitives import MappingType
+
+    torch.manual_seed(0)
+    in_features, out_features = 4 * GROUP_SIZE, 64
+    weight = torch.randn(out_features, in_features) * 0.02
+    mixing = torch.eye(in_features) + 0.4 * torch.randn(in_features, in_features)
+    x = torch.randn(4096, in_features) @ mixing
+    statistics = HessianAccumulator(in_features)
+    statistics.add(x[:2048])
+    held_out = x[2048:]
+    pick = lambda module, fqn: isinstance(module, torch.nn.Linear)  # noqa: E731
+
+    def quantized(with_gptq: bool) -> tuple[float, tuple[int, int]]:
+        model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
+        model[0].weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE),
+                                      mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
+        names = {id(model[0]): "layer"}
+        counts = quantize_with_block_bias(model, config, pick, hessians={"layer": statistics} if with_gptq else None,
+                                          names=names)
+        if with_gptq:
+            assert model[0].linear.weight.qdata.min() >= -8 and model[0].linear.weight.qdata.max() <= 7
+        with torch.no_grad():
+            return float(((model(held_out) - held_out @ weight.t()) ** 2).mean()), counts
+
+    rtn, rtn_counts = quantized(False)
+    gptq, gptq_counts = quantized(True)
+    assert rtn_counts == (1, 0) and gptq_counts == (1, 1)
+    assert gptq < 0.8 * rtn, (rtn, gptq)
 
 
 @pytest.mark.parametrize(("delegate", "message"), [
