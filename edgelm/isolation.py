@@ -342,8 +342,8 @@ def _preload() -> None:
     for name in ISOLATED_RUNTIMES:
         if name in RUNTIME_MODULES:
             try:
-                get_runtime(name)
-            except EdgeLMError:
+                get_runtime(name).preload()
+            except (EdgeLMError, ImportError):
                 pass  # not installed: a request for it fails in its child with the usual message
 
 

@@ -146,6 +146,10 @@ class ExecuTorchAdapter:
 
         return f"executorch {metadata.version('executorch')}"
 
+    def preload(self) -> None:
+        """Load the native runtime and its kernels without opening a file (edgelm.isolation's fork server)."""
+        _runtime()
+
     def available_devices(self) -> tuple[str, ...]:
         return ("cpu",)  # XNNPACK; the Python runtime ships no GPU/NPU delegate
 

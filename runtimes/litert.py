@@ -231,6 +231,10 @@ class LiteRTAdapter:
 
         return f"ai-edge-litert {metadata.version('ai-edge-litert')}"
 
+    def preload(self) -> None:
+        """Load LiteRT's interpreter without opening a file (edgelm.isolation's fork server)."""
+        import ai_edge_litert.interpreter  # noqa: F401
+
     def available_devices(self) -> tuple[str, ...]:
         return ("cpu", "gpu", "npu")  # gpu/npu are checked when a model is compiled for them
 

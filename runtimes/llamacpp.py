@@ -204,6 +204,10 @@ class LlamaCppAdapter:
 
         return f"llama-cpp-python {metadata.version('llama-cpp-python')}"
 
+    def preload(self) -> None:
+        """Load and initialise llama.cpp without opening a file (edgelm.isolation's fork server)."""
+        _llama()
+
     def available_devices(self) -> tuple[str, ...]:
         return ("cpu", "gpu") if _llama().llama_supports_gpu_offload() else ("cpu",)
 
