@@ -27,8 +27,8 @@ from edgelm.bundle import ArtifactEntry
 from edgelm.calibration import Calibration
 from edgelm.errors import VendorMismatchError
 from edgelm.exporter import get_exporter
-from edgelm.model import SourceModel, sha256_file
 from edgelm.isolation import mark_trusted
+from edgelm.model import SourceModel, sha256_file
 from edgelm.profile import timed
 from edgelm.session import get_runtime
 from edgelm.vendors.check import VendorChecks

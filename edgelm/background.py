@@ -117,9 +117,12 @@ class BackgroundExport:
             code = self._process.wait()
             if not self._result.is_file():
                 tail = self._log.read_text(errors="replace").strip().splitlines()[-1:] if self._log.is_file() else []
-                raise ExportError(f"{self.name}: the background export process failed (exit code {code}"
-                                  f"{': ' + tail[0][:300] if tail else ''}); --no-background exports it in this "
-                                  "process")
+                last = f": {tail[0][:300]}" if tail else ""
+                if code > 0:  # a Python exception escaped the worker: a bug of edgelm's (exit 3), not of the input
+                    raise RuntimeError(f"{self.name}: the background export process failed (exit code {code}{last})")
+                raise ExportError(f"{self.name}: the background export process ended (exit code {code}{last}; "
+                                  "a negative code is the signal that killed it, e.g. 9 when memory ran out); "
+                                  "--no-background exports it in this process")
             status, value, seconds = torch.load(self._result, weights_only=False)  # written by our worker
         finally:
             self.close()

@@ -22,6 +22,12 @@ from typing import Any
 import numpy as np
 
 
+def pack_nibbles(codes: np.ndarray) -> np.ndarray:
+    """[rows, 2m] values in 0..15 → [rows, m] bytes, low nibble first."""
+    codes = codes.astype(np.uint8)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4)
+
+
 def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
     """uint8 bytes holding two 4-bit values each (low nibble first) → the first `count` values per row."""
     values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(packed.shape[0], -1)

@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits
+from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits, pack_nibbles
 
 from edgelm.gptq import (
     HessianAccumulator,
@@ -27,12 +27,6 @@ from edgelm.gptq import (
     searched_grid,
     weight_fingerprint,
 )
-
-
-def pack_nibbles(codes: np.ndarray) -> np.ndarray:
-    """[rows, 2m] values in 0..15 → [rows, m] bytes, low nibble first."""
-    codes = codes.astype(np.uint8)
-    return codes[:, 0::2] | (codes[:, 1::2] << 4)
 
 
 def apply_gptq(model: Any, original_weights: dict[str, np.ndarray], hessians: dict[str, HessianAccumulator],

@@ -82,7 +82,16 @@ def _start(tmp_path: Path) -> BackgroundExport:
 def test_a_worker_that_dies_becomes_an_export_error_and_its_files_go(tmp_path):
     export = _start(tmp_path)
     os.kill(export._process.pid, 9)
-    with pytest.raises(ExportError, match="background export process failed"):
+    with pytest.raises(ExportError, match="background export process ended .*exit code -9"):
+        export.result()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_python_error_in_the_worker_is_a_bug_not_bad_input(tmp_path):
+    """An exception that escapes the worker (not an EdgeLMError from the exporter) is edgelm's
+    bug: a RuntimeError, which the CLI reports as an internal error (exit 3)."""
+    export = BackgroundExport(torch.nn.Linear(4, 4), ["not", "a", "format"], None, tmp_path, "int8", "broken")  # TypeError there
+    with pytest.raises(RuntimeError, match="broken: the background export process failed .*exit code 1"):
         export.result()
     assert list(tmp_path.iterdir()) == []
 

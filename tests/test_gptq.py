@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from edgelm.exporters.onnx_block_bias import unpack_nibbles
-from edgelm.exporters.onnx_gptq import pack_nibbles
+from edgelm.exporters.onnx_block_bias import pack_nibbles, unpack_nibbles
 
 from edgelm.gptq import HessianAccumulator, collect_hessians, gptq_codes
 
