@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import builtins
+import contextlib
 import json
 import os
 import signal
@@ -70,7 +71,11 @@ _DTYPES = ("float32", "float16", "int64", "int32")  # what sessions take and giv
 
 
 class _Gone(Exception):
-    """The other end closed (the child died) or did not answer in time."""
+    """The other end closed (the child died) or did not answer in time (`hung`)."""
+
+    def __init__(self, message: str, hung: bool = False) -> None:
+        super().__init__(message)
+        self.hung = hung
 
 
 def _send(sock: socket.socket, header: dict, arrays: tuple[np.ndarray, ...] = ()) -> None:
@@ -95,7 +100,7 @@ def _read_exactly(sock: socket.socket, size: int, timeout: float | None) -> byte
         try:
             count = sock.recv_into(view[got:])
         except TimeoutError:
-            raise _Gone(f"no answer in {timeout:.0f} s") from None
+            raise _Gone(f"no answer in {timeout:.0f} s", hung=True) from None
         if not count:
             raise _Gone("its process ended")
         got += count
@@ -148,7 +153,7 @@ class _IsolatedBase:
                 _send(self._sock, header, arrays)
                 answer, results = _receive(self._sock, CALL_TIMEOUT_S)
             except (_Gone, OSError) as err:  # OSError: a reset or broken connection, the child is gone
-                self._end()
+                self._end(hung=isinstance(err, _Gone) and err.hung)
                 why = err if isinstance(err, _Gone) else "its process ended"
                 raise InvalidModelError(f"{self._path}: {self._runtime} failed running it in its own process "
                                         f"({why}); the file is damaged or not an edgelm artifact — re-export it"
@@ -157,14 +162,15 @@ class _IsolatedBase:
             _raise_error(*answer["error"])
         return results
 
-    def _end(self) -> None:
+    def _end(self, hung: bool = False) -> None:
+        """Close the socket (the child exits when it reads its end); kill a child that hangs. Only
+        a live child is signalled: an exited one's PID may already belong to another process."""
         if self._sock is not None:
             self._sock.close()
             self._sock = None
-            try:
-                os.kill(self._pid, signal.SIGKILL)  # a hung child; one that already exited was reaped by the server
-            except ProcessLookupError:
-                pass
+            if hung:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._pid, signal.SIGKILL)
 
     def close(self) -> None:
         with self._lock:
@@ -203,11 +209,17 @@ def open_isolated(runtime: str, path: Path, device: str = "cpu", threads: int | 
     path = Path(path)
     sock = _SERVER.fork_session({"runtime": runtime, "path": str(path.resolve()), "device": device,
                                  "threads": threads})
+    pid = None
     try:
+        pid = int(_receive(sock, CALL_TIMEOUT_S)[0]["pid"])  # the child's first word, before it reads the file
         answer, _ = _receive(sock, CALL_TIMEOUT_S)
     except (_Gone, OSError) as err:
         sock.close()
-        raise InvalidModelError(f"{path}: {runtime} could not open it in its own process ({err}); the file is "
+        if pid is not None and isinstance(err, _Gone) and err.hung:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        why = err if isinstance(err, _Gone) else "its process ended"
+        raise InvalidModelError(f"{path}: {runtime} could not open it in its own process ({why}); the file is "
                                 "damaged or not an edgelm artifact — re-export it") from None
     if "error" in answer:
         sock.close()
@@ -215,7 +227,7 @@ def open_isolated(runtime: str, path: Path, device: str = "cpu", threads: int | 
     facts = answer["capabilities"]
     capabilities = Capabilities(**{**facts, "devices": tuple(facts["devices"])})
     kind = IsolatedEncoderSession if answer["kind"] == "encoder" else IsolatedSession
-    return kind(sock, runtime, path, capabilities, answer["pid"])
+    return kind(sock, runtime, path, capabilities, pid)
 
 
 def exercise(session: Any) -> None:
@@ -350,14 +362,14 @@ def _preload() -> None:
 def _serve_session(sock: socket.socket, case: dict) -> None:
     from edgelm.session import get_runtime
 
+    _send(sock, {"pid": os.getpid()})
     try:
         session = get_runtime(case["runtime"]).open(Path(case["path"]), case["device"], case["threads"])
     except BaseException as err:  # noqa: BLE001  sent back, raised again in the caller
         _send(sock, _error_header(err))
         return
     encoder = not hasattr(session, "prefill")
-    _send(sock, {"kind": "encoder" if encoder else "decoder", "pid": os.getpid(),
-                 "capabilities": asdict(session.capabilities)})
+    _send(sock, {"kind": "encoder" if encoder else "decoder", "capabilities": asdict(session.capabilities)})
     calls = {"prefill": lambda h, a: (session.prefill(a[0]),),
              "decode": lambda h, a: (session.decode(h["token"]),),
              "reset": lambda h, a: session.reset() or (),
