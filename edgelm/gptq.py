@@ -52,15 +52,28 @@ class HessianAccumulator:
 
     def inverse_factor(self) -> Any:
         """Upper Cholesky factor of the damped H⁻¹ (float64 to factor, float32 to use), made once."""
+        if self._factor is None:
+            self._factor = self.permuted_factor(None)
+        return self._factor
+
+    def activation_order(self) -> Any:
+        """Input columns by decreasing energy (diag H): GPTQ's act-order, the columns that move
+        the output most quantized first, while the most columns are left to absorb their error."""
         import torch
 
-        if self._factor is None:
-            h = self.hessian().to(torch.float64)
-            dead = self.dead()
-            h[dead, dead] = 1
-            h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(self.features, dtype=torch.float64)
-            self._factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-        return self._factor
+        return torch.argsort(torch.diag(self.total), descending=True)
+
+    def permuted_factor(self, order: Any) -> Any:
+        """The upper Cholesky factor of the damped H⁻¹ with rows and columns in `order` (None: as is)."""
+        import torch
+
+        h = self.hessian().to(torch.float64)
+        dead = self.dead()
+        h[dead, dead] = 1
+        h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(self.features, dtype=torch.float64)
+        if order is not None:
+            h = h[order][:, order]
+        return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
 
 
 def searched_grid(weight: Any, importance: Any, block_size: int, max_code: int = 15) -> tuple[Any, Any]:
@@ -90,21 +103,25 @@ def searched_grid(weight: Any, importance: Any, block_size: int, max_code: int =
 
 
 def gptq_codes(weight: Any, inputs: HessianAccumulator, scales: Any, zero_points: Any, block_size: int,
-               max_code: int = 15) -> Any:
+               max_code: int = 15, act_order: bool = False) -> Any:
     """Integer codes in [0, max_code] for `weight` [out, in] on the grid w = scale · (code − zero_point).
 
     `inputs`: the layer's input statistics; `scales` and `zero_points` are [out, in / block_size]:
-    the format's own per-block grid. Returns codes [out, in] (int64).
+    the format's own per-block grid, fixed beforehand (so `act_order`, which quantizes columns
+    by decreasing diag H, keeps every block's grid). Returns codes [out, in] (int64).
     """
     import torch
 
     w = weight.detach().to(torch.float32).clone()
     columns = w.shape[1]
     w[:, inputs.dead()] = 0
-    upper = inputs.inverse_factor()
     scale = scales.to(torch.float32).repeat_interleave(block_size, dim=1)[:, :columns]
-    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero block: every code is its zero point
     zero = zero_points.to(torch.float32).repeat_interleave(block_size, dim=1)[:, :columns]
+    order = inputs.activation_order() if act_order else None
+    if order is not None:
+        w, scale, zero = w[:, order], scale[:, order], zero[:, order]
+    upper = inputs.inverse_factor() if order is None else inputs.permuted_factor(order)
+    divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero block: every code is its zero point
     codes = torch.empty_like(w, dtype=torch.int64)
     for start in range(0, columns, COLUMN_BLOCK):
         end = min(start + COLUMN_BLOCK, columns)
@@ -119,6 +136,8 @@ def gptq_codes(weight: Any, inputs: HessianAccumulator, scales: Any, zero_points
             block[:, i:].addr_(error, inverse[i, i:], alpha=-1)  # spread this column's error over the rest
             errors[:, i] = error
         w[:, end:] -= errors @ upper[start:end, end:]
+    if order is not None:
+        codes = codes[:, torch.argsort(order)]
     return codes
 
 

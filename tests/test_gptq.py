@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from edgelm.exporters.onnx_block_bias import pack_nibbles, unpack_nibbles
 
@@ -27,13 +28,17 @@ def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
     return torch.clamp(torch.round(weight / scale.repeat_interleave(BLOCK, 1)) + zero.repeat_interleave(BLOCK, 1), 0, 15)
 
 
-def test_with_uncorrelated_inputs_gptq_is_round_to_nearest():
+@pytest.mark.parametrize("act_order", [False, True])
+def test_with_uncorrelated_inputs_gptq_is_round_to_nearest(act_order):
+    """A diagonal H leaves no error to spread: the codes are round-to-nearest's, in the weight's
+    own column order also when GPTQ visits the columns by decreasing energy."""
     torch.manual_seed(0)
     weight = torch.randn(16, 128)
     scale, zero = asymmetric_grid(weight)
     uncorrelated = HessianAccumulator(128)
-    uncorrelated.add(torch.eye(128))  # Σ xxᵀ = I
-    codes = gptq_codes(weight, uncorrelated, scale, zero, BLOCK)
+    uncorrelated.add(torch.diag(torch.rand(128) + 0.5))  # Σ xxᵀ diagonal, every channel's energy different
+    assert act_order is False or not torch.equal(uncorrelated.activation_order(), torch.arange(128))
+    codes = gptq_codes(weight, uncorrelated, scale, zero, BLOCK, act_order=act_order)
     assert torch.equal(codes, round_to_nearest(weight, scale, zero).long())
 
 
@@ -55,6 +60,8 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
     assert error(gptq) < 0.7 * error(rtn)
     codes = gptq_codes(weight, accumulator, scale, zero, BLOCK)
     assert codes.min() >= 0 and codes.max() <= 15  # on the format's own grid, nothing re-rounded
+    ordered = dequantize(gptq_codes(weight, accumulator, scale, zero, BLOCK, act_order=True), scale, zero)
+    assert error(ordered) < 0.7 * error(rtn)
 
 
 def test_nibbles_round_trip_low_first():
