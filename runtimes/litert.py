@@ -55,6 +55,9 @@ class InterpreterSteps:
             subgraph = self._wrapper.GetSubgraphIndexFromSignature(name)
             self.layout[name] = (subgraph, [d["index"] for d in _ordered(inputs, "args_")],
                                  [d["index"] for d in _ordered(outputs, "output_")])
+            if not self.layout[name][2]:
+                raise InvalidModelError(f"its {name} signature has no outputs; it was not exported by edgelm's "
+                                        "TFLite exporter")
             with quiet_native_stderr(LOG_VARIABLE):
                 self._wrapper.AllocateTensors(subgraph)
             for index in self.layout[name][1][2:]:
@@ -116,6 +119,9 @@ class CompiledModelSteps:
         for name in SIGNATURES:
             ins = _ordered(model.get_input_tensor_details(name), "args_")
             outs = _ordered(model.get_output_tensor_details(name), "output_")
+            if not outs:
+                raise InvalidModelError(f"its {name} signature has no outputs; it was not exported by edgelm's "
+                                        "TFLite exporter")
             self.shapes[name] = [tuple(d["shape"]) for d in ins]
             self._io[name] = ({d["key"]: model.create_input_buffer_by_name(name, d["key"]) for d in ins},
                               {d["key"]: model.create_output_buffer_by_name(name, d["key"]) for d in outs},
@@ -223,6 +229,20 @@ def _ordered(details: dict[str, dict], prefix: str) -> list[dict]:
     return [{**details[key], "key": key} for key in keys]
 
 
+def _check_decoder_signatures(path: Path, summary: Any) -> None:
+    """edgelm's prefill/decode signatures, read from the verified flatbuffer before LiteRT sees it."""
+    missing = set(SIGNATURES) - set(summary.signatures)
+    if missing:
+        raise InvalidModelError(f"{path}: the model lacks the {', '.join(sorted(missing))} signature(s); it was "
+                                "not exported by edgelm's TFLite exporter")
+    inputs = summary.signatures["decode"][0]
+    if len(inputs) < 4 or len(inputs) % 2:
+        raise InvalidModelError(f"{path}: its decode signature is not (input_ids, input_pos, cache...)")
+    if not all(summary.signatures[name][1] for name in SIGNATURES):
+        raise InvalidModelError(f"{path}: a signature of it has no outputs; it was not exported by edgelm's "
+                                "TFLite exporter")
+
+
 class LiteRTAdapter:
     name = "litert"
 
@@ -244,24 +264,19 @@ class LiteRTAdapter:
             raise DeviceError(f"LiteRT runs on cpu, gpu or npu, not {device!r}")
         path = Path(path)
         summary = read_tflite(path)
-        if not runs_here(path):  # its native code can end the process on a damaged file
-            return open_isolated(self.name, path, device, threads)
         lengths = [int(name.removeprefix(ENCODER_PREFIX)) for name in summary.signatures
                    if name.startswith(ENCODER_PREFIX) and name.removeprefix(ENCODER_PREFIX).isdigit()]
+        if lengths and device != "cpu":
+            raise DeviceError(f"edgelm runs TFLite encoders on cpu only here, not {device!r}")
+        if not lengths:
+            _check_decoder_signatures(path, summary)
+        if not runs_here(path):  # its native code can end the process on a damaged file
+            return open_isolated(self.name, path, device, threads)
         if lengths:
-            if device != "cpu":
-                raise DeviceError(f"edgelm runs TFLite encoders on cpu only here, not {device!r}")
             try:
                 return LiteRTEncoderSession(path, lengths, threads)
             except (ValueError, RuntimeError) as err:
                 raise InvalidModelError(f"{path}: LiteRT could not load it ({err}); re-export it with edgelm") from err
-        missing = set(SIGNATURES) - set(summary.signatures)
-        if missing:
-            raise InvalidModelError(f"{path}: the model lacks the {', '.join(sorted(missing))} signature(s); it was "
-                                    "not exported by edgelm's TFLite exporter")
-        inputs = summary.signatures["decode"][0]
-        if len(inputs) < 4 or len(inputs) % 2:
-            raise InvalidModelError(f"{path}: its decode signature is not (input_ids, input_pos, cache...)")
         try:
             steps = InterpreterSteps(path, threads) if device == "cpu" else CompiledModelSteps(path, device, threads)
         except (ValueError, RuntimeError) as err:
