@@ -103,12 +103,15 @@ def searched_grid(weight: Any, importance: Any, block_size: int, max_code: int =
 
 
 def gptq_codes(weight: Any, inputs: HessianAccumulator, scales: Any, zero_points: Any, block_size: int,
-               max_code: int = 15, act_order: bool = False) -> Any:
+               max_code: int = 15, act_order: bool = True) -> Any:
     """Integer codes in [0, max_code] for `weight` [out, in] on the grid w = scale · (code − zero_point).
 
     `inputs`: the layer's input statistics; `scales` and `zero_points` are [out, in / block_size]:
-    the format's own per-block grid, fixed beforehand (so `act_order`, which quantizes columns
-    by decreasing diag H, keeps every block's grid). Returns codes [out, in] (int64).
+    the format's own per-block grid, fixed beforehand, so `act_order` (GPTQ's desc_act: columns
+    quantized by decreasing diag H, the ones that move the output most first, while the most
+    columns are left to absorb their error) keeps every block's grid. Simulated on the mild
+    off-grid twin, ExecuTorch's int4 recipe: 1.062 in column order, 1.045 with act-order.
+    Returns codes [out, in] (int64), in the weight's own column order.
     """
     import torch
 
