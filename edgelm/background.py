@@ -49,7 +49,7 @@ def worth_a_second_process(model: Any, workers: int = 1) -> bool:
     return count >= MIN_PARAMETERS and psutil.virtual_memory().available > needed
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the kernel kills this process when its parent dies (a killed export leaves no orphan)."""
     if sys.platform.startswith("linux"):
         import ctypes
@@ -186,5 +186,5 @@ class BackgroundExports:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole terminal group: the parent stops us
-    _die_with_parent()
+    die_with_parent()
     _work(Path(sys.argv[1]))

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from edgelm import errors
+from edgelm.background import die_with_parent
 from edgelm.errors import EdgeLMError, InvalidModelError
 from edgelm.session import Capabilities
 
@@ -306,18 +307,11 @@ class _ForkServer:
         return ours
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _serve_forks() -> None:
     """The fork server: imports the runtimes once, then forks one child per session request."""
     import resource
 
-    _die_with_parent()
+    die_with_parent()
     limit = int(os.environ["EDGELM_ISOLATION_LIMIT"])
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     limit = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
@@ -336,7 +330,7 @@ def _serve_forks() -> None:
         if os.fork() == 0:
             control.close()
             signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            _die_with_parent()
+            die_with_parent()
             status = 0
             try:
                 _serve_session(socket.socket(fileno=fds[0]), json.loads(message))
