@@ -144,6 +144,15 @@ def gptq_codes(weight: Any, inputs: HessianAccumulator, scales: Any, zero_points
     return codes
 
 
+def output_error(difference: Any, hessian: Any) -> float:
+    """tr(E H Eᵀ) for a weight error E [out, in] (a tensor or an array): the layer's mean squared
+    output error on the calibration inputs whose Σ xxᵀ / tokens is H (computed in H's dtype)."""
+    import torch
+
+    e = torch.as_tensor(difference, dtype=hessian.dtype)
+    return float(((e @ hessian) * e).sum())
+
+
 def collect_hessians(model: Any, batches: list[Any], skip: tuple[str, ...] = ("lm_head",)) -> dict[str, HessianAccumulator]:
     """Σ xxᵀ of every Linear's input over the calibration batches, by module name (the output
     head excepted: it stays 8-bit). Linears that read the same tensor (q/k/v, gate/up) share

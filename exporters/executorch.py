@@ -202,7 +202,7 @@ def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: 
     """
     import torch
 
-    from edgelm.gptq import gptq_codes, searched_grid
+    from edgelm.gptq import gptq_codes, output_error, searched_grid
 
     h = inputs.hessian()
     scale, zero = searched_grid(original, torch.diag(h), GROUP_SIZE)
@@ -215,11 +215,7 @@ def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: 
     gptq_weight = (codes - 8) * spread(scale) + spread(offsets)
     rtn_weight = quantized.dequantize().to(original.dtype) + spread(block_mean)
 
-    def output_error(weight: Any) -> float:
-        error = original - weight
-        return float(((error @ h) * error).sum())
-
-    if output_error(gptq_weight) >= output_error(rtn_weight):
+    if output_error(original - gptq_weight, h) >= output_error(original - rtn_weight, h):
         return None
     quantized.qdata.copy_((codes - 8).to(quantized.qdata.dtype))
     quantized.scale.copy_(scale.to(quantized.scale.dtype))

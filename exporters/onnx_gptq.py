@@ -24,6 +24,7 @@ from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits, pack_nibbl
 from edgelm.gptq import (
     HessianAccumulator,
     gptq_codes,
+    output_error,
     searched_grid,
     weight_fingerprint,
 )
@@ -77,12 +78,3 @@ def apply_gptq(model: Any, original_weights: dict[str, np.ndarray], hessians: di
             inits[node.input[index]].CopyFrom(numpy_helper.from_array(value, node.input[index]))
         done.add(source_name)
     return done
-
-
-def output_error(difference: np.ndarray, hessian: Any) -> float:
-    """tr(E H Eᵀ) for a weight error E [out, in]: the layer's mean squared output error on the
-    calibration inputs whose Σ xxᵀ / tokens is H."""
-    import torch
-
-    e = torch.from_numpy(np.ascontiguousarray(difference, dtype=np.float64))
-    return float(((e @ hessian) * e).sum())

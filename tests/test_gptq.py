@@ -146,10 +146,10 @@ def test_the_written_grid_and_codes_are_what_onnxruntime_computes_with():
     """An odd number of blocks per row (3): zero points are packed two per byte with padding."""
     import onnxruntime as ort
     from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits
-    from edgelm.exporters.onnx_gptq import apply_gptq, output_error
+    from edgelm.exporters.onnx_gptq import apply_gptq
     from onnx import helper, numpy_helper
 
-    from edgelm.gptq import weight_fingerprint
+    from edgelm.gptq import output_error, weight_fingerprint
 
     rng = np.random.default_rng(1)
     k, n = 96, 40
