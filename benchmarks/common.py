@@ -67,27 +67,57 @@ def compare_decode(args: argparse.Namespace, fmt: str, loops: dict[str, DirectLo
         best = max(profiles, key=lambda p: p.decode_tok_s)
         ours = [p.decode_tok_s for p in profiles]
         parity = entry.parity or {}
-        row = {"artifact": entry.name, "quant": entry.quant, "bytes": entry.bytes,
-               "edgelm_decode_tok_s_runs": ours, "edgelm_decode_tok_s_best": best.decode_tok_s}
+        row = {
+            "artifact": entry.name,
+            "quant": entry.quant,
+            "bytes": entry.bytes,
+            "edgelm_decode_tok_s_runs": ours,
+            "edgelm_decode_tok_s_best": best.decode_tok_s,
+        }
         for name, runs in rates.items():
-            row |= {f"{name}_decode_tok_s_runs": runs, f"{name}_decode_tok_s_best": max(runs),
-                    f"edgelm_vs_{name}": best.decode_tok_s / max(runs),
-                    f"edgelm_vs_{name}_median": float(np.median(ours) / np.median(runs))}
-        rows.append(row | {
-            "ttft_s": best.ttft_s, "prefill_tok_s": best.prefill_tok_s, "peak_rss_mb": best.peak_rss_mb,
-            "ppl": parity.get("perplexity"), "ppl_ratio": parity.get("ppl_ratio"),
-            "top1": parity.get("top1_agreement"), "kl": parity.get("mean_kl"),
-        })
+            row |= {
+                f"{name}_decode_tok_s_runs": runs,
+                f"{name}_decode_tok_s_best": max(runs),
+                f"edgelm_vs_{name}": best.decode_tok_s / max(runs),
+                f"edgelm_vs_{name}_median": float(np.median(ours) / np.median(runs)),
+            }
+        rows.append(
+            row
+            | {
+                "ttft_s": best.ttft_s,
+                "prefill_tok_s": best.prefill_tok_s,
+                "peak_rss_mb": best.peak_rss_mb,
+                "ppl": parity.get("perplexity"),
+                "ppl_ratio": parity.get("ppl_ratio"),
+                "top1": parity.get("top1_agreement"),
+                "kl": parity.get("mean_kl"),
+            }
+        )
         print(json.dumps(rows[-1]))
     by_quant = {r["quant"]: r for r in rows}
     summary = {}
     for quant, row in by_quant.items():  # each recipe's size and decode speed relative to fp32
         if quant != "fp32" and "fp32" in by_quant:
-            summary |= {f"{quant}_size_vs_fp32": row["bytes"] / by_quant["fp32"]["bytes"],
-                        f"{quant}_decode_vs_fp32": row["edgelm_decode_tok_s_best"]
-                        / by_quant["fp32"]["edgelm_decode_tok_s_best"]}
+            summary |= {
+                f"{quant}_size_vs_fp32": row["bytes"] / by_quant["fp32"]["bytes"],
+                f"{quant}_decode_vs_fp32": row["edgelm_decode_tok_s_best"]
+                / by_quant["fp32"]["edgelm_decode_tok_s_best"],
+            }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"bundle": str(args.bundle), "model": manifest.source["model_id"],
-                                    "new_tokens": args.new_tokens, "threads": args.threads, "repeats": args.repeats,
-                                    "device": device_record(), "rows": rows, "summary": summary}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "bundle": str(args.bundle),
+                "model": manifest.source["model_id"],
+                "new_tokens": args.new_tokens,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "device": device_record(),
+                "rows": rows,
+                "summary": summary,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(json.dumps(summary))

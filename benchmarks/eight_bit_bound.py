@@ -37,7 +37,9 @@ def fake_quantized(model, proxy: QuantProxy, head: bool):
     model = copy.deepcopy(model)
     linears = [m for layer in layers_of(model) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     if head:
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untie: the lookup stays float
+        model.lm_head.weight = torch.nn.Parameter(
+            model.lm_head.weight.detach().clone()
+        )  # untie: the lookup stays float
         linears.append(model.lm_head)
     for linear in linears:
         linear.weight.data = proxy.weights(linear.weight.data)
@@ -84,8 +86,12 @@ def main() -> None:
     for name, source, proxy, head in cases:
         rows.append({"case": name} | compare(model, fake_quantized(source, proxy, head), evaluation))
         print(json.dumps(rows[-1]), flush=True)
-    report = {"device": device_record() | {"memory_bandwidth_gb_s": bandwidth_gb_s()}, "tokens": 2048, "rows": rows,
-              "how": "benchmarks/eight_bit_bound.py (torch simulation of each rounding, default model)"}
+    report = {
+        "device": device_record() | {"memory_bandwidth_gb_s": bandwidth_gb_s()},
+        "tokens": 2048,
+        "rows": rows,
+        "how": "benchmarks/eight_bit_bound.py (torch simulation of each rounding, default model)",
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -36,5 +36,8 @@ def executorch_runtime_decode_tok_s(path: Path, prompt_ids: list[int], new_token
 
 
 if __name__ == "__main__":
-    compare_decode(arguments(__doc__.splitlines()[0], "benchmarks/results/executorch_smollm2.json"), "executorch",
-                   {"executorch_runtime": executorch_runtime_decode_tok_s})
+    compare_decode(
+        arguments(__doc__.splitlines()[0], "benchmarks/results/executorch_smollm2.json"),
+        "executorch",
+        {"executorch_runtime": executorch_runtime_decode_tok_s},
+    )

@@ -27,8 +27,21 @@ from edgelm.profile import device_record
 
 
 def timed_export(output: Path, extra: list[str]) -> tuple[float, str]:
-    command = [sys.executable, "-m", "edgelm", "export", "--target", "android", "-o", str(output),
-               "--repeats", "1", "--new-tokens", "64", *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "edgelm",
+        "export",
+        "--target",
+        "android",
+        "-o",
+        str(output),
+        "--repeats",
+        "1",
+        "--new-tokens",
+        "64",
+        *extra,
+    ]
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -54,8 +67,10 @@ def main() -> None:
         "unchanged_rerun_s": round(rerun_s, 1),
         "rerun_said_up_to_date": "is up to date" in rerun_out,
         "export_steps": manifest.export_steps,
-        "artifacts": {a.name: {"ppl_ratio": a.parity["ppl_ratio"], "decode_tok_s": (a.profile or {}).get("decode_tok_s")}
-                      for a in manifest.artifacts},
+        "artifacts": {
+            a.name: {"ppl_ratio": a.parity["ppl_ratio"], "decode_tok_s": (a.profile or {}).get("decode_tok_s")}
+            for a in manifest.artifacts
+        },
         "device": device_record(),
         "memory_bandwidth_gb_s": bandwidth,
     }

@@ -39,16 +39,22 @@ def main() -> None:
         scratch = Path(tmp)
         model = build_tiny_model("llama", scratch / "model")
         bundle = scratch / "bundle"
-        export_bundle(model, bundle, ExportOptions(parity=ParitySettings(max_tokens=256, window=64, stride=64),
-                                                   profile=False))
+        export_bundle(
+            model, bundle, ExportOptions(parity=ParitySettings(max_tokens=256, window=64, stride=64), profile=False)
+        )
         names = [p for p in args.parsers.split(",") if p]
         with ThreadPoolExecutor(args.workers) as pool:
-            results = list(pool.map(lambda name: fuzz_parser(bundle, name, args.cases, scratch / f"fuzz-{name}", seed=7),
-                                    names))
+            results = list(
+                pool.map(lambda name: fuzz_parser(bundle, name, args.cases, scratch / f"fuzz-{name}", seed=7), names)
+            )
         for result in results:
             print(json.dumps(result.to_dict()))
-    report = {"cases_per_parser": args.cases, "device": device_record(),
-              "bad_total": sum(r.bad for r in results), "parsers": [r.to_dict() for r in results]}
+    report = {
+        "cases_per_parser": args.cases,
+        "device": device_record(),
+        "bad_total": sum(r.bad for r in results),
+        "parsers": [r.to_dict() for r in results],
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"bad outcomes in all: {report['bad_total']}")

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from common import arguments, compare_decode
+
 from edgelm.runtimes.llamacpp import BATCH, DEFAULT_CONTEXT
 
 
@@ -24,8 +25,15 @@ def _llama(path: Path, threads: int):
 
     # the context edgelm's runtime creates: same size, batch, threads, and flash attention on
     # (llama.cpp's "auto" on CPU; the Llama class defaults it off)
-    return Llama(model_path=str(path), n_ctx=DEFAULT_CONTEXT, n_batch=BATCH, n_threads=threads,
-                 n_threads_batch=threads, flash_attn=True, verbose=False)
+    return Llama(
+        model_path=str(path),
+        n_ctx=DEFAULT_CONTEXT,
+        n_batch=BATCH,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=True,
+        verbose=False,
+    )
 
 
 def llama_generate_decode_tok_s(path: Path, prompt_ids: list[int], new_tokens: int, threads: int) -> float:
@@ -57,5 +65,8 @@ def llama_eval_decode_tok_s(path: Path, prompt_ids: list[int], new_tokens: int, 
 
 
 if __name__ == "__main__":
-    compare_decode(arguments(__doc__.splitlines()[0], "benchmarks/results/gguf_smollm2.json"), "gguf",
-                   {"llama_generate": llama_generate_decode_tok_s, "llama_eval": llama_eval_decode_tok_s})
+    compare_decode(
+        arguments(__doc__.splitlines()[0], "benchmarks/results/gguf_smollm2.json"),
+        "gguf",
+        {"llama_generate": llama_generate_decode_tok_s, "llama_eval": llama_eval_decode_tok_s},
+    )

@@ -60,17 +60,23 @@ def build_twins(names: list[str], scratch: Path) -> dict[str, Path | None]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--twins", default="default,mild,hard")
-    parser.add_argument("--exports", default="onnx,gguf,executorch:int8,int4;tflite:int8",
-                        help="exports per twin: FORMATS:QUANTS, separated by ';' (TFLite has no int4 recipe)")
+    parser.add_argument(
+        "--exports",
+        default="onnx,gguf,executorch:int8,int4;tflite:int8",
+        help="exports per twin: FORMATS:QUANTS, separated by ';' (TFLite has no int4 recipe)",
+    )
     parser.add_argument("--calibration", default="on,off", help="on, off or on,off")
     parser.add_argument("--parity-tokens", type=int, default=ParitySettings().max_tokens)
     parser.add_argument("--work", type=Path, help="keep twins and bundles here (default: a temporary folder)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/offgrid_quant.json"))
     args = parser.parse_args()
     rows = []
-    report = {"device": device_record() | {"memory_bandwidth_gb_s": bandwidth_gb_s()}, "rows": rows,
-              "how": f"benchmarks/offgrid_quant.py --twins {args.twins} --exports '{args.exports}' "
-                     f"--calibration {args.calibration} --parity-tokens {args.parity_tokens}"}
+    report = {
+        "device": device_record() | {"memory_bandwidth_gb_s": bandwidth_gb_s()},
+        "rows": rows,
+        "how": f"benchmarks/offgrid_quant.py --twins {args.twins} --exports '{args.exports}' "
+        f"--calibration {args.calibration} --parity-tokens {args.parity_tokens}",
+    }
     with contextlib.ExitStack() as stack:
         if args.work:
             args.work.mkdir(parents=True, exist_ok=True)
@@ -79,23 +85,37 @@ def main() -> None:
         for twin, folder in folders.items():
             for calibration, export in [(c, e) for c in args.calibration.split(",") for e in args.exports.split(";")]:
                 formats, quants = export.split(":")
-                options = ExportOptions(formats=tuple(formats.split(",")), quants=tuple(quants.split(",")),
-                                        allow_drift=True, profile=False, calibrate=calibration == "on",
-                                        parity=ParitySettings(max_tokens=args.parity_tokens))
+                options = ExportOptions(
+                    formats=tuple(formats.split(",")),
+                    quants=tuple(quants.split(",")),
+                    allow_drift=True,
+                    profile=False,
+                    calibrate=calibration == "on",
+                    parity=ParitySettings(max_tokens=args.parity_tokens),
+                )
                 start = time.time()
                 manifest = export_bundle(folder, scratch / f"bundle-{twin}-{calibration}-{len(rows)}", options)
                 seconds = round(time.time() - start, 1)
                 for entry in manifest.artifacts[1:]:  # the reference is 1.0 by definition
                     parity = entry.parity or {}
-                    row = {"twin": twin, "calibration": calibration, "artifact": entry.name, "kept": entry.quant,
-                           "ppl_ratio": round(parity.get("ppl_ratio", 0), 4),
-                           "top1": round(parity.get("top1_agreement", 0), 4),
-                           "kl": round(parity.get("mean_kl", 0), 5), "passed": parity.get("passed"),
-                           "attempts": (entry.recipe or {}).get("attempts"), "export_s": seconds}
+                    row = {
+                        "twin": twin,
+                        "calibration": calibration,
+                        "artifact": entry.name,
+                        "kept": entry.quant,
+                        "ppl_ratio": round(parity.get("ppl_ratio", 0), 4),
+                        "top1": round(parity.get("top1_agreement", 0), 4),
+                        "kl": round(parity.get("mean_kl", 0), 5),
+                        "passed": parity.get("passed"),
+                        "attempts": (entry.recipe or {}).get("attempts"),
+                        "export_s": seconds,
+                    }
                     rows.append(row)
                     print(json.dumps(row), flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(report, indent=2) + "\n")  # after every export: a long run keeps its rows
+                args.out.write_text(
+                    json.dumps(report, indent=2) + "\n"
+                )  # after every export: a long run keeps its rows
 
 
 if __name__ == "__main__":

@@ -37,5 +37,8 @@ def hand_written_decode_tok_s(path: Path, prompt_ids: list[int], new_tokens: int
 
 
 if __name__ == "__main__":
-    compare_decode(arguments(__doc__.splitlines()[0], "benchmarks/results/onnx_smollm2.json"), "onnx",
-                   {"hand_written_ort": hand_written_decode_tok_s})
+    compare_decode(
+        arguments(__doc__.splitlines()[0], "benchmarks/results/onnx_smollm2.json"),
+        "onnx",
+        {"hand_written_ort": hand_written_decode_tok_s},
+    )

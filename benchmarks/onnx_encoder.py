@@ -23,8 +23,14 @@ from pathlib import Path
 from edgelm.export import ExportOptions, export_bundle
 from edgelm.profile import device_record
 
-MINILM_SHAPE = dict(vocab_size=30522, hidden_size=384, intermediate_size=1536, num_hidden_layers=6,
-                    num_attention_heads=12, max_position_embeddings=512)
+MINILM_SHAPE = dict(
+    vocab_size=30522,
+    hidden_size=384,
+    intermediate_size=1536,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    max_position_embeddings=512,
+)
 
 
 def build_model(folder: Path) -> Path:
@@ -48,20 +54,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp) / "minilm-shape")
         start = time.perf_counter()
-        manifest = export_bundle(model, Path(tmp) / "bundle", ExportOptions(
-            formats=("onnx",), quants=("fp32", "int8", "int4"), threads=args.threads))
+        manifest = export_bundle(
+            model,
+            Path(tmp) / "bundle",
+            ExportOptions(formats=("onnx",), quants=("fp32", "int8", "int4"), threads=args.threads),
+        )
         export_s = time.perf_counter() - start
     rows = []
     for entry in manifest.artifacts:
         prof, parity = entry.profile or {}, entry.parity or {}
-        rows.append({"artifact": entry.name, "bytes": entry.bytes, "min_cosine": parity.get("min_cosine"),
-                     "max_abs_diff": parity.get("max_abs_diff"), "passed": parity.get("passed"),
-                     **{k: prof.get(k) for k in ("sequence_length", "batch", "latency_p50_ms", "latency_p90_ms",
-                                                 "throughput_per_s", "peak_rss_mb", "load_s")}})
+        rows.append(
+            {
+                "artifact": entry.name,
+                "bytes": entry.bytes,
+                "min_cosine": parity.get("min_cosine"),
+                "max_abs_diff": parity.get("max_abs_diff"),
+                "passed": parity.get("passed"),
+                **{
+                    k: prof.get(k)
+                    for k in (
+                        "sequence_length",
+                        "batch",
+                        "latency_p50_ms",
+                        "latency_p90_ms",
+                        "throughput_per_s",
+                        "peak_rss_mb",
+                        "load_s",
+                    )
+                },
+            }
+        )
     fp32 = next(r for r in rows if r["artifact"] == "onnx-fp32")
     result = {
-        "benchmark": "onnx_encoder", "shape": MINILM_SHAPE, "parameters": manifest.source["num_parameters"],
-        "threads": args.threads, "export_s": round(export_s, 1), "rows": rows,
+        "benchmark": "onnx_encoder",
+        "shape": MINILM_SHAPE,
+        "parameters": manifest.source["num_parameters"],
+        "threads": args.threads,
+        "export_s": round(export_s, 1),
+        "rows": rows,
         "size_ratio_vs_fp32": {r["artifact"]: r["bytes"] / fp32["bytes"] for r in rows},
         "peak_rss_scope": "the export process (it also holds the fp32 torch reference)",
         "device": device_record(),
@@ -69,8 +99,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for r in rows:
-        print(f"{r['artifact']:15s} {r['bytes'] / 1e6:7.1f} MB  cos {r['min_cosine']:.5f}  p50 {r['latency_p50_ms']:.2f} ms"
-              f"  p90 {r['latency_p90_ms']:.2f} ms  b8 {r['throughput_per_s']:.1f}/s")
+        print(
+            f"{r['artifact']:15s} {r['bytes'] / 1e6:7.1f} MB  cos {r['min_cosine']:.5f}"
+            f"  p50 {r['latency_p50_ms']:.2f} ms"
+            f"  p90 {r['latency_p90_ms']:.2f} ms  b8 {r['throughput_per_s']:.1f}/s"
+        )
 
 
 if __name__ == "__main__":

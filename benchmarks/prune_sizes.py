@@ -22,18 +22,32 @@ from edgelm.export import ExportOptions, export_bundle
 from edgelm.parity import ParitySettings
 from edgelm.profile import device_record
 
-METHODS = {"l1 50%": Prune("l1", 0.5), "2:4": Prune("2:4"), "channels 25%": Prune("channels", 0.25),
-           "heads 1 of 3 groups": Prune("heads", 0.34)}
+METHODS = {
+    "l1 50%": Prune("l1", 0.5),
+    "2:4": Prune("2:4"),
+    "channels 25%": Prune("channels", 0.25),
+    "heads 1 of 3 groups": Prune("heads", 0.34),
+}
 
 
 def export_size(source: Path | None, bundle: Path) -> dict:
-    options = ExportOptions(formats=("gguf",), quants=("int8",), profile=False, allow_drift=True, overwrite=True,
-                            parity=ParitySettings(max_tokens=2048))
+    options = ExportOptions(
+        formats=("gguf",),
+        quants=("int8",),
+        profile=False,
+        allow_drift=True,
+        overwrite=True,
+        parity=ParitySettings(max_tokens=2048),
+    )
     manifest = export_bundle(source, bundle, options)
     gguf = next(a for a in manifest.artifacts if a.format == "gguf")
     reference = next(a for a in manifest.artifacts if a.format == "safetensors")
-    row = {"gguf_q8_0_mb": round(gguf.bytes / 1e6, 2), "safetensors_fp32_mb": round(reference.bytes / 1e6, 2),
-           "parity_ppl_fp32": round(reference.parity["perplexity"], 4), "gguf_q8_0_ppl_ratio": round(gguf.parity["ppl_ratio"], 4)}
+    row = {
+        "gguf_q8_0_mb": round(gguf.bytes / 1e6, 2),
+        "safetensors_fp32_mb": round(reference.bytes / 1e6, 2),
+        "parity_ppl_fp32": round(reference.parity["perplexity"], 4),
+        "gguf_q8_0_ppl_ratio": round(gguf.parity["ppl_ratio"], 4),
+    }
     shutil.rmtree(bundle)
     return row
 
@@ -49,10 +63,17 @@ def main() -> None:
         folder = args.work / name.replace(" ", "-").replace("%", "").replace(":", "of")
         record = compress_model(None, folder, CompressRecipe(prune=prune), overwrite=True)
         step = record.steps[0]
-        rows[name] = {"heldout_ppl_base": record.perplexity["base"], "heldout_ppl_pruned": record.perplexity["after_prune"],
-                      "parameters": record.parameters["after"], "sparsity_reached": step.get("sparsity_reached"),
-                      "shrinks_files": step["shrinks_files"], **export_size(folder, args.work / "bundle")}
-        args.out.write_text(json.dumps({"model": "SmolLM2-135M-Instruct", "device": device_record(), "rows": rows}, indent=2) + "\n")
+        rows[name] = {
+            "heldout_ppl_base": record.perplexity["base"],
+            "heldout_ppl_pruned": record.perplexity["after_prune"],
+            "parameters": record.parameters["after"],
+            "sparsity_reached": step.get("sparsity_reached"),
+            "shrinks_files": step["shrinks_files"],
+            **export_size(folder, args.work / "bundle"),
+        }
+        args.out.write_text(
+            json.dumps({"model": "SmolLM2-135M-Instruct", "device": device_record(), "rows": rows}, indent=2) + "\n"
+        )
     print(json.dumps(rows, indent=2))
 
 

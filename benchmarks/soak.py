@@ -47,10 +47,18 @@ def soak(bundle: Path, name: str, generations: int, new_tokens: int) -> dict:
     rss_after, fds_after = process.memory_info().rss, process.num_fds()
     lm.close()
     growth = (rss_after - rss_before) / 1e6
-    return {"artifact": name, "generations": generations, "new_tokens": new_tokens, "seconds": round(seconds, 1),
-            "rss_before_mb": round(rss_before / 1e6, 1), "rss_after_mb": round(rss_after / 1e6, 1),
-            "rss_growth_mb": round(growth, 2), "fds_before": fds_before, "fds_after": fds_after,
-            "passed": growth < RSS_LIMIT_MB and fds_after <= fds_before}
+    return {
+        "artifact": name,
+        "generations": generations,
+        "new_tokens": new_tokens,
+        "seconds": round(seconds, 1),
+        "rss_before_mb": round(rss_before / 1e6, 1),
+        "rss_after_mb": round(rss_after / 1e6, 1),
+        "rss_growth_mb": round(growth, 2),
+        "fds_before": fds_before,
+        "fds_after": fds_after,
+        "passed": growth < RSS_LIMIT_MB and fds_after <= fds_before,
+    }
 
 
 def main() -> None:
@@ -63,8 +71,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="edgelm-soak-") as tmp:
         model = build_tiny_model("llama", Path(tmp) / "model")
         bundle = Path(tmp) / "bundle"
-        export_bundle(model, bundle, ExportOptions(parity=ParitySettings(max_tokens=256, window=64, stride=64),
-                                                   profile=False))
+        export_bundle(
+            model, bundle, ExportOptions(parity=ParitySettings(max_tokens=256, window=64, stride=64), profile=False)
+        )
         seen_formats = set()
         for entry in read_bundle(bundle).artifacts:  # one artifact per format
             if entry.format in seen_formats:
@@ -72,8 +81,12 @@ def main() -> None:
             seen_formats.add(entry.format)
             rows.append(soak(bundle, entry.name, args.generations, args.new_tokens))
             print(json.dumps(rows[-1]), flush=True)
-    report = {"device": device_record(), "rss_limit_mb": RSS_LIMIT_MB,
-              "all_passed": all(r["passed"] for r in rows), "rows": rows}
+    report = {
+        "device": device_record(),
+        "rss_limit_mb": RSS_LIMIT_MB,
+        "all_passed": all(r["passed"] for r in rows),
+        "rows": rows,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"all passed: {report['all_passed']}")

@@ -32,13 +32,13 @@ def signature_runner_decode_tok_s(path: Path, prompt_ids: list[int], new_tokens:
 
     def step(runner, ids: list[int], pos: int, width: int) -> int:
         padded = np.zeros((1, width), np.int32)
-        padded[0, :len(ids)] = ids
+        padded[0, : len(ids)] = ids
         inputs = {"args_0": padded, "args_1": np.array([pos], np.int32)}
         inputs |= {name: cache for name, cache in zip(names[2:], caches)}
         out = runner(**inputs)
         outputs = sorted(out, key=lambda k: int(k.removeprefix("output_")))
         for cache, name in zip(caches, outputs[1:]):
-            cache[:, :, pos:pos + len(ids)] = out[name][:, :, :len(ids)]
+            cache[:, :, pos : pos + len(ids)] = out[name][:, :, : len(ids)]
         return int(out[outputs[0]][0, len(ids) - 1].argmax())
 
     token, pos = step(prefill, prompt_ids, 0, length), len(prompt_ids)
@@ -49,5 +49,8 @@ def signature_runner_decode_tok_s(path: Path, prompt_ids: list[int], new_tokens:
 
 
 if __name__ == "__main__":
-    compare_decode(arguments(__doc__.splitlines()[0], "benchmarks/results/tflite_smollm2.json"), "tflite",
-                   {"signature_runner": signature_runner_decode_tok_s})
+    compare_decode(
+        arguments(__doc__.splitlines()[0], "benchmarks/results/tflite_smollm2.json"),
+        "tflite",
+        {"signature_runner": signature_runner_decode_tok_s},
+    )

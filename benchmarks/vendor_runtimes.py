@@ -46,15 +46,32 @@ PEERS = {  # name -> the builder's --extra_options
     "genai-builder-int4-k_quant_mixed": ["algo_config=k_quant_mixed"],
     # asymmetric with the shared (tied) table fails to load in 0.18.0: "Type (tensor(uint8)) of output arg
     # (/model/embed_tokens/Reshape/output_0) ... does not match expected type (tensor(float))"
-    "genai-builder-int4-asym-head8": ["is_symmetric=false", "block_size=32", "matmul_mixed_precision=last_matmul:int8",
-                                      "shared_embeddings=false"],
+    "genai-builder-int4-asym-head8": [
+        "is_symmetric=false",
+        "block_size=32",
+        "matmul_mixed_precision=last_matmul:int8",
+        "shared_embeddings=false",
+    ],
 }
 
 
 def build_peer(hf: Path, out: Path, extra: list[str]) -> float:
     start = time.perf_counter()
-    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", "int4",
-               "-e", "cpu", "-c", str(out.parent / "cache")] + (["--extra_options", *extra] if extra else [])
+    command = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(hf),
+        "-o",
+        str(out),
+        "-p",
+        "int4",
+        "-e",
+        "cpu",
+        "-c",
+        str(out.parent / "cache"),
+    ] + (["--extra_options", *extra] if extra else [])
     subprocess.run(command, check=True, capture_output=True)
     return time.perf_counter() - start
 
@@ -123,8 +140,19 @@ def main() -> None:
     # the export's check, repeated here with this code: the parity prompt, 64 greedy tokens
     tokenizer = Tokenizer(args.bundle / "tokenizer")
     parity_prompt = tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
-    checks = {a.name: check_artifact(a.format, args.bundle / a.path, args.bundle, sessions[a.name].session(), tokenizer,
-                                     facts, parity_prompt, args.threads) for a in entries}
+    checks = {
+        a.name: check_artifact(
+            a.format,
+            args.bundle / a.path,
+            args.bundle,
+            sessions[a.name].session(),
+            tokenizer,
+            facts,
+            parity_prompt,
+            args.threads,
+        )
+        for a in entries
+    }
     for name, check in checks.items():
         print(name, check.result, flush=True)
     runs: dict[str, dict[str, list[float]]] = {a.name: {"vendor": [], "edgelm": []} for a in entries}
@@ -135,25 +163,33 @@ def main() -> None:
         hf.mkdir(parents=True)
         for source in [*(args.bundle / "reference").iterdir(), *(args.bundle / "tokenizer").iterdir()]:
             shutil.copyfile(source, hf / source.name)
-        ids = Tokenizer(args.bundle / "tokenizer").encode(parity_text())[:ParitySettings().max_tokens]
+        ids = Tokenizer(args.bundle / "tokenizer").encode(parity_text())[: ParitySettings().max_tokens]
         reference_ppl = next(a.parity["reference_perplexity"] for a in entries if a.parity)
         for name, extra in PEERS.items():
             folder = args.work / name
             seconds = build_peer(hf, folder, extra)
             ppl = genai_perplexity(folder, ids, args.threads)
-            peers[name] = {"extra_options": extra, "build_s": round(seconds, 1), "bytes": folder_bytes(folder),
-                           "ppl": ppl, "ppl_ratio": ppl / reference_ppl, "decode_tok_s_runs": []}
+            peers[name] = {
+                "extra_options": extra,
+                "build_s": round(seconds, 1),
+                "bytes": folder_bytes(folder),
+                "ppl": ppl,
+                "ppl_ratio": ppl / reference_ppl,
+                "decode_tok_s_runs": [],
+            }
             print(json.dumps({name: peers[name]}), flush=True)
     for entry in entries:  # warm-up
         get_vendor(entry.format).generate(args.bundle / entry.path, args.bundle, prompt, facts, 8, args.threads)
     for round_ in range(args.repeats):  # interleaved: drift in machine speed hits every row alike
         for entry in entries:
-            run = get_vendor(entry.format).generate(args.bundle / entry.path, args.bundle, prompt, facts,
-                                                    args.new_tokens, args.threads, ignore_eos=True)
+            run = get_vendor(entry.format).generate(
+                args.bundle / entry.path, args.bundle, prompt, facts, args.new_tokens, args.threads, ignore_eos=True
+            )
             runs[entry.name]["vendor"].append(run.decode_tok_s or 0.0)
             runs[entry.name].setdefault("vendor_tokens", []).append(run.tokens)
-            runs[entry.name]["edgelm"].append(sessions[entry.name].profile(max_new_tokens=args.new_tokens,
-                                                                           repeats=1).decode_tok_s)
+            runs[entry.name]["edgelm"].append(
+                sessions[entry.name].profile(max_new_tokens=args.new_tokens, repeats=1).decode_tok_s
+            )
         for name, peer in peers.items():
             rate, _ = genai_decode(args.work / name, prompt, args.new_tokens, args.threads)
             peer["decode_tok_s_runs"].append(rate)
@@ -162,28 +198,53 @@ def main() -> None:
     for entry in entries:
         vendor, ours = runs[entry.name]["vendor"], runs[entry.name]["edgelm"]
         check = checks[entry.name]
-        rows.append({"artifact": entry.name, "bytes": entry.bytes, "vendor_runtime": check.runtime,
-                     "vendor_version": check.version, "vendor_check": check.result,
-                     "vendor_check_matching_tokens": check.matching_tokens,
-                     "vendor_check_text": check.vendor_text, "edgelm_check_text": check.edgelm_text,
-                     "ppl_ratio": (entry.parity or {}).get("ppl_ratio"),
-                     "vendor_decode_tok_s_runs": vendor, "vendor_decode_tok_s_median": statistics.median(vendor),
-                     "vendor_tokens": runs[entry.name]["vendor_tokens"],
-                     "edgelm_decode_tok_s_runs": ours, "edgelm_decode_tok_s_median": statistics.median(ours)})
+        rows.append(
+            {
+                "artifact": entry.name,
+                "bytes": entry.bytes,
+                "vendor_runtime": check.runtime,
+                "vendor_version": check.version,
+                "vendor_check": check.result,
+                "vendor_check_matching_tokens": check.matching_tokens,
+                "vendor_check_text": check.vendor_text,
+                "edgelm_check_text": check.edgelm_text,
+                "ppl_ratio": (entry.parity or {}).get("ppl_ratio"),
+                "vendor_decode_tok_s_runs": vendor,
+                "vendor_decode_tok_s_median": statistics.median(vendor),
+                "vendor_tokens": runs[entry.name]["vendor_tokens"],
+                "edgelm_decode_tok_s_runs": ours,
+                "edgelm_decode_tok_s_median": statistics.median(ours),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
     for peer in peers.values():
         peer["decode_tok_s_median"] = statistics.median(peer["decode_tok_s_runs"])
     for session in sessions.values():
         session.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "bundle": str(args.bundle), "model": manifest.source["model_id"], "prompt": prompt,
-        "new_tokens": args.new_tokens, "threads": args.threads, "repeats": args.repeats,
-        "read_write_bandwidth_gb_s": bandwidth_gb_s(), "device": device_record(), "rows": rows, "peers": peers,
-        "how": "vendor: the runtime's own loop on edgelm's file (decode = tokens after the first / time after the "
-               "first; EOS ignored where the API allows, ExecuTorch's runner counted); edgelm: edgelm's profile (EOS ignored); peers: "
-               "og.Generator with min_length forcing new_tokens; all interleaved per round",
-    }, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "bundle": str(args.bundle),
+                "model": manifest.source["model_id"],
+                "prompt": prompt,
+                "new_tokens": args.new_tokens,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "read_write_bandwidth_gb_s": bandwidth_gb_s(),
+                "device": device_record(),
+                "rows": rows,
+                "peers": peers,
+                "how": "vendor: the runtime's own loop on edgelm's file (decode = tokens after the first / time "
+                "after the "
+                "first; EOS ignored where the API allows, ExecuTorch's runner counted); edgelm: edgelm's profile "
+                "(EOS ignored); peers: "
+                "og.Generator with min_length forcing new_tokens; all interleaved per round",
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

@@ -21,8 +21,11 @@ sys.path.insert(0, str(ROOT / "tests"))  # tiny_models, shared with the unit tes
 
 
 def pytest_addoption(parser):
-    parser.addoption("--device", default=os.environ.get("EDGELM_DEVICE", ""),
-                     help="device address: chroot:PATH, ssh://user@host[:port], adb:SERIAL (or EDGELM_DEVICE)")
+    parser.addoption(
+        "--device",
+        default=os.environ.get("EDGELM_DEVICE", ""),
+        help="device address: chroot:PATH, ssh://user@host[:port], adb:SERIAL (or EDGELM_DEVICE)",
+    )
 
 
 @pytest.fixture(scope="session")
@@ -53,8 +56,16 @@ def tiny_bundle(tmp_path_factory):
     model = build_tiny_model("llama", tmp_path_factory.mktemp("tiny") / "llama")
     out = tmp_path_factory.mktemp("bundle") / "tiny-llama"
     formats = tuple(f for f in ("onnx", "tflite") if _installed(f))
-    export_bundle(model, out, ExportOptions(formats=formats, quants=("fp32",), profile=False,
-                                            parity=ParitySettings(max_tokens=256, window=64, stride=64)))
+    export_bundle(
+        model,
+        out,
+        ExportOptions(
+            formats=formats,
+            quants=("fp32",),
+            profile=False,
+            parity=ParitySettings(max_tokens=256, window=64, stride=64),
+        ),
+    )
     return out
 
 

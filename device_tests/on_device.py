@@ -25,7 +25,7 @@ def main(bundle: str, artifact: str, out: str, tokens: int = 512, window: int = 
     session = model.session()
     nll, count, first = 0.0, 0, None
     for start in range(0, len(ids) - 1, window):
-        chunk = np.asarray(ids[start:start + window + 1], dtype=np.int64)
+        chunk = np.asarray(ids[start : start + window + 1], dtype=np.int64)
         if len(chunk) < 2:
             break
         session.reset()
@@ -40,8 +40,9 @@ def main(bundle: str, artifact: str, out: str, tokens: int = 512, window: int = 
     text = model.generate("The parity", max_new_tokens=16)
     np.save(out + ".npy", first)
     with open(out + ".json", "w") as fh:
-        json.dump({"perplexity": float(np.exp(nll / count)), "tokens": count, "greedy": text,
-                   "device": device_record()}, fh)
+        json.dump(
+            {"perplexity": float(np.exp(nll / count)), "tokens": count, "greedy": text, "device": device_record()}, fh
+        )
 
 
 if __name__ == "__main__":

@@ -19,9 +19,11 @@ from edgelm.push import push_bundle
 HERE = Path(__file__).resolve().parent
 FP32_PPL_TOLERANCE = 0.005  # the fp32 parity gate: ppl within 0.5%
 # runtimes a runtime-only arm64 device can have, and why the others are not there
-NOT_ON_DEVICE = {"torch": "the torch reference is never pushed",
-                 "executorch": "ExecuTorch's Python runtime imports torch (a 427 MB wheel), not in a runtime-only install",
-                 "llama.cpp": "llama-cpp-python has no aarch64 wheel; it must be compiled for the device"}
+NOT_ON_DEVICE = {
+    "torch": "the torch reference is never pushed",
+    "executorch": "ExecuTorch's Python runtime imports torch (a 427 MB wheel), not in a runtime-only install",
+    "llama.cpp": "llama-cpp-python has no aarch64 wheel; it must be compiled for the device",
+}
 
 
 def _run_on_device(transport, remote: str, artifact: str) -> tuple[dict, np.ndarray]:
@@ -38,7 +40,9 @@ def _run_on_device(transport, remote: str, artifact: str) -> tuple[dict, np.ndar
 def _run_here(bundle: Path, artifact: str) -> tuple[dict, np.ndarray]:
     with tempfile.TemporaryDirectory() as scratch:
         out = str(Path(scratch) / "r")
-        subprocess.run([sys.executable, str(HERE / "on_device.py"), str(bundle), artifact, out], check=True, timeout=600)
+        subprocess.run(
+            [sys.executable, str(HERE / "on_device.py"), str(bundle), artifact, out], check=True, timeout=600
+        )
         return json.loads(Path(out + ".json").read_text()), np.load(out + ".npy")
 
 

@@ -24,8 +24,9 @@ if TYPE_CHECKING:
     from edgelm.api import LanguageModel, TextEncoder
 
 
-def load(path: Any, format: str | None = None, device: str = "cpu", threads: int | None = None,
-         verify: bool = True) -> LanguageModel | TextEncoder:
+def load(
+    path: Any, format: str | None = None, device: str = "cpu", threads: int | None = None, verify: bool = True
+) -> LanguageModel | TextEncoder:
     """Open an artifact of a bundle; see edgelm.api.load."""
     from edgelm.api import load as _load
 
@@ -33,6 +34,13 @@ def load(path: Any, format: str | None = None, device: str = "cpu", threads: int
 
 
 __all__ = [
-    "load", "EdgeLMError", "InvalidModelError", "UnsupportedError", "TokenizerError",
-    "BundleError", "DeviceError", "ParityError", "__version__",
+    "load",
+    "EdgeLMError",
+    "InvalidModelError",
+    "UnsupportedError",
+    "TokenizerError",
+    "BundleError",
+    "DeviceError",
+    "ParityError",
+    "__version__",
 ]

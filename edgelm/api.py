@@ -30,8 +30,15 @@ from edgelm.tokenizer import Tokenizer
 class _Loaded:
     """What every loaded artifact carries: its session, tokenizer, manifest entry and load time."""
 
-    def __init__(self, session: Any, tokenizer: Tokenizer, entry: ArtifactEntry, manifest: Manifest,
-                 load_s: float, threads: int | None):
+    def __init__(
+        self,
+        session: Any,
+        tokenizer: Tokenizer,
+        entry: ArtifactEntry,
+        manifest: Manifest,
+        load_s: float,
+        threads: int | None,
+    ):
         self._session = session
         self.tokenizer = tokenizer
         self.artifact = entry
@@ -79,8 +86,16 @@ class LanguageModel(_Loaded):
 
     def profile(self, prompts: tuple[str, ...] | None = None, max_new_tokens: int = 128, repeats: int = 3) -> Profile:
         kwargs: dict[str, Any] = {"prompts": prompts} if prompts else {}
-        return profile_session(self._session, self.tokenizer, max_new_tokens=max_new_tokens, repeats=repeats,
-                               load_s=self.load_s, file_bytes=self.artifact.bytes, threads=self.threads, **kwargs)
+        return profile_session(
+            self._session,
+            self.tokenizer,
+            max_new_tokens=max_new_tokens,
+            repeats=repeats,
+            load_s=self.load_s,
+            file_bytes=self.artifact.bytes,
+            threads=self.threads,
+            **kwargs,
+        )
 
 
 class TextEncoder(_Loaded):
@@ -129,12 +144,20 @@ class TextEncoder(_Loaded):
     def profile(self, text: str | None = None, runs: int = 20, batch: int = 8) -> EncoderProfile:
         """Latency at 128 tokens (p50/p90), throughput at `batch`, peak RSS (see encoder_eval)."""
         source = text or "\n\n".join(encoder_texts())
-        return profile_encoder(self._session, self.tokenizer.encode(source), runs=runs, batch=batch,
-                               load_s=self.load_s, file_bytes=self.artifact.bytes, threads=self.threads)
+        return profile_encoder(
+            self._session,
+            self.tokenizer.encode(source),
+            runs=runs,
+            batch=batch,
+            load_s=self.load_s,
+            file_bytes=self.artifact.bytes,
+            threads=self.threads,
+        )
 
 
-def load(path: str | Path, format: str | None = None, device: str = "cpu", threads: int | None = None,
-         verify: bool = True) -> LanguageModel | TextEncoder:
+def load(
+    path: str | Path, format: str | None = None, device: str = "cpu", threads: int | None = None, verify: bool = True
+) -> LanguageModel | TextEncoder:
     """Open a bundle folder and one of its artifacts (by artifact name or format).
 
     Verifies every file's sha256 first (verify=False skips that). Raises BundleError for a
@@ -160,8 +183,10 @@ def load(path: str | Path, format: str | None = None, device: str = "cpu", threa
     kind, method = TASK_KINDS[task]
     if not hasattr(session, method):
         session.close()
-        raise BundleError(f"manifest.json says {task}, but {entry.path} is not that kind of model; the manifest was "
-                          "edited — re-export the bundle")
+        raise BundleError(
+            f"manifest.json says {task}, but {entry.path} is not that kind of model; the manifest was "
+            "edited — re-export the bundle"
+        )
     return kind(session, tokenizer, entry, manifest, load_s, threads)
 
 

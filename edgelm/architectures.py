@@ -47,9 +47,7 @@ PHI3_GROUPS = (
 )
 # Post-LayerNorm encoders: a LayerNorm's output is also the residual stream, so only the
 # value → output projection pair can be rescaled without changing the function.
-BERT_GROUPS = (
-    ScaleGroup("attention.self.value", ("attention.output.dense",), "linear", same_heads=True),
-)
+BERT_GROUPS = (ScaleGroup("attention.self.value", ("attention.output.dense",), "linear", same_heads=True),)
 
 
 @dataclass(frozen=True)
@@ -88,8 +86,11 @@ def task_for(arch: Architecture, config: dict[str, Any] | None = None) -> str:
     if arch.kind == "decoder":
         return "text-generation"
     heads = (config or {}).get("architectures") or []
-    return "text-classification" if any(str(h).endswith("ForSequenceClassification") for h in heads) \
+    return (
+        "text-classification"
+        if any(str(h).endswith("ForSequenceClassification") for h in heads)
         else "feature-extraction"
+    )
 
 
 def supported_model_types() -> list[str]:

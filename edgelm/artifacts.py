@@ -76,9 +76,18 @@ class ArtifactBuilder:
     """Builds every artifact of one export; owns which model variant each format's scratch
     files were made from (an exporter keeps one fp32 intermediate between its recipes)."""
 
-    def __init__(self, model: Any, source: SourceModel, work: Path, options: Any, evaluation: Any, reference: Any,
-                 step: Callable[[str], AbstractContextManager[Any]], calibration: Calibration,
-                 vendors: VendorChecks | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        source: SourceModel,
+        work: Path,
+        options: Any,
+        evaluation: Any,
+        reference: Any,
+        step: Callable[[str], AbstractContextManager[Any]],
+        calibration: Calibration,
+        vendors: VendorChecks | None = None,
+    ) -> None:
         self.model, self.source, self.work, self.options = model, source, work, options
         self.evaluation, self.reference, self.step, self.calibration = evaluation, reference, step, calibration
         self.vendors = vendors  # None: no vendor-runtime checks (encoders, or switched off)
@@ -104,16 +113,20 @@ class ArtifactBuilder:
         for fmt, quant in plan:
             exporter, name, recipe, ladder = self._ladder(fmt, quant)
             first = ladder[0]
-            if (not getattr(exporter, "exports_in_background", False) or len(plan) - len(started) <= 2
-                    or first.eight_bit_share):
+            if (
+                not getattr(exporter, "exports_in_background", False)
+                or len(plan) - len(started) <= 2
+                or first.eight_bit_share
+            ):
                 continue  # nothing to overlap with, or the recipe needs the layers' sensitivity first
             if not worth_a_second_process(self.model, workers=len(started) + 1):
                 continue
             model, calibration = self._model_for(fmt, first, recipe)
             settings = self._gptq_settings(exporter, first, recipe)
             with self.step(f"Starting {name}'s export in a background process"):
-                self.background.start((fmt, first), BackgroundExport(model, fmt, self.source, self.work, first.quant,
-                                                                     name, settings))
+                self.background.start(
+                    (fmt, first), BackgroundExport(model, fmt, self.source, self.work, first.quant, name, settings)
+                )
             self._background_calibration[(fmt, first)] = calibration
             started.append((fmt, quant))
         return [item for item in plan if item not in started] + started
@@ -127,9 +140,15 @@ class ArtifactBuilder:
             _remove(files, self.work)  # the previous attempt missed its gate
             label = name if number == 0 else f"{name} as {attempt.describe()}"
             entry, failure, files = self._attempt(exporter, name, label, attempt, recipe)
-            tried.append({"quant": attempt.quant, "calibrated": attempt.calibrated, "result": failure or "passed",
-                          **({"layers_at_8_bits": entry.recipe["layers_at_8_bits"]} if attempt.eight_bit_share else {}),
-                          **{k: v for k, v in (entry.parity or {}).items() if k in PARITY_SUMMARY}})
+            tried.append(
+                {
+                    "quant": attempt.quant,
+                    "calibrated": attempt.calibrated,
+                    "result": failure or "passed",
+                    **({"layers_at_8_bits": entry.recipe["layers_at_8_bits"]} if attempt.eight_bit_share else {}),
+                    **{k: v for k, v in (entry.parity or {}).items() if k in PARITY_SUMMARY},
+                }
+            )
             entry.recipe["attempts"] = tried
             if failure is None:
                 return entry, None
@@ -160,8 +179,9 @@ class ArtifactBuilder:
         with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
             return {"hessians": self.calibration.hessians(recipe)}
 
-    def _attempt(self, exporter: Any, name: str, label: str, attempt: Attempt,
-                 recipe: str) -> tuple[ArtifactEntry, str | None, list[Path]]:
+    def _attempt(
+        self, exporter: Any, name: str, label: str, attempt: Attempt, recipe: str
+    ) -> tuple[ArtifactEntry, str | None, list[Path]]:
         """Export, open and measure one attempt: (entry, gate failure or None, the files it wrote)."""
         from edgelm.export import _export_one
 
@@ -171,8 +191,7 @@ class ArtifactBuilder:
             calibration = self._background_calibration.pop((exporter.format, attempt))
             with self.step(f"Waiting for {label}'s export in its background process"):
                 artifact, seconds = pending.result()
-            getattr(self.step, "record_background", lambda *_: None)(f"Exporting {label} (background process)",
-                                                                    seconds)
+            getattr(self.step, "record_background", lambda *_: None)(f"Exporting {label} (background process)", seconds)
         else:
             model, calibration = self._model_for(exporter.format, attempt, recipe)
             if attempt.eight_bit_share:
@@ -185,24 +204,40 @@ class ArtifactBuilder:
         with self.step(f"Loading {name} in {runtime.name}"), self.background.paused():
             session, load_s = timed(runtime.open, artifact.path, threads=self.options.threads)
         file_bytes = artifact.path.stat().st_size + sum(f.stat().st_size for f in artifact.extra_files)
-        with self.step(f"Measuring parity of {name} on real text" + (" and profiling it" if self.options.profile else "")):
-            measured = self.evaluation.measure(session, self.reference, recipe, load_s, file_bytes,
-                                               quiet=self.background.paused)
+        with self.step(
+            f"Measuring parity of {name} on real text" + (" and profiling it" if self.options.profile else "")
+        ):
+            measured = self.evaluation.measure(
+                session, self.reference, recipe, load_s, file_bytes, quiet=self.background.paused
+            )
         vendor = None
         if measured.failure is None and self.vendors is not None and self.vendors.covers(exporter.format):
             with self.step(f"Running {name} in its vendor's LLM runtime"), self.background.paused():
                 vendor = self.vendors.run(exporter.format, artifact.path, self.work, session)
         session.close()
         if vendor is not None and vendor.failed and not self.options.allow_vendor_mismatch:
-            raise VendorMismatchError(f"{name}: {vendor.result[len('failed: '):]} (nothing written; "
-                                      "--allow-vendor-mismatch keeps it)")
+            raise VendorMismatchError(
+                f"{name}: {vendor.result[len('failed: ') :]} (nothing written; --allow-vendor-mismatch keeps it)"
+            )
         entry = ArtifactEntry(
-            name=name, format=exporter.format, path=artifact.path.relative_to(self.work).as_posix(),
-            sha256=sha256_file(artifact.path), bytes=file_bytes, quant=artifact.quant,
-            runtime=runtime.name, runtime_version=runtime.version(), built_by=artifact.built_by,
-            signature=artifact.signature, parity=measured.parity, profile=measured.profile,
-            recipe={"gate_recipe": recipe, "chosen": attempt.quant, "calibration": calibration,
-                    **({"layers_at_8_bits": list(settings["layers_8bit"])} if "layers_8bit" in settings else {})},
+            name=name,
+            format=exporter.format,
+            path=artifact.path.relative_to(self.work).as_posix(),
+            sha256=sha256_file(artifact.path),
+            bytes=file_bytes,
+            quant=artifact.quant,
+            runtime=runtime.name,
+            runtime_version=runtime.version(),
+            built_by=artifact.built_by,
+            signature=artifact.signature,
+            parity=measured.parity,
+            profile=measured.profile,
+            recipe={
+                "gate_recipe": recipe,
+                "chosen": attempt.quant,
+                "calibration": calibration,
+                **({"layers_at_8_bits": list(settings["layers_8bit"])} if "layers_8bit" in settings else {}),
+            },
             vendor_runtimes=[vendor.to_dict()] if vendor else [],
         )
         written = [self.work / rel for rel in (vendor.files if vendor else [])]
@@ -216,4 +251,3 @@ class ArtifactBuilder:
             finish = getattr(get_exporter(fmt), "finish", None)
             if finish:
                 finish(self.work)
-

@@ -73,8 +73,15 @@ def _work(job_file: Path) -> None:
     job_file.unlink()
     start = time.perf_counter()
     try:
-        artifact = _export_one(get_exporter(job["format"]), job["model"], job["source"], Path(job["work"]),
-                               job["quant"], job["name"], **job["settings"])
+        artifact = _export_one(
+            get_exporter(job["format"]),
+            job["model"],
+            job["source"],
+            Path(job["work"]),
+            job["quant"],
+            job["name"],
+            **job["settings"],
+        )
         outcome: tuple[str, Any, float] = ("ok", artifact, time.perf_counter() - start)
     except EdgeLMError as err:
         outcome = ("error", err, 0.0)
@@ -89,8 +96,16 @@ class BackgroundExport:
     would make every script that calls `export_bundle` need an `if __name__ == "__main__"` guard.
     """
 
-    def __init__(self, model: Any, fmt: str, source: Any, work: Path, quant: str, name: str,
-                 settings: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        fmt: str,
+        source: Any,
+        work: Path,
+        quant: str,
+        name: str,
+        settings: dict[str, Any] | None = None,
+    ) -> None:
         """`settings`: the exporter's keyword arguments (GPTQ's layer statistics, ...)."""
         import torch
 
@@ -98,12 +113,27 @@ class BackgroundExport:
         self._job = work / f".background-{name}.job"
         self._result = self._job.with_suffix(".result")
         self._log = self._job.with_suffix(".log")
-        torch.save({"model": model, "format": fmt, "source": source, "work": str(work), "quant": quant, "name": name,
-                    "settings": settings or {}}, self._job)
+        torch.save(
+            {
+                "model": model,
+                "format": fmt,
+                "source": source,
+                "work": str(work),
+                "quant": quant,
+                "name": name,
+                "settings": settings or {},
+            },
+            self._job,
+        )
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}  # the modules we run with
         with self._log.open("wb") as log:
-            self._process = subprocess.Popen([sys.executable, "-m", "edgelm.background", str(self._job)],
-                                             stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env)
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "edgelm.background", str(self._job)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
         # not start_new_session: a new session is a new scheduler autogroup, where the worker's
         # nice would only rank it against itself and it would take a full core from the export
         self._paused = False
@@ -120,9 +150,11 @@ class BackgroundExport:
                 last = f": {tail[0][:300]}" if tail else ""
                 if code > 0:  # a Python exception escaped the worker: a bug of edgelm's (exit 3), not of the input
                     raise RuntimeError(f"{self.name}: the background export process failed (exit code {code}{last})")
-                raise ExportError(f"{self.name}: the background export process ended (exit code {code}{last}; "
-                                  "a negative code is the signal that killed it, e.g. 9 when memory ran out); "
-                                  "--no-background exports it in this process")
+                raise ExportError(
+                    f"{self.name}: the background export process ended (exit code {code}{last}; "
+                    "a negative code is the signal that killed it, e.g. 9 when memory ran out); "
+                    "--no-background exports it in this process"
+                )
             status, value, seconds = torch.load(self._result, weights_only=False)  # written by our worker
         finally:
             self.close()

@@ -30,7 +30,16 @@ TOKENIZER_READS = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 MANIFEST_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "type": "object",
-    "required": ["schema_version", "edgelm_version", "source", "target", "tokenizer", "generation", "artifacts", "files"],
+    "required": [
+        "schema_version",
+        "edgelm_version",
+        "source",
+        "target",
+        "tokenizer",
+        "generation",
+        "artifacts",
+        "files",
+    ],
     "properties": {
         "schema_version": {"const": SCHEMA_VERSION},
         "edgelm_version": {"type": "string"},
@@ -69,10 +78,16 @@ MANIFEST_SCHEMA: dict[str, Any] = {
                     "profile": {"type": ["object", "null"]},
                     "vendor_runtimes": {  # edgelm.vendors: the format's own LLM runtime, run on this file
                         "type": "array",
-                        "items": {"type": "object", "required": ["runtime", "package", "result"],
-                                  "properties": {"runtime": {"type": "string"}, "package": {"type": "string"},
-                                                 "result": {"type": "string"},
-                                                 "files": {"type": "array", "items": {"type": "string"}}}},
+                        "items": {
+                            "type": "object",
+                            "required": ["runtime", "package", "result"],
+                            "properties": {
+                                "runtime": {"type": "string"},
+                                "package": {"type": "string"},
+                                "result": {"type": "string"},
+                                "files": {"type": "array", "items": {"type": "string"}},
+                            },
+                        },
                     },
                 },
             },
@@ -83,14 +98,21 @@ MANIFEST_SCHEMA: dict[str, Any] = {
         },
         "compression": {  # the source was made by `edgelm compress`: its compression.json
             "type": ["object", "null"],
-            "properties": {"base_model": {"type": "string"}, "base_model_relation": {"type": "string"},
-                           "recipe": {"type": "object"}, "perplexity": {"type": "object"}},
+            "properties": {
+                "base_model": {"type": "string"},
+                "base_model_relation": {"type": "string"},
+                "recipe": {"type": "object"},
+                "perplexity": {"type": "object"},
+            },
         },
         "export_key": {"type": ["string", "null"]},  # edgelm.up_to_date: what the export depended on
         "device_profiles": {  # `edgelm profile --device`: rows measured on other machines
             "type": "array",
-            "items": {"type": "object", "required": ["device", "profiles"],
-                      "properties": {"device": {"type": "object"}, "profiles": {"type": "object"}}},
+            "items": {
+                "type": "object",
+                "required": ["device", "profiles"],
+                "properties": {"device": {"type": "object"}, "profiles": {"type": "object"}},
+            },
         },
     },
 }
@@ -168,18 +190,28 @@ def validate_manifest(data: Any) -> None:
         jsonschema.validate(data, MANIFEST_SCHEMA)
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(root)"
-        raise BundleError(f"manifest.json does not match schema v{SCHEMA_VERSION} at {where}: "
-                          f"{str(err.message)[:200]}") from err
+        raise BundleError(
+            f"manifest.json does not match schema v{SCHEMA_VERSION} at {where}: {str(err.message)[:200]}"
+        ) from err
     check_manifest_paths(data)
 
 
 def check_relative_path(rel: str, what: str) -> str:
     """A manifest path: relative, POSIX, normalised, no `..`, no empty or dot parts."""
     parts = rel.split("/")
-    if (not rel or rel.startswith("/") or "\\" in rel or any(ord(c) < 32 for c in rel) or rel != posixpath.normpath(rel)
-            or any(part in ("", ".", "..") for part in parts) or (len(parts[0]) > 1 and parts[0][1] == ":")):
-        raise BundleError(f"manifest.json: {what} {rel[:200]!r} is not a plain relative path inside the bundle; "
-                          "the bundle was tampered with — re-export it")
+    if (
+        not rel
+        or rel.startswith("/")
+        or "\\" in rel
+        or any(ord(c) < 32 for c in rel)
+        or rel != posixpath.normpath(rel)
+        or any(part in ("", ".", "..") for part in parts)
+        or (len(parts[0]) > 1 and parts[0][1] == ":")
+    ):
+        raise BundleError(
+            f"manifest.json: {what} {rel[:200]!r} is not a plain relative path inside the bundle; "
+            "the bundle was tampered with — re-export it"
+        )
     return rel
 
 
@@ -198,8 +230,10 @@ def check_manifest_paths(data: dict[str, Any]) -> None:
     for artifact in data["artifacts"]:
         path = check_relative_path(artifact["path"], f"artifact {str(artifact['name'])[:80]!r} path")
         if files.get(path) != artifact["sha256"]:
-            raise BundleError(f"manifest.json: artifact {str(artifact['name'])[:80]!r} ({path}) is not in files{{}} with "
-                              "its sha256; the bundle was tampered with — re-export it")
+            raise BundleError(
+                f"manifest.json: artifact {str(artifact['name'])[:80]!r} ({path}) is not in files{{}} with "
+                "its sha256; the bundle was tampered with — re-export it"
+            )
         for vendor in artifact.get("vendor_runtimes", []):
             for rel in vendor.get("files", []):
                 check_relative_path(rel, f"vendor runtime file of {str(artifact['name'])[:80]!r}")
@@ -225,7 +259,9 @@ def check_files_inside(root: Path, manifest: Manifest) -> None:
     for name in TOKENIZER_READS:
         rel = f"{manifest.tokenizer['path']}/{name}"
         if os.path.lexists(root / rel) and rel not in manifest.files:
-            raise BundleError(f"{root / rel}: not listed in manifest.json, so it cannot be checked; remove it or re-export")
+            raise BundleError(
+                f"{root / rel}: not listed in manifest.json, so it cannot be checked; remove it or re-export"
+            )
 
 
 def hash_tree(root: Path) -> dict[str, str]:
@@ -259,8 +295,9 @@ def is_compressed_model(path: Path) -> bool:
     return not Path(path).is_symlink() and Path(path).is_dir() and record.is_file() and not record.is_symlink()
 
 
-def check_replaceable(destination: Path, overwrite: bool, protect: tuple[Path, ...] = (),
-                      ours: Callable[[Path], bool] = is_bundle) -> None:
+def check_replaceable(
+    destination: Path, overwrite: bool, protect: tuple[Path, ...] = (), ours: Callable[[Path], bool] = is_bundle
+) -> None:
     """Refuse (BundleError, exit 2) an output path edgelm may not write or replace.
 
     Only a folder `ours` recognises as edgelm's (by default a complete bundle) is ever
@@ -279,13 +316,15 @@ def check_replaceable(destination: Path, overwrite: bool, protect: tuple[Path, .
         raise BundleError(f"{destination} already exists; pass --overwrite to replace a bundle, or choose another -o")
     if not ours(destination):
         what = "an edgelm bundle (no valid manifest.json)" if ours is is_bundle else "a folder edgelm wrote"
-        raise BundleError(f"{destination} exists and is not {what}; edgelm replaces only what it wrote — "
-                          "choose another output")
+        raise BundleError(
+            f"{destination} exists and is not {what}; edgelm replaces only what it wrote — choose another output"
+        )
 
 
 @contextmanager
-def atomic_bundle_dir(destination: Path, overwrite: bool = False, protect: tuple[Path, ...] = (),
-                      ours: Callable[[Path], bool] = is_bundle) -> Iterator[Path]:
+def atomic_bundle_dir(
+    destination: Path, overwrite: bool = False, protect: tuple[Path, ...] = (), ours: Callable[[Path], bool] = is_bundle
+) -> Iterator[Path]:
     """Yield a staging folder beside `destination`; on success swap it into place atomically.
 
     On any error (or a kill) the destination keeps what it had. An existing destination is
@@ -300,13 +339,17 @@ def atomic_bundle_dir(destination: Path, overwrite: bool = False, protect: tuple
         clean_stale(destination)
         work = make_staging(destination)
     except OSError as err:
-        raise BundleError(f"cannot write beside {destination}: {err.strerror or err}; choose a writable output") from err
+        raise BundleError(
+            f"cannot write beside {destination}: {err.strerror or err}; choose a writable output"
+        ) from err
     try:
         yield work
         if os.path.lexists(destination):  # judge what is there now, not what was there at the start
             if not overwrite:
-                raise BundleError(f"{destination} appeared while edgelm was writing; it was left as it is (choose "
-                                  "another output, or pass --overwrite to replace a bundle)")
+                raise BundleError(
+                    f"{destination} appeared while edgelm was writing; it was left as it is (choose "
+                    "another output, or pass --overwrite to replace a bundle)"
+                )
             check_replaceable(destination, overwrite, protect, ours)
         old = move_into_place(work, destination, replace_existing=overwrite)
         if old is not None:
@@ -341,7 +384,12 @@ def read_bundle(root: str | Path, verify: bool = True) -> Manifest:
         for rel, expected in manifest.files.items():
             file = root / rel
             if not file.is_file():
-                raise BundleError(f"{file}: listed in manifest.json but missing; the bundle is incomplete — re-export or re-push it")
+                raise BundleError(
+                    f"{file}: listed in manifest.json but missing; the bundle is incomplete — re-export or re-push it"
+                )
             if sha256_file(file) != expected:
-                raise BundleError(f"{file}: sha256 does not match manifest.json; the file is corrupt or was modified — re-export or re-push it")
+                raise BundleError(
+                    f"{file}: sha256 does not match manifest.json; the file is corrupt or was modified — "
+                    "re-export or re-push it"
+                )
     return manifest

@@ -22,7 +22,9 @@ class CalibrationSettings:
     window: int = 512
 
 
-def calibration_windows(tokenizer: Any, settings: CalibrationSettings, max_length: int | None = None) -> tuple[list[Any], dict[str, Any]]:
+def calibration_windows(
+    tokenizer: Any, settings: CalibrationSettings, max_length: int | None = None
+) -> tuple[list[Any], dict[str, Any]]:
     """[1, window] token-id tensors over the train split of the cleaned corpus, and its description."""
     from edgelm.compress.measure import windows
     from edgelm.compress.pipeline import TextSplits
@@ -30,16 +32,24 @@ def calibration_windows(tokenizer: Any, settings: CalibrationSettings, max_lengt
     splits = TextSplits.build(tokenizer)
     window = min(settings.window, max_length or settings.window)
     batches = windows(splits.train, window, settings.tokens)
-    description = {"text": "edgelm compress's cleaned corpus, train split (the parity text is removed first)",
-                   "tokens": sum(int(b.numel()) for b in batches), "window": window}
+    description = {
+        "text": "edgelm compress's cleaned corpus, train split (the parity text is removed first)",
+        "tokens": sum(int(b.numel()) for b in batches),
+        "window": window,
+    }
     return batches, description
 
 
 class Calibration:
     """The calibration windows of one export and the scaled model for each recipe, made lazily."""
 
-    def __init__(self, model: Any, tokenizer: Any, settings: CalibrationSettings | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        settings: CalibrationSettings | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings or CalibrationSettings()
@@ -66,8 +76,9 @@ class Calibration:
         if recipe not in self._scaled:
             if self._inputs is None:
                 self._inputs = capture_inputs(self.model, self.batches())
-            model, result = scale_for_quantization(self.model, self.batches(), PROXIES[recipe], self.progress,
-                                                   self._inputs)
+            model, result = scale_for_quantization(
+                self.model, self.batches(), PROXIES[recipe], self.progress, self._inputs
+            )
             self._scaled[recipe] = (model, result.describe() | {"calibration_text": self._text})
             self._sensitivity[recipe] = result.layer_sensitivity()
         return self._scaled[recipe]

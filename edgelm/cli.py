@@ -14,7 +14,7 @@ import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import click
 import typer
@@ -41,7 +41,7 @@ def _options(debug: Annotated[bool, typer.Option("--debug", help="Show full trac
     _state["debug"] = _state["debug"] or debug
 
 
-def _split(values: Optional[str]) -> tuple[str, ...] | None:
+def _split(values: str | None) -> tuple[str, ...] | None:
     return tuple(v.strip() for v in values.split(",") if v.strip()) if values else None
 
 
@@ -53,8 +53,12 @@ def _progress() -> Iterator[Any]:
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    with Progress(SpinnerColumn(finished_text="[green]✓"), TextColumn("{task.description}"), TimeElapsedColumn(),
-                  console=Console(stderr=True)) as progress:
+    with Progress(
+        SpinnerColumn(finished_text="[green]✓"),
+        TextColumn("{task.description}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+    ) as progress:
         running: list[tuple[Any, str]] = []
 
         @contextmanager
@@ -94,110 +98,191 @@ def _report_table(manifest: Any, title: str) -> Table:
 
 @app.command()
 def export(
-    model: Annotated[Optional[str], typer.Argument(help="HF folder or .gguf file; omitted: the bundled SmolLM2-135M-Instruct.")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="HF folder or .gguf file; omitted: the bundled SmolLM2-135M-Instruct.")
+    ] = None,
     target: Annotated[str, typer.Option("--target", "-t", help="Target preset (see `edgelm targets`).")] = "android",
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Bundle folder to write (default dist/<model>-<target>).")] = None,
-    formats: Annotated[Optional[str], typer.Option(help="Comma-separated formats (default: the target's).")] = None,
-    quant: Annotated[Optional[str], typer.Option(help="Comma-separated quant recipes: fp32,fp16,int8,int4.")] = None,
-    gguf_type: Annotated[Optional[str], typer.Option(
-        help="Extra GGUF files of these llama.cpp types (e.g. Q4_0,Q5_K_M,IQ4_NL), gated like the recipe they "
-             "are closest to.")] = None,
-    delegate: Annotated[Optional[str], typer.Option(
-        help="ExecuTorch backend: xnnpack (default); vulkan, qnn, coreml, mps where this install can lower to "
-             "them and run the result.")] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Bundle folder to write (default dist/<model>-<target>).")
+    ] = None,
+    formats: Annotated[str | None, typer.Option(help="Comma-separated formats (default: the target's).")] = None,
+    quant: Annotated[str | None, typer.Option(help="Comma-separated quant recipes: fp32,fp16,int8,int4.")] = None,
+    gguf_type: Annotated[
+        str | None,
+        typer.Option(
+            help="Extra GGUF files of these llama.cpp types (e.g. Q4_0,Q5_K_M,IQ4_NL), gated like the recipe they "
+            "are closest to."
+        ),
+    ] = None,
+    delegate: Annotated[
+        str | None,
+        typer.Option(
+            help="ExecuTorch backend: xnnpack (default); vulkan, qnn, coreml, mps where this install can lower to "
+            "them and run the result."
+        ),
+    ] = None,
     allow_drift: Annotated[bool, typer.Option(help="Keep artifacts that miss their parity gate.")] = False,
-    calibrate: Annotated[bool, typer.Option(
-        help="Quantize int8/int4 from activation-aware scaled weights, searched on calibration text (never the "
-             "parity text). A quantized artifact that misses its gate is retried uncalibrated, then with the "
-             "format's more faithful types, and left out (with the reason in the report) if none holds.")] = True,
-    vendor_check: Annotated[bool, typer.Option(
-        help="Run each decoder artifact in its format's own LLM runtime (ExecuTorch's TextLLMRunner, "
-             "onnxruntime-genai, llama.cpp's Llama) and require edgelm's greedy text from it; the manifest "
-             "records each runtime's version and verdict. A runtime that is not installed is recorded as "
-             "skipped.")] = True,
-    allow_vendor_mismatch: Annotated[bool, typer.Option(
-        help="Keep an artifact its vendor runtime refuses or runs to other text (the verdict stays in the "
-             "manifest).")] = False,
+    calibrate: Annotated[
+        bool,
+        typer.Option(
+            help="Quantize int8/int4 from activation-aware scaled weights, searched on calibration text (never the "
+            "parity text). A quantized artifact that misses its gate is retried uncalibrated, then with the "
+            "format's more faithful types, and left out (with the reason in the report) if none holds."
+        ),
+    ] = True,
+    vendor_check: Annotated[
+        bool,
+        typer.Option(
+            help="Run each decoder artifact in its format's own LLM runtime (ExecuTorch's TextLLMRunner, "
+            "onnxruntime-genai, llama.cpp's Llama) and require edgelm's greedy text from it; the manifest "
+            "records each runtime's version and verdict. A runtime that is not installed is recorded as "
+            "skipped."
+        ),
+    ] = True,
+    allow_vendor_mismatch: Annotated[
+        bool,
+        typer.Option(
+            help="Keep an artifact its vendor runtime refuses or runs to other text (the verdict stays in the "
+            "manifest)."
+        ),
+    ] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept PyTorch pickle checkpoints (they can run code).")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing bundle at --output.")] = False,
-    background: Annotated[bool, typer.Option(
-        help="Export ExecuTorch and TFLite (minutes of single-threaded lowering each) in worker processes while "
-             "the other formats export, for models over 50M parameters when memory allows a copy per worker; "
-             "workers are paused while anything is profiled. --no-background exports everything in this "
-             "process, one after another.")] = True,
-    rebuild: Annotated[bool, typer.Option(
-        help="Export even if --output already holds an intact bundle made from the same model, options, "
-             "edgelm and runtime versions on this machine (by default that bundle is kept: re-running an "
-             "unchanged export takes seconds).")] = False,
-    threads: Annotated[Optional[int], typer.Option(help="Threads for runtimes while measuring.")] = None,
+    background: Annotated[
+        bool,
+        typer.Option(
+            help="Export ExecuTorch and TFLite (minutes of single-threaded lowering each) in worker processes while "
+            "the other formats export, for models over 50M parameters when memory allows a copy per worker; "
+            "workers are paused while anything is profiled. --no-background exports everything in this "
+            "process, one after another."
+        ),
+    ] = True,
+    rebuild: Annotated[
+        bool,
+        typer.Option(
+            help="Export even if --output already holds an intact bundle made from the same model, options, "
+            "edgelm and runtime versions on this machine (by default that bundle is kept: re-running an "
+            "unchanged export takes seconds)."
+        ),
+    ] = False,
+    threads: Annotated[int | None, typer.Option(help="Threads for runtimes while measuring.")] = None,
     repeats: Annotated[int, typer.Option(help="Measured profile runs per artifact (after a warm-up).")] = 3,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per profile run.")] = 128,
     no_profile: Annotated[bool, typer.Option("--no-profile", help="Skip profiling (parity still runs).")] = False,
-    compress: Annotated[Optional[Path], typer.Option(
-        help="Compress first with this JSON recipe (see `edgelm compress`); artifacts are checked against the "
-             "compressed model, and the manifest records the recipe and its perplexity before/after.")] = None,
+    compress: Annotated[
+        Path | None,
+        typer.Option(
+            help="Compress first with this JSON recipe (see `edgelm compress`); artifacts are checked against the "
+            "compressed model, and the manifest records the recipe and its perplexity before/after."
+        ),
+    ] = None,
 ) -> None:
     """Turn a checkpoint into a deployment bundle: export, check parity on real text, profile, report."""
     from edgelm.export import ExportOptions, export_bundle
 
     name = Path(model).stem if model else "smollm2"
     output = output or Path("dist") / f"{name}-{target}"
-    options = ExportOptions(target=target, formats=_split(formats), quants=_split(quant), allow_drift=allow_drift,
-                            gguf_types=_split(gguf_type) or (), delegate=delegate,
-                            overwrite=overwrite, allow_pickle=allow_pickle, threads=threads,
-                            profile=not no_profile, profile_repeats=repeats, profile_new_tokens=new_tokens,
-                            compress=compress, calibrate=calibrate, vendor_check=vendor_check,
-                            allow_vendor_mismatch=allow_vendor_mismatch, background=background, reuse=not rebuild)
+    options = ExportOptions(
+        target=target,
+        formats=_split(formats),
+        quants=_split(quant),
+        allow_drift=allow_drift,
+        gguf_types=_split(gguf_type) or (),
+        delegate=delegate,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        threads=threads,
+        profile=not no_profile,
+        profile_repeats=repeats,
+        profile_new_tokens=new_tokens,
+        compress=compress,
+        calibrate=calibrate,
+        vendor_check=vendor_check,
+        allow_vendor_mismatch=allow_vendor_mismatch,
+        background=background,
+        reuse=not rebuild,
+    )
     started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     with _progress() as step:
         manifest = export_bundle(model, output, options, step=step)
     if manifest.created < started:
-        console.print(f"[green]{output} is up to date[/]: made on {manifest.created} from the same model, options and "
-                      "versions on this machine (--rebuild exports it again)")
+        console.print(
+            f"[green]{output} is up to date[/]: made on {manifest.created} from the same model, options and "
+            "versions on this machine (--rebuild exports it again)"
+        )
     console.print(_report_table(manifest, f"{manifest.source['model_id']} → {target}"))
-    console.print("peak RSS here is the export process's (it also holds the torch reference); "
-                  f"`edgelm profile {output}` measures each artifact alone")
+    console.print(
+        "peak RSS here is the export process's (it also holds the torch reference); "
+        f"`edgelm profile {output}` measures each artifact alone"
+    )
     for fmt, why in manifest.reference.get("skipped_formats", {}).items():
         console.print(f"[yellow]skipped {fmt}[/]: {why}")
     for name, why in manifest.reference.get("omitted", {}).items():
-        console.print(f"[yellow]left out {name}[/]: {why['reason']} (tried {len(why['attempts'])} recipes; "
-                      "report/report.md lists them)")
+        console.print(
+            f"[yellow]left out {name}[/]: {why['reason']} (tried {len(why['attempts'])} recipes; "
+            "report/report.md lists them)"
+        )
     for artifact in manifest.artifacts:
         for vendor in artifact.vendor_runtimes:
             if vendor["result"] != "passed":
                 console.print(f"[yellow]{artifact.name} in {vendor['runtime']}[/]: {vendor['result']}")
     console.print(f"Bundle written to [bold]{output}[/] (report: {output}/report/report.html)")
-    console.print(f"Try it: edgelm run {output} --prompt \"What is a KV cache?\"")
+    console.print(f'Try it: edgelm run {output} --prompt "What is a KV cache?"')
     if target == "android":
-        console.print(f"On a phone: edgelm push {output} --device adb:SERIAL (serials: `adb devices`), or plain "
-                      f"`adb push {output} /data/local/tmp/edgelm/{output.name}` for the sample app")
+        console.print(
+            f"On a phone: edgelm push {output} --device adb:SERIAL (serials: `adb devices`), or plain "
+            f"`adb push {output} /data/local/tmp/edgelm/{output.name}` for the sample app"
+        )
 
 
 @app.command()
 def compress(
-    model: Annotated[Optional[str], typer.Argument(help="HF folder or .gguf file; omitted: the bundled SmolLM2-135M-Instruct.")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Model folder to write (default dist/<model>-compressed).")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="A JSON recipe (or a compression.json to repeat); the options below add to it.")] = None,
+    model: Annotated[
+        str | None, typer.Argument(help="HF folder or .gguf file; omitted: the bundled SmolLM2-135M-Instruct.")
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Model folder to write (default dist/<model>-compressed).")
+    ] = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(help="A JSON recipe (or a compression.json to repeat); the options below add to it."),
+    ] = None,
     drop_layers: Annotated[int, typer.Option(help="Drop this many layers, chosen by --importance.")] = 0,
-    importance: Annotated[str, typer.Option(help="How layers are chosen: loss (greedy, measured), cosine (ShortGPT), last.")] = "loss",
-    prune: Annotated[Optional[str], typer.Option(
-        help="l1 (global), l1-layer, 2:4 (these zero weights; files keep their size), heads or channels "
-             "(structured: matrices shrink).")] = None,
+    importance: Annotated[
+        str, typer.Option(help="How layers are chosen: loss (greedy, measured), cosine (ShortGPT), last.")
+    ] = "loss",
+    prune: Annotated[
+        str | None,
+        typer.Option(
+            help="l1 (global), l1-layer, 2:4 (these zero weights; files keep their size), heads or channels "
+            "(structured: matrices shrink)."
+        ),
+    ] = None,
     sparsity: Annotated[float, typer.Option(help="Fraction of weights / heads / channels --prune removes.")] = 0.5,
     distill_steps: Annotated[int, typer.Option(help="Knowledge-distillation steps from the base model (0: none).")] = 0,
     batch_size: Annotated[int, typer.Option(help="Distillation sequences per step.")] = 8,
     seq_len: Annotated[int, typer.Option(help="Distillation sequence length.")] = 128,
     lr: Annotated[float, typer.Option(help="Distillation peak learning rate.")] = 2e-4,
     temperature: Annotated[float, typer.Option(help="Distillation softmax temperature.")] = 2.0,
-    hidden_weight: Annotated[float, typer.Option(help="Weight of the hidden-state MSE term (layer-reduced students).")] = 0.0,
-    teacher_continuations: Annotated[int, typer.Option(
-        help="Add this many teacher-generated continuations of training prompts to the training text "
-             "(sequence-level distillation).")] = 0,
-    max_mb: Annotated[Optional[float], typer.Option(help="Budget search: largest artifact size in MB.")] = None,
-    max_ppl_ratio: Annotated[Optional[float], typer.Option(help="Budget search: largest perplexity ratio to the base fp32 model.")] = None,
-    target: Annotated[str, typer.Option(help="Budget search: target preset whose formats and quants are tried.")] = "android",
-    formats: Annotated[Optional[str], typer.Option(help="Budget search: only these formats.")] = None,
-    quant: Annotated[Optional[str], typer.Option(help="Budget search: only these quant recipes.")] = None,
+    hidden_weight: Annotated[
+        float, typer.Option(help="Weight of the hidden-state MSE term (layer-reduced students).")
+    ] = 0.0,
+    teacher_continuations: Annotated[
+        int,
+        typer.Option(
+            help="Add this many teacher-generated continuations of training prompts to the training text "
+            "(sequence-level distillation)."
+        ),
+    ] = 0,
+    max_mb: Annotated[float | None, typer.Option(help="Budget search: largest artifact size in MB.")] = None,
+    max_ppl_ratio: Annotated[
+        float | None, typer.Option(help="Budget search: largest perplexity ratio to the base fp32 model.")
+    ] = None,
+    target: Annotated[
+        str, typer.Option(help="Budget search: target preset whose formats and quants are tried.")
+    ] = "android",
+    formats: Annotated[str | None, typer.Option(help="Budget search: only these formats.")] = None,
+    quant: Annotated[str | None, typer.Option(help="Budget search: only these quant recipes.")] = None,
     layer_grid: Annotated[str, typer.Option(help="Budget search: layer counts to try dropping.")] = "0,2,4,6",
     channel_grid: Annotated[str, typer.Option(help="Budget search: MLP channel fractions to try pruning.")] = "0",
     overwrite: Annotated[bool, typer.Option(help="Replace an existing folder at --output.")] = False,
@@ -215,8 +300,20 @@ def compress(
     name = Path(model).stem if model else "smollm2"
     output = output or Path("dist") / f"{name}-compressed"
     if max_mb is not None or max_ppl_ratio is not None:
-        _budget_search(model, output, max_mb, max_ppl_ratio, target, formats, quant, layer_grid, channel_grid,
-                       importance, distill_steps, overwrite)
+        _budget_search(
+            model,
+            output,
+            max_mb,
+            max_ppl_ratio,
+            target,
+            formats,
+            quant,
+            layer_grid,
+            channel_grid,
+            importance,
+            distill_steps,
+            overwrite,
+        )
         return
     base = CompressRecipe.load(recipe).to_dict() if recipe else {}
     if drop_layers:
@@ -226,10 +323,17 @@ def compress(
     if teacher_continuations:
         base["teacher_continuations"] = teacher_continuations
     if distill_steps:
-        base["distill"] = DistillSettings(steps=distill_steps, batch_size=batch_size, seq_len=seq_len, lr=lr,
-                                          temperature=temperature, hidden_weight=hidden_weight).__dict__
+        base["distill"] = DistillSettings(
+            steps=distill_steps,
+            batch_size=batch_size,
+            seq_len=seq_len,
+            lr=lr,
+            temperature=temperature,
+            hidden_weight=hidden_weight,
+        ).__dict__
     plan = CompressRecipe.from_dict(base)
     with _progress() as step:
+
         def on_distill_step(done: int, loss: float, tokens_per_s: float) -> None:
             step.note(f"step {done}/{plan.distill.steps} · loss {loss:.4f} · {tokens_per_s:.0f} tok/s")
 
@@ -241,75 +345,138 @@ def compress(
     for stage, value in record.perplexity.items():
         table.add_row(stage, f"{value:.3f}", f"{value / base_ppl:.3f}" if base_ppl else "")
     console.print(table)
-    console.print(f"parameters: {record.parameters['before'] / 1e6:.1f} M → {record.parameters['after'] / 1e6:.1f} M; "
-                  f"held-out text: {record.corpus.get('heldout_tokens')} tokens, training text: "
-                  f"{record.corpus.get('train_tokens')} tokens")
+    console.print(
+        f"parameters: {record.parameters['before'] / 1e6:.1f} M → {record.parameters['after'] / 1e6:.1f} M; "
+        f"held-out text: {record.corpus.get('heldout_tokens')} tokens, training text: "
+        f"{record.corpus.get('train_tokens')} tokens"
+    )
     if any(s.get("shrinks_files") is False for s in record.steps):
-        console.print("[yellow]note[/]: unstructured and 2:4 sparsity zero weights but keep every matrix's shape; "
-                      "no exported format stores them sparsely, so files do not get smaller (use heads/channels)")
+        console.print(
+            "[yellow]note[/]: unstructured and 2:4 sparsity zero weights but keep every matrix's shape; "
+            "no exported format stores them sparsely, so files do not get smaller (use heads/channels)"
+        )
     console.print(f"Next: edgelm export {output} --target android")
 
 
-def _budget_search(model: Optional[str], output: Path, max_mb: Optional[float], max_ppl_ratio: Optional[float],
-                   target: str, formats: Optional[str], quant: Optional[str], layer_grid: str, channel_grid: str,
-                   importance: str, distill_steps: int, overwrite: bool) -> None:
+def _budget_search(
+    model: str | None,
+    output: Path,
+    max_mb: float | None,
+    max_ppl_ratio: float | None,
+    target: str,
+    formats: str | None,
+    quant: str | None,
+    layer_grid: str,
+    channel_grid: str,
+    importance: str,
+    distill_steps: int,
+    overwrite: bool,
+) -> None:
     from edgelm.compress.budget import SearchSpace, search_budget
     from edgelm.export import ExportOptions
 
     if max_mb is None or max_ppl_ratio is None:
         raise EdgeLMError("a budget search needs both --max-mb and --max-ppl-ratio")
     try:
-        space = SearchSpace(layers_dropped=tuple(int(v) for v in _split(layer_grid) or ()),
-                            channel_fractions=tuple(float(v) for v in _split(channel_grid) or ()),
-                            importance=importance, distill_steps=distill_steps)
+        space = SearchSpace(
+            layers_dropped=tuple(int(v) for v in _split(layer_grid) or ()),
+            channel_fractions=tuple(float(v) for v in _split(channel_grid) or ()),
+            importance=importance,
+            distill_steps=distill_steps,
+        )
     except ValueError as err:
         raise EdgeLMError(f"--layer-grid takes integers and --channel-grid fractions: {err}") from err
-    options = ExportOptions(target=target, formats=_split(formats), quants=_split(quant), profile_repeats=1,
-                            profile_new_tokens=32)
+    options = ExportOptions(
+        target=target, formats=_split(formats), quants=_split(quant), profile_repeats=1, profile_new_tokens=32
+    )
     with _progress() as step:
-        result = search_budget(model, output, max_mb=max_mb, max_ppl_ratio=max_ppl_ratio, export_options=options,
-                               space=space, overwrite=overwrite, step=step)
+        result = search_budget(
+            model,
+            output,
+            max_mb=max_mb,
+            max_ppl_ratio=max_ppl_ratio,
+            export_options=options,
+            space=space,
+            overwrite=overwrite,
+            step=step,
+        )
     table = Table(title=f"budget: ≤ {max_mb} MB, ppl ratio ≤ {max_ppl_ratio}")
-    for col in ("layers dropped", "MLP channels pruned", "artifact", "MB", "ppl ratio", "decode tok/s", "Pareto", "fits"):
+    for col in (
+        "layers dropped",
+        "MLP channels pruned",
+        "artifact",
+        "MB",
+        "ppl ratio",
+        "decode tok/s",
+        "Pareto",
+        "fits",
+    ):
         table.add_column(col, justify="right")
     for c in sorted(result.candidates, key=lambda c: c.megabytes):
         chosen = "[bold green]chosen" if c is result.chosen else ("yes" if c.meets_budget else "")
-        table.add_row(str(c.layers_dropped), f"{c.channel_fraction:.0%}", c.artifact, f"{c.megabytes:.1f}",
-                      f"{c.ppl_ratio:.3f}", f"{c.decode_tok_s:.1f}" if c.decode_tok_s else "-",
-                      "yes" if c.pareto else "", chosen)
+        table.add_row(
+            str(c.layers_dropped),
+            f"{c.channel_fraction:.0%}",
+            c.artifact,
+            f"{c.megabytes:.1f}",
+            f"{c.ppl_ratio:.3f}",
+            f"{c.decode_tok_s:.1f}" if c.decode_tok_s else "-",
+            "yes" if c.pareto else "",
+            chosen,
+        )
     console.print(table)
     if result.chosen is None:
-        raise EdgeLMError(f"no candidate meets {max_mb} MB and ppl ratio {max_ppl_ratio} (the table shows the closest; "
-                          f"{output}/budget.json has them all): loosen a limit or widen --layer-grid/--channel-grid")
+        raise EdgeLMError(
+            f"no candidate meets {max_mb} MB and ppl ratio {max_ppl_ratio} (the table shows the closest; "
+            f"{output}/budget.json has them all): loosen a limit or widen --layer-grid/--channel-grid"
+        )
     chosen = result.chosen
-    console.print(f"Chosen: {chosen.artifact} with {chosen.layers_dropped} layers dropped and "
-                  f"{chosen.channel_fraction:.0%} MLP channels pruned ({chosen.megabytes:.1f} MB, ppl ratio "
-                  f"{chosen.ppl_ratio:.3f}); written to {output}")
+    console.print(
+        f"Chosen: {chosen.artifact} with {chosen.layers_dropped} layers dropped and "
+        f"{chosen.channel_fraction:.0%} MLP channels pruned ({chosen.megabytes:.1f} MB, ppl ratio "
+        f"{chosen.ppl_ratio:.3f}); written to {output}"
+    )
     fmt, _, recipe_quant = chosen.artifact.partition("-")
     source = output if (output / "config.json").is_file() else model  # None: the default model, no argument
-    command = ["edgelm", "export", *([str(source)] if source else []), "--target", target, "--formats", fmt,
-               "--quant", recipe_quant]
+    command = [
+        "edgelm",
+        "export",
+        *([str(source)] if source else []),
+        "--target",
+        target,
+        "--formats",
+        fmt,
+        "--quant",
+        recipe_quant,
+    ]
     console.print("Next: " + " ".join(command))
 
 
 @app.command()
 def run(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `edgelm export`.")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue (chat template applied when the model has one).")],
-    format: Annotated[Optional[str], typer.Option("--format", "-f", help="Artifact name or format (default: the first).")] = None,
+    prompt: Annotated[
+        str, typer.Option("--prompt", "-p", help="Text to continue (chat template applied when the model has one).")
+    ],
+    format: Annotated[
+        str | None, typer.Option("--format", "-f", help="Artifact name or format (default: the first).")
+    ] = None,
     device: Annotated[str, typer.Option(help="cpu, gpu or npu.")] = "cpu",
-    threads: Annotated[Optional[int], typer.Option(help="Runtime threads.")] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Maximum tokens to generate.")] = None,
-    temperature: Annotated[Optional[float], typer.Option(help="0 = greedy.")] = None,
-    top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens (0 = off).")] = None,
-    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
-    repetition_penalty: Annotated[Optional[float], typer.Option(help=">1 discourages repeats.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
-    stop: Annotated[Optional[list[str]], typer.Option(help="Stop string (repeatable).")] = None,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Maximum tokens to generate.")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 = greedy.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Keep the k most likely tokens (0 = off).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling mass (1 = off).")] = None,
+    repetition_penalty: Annotated[float | None, typer.Option(help=">1 discourages repeats.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed for sampling.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     no_chat: Annotated[bool, typer.Option("--no-chat", help="Do not apply the chat template.")] = False,
-    runtime: Annotated[str, typer.Option(
-        help="edgelm (its runtime and sampling loop) or vendor: the format's own LLM runtime and loop on the same "
-             "file (ExecuTorch's TextLLMRunner, onnxruntime-genai, llama.cpp's Llama), greedy, as an app runs it.")
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="edgelm (its runtime and sampling loop) or vendor: the format's own LLM runtime and loop on the same "
+            "file (ExecuTorch's TextLLMRunner, onnxruntime-genai, llama.cpp's Llama), greedy, as an app runs it."
+        ),
     ] = "edgelm",
 ) -> None:
     """Generate text from a bundle, streaming it to stdout (an encoder bundle prints the
@@ -317,8 +484,18 @@ def run(
     import edgelm
     from edgelm.api import TextEncoder
 
-    sampling = {k: v for k, v in dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                      repetition_penalty=repetition_penalty, seed=seed).items() if v is not None}
+    sampling = {
+        k: v
+        for k, v in dict(
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            seed=seed,
+        ).items()
+        if v is not None
+    }
     if stop:
         sampling["stop"] = tuple(stop)
     _check_runtime_choice(runtime)
@@ -343,8 +520,15 @@ def _check_runtime_choice(runtime: str) -> None:
         raise UnsupportedError(f"--runtime {runtime!r}: choose one of {', '.join(RUNTIME_CHOICES)}")
 
 
-def _run_in_vendor_runtime(bundle: Path, format: str | None, prompt: str, threads: int | None,
-                           max_new_tokens: int | None, no_chat: bool, sampling: dict[str, Any]) -> None:
+def _run_in_vendor_runtime(
+    bundle: Path,
+    format: str | None,
+    prompt: str,
+    threads: int | None,
+    max_new_tokens: int | None,
+    no_chat: bool,
+    sampling: dict[str, Any],
+) -> None:
     """`edgelm run --runtime vendor`: the artifact's own LLM runtime streams its greedy text."""
     from edgelm.bundle import read_bundle
     from edgelm.tokenizer import Tokenizer
@@ -352,15 +536,23 @@ def _run_in_vendor_runtime(bundle: Path, format: str | None, prompt: str, thread
 
     unsupported = sorted(set(sampling) - {"max_new_tokens", "temperature"})
     if unsupported or sampling.get("temperature", 0.0) != 0.0:
-        raise UnsupportedError("--runtime vendor runs the vendor's greedy loop; sampling options "
-                               f"({', '.join(unsupported or ['temperature'])}) apply to --runtime edgelm")
+        raise UnsupportedError(
+            "--runtime vendor runs the vendor's greedy loop; sampling options "
+            f"({', '.join(unsupported or ['temperature'])}) apply to --runtime edgelm"
+        )
     manifest = read_bundle(bundle)
-    entry = manifest.artifact(format) if format else next(
-        (a for a in manifest.artifacts if a.vendor_runtimes), manifest.artifacts[0])
+    entry = (
+        manifest.artifact(format)
+        if format
+        else next((a for a in manifest.artifacts if a.vendor_runtimes), manifest.artifacts[0])
+    )
     vendor, facts = vendor_for(bundle, entry)
     tokenizer = Tokenizer(bundle / manifest.tokenizer["path"])
-    text = prompt if no_chat or tokenizer.chat_template is None else \
-        tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    text = (
+        prompt
+        if no_chat or tokenizer.chat_template is None
+        else tokenizer.apply_chat_template([{"role": "user", "content": prompt}])
+    )
     new_tokens = max_new_tokens or int(manifest.generation.get("max_new_tokens", 256))
 
     def show(piece: str) -> None:
@@ -371,8 +563,15 @@ def _run_in_vendor_runtime(bundle: Path, format: str | None, prompt: str, thread
     sys.stdout.write("\n")
 
 
-def _profile_vendor_runtimes(bundle: Path, format: str | None, threads: int | None, new_tokens: int, repeats: int,
-                             json_out: Path | None, both: bool) -> None:
+def _profile_vendor_runtimes(
+    bundle: Path,
+    format: str | None,
+    threads: int | None,
+    new_tokens: int,
+    repeats: int,
+    json_out: Path | None,
+    both: bool,
+) -> None:
     """Decode tok/s of each artifact in its vendor's LLM runtime (and edgelm's, with `both`),
     interleaved round by round on the same prompt; medians."""
     import statistics
@@ -388,8 +587,9 @@ def _profile_vendor_runtimes(bundle: Path, format: str | None, threads: int | No
         raise UnsupportedError(f"{bundle}: no artifact was checked in a vendor runtime at export (re-export it)")
     runners = {entry.name: vendor_for(bundle, entry) for entry in entries}  # refuses before any work
     rates: dict[str, dict[str, list[float]]] = {e.name: {"vendor": [], "edgelm": [], "tokens": []} for e in entries}
-    sessions = {e.name: edgelm.load(bundle, format=e.name, threads=threads, verify=False) for e in entries} if both \
-        else {}
+    sessions = (
+        {e.name: edgelm.load(bundle, format=e.name, threads=threads, verify=False) for e in entries} if both else {}
+    )
     with console.status("profiling in the vendor runtimes…"):
         for entry in entries:  # warm-up
             vendor, facts = runners[entry.name]
@@ -397,31 +597,47 @@ def _profile_vendor_runtimes(bundle: Path, format: str | None, threads: int | No
         for _ in range(repeats):
             for entry in entries:
                 vendor, facts = runners[entry.name]
-                run = vendor.generate(bundle / entry.path, bundle, DEFAULT_PROMPTS[0], facts, new_tokens, threads,
-                                      ignore_eos=True)
+                run = vendor.generate(
+                    bundle / entry.path, bundle, DEFAULT_PROMPTS[0], facts, new_tokens, threads, ignore_eos=True
+                )
                 rates[entry.name]["vendor"].append(run.decode_tok_s or 0.0)
                 rates[entry.name]["tokens"].append(run.tokens)
                 if both:
                     profile = sessions[entry.name].profile(max_new_tokens=new_tokens, repeats=1)
                     rates[entry.name]["edgelm"].append(profile.decode_tok_s)
     table = Table(title=f"profile in the vendors' runtimes: {bundle}")
-    columns = ("artifact", "vendor runtime", "tokens", "vendor decode tok/s", *(("edgelm decode tok/s",) if both else ()))
+    columns = (
+        "artifact",
+        "vendor runtime",
+        "tokens",
+        "vendor decode tok/s",
+        *(("edgelm decode tok/s",) if both else ()),
+    )
     for col in columns:
         table.add_column(col, justify="right")
     results = {}
     for entry in entries:
         row = rates[entry.name]
-        results[entry.name] = {"runtime": runners[entry.name][0].name, **row,
-                               "vendor_decode_tok_s": statistics.median(row["vendor"]),
-                               **({"edgelm_decode_tok_s": statistics.median(row["edgelm"])} if both else {})}
-        table.add_row(entry.name, runners[entry.name][0].name, str(max(row["tokens"])),
-                      f"{results[entry.name]['vendor_decode_tok_s']:.1f}",
-                      *((f"{results[entry.name]['edgelm_decode_tok_s']:.1f}",) if both else ()))
+        results[entry.name] = {
+            "runtime": runners[entry.name][0].name,
+            **row,
+            "vendor_decode_tok_s": statistics.median(row["vendor"]),
+            **({"edgelm_decode_tok_s": statistics.median(row["edgelm"])} if both else {}),
+        }
+        table.add_row(
+            entry.name,
+            runners[entry.name][0].name,
+            str(max(row["tokens"])),
+            f"{results[entry.name]['vendor_decode_tok_s']:.1f}",
+            *((f"{results[entry.name]['edgelm_decode_tok_s']:.1f}",) if both else ()),
+        )
     for session in sessions.values():
         session.close()
     console.print(table)
-    console.print("vendor decode = tokens after the first ÷ time after the first, in the runtime's own loop, end-of-text "
-                  "ignored where its API allows (ExecuTorch's runner may stop early: tokens shows how many)")
+    console.print(
+        "vendor decode = tokens after the first ÷ time after the first, in the runtime's own loop, end-of-text "
+        "ignored where its API allows (ExecuTorch's runner may stop early: tokens shows how many)"
+    )
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
 
@@ -433,25 +649,36 @@ def _print_encoder_output(encoder: Any, text: str) -> None:
         return
     vector = encoder.embed(text)[0]
     shown = ", ".join(f"{v:.4f}" for v in vector[:8])
-    console.print(f"embedding: {vector.shape[0]} dims, L2 norm {float((vector ** 2).sum() ** 0.5):.4f}: [{shown}, …]")
+    console.print(f"embedding: {vector.shape[0]} dims, L2 norm {float((vector**2).sum() ** 0.5):.4f}: [{shown}, …]")
 
 
 @app.command()
 def profile(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    format: Annotated[Optional[str], typer.Option("--format", "-f", help="Artifact name or format (default: all).")] = None,
-    threads: Annotated[Optional[int], typer.Option(help="Runtime threads.")] = None,
+    format: Annotated[
+        str | None, typer.Option("--format", "-f", help="Artifact name or format (default: all).")
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per run.")] = 128,
     repeats: Annotated[int, typer.Option(help="Measured runs after a warm-up.")] = 3,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the profiles as JSON here.")] = None,
-    device: Annotated[Optional[str], typer.Option(
-        help="Profile on this device instead (see `edgelm devices`; push the bundle first with `edgelm push`) and "
-             "add its rows to the bundle's report.")] = None,
-    to: Annotated[Optional[str], typer.Option(help="Where the bundle was pushed on the device (as `edgelm push --to`).")
-                  ] = None,
-    runtime: Annotated[str, typer.Option(
-        help="edgelm, vendor (each artifact's own LLM runtime and loop: decode tok/s as an app sees it), or both "
-             "(side by side, interleaved).")] = "edgelm",
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the profiles as JSON here.")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="Profile on this device instead (see `edgelm devices`; push the bundle first with `edgelm push`) and "
+            "add its rows to the bundle's report."
+        ),
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option(help="Where the bundle was pushed on the device (as `edgelm push --to`).")
+    ] = None,
+    runtime: Annotated[
+        str,
+        typer.Option(
+            help="edgelm, vendor (each artifact's own LLM runtime and loop: decode tok/s as an app sees it), or both "
+            "(side by side, interleaved)."
+        ),
+    ] = "edgelm",
 ) -> None:
     """Profile artifacts of a bundle on this machine or a device (same prompts and token counts for each)."""
     import edgelm
@@ -468,8 +695,11 @@ def profile(
     manifest = read_bundle(bundle)
     names = [manifest.artifact(format).name] if format else [a.name for a in manifest.artifacts]
     decoder = manifest.source.get("task", "text-generation") == "text-generation"
-    columns = (("size MB", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "p50 ms", "p90 ms", "peak RSS MB")
-               if decoder else ("size MB", "load s", "p50 ms @128", "p90 ms @128", "batch-8 inputs/s", "peak RSS MB"))
+    columns = (
+        ("size MB", "load s", "TTFT s", "prefill tok/s", "decode tok/s", "p50 ms", "p90 ms", "peak RSS MB")
+        if decoder
+        else ("size MB", "load s", "p50 ms @128", "p90 ms @128", "batch-8 inputs/s", "peak RSS MB")
+    )
     table = Table(title=f"profile: {bundle}")
     for col in ("artifact", *columns):
         table.add_column(col, justify="right")
@@ -480,11 +710,24 @@ def profile(
             prof = lm.profile(max_new_tokens=new_tokens, repeats=repeats) if decoder else lm.profile()
         lm.close()
         results[name] = prof.to_dict()
-        cells = ((prof.ttft_s, 3), (prof.prefill_tok_s, 1), (prof.decode_tok_s, 1), (prof.p50_token_ms, 1),
-                 (prof.p90_token_ms, 1)) if decoder else \
-            ((prof.latency_p50_ms, 2), (prof.latency_p90_ms, 2), (prof.throughput_per_s, 1))
-        table.add_row(name, f"{prof.file_bytes / 1e6:.1f}", f"{prof.load_s:.2f}",
-                      *(f"{value:.{digits}f}" for value, digits in cells), f"{prof.peak_rss_mb:.0f}")
+        cells = (
+            (
+                (prof.ttft_s, 3),
+                (prof.prefill_tok_s, 1),
+                (prof.decode_tok_s, 1),
+                (prof.p50_token_ms, 1),
+                (prof.p90_token_ms, 1),
+            )
+            if decoder
+            else ((prof.latency_p50_ms, 2), (prof.latency_p90_ms, 2), (prof.throughput_per_s, 1))
+        )
+        table.add_row(
+            name,
+            f"{prof.file_bytes / 1e6:.1f}",
+            f"{prof.load_s:.2f}",
+            *(f"{value:.{digits}f}" for value, digits in cells),
+            f"{prof.peak_rss_mb:.0f}",
+        )
     console.print(table)
     if json_out:
         json_out.write_text(json.dumps(results, indent=2) + "\n")
@@ -505,8 +748,15 @@ def devices() -> None:
         except EdgeLMError as err:
             table.add_row(address, f"unreachable: {_one_line(err)[:120]}", "–", "–", "–", "–", "–")
             continue
-        table.add_row(address, "reachable", str(record["machine"]), str(record["cores"]), str(record["memory_gb"]),
-                      str(record["os"]), str(record["cpu"]))
+        table.add_row(
+            address,
+            "reachable",
+            str(record["machine"]),
+            str(record["cores"]),
+            str(record["memory_gb"]),
+            str(record["os"]),
+            str(record["cpu"]),
+        )
     console.print(table)
 
 
@@ -514,12 +764,19 @@ def devices() -> None:
 def push(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     device: Annotated[str, typer.Option(help="local, ssh://user@host[:port], adb:SERIAL or chroot:PATH.")],
-    formats: Annotated[Optional[str], typer.Option(
-        help="Comma-separated artifact names or formats to copy (default: every artifact but the torch reference).")
+    formats: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated artifact names or formats to copy (default: every artifact but the torch reference)."
+        ),
     ] = None,
-    to: Annotated[Optional[str], typer.Option(
-        help="Folder on the device (default /data/local/tmp/edgelm/<bundle> on Android, /tmp/edgelm/<bundle> "
-             "elsewhere).")] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            help="Folder on the device (default /data/local/tmp/edgelm/<bundle> on Android, /tmp/edgelm/<bundle> "
+            "elsewhere)."
+        ),
+    ] = None,
 ) -> None:
     """Copy a bundle's artifacts to a device: staged, sha256-checked there, then renamed into place."""
     from edgelm.devices import open_device
@@ -527,14 +784,28 @@ def push(
 
     transport = open_device(device)
     with console.status(f"pushing {bundle} to {device}…") as status:
-        result = push_bundle(bundle, transport, to, _split(formats),
-                             on_file=lambda rel, size: status.update(f"pushed {rel} ({size / 1e6:.1f} MB)"))
-    console.print(f"{len(result.files) + 1} files ({result.bytes / 1e6:.1f} MB, sha256 checked on the device) in "
-                  f"[bold]{device}:{result.destination}[/]: {', '.join(result.artifacts)}")
+        result = push_bundle(
+            bundle,
+            transport,
+            to,
+            _split(formats),
+            on_file=lambda rel, size: status.update(f"pushed {rel} ({size / 1e6:.1f} MB)"),
+        )
+    console.print(
+        f"{len(result.files) + 1} files ({result.bytes / 1e6:.1f} MB, sha256 checked on the device) in "
+        f"[bold]{device}:{result.destination}[/]: {', '.join(result.artifacts)}"
+    )
 
 
-def _profile_on_device(bundle: Path, device: str, to: Optional[str], format: Optional[str], new_tokens: int,
-                       repeats: int, threads: Optional[int]) -> None:
+def _profile_on_device(
+    bundle: Path,
+    device: str,
+    to: str | None,
+    format: str | None,
+    new_tokens: int,
+    repeats: int,
+    threads: int | None,
+) -> None:
     from edgelm.device_profile import profile_on_device
     from edgelm.devices import open_device
 
@@ -542,19 +813,24 @@ def _profile_on_device(bundle: Path, device: str, to: Optional[str], format: Opt
     with console.status(f"profiling on {device}…"):
         entry = profile_on_device(bundle, transport, to, (format,) if format else (), new_tokens, repeats, threads)
     record = entry["device"]
-    table = Table(title=f"profile on {device}: {record.get('machine')}, {record.get('cores')} cores, "
-                        f"{record.get('memory_gb')} GB, {record.get('os')}")
+    table = Table(
+        title=f"profile on {device}: {record.get('machine')}, {record.get('cores')} cores, "
+        f"{record.get('memory_gb')} GB, {record.get('os')}"
+    )
     for col in ("artifact", "decode tok/s", "prefill tok/s", "TTFT s", "peak RSS MB"):
         table.add_column(col, justify="right")
     for name, prof in entry["profiles"].items():
-        table.add_row(name, *(f"{prof.get(k) or 0:.2f}" for k in ("decode_tok_s", "prefill_tok_s", "ttft_s",
-                                                                    "peak_rss_mb")))
+        table.add_row(
+            name, *(f"{prof.get(k) or 0:.2f}" for k in ("decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss_mb"))
+        )
     console.print(table)
     console.print(f"added to {bundle}/report/ beside the local rows")
 
 
 @app.command()
-def inspect(path: Annotated[Path, typer.Argument(help="A bundle folder, model folder, .gguf or .safetensors file.")]) -> None:
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A bundle folder, model folder, .gguf or .safetensors file.")],
+) -> None:
     """Describe a bundle or model file without running it."""
     from edgelm.inspect import describe
 
@@ -598,7 +874,9 @@ def targets() -> None:
 # typer >= 0.20 vendors its own click (typer._click); usage errors come from whichever parsed the line
 _CLICKS = tuple(dict.fromkeys([click, getattr(typer, "_click", click)]))
 CLICK_ERRORS = tuple(c.exceptions.ClickException for c in _CLICKS)
-CLICK_ABORTS = tuple(dict.fromkeys([click.exceptions.Abort, getattr(typer.exceptions, "Abort", click.exceptions.Abort)]))
+CLICK_ABORTS = tuple(
+    dict.fromkeys([click.exceptions.Abort, getattr(typer.exceptions, "Abort", click.exceptions.Abort)])
+)
 
 
 def _one_line(err: BaseException) -> str:
@@ -629,8 +907,10 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as err:  # a bug, not bad input: say so and keep the traceback one flag away
         if _state["debug"]:
             traceback.print_exc()
-        print(f"edgelm: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug and report it)",
-              file=sys.stderr)
+        print(
+            f"edgelm: internal error: {type(err).__name__}: {_one_line(err)} (rerun with --debug and report it)",
+            file=sys.stderr,
+        )
         sys.exit(3)
     sys.exit(result if isinstance(result, int) else 0)
 

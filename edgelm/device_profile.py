@@ -30,22 +30,42 @@ def device_python() -> str:
     return os.environ.get("EDGELM_DEVICE_PYTHON", "python3")
 
 
-def profile_on_device(bundle: Path, transport: Transport, remote: str | None = None, formats: tuple[str, ...] = (),
-                      new_tokens: int = 128, repeats: int = 3, threads: int | None = None) -> dict[str, Any]:
+def profile_on_device(
+    bundle: Path,
+    transport: Transport,
+    remote: str | None = None,
+    formats: tuple[str, ...] = (),
+    new_tokens: int = 128,
+    repeats: int = 3,
+    threads: int | None = None,
+) -> dict[str, Any]:
     """Profile the pushed copy of `bundle` on the device; record and return the entry."""
     bundle = Path(bundle)
     remote = (remote or default_destination(transport, bundle)).rstrip("/")
     record = describe(transport)
     check = transport.run(["test", "-f", f"{remote}/{MANIFEST}"], check=False)
     if check.returncode != 0:
-        raise DeviceError(f"{transport.address}: no bundle at {remote}; push it first: "
-                          f"edgelm push {bundle} --device {transport.address}")
+        raise DeviceError(
+            f"{transport.address}: no bundle at {remote}; push it first: "
+            f"edgelm push {bundle} --device {transport.address}"
+        )
     out = f"{remote}/device-profile.json"
     names = list(formats) or [None]
     profiles: dict[str, Any] = {}
     for name in names:
-        argv = [device_python(), "-m", "edgelm", "profile", remote, "--json", out, "--new-tokens", str(new_tokens),
-                "--repeats", str(repeats)]
+        argv = [
+            device_python(),
+            "-m",
+            "edgelm",
+            "profile",
+            remote,
+            "--json",
+            out,
+            "--new-tokens",
+            str(new_tokens),
+            "--repeats",
+            str(repeats),
+        ]
         argv += ["--format", name] if name else []
         argv += ["--threads", str(threads)] if threads else []
         transport.run(argv, timeout=PROFILE_TIMEOUT)
@@ -53,8 +73,12 @@ def profile_on_device(bundle: Path, transport: Transport, remote: str | None = N
             local = Path(scratch) / "profile.json"
             transport.pull(out, local)
             profiles |= read_json_object(local, DeviceError, "the device's edgelm wrote no profile")
-    entry = {"device": record | _runtime_record(profiles), "profiles": profiles,
-             "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "remote": remote}
+    entry = {
+        "device": record | _runtime_record(profiles),
+        "profiles": profiles,
+        "measured": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "remote": remote,
+    }
     _record(bundle, entry)
     return entry
 
@@ -73,8 +97,9 @@ def _record(bundle: Path, entry: dict[str, Any]) -> None:
     from edgelm.report import write_report
 
     manifest = read_bundle(bundle)  # verified: the rows describe these exact files
-    manifest.device_profiles = [p for p in manifest.device_profiles
-                                if p["device"].get("address") != entry["device"]["address"]] + [entry]
+    manifest.device_profiles = [
+        p for p in manifest.device_profiles if p["device"].get("address") != entry["device"]["address"]
+    ] + [entry]
     write_report(bundle / "report", manifest)
     for file in (bundle / "report").rglob("*"):
         if file.is_file():

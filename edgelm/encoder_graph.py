@@ -34,17 +34,33 @@ class EncoderSignature:
     labels: list[str] = field(default_factory=list)  # id -> label, for classification
 
     def to_dict(self) -> dict[str, Any]:
-        return {"kind": "encoder", "inputs": list(INPUT_NAMES), "outputs": [self.output],
-                "dynamic_axes": ["batch", "sequence"], **asdict(self)}
+        return {
+            "kind": "encoder",
+            "inputs": list(INPUT_NAMES),
+            "outputs": [self.output],
+            "dynamic_axes": ["batch", "sequence"],
+            **asdict(self),
+        }
 
 
 def encoder_signature(config: Any, task: str) -> EncoderSignature:
     if task == "text-classification":
         labels = [str(config.id2label[i]) for i in range(config.num_labels)]
-        return EncoderSignature(task, OUTPUT_NAMES[task], config.num_labels, config.max_position_embeddings,
-                                pooling="the checkpoint's classification head", labels=labels)
-    return EncoderSignature(task, OUTPUT_NAMES[task], config.hidden_size, config.max_position_embeddings,
-                            pooling="mean over attention_mask, L2-normalised")
+        return EncoderSignature(
+            task,
+            OUTPUT_NAMES[task],
+            config.num_labels,
+            config.max_position_embeddings,
+            pooling="the checkpoint's classification head",
+            labels=labels,
+        )
+    return EncoderSignature(
+        task,
+        OUTPUT_NAMES[task],
+        config.hidden_size,
+        config.max_position_embeddings,
+        pooling="mean over attention_mask, L2-normalised",
+    )
 
 
 def mean_pool_normalized(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -44,24 +44,41 @@ class DecoderEvaluation:
         settings = self.options.parity
         return {
             "description": f"pydoc_data.topics (first 40,000 chars), first {len(self.ids)} tokens, "
-                           f"windows of {settings.window} every {settings.stride}",
-            "tokens": len(self.ids), "window": settings.window, "stride": settings.stride,
+            f"windows of {settings.window} every {settings.stride}",
+            "tokens": len(self.ids),
+            "window": settings.window,
+            "stride": settings.stride,
             "sha256_of_text": hashlib.sha256(self.text.encode()).hexdigest(),
         }
 
-    def measure(self, session: Any, reference: Any, quant: str, load_s: float, file_bytes: int,
-                quiet: QuietHook = nullcontext) -> Measured:
+    def measure(
+        self, session: Any, reference: Any, quant: str, load_s: float, file_bytes: int, quiet: QuietHook = nullcontext
+    ) -> Measured:
         """Parity, then (if asked) the profile inside `quiet()`: a timing taken while nothing else runs."""
         options = self.options
         gate = options.gates.get(quant, options.gates["fp32"])
-        parity = measure_parity(session, reference, self.ids, gate, options.parity,
-                                max_kl=options.kl_gates.get(quant), min_confident_top1=options.top1_gates.get(quant))
+        parity = measure_parity(
+            session,
+            reference,
+            self.ids,
+            gate,
+            options.parity,
+            max_kl=options.kl_gates.get(quant),
+            min_confident_top1=options.top1_gates.get(quant),
+        )
         profile = None
         if options.profile:
             with quiet():
-                profile = profile_session(session, self.tokenizer, max_new_tokens=options.profile_new_tokens,
-                                          repeats=options.profile_repeats, load_s=load_s, file_bytes=file_bytes,
-                                          threads=options.threads, rss_scope=EXPORT_RSS_SCOPE).to_dict()
+                profile = profile_session(
+                    session,
+                    self.tokenizer,
+                    max_new_tokens=options.profile_new_tokens,
+                    repeats=options.profile_repeats,
+                    load_s=load_s,
+                    file_bytes=file_bytes,
+                    threads=options.threads,
+                    rss_scope=EXPORT_RSS_SCOPE,
+                ).to_dict()
         failure = parity.failure()
         return Measured(parity.to_dict(), profile, failure)
 
@@ -80,12 +97,14 @@ class EncoderEvaluation:
     def describe(self) -> dict[str, Any]:
         return {
             "description": f"the first {len(self.texts)} paragraphs of pydoc_data.topics, in padded batches of 8",
-            "texts": len(self.texts), "tokens": sum(len(r) for r in self.rows),
+            "texts": len(self.texts),
+            "tokens": sum(len(r) for r in self.rows),
             "sha256_of_text": hashlib.sha256("\n\n".join(self.texts).encode()).hexdigest(),
         }
 
-    def measure(self, session: Any, reference: Any, quant: str, load_s: float, file_bytes: int,
-                quiet: QuietHook = nullcontext) -> Measured:
+    def measure(
+        self, session: Any, reference: Any, quant: str, load_s: float, file_bytes: int, quiet: QuietHook = nullcontext
+    ) -> Measured:
         gate = self.options.encoder_gates.get(quant, self.options.encoder_gates["fp32"])
         rows = self._truncated(session.capabilities.max_context)
         pad_id = self.tokenizer.pad_token_id
@@ -93,9 +112,14 @@ class EncoderEvaluation:
         profile = None
         if self.options.profile:
             with quiet():
-                profile = profile_encoder(session, [i for row in self.rows for i in row], load_s=load_s,
-                                          file_bytes=file_bytes, threads=self.options.threads,
-                                          rss_scope=EXPORT_RSS_SCOPE).to_dict()
+                profile = profile_encoder(
+                    session,
+                    [i for row in self.rows for i in row],
+                    load_s=load_s,
+                    file_bytes=file_bytes,
+                    threads=self.options.threads,
+                    rss_scope=EXPORT_RSS_SCOPE,
+                ).to_dict()
         failure = None if parity.passed else f"min cosine {parity.min_cosine:.5f} < gate {gate}"
         return Measured(parity.to_dict(), profile, failure)
 

@@ -68,7 +68,9 @@ class ExportOptions:
     reuse: bool = True  # an intact bundle at the output made from the same inputs is kept (edgelm.up_to_date)
 
 
-def plan_artifacts(options: ExportOptions, task: str = "text-generation") -> tuple[list[tuple[str, str]], dict[str, str]]:
+def plan_artifacts(
+    options: ExportOptions, task: str = "text-generation"
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
     """(format, quant) pairs to build for a model serving `task`, and formats skipped with why.
 
     The fp32 reference always comes first. A requested quant or task a format cannot do is
@@ -121,8 +123,9 @@ def _note_progress(step: StepHook, what: str) -> Callable[[int, int], None]:
     return (lambda done, total: note(f"{what} {done}/{total}")) if note else (lambda done, total: None)
 
 
-def _export_one(exporter: Any, model: Any, source: SourceModel, work: Path, quant: str, name: str,
-                **settings: Any) -> Any:
+def _export_one(
+    exporter: Any, model: Any, source: SourceModel, work: Path, quant: str, name: str, **settings: Any
+) -> Any:
     """One artifact; a converter's own exception becomes an ExportError naming the artifact
     (the bundle is still being built in a temp dir, so nothing half-written is left)."""
     try:
@@ -130,13 +133,16 @@ def _export_one(exporter: Any, model: Any, source: SourceModel, work: Path, quan
     except EdgeLMError:
         raise
     except Exception as err:
-        raise ExportError(f"{name}: the {exporter.format} converter failed on this {source.model_type} model "
-                          f"({type(err).__name__}: {str(err)[:500]}); other formats may still export it — "
-                          f"try --formats without {exporter.format}") from err
+        raise ExportError(
+            f"{name}: the {exporter.format} converter failed on this {source.model_type} model "
+            f"({type(err).__name__}: {str(err)[:500]}); other formats may still export it — "
+            f"try --formats without {exporter.format}"
+        ) from err
 
 
-def _vendor_checks(model: Any, tokenizer: Tokenizer, evaluation: Any, source: SourceModel, work: Path,
-                   options: ExportOptions) -> VendorChecks | None:
+def _vendor_checks(
+    model: Any, tokenizer: Tokenizer, evaluation: Any, source: SourceModel, work: Path, options: ExportOptions
+) -> VendorChecks | None:
     """The vendor-runtime checks of a decoder export: the parity prompt (its first tokens, as
     text) and the model's facts; None for encoders (no vendor LLM runtime runs them)."""
     if not options.vendor_check or source.task != "text-generation":
@@ -152,20 +158,32 @@ def _generation_defaults(model: Any) -> dict[str, Any]:
         return {}
     gen = getattr(model, "generation_config", None)
     if gen is None or not getattr(gen, "do_sample", False):
-        return {"temperature": 0.0, "max_new_tokens": 256, "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0)}
+        return {
+            "temperature": 0.0,
+            "max_new_tokens": 256,
+            "repetition_penalty": float(getattr(gen, "repetition_penalty", 1.0) or 1.0),
+        }
     return {
-        "temperature": float(gen.temperature or 1.0), "top_k": int(gen.top_k or 0), "top_p": float(gen.top_p or 1.0),
-        "repetition_penalty": float(gen.repetition_penalty or 1.0), "max_new_tokens": 256,
+        "temperature": float(gen.temperature or 1.0),
+        "top_k": int(gen.top_k or 0),
+        "top_p": float(gen.top_p or 1.0),
+        "repetition_penalty": float(gen.repetition_penalty or 1.0),
+        "max_new_tokens": 256,
     }
 
 
 def _model_card(source: SourceModel, manifest: Manifest, bundle_name: str) -> str:
     titles, rows = card_rows(manifest)
-    table = "\n".join(["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
-                      + ["| " + " | ".join(row) + " |" for row in rows])
-    usage = ('print(lm.generate("What is a KV cache?", max_new_tokens=64))' if source.task == "text-generation"
-             else 'print(lm.embed(["What is a KV cache?"]))' if source.task == "feature-extraction"
-             else 'print(lm.classify(["What is a KV cache?"]))')
+    table = "\n".join(
+        ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)] + ["| " + " | ".join(row) + " |" for row in rows]
+    )
+    usage = (
+        'print(lm.generate("What is a KV cache?", max_new_tokens=64))'
+        if source.task == "text-generation"
+        else 'print(lm.embed(["What is a KV cache?"]))'
+        if source.task == "feature-extraction"
+        else 'print(lm.classify(["What is a KV cache?"]))'
+    )
     compression = manifest.compression or {}
     base_model = compression.get("base_model", source.model_id)
     relation = compression.get("base_model_relation", "quantized")
@@ -173,8 +191,11 @@ def _model_card(source: SourceModel, manifest: Manifest, bundle_name: str) -> st
     if compression:
         done = ", ".join(s["step"].replace("_", " ") for s in compression.get("steps", []))
         ppl = compression.get("perplexity", {})
-        compressed = (f"\nCompressed from {base_model} by `edgelm compress` ({done}); held-out perplexity "
-                      + " → ".join(f"{k} {v:.2f}" for k, v in ppl.items()) + " (compression.json in the manifest).\n")
+        compressed = (
+            f"\nCompressed from {base_model} by `edgelm compress` ({done}); held-out perplexity "
+            + " → ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+            + " (compression.json in the manifest).\n"
+        )
     return f"""---
 base_model: {base_model}
 base_model_relation: {relation}
@@ -189,7 +210,7 @@ Exported by edgelm {__version__} from `{Path(source.path).name}` (sha256 `{sourc
 {compressed}
 {table}
 
-Parity is measured against the fp32 source on {manifest.parity_text.get('description', 'the parity text')}.
+Parity is measured against the fp32 source on {manifest.parity_text.get("description", "the parity text")}.
 Full figures: `report/report.md`.
 
 ## Run it
@@ -237,8 +258,9 @@ def _export_compressed(model: str | Path | None, output: Path, options: ExportOp
         return export_bundle(compressed, output, replace(options, compress=None), step)
 
 
-def export_bundle(model: str | Path | None, output: str | Path, options: ExportOptions | None = None,
-                  step: StepHook | None = None) -> Manifest:
+def export_bundle(
+    model: str | Path | None, output: str | Path, options: ExportOptions | None = None, step: StepHook | None = None
+) -> Manifest:
     """Export `model` (None: the default SmolLM2) into a bundle folder at `output`.
 
     Returns the manifest written — or, when `output` already holds an intact bundle made from
@@ -284,9 +306,17 @@ def export_bundle(model: str | Path | None, output: str | Path, options: ExportO
             export_key=key,
         )
         failures = []
-        builder = ArtifactBuilder(model_obj, source, work, options, evaluation, reference, step,
-                                  Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating")),
-                                  _vendor_checks(model_obj, tokenizer, evaluation, source, work, options))
+        builder = ArtifactBuilder(
+            model_obj,
+            source,
+            work,
+            options,
+            evaluation,
+            reference,
+            step,
+            Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating")),
+            _vendor_checks(model_obj, tokenizer, evaluation, source, work, options),
+        )
         try:
             for fmt, quant in builder.start_background_exports(plan) if options.background else plan:
                 entry, failure = builder.build(fmt, quant)

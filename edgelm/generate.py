@@ -41,8 +41,10 @@ def check_prompt_length(n_tokens: int, max_context: int) -> None:
     if n_tokens == 0:
         raise PromptError("the prompt is empty (no tokens); give some text, or use the chat template")
     if n_tokens >= max_context:
-        raise PromptError(f"the prompt is {n_tokens} tokens; this artifact's context holds {max_context} "
-                          "(prompt and generated tokens together): shorten it")
+        raise PromptError(
+            f"the prompt is {n_tokens} tokens; this artifact's context holds {max_context} "
+            "(prompt and generated tokens together): shorten it"
+        )
 
 
 def stream_tokens(

@@ -67,7 +67,9 @@ class _Cursor:
         self.fh, self.size, self.pos, self.path = fh, size, 0, path
 
     def fail(self, what: str) -> InvalidModelError:
-        return InvalidModelError(f"{self.path}: corrupt GGUF header ({what} at byte {self.pos}); re-download or re-convert it")
+        return InvalidModelError(
+            f"{self.path}: corrupt GGUF header ({what} at byte {self.pos}); re-download or re-convert it"
+        )
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > self.size:
@@ -155,7 +157,9 @@ def _read_summary(fh: BinaryIO, path: Path, file_bytes: int, header_limit: int) 
     cur = _Cursor(fh, header_limit, path)
     magic = cur.take(4)
     if magic != GGUF_MAGIC:
-        raise InvalidModelError(f"{path}: not a GGUF file (magic {magic!r}); pass a .gguf file or a Hugging Face folder")
+        raise InvalidModelError(
+            f"{path}: not a GGUF file (magic {magic!r}); pass a .gguf file or a Hugging Face folder"
+        )
     version = cur.scalar("<I")
     if version not in (2, 3):
         raise cur.fail(f"unsupported GGUF version {version}")
@@ -177,8 +181,12 @@ def _read_summary(fh: BinaryIO, path: Path, file_bytes: int, header_limit: int) 
             raise cur.fail(f"tensor {name!r} has a dimension of 2**40 or more")
         summary.tensors.append(GGUFTensorInfo(name, shape, cur.scalar("<I"), cur.scalar("<Q")))
     alignment = summary.metadata.get("general.alignment", 32)
-    if not isinstance(alignment, int) or isinstance(alignment, bool) or not 0 < alignment <= 1 << 16 \
-            or alignment & (alignment - 1):
+    if (
+        not isinstance(alignment, int)
+        or isinstance(alignment, bool)
+        or not 0 < alignment <= 1 << 16
+        or alignment & (alignment - 1)
+    ):
         raise cur.fail(f"general.alignment {str(alignment)[:40]!r} is not a power of two up to 65536")
     summary.data_offset = (cur.pos + alignment - 1) // alignment * alignment
     _check_tensor_extents(summary, path)

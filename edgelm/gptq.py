@@ -102,8 +102,15 @@ def searched_grid(weight: Any, importance: Any, block_size: int, max_code: int =
     return best_scale, best_zero
 
 
-def gptq_codes(weight: Any, inputs: HessianAccumulator, scales: Any, zero_points: Any, block_size: int,
-               max_code: int = 15, act_order: bool = True) -> Any:
+def gptq_codes(
+    weight: Any,
+    inputs: HessianAccumulator,
+    scales: Any,
+    zero_points: Any,
+    block_size: int,
+    max_code: int = 15,
+    act_order: bool = True,
+) -> Any:
     """Integer codes in [0, max_code] for `weight` [out, in] on the grid w = scale · (code − zero_point).
 
     `inputs`: the layer's input statistics; `scales` and `zero_points` are [out, in / block_size]:
@@ -153,14 +160,19 @@ def output_error(difference: Any, hessian: Any) -> float:
     return float(((e @ hessian) * e).sum())
 
 
-def collect_hessians(model: Any, batches: list[Any], skip: tuple[str, ...] = ("lm_head",)) -> dict[str, HessianAccumulator]:
+def collect_hessians(
+    model: Any, batches: list[Any], skip: tuple[str, ...] = ("lm_head",)
+) -> dict[str, HessianAccumulator]:
     """Σ xxᵀ of every Linear's input over the calibration batches, by module name (the output
     head excepted: it stays 8-bit). Linears that read the same tensor (q/k/v, gate/up) share
     one accumulator, so memory is one matrix per distinct input."""
     import torch
 
-    linears = {name: module for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] not in skip}
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] not in skip
+    }
     sums: dict[str, HessianAccumulator] = {}
     seen: dict[int, tuple[Any, str]] = {}  # id of an input in this batch -> (the tensor, kept alive; its first reader)
 
@@ -174,6 +186,7 @@ def collect_hessians(model: Any, batches: list[Any], skip: tuple[str, ...] = ("l
                 sums[name].add(x)
             else:
                 sums[name] = sums[first]
+
         return record
 
     body = getattr(model, "base_model", model)

@@ -59,8 +59,11 @@ class DecoderSignature:
             "inputs": ["input_ids[1,n] int64", "past_{key,value}_i[1,kv_heads,past_len,head_dim] float32"],
             "outputs": ["logits[1,n,vocab] float32", "present_{key,value}_i[1,kv_heads,past_len+n,head_dim]"],
             "kv_cache": "explicit inputs/outputs, grows by n per call (one graph for prefill and decode)",
-            "num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-            "vocab_size": self.vocab_size, "max_context": self.max_context,
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab_size,
+            "max_context": self.max_context,
         }
 
 
@@ -75,8 +78,13 @@ def decoder_signature(config: Any) -> DecoderSignature:
     )
 
 
-def build_decoder_graph(model: Any, static_context: int | None = None, separate_head: bool = False,
-                        host_context: int | None = None, executorch_ops: bool = False) -> Any:
+def build_decoder_graph(
+    model: Any,
+    static_context: int | None = None,
+    separate_head: bool = False,
+    host_context: int | None = None,
+    executorch_ops: bool = False,
+) -> Any:
     """Wrap a transformers causal LM as a DecoderGraph; UnsupportedError if its family isn't covered.
 
     By default explicit cache inputs/outputs; static_context=N: a static cache of N positions
@@ -133,8 +141,9 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
             self.final_softcap = getattr(config, "final_logit_softcapping", None)
             self.model_window = getattr(config, "sliding_window", None)
 
-        def _attention(self, layer: Any, hidden: Any, cos: Any, sin: Any, i: int, past: tuple, positions: Any,
-                       mask: Any):
+        def _attention(
+            self, layer: Any, hidden: Any, cos: Any, sin: Any, i: int, past: tuple, positions: Any, mask: Any
+        ):
             attn, n, hd = layer.self_attn, hidden.shape[1], self.signature.head_dim
             kv_heads = self.signature.num_kv_heads
             if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, split q | k | v
@@ -234,11 +243,14 @@ def build_decoder_graph(model: Any, static_context: int | None = None, separate_
                     masks[window] = torch.where(allowed, 0.0, float("-inf")).to(hidden.dtype)[None, None]
                 cos, sin = rope[self.layer_types[i]] if self.layer_types else default_rope
                 residual = hidden
-                attn_out, k, v = self._attention(layer, layer.input_layernorm(hidden), cos, sin, i, state,
-                                                 positions, masks[window])
+                attn_out, k, v = self._attention(
+                    layer, layer.input_layernorm(hidden), cos, sin, i, state, positions, masks[window]
+                )
                 if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma3's sandwich norms
                     hidden = residual + layer.post_attention_layernorm(attn_out)
-                    hidden = hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden)))
+                    hidden = hidden + layer.post_feedforward_layernorm(
+                        layer.mlp(layer.pre_feedforward_layernorm(hidden))
+                    )
                 else:
                     hidden = residual + attn_out
                     hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

@@ -30,8 +30,11 @@ def _describe_bundle(path: Path) -> tuple[str, Rows]:
 
     manifest = read_bundle(path)
     rows: Rows = [
-        ("source", f"{manifest.source['model_id']} ({manifest.source['model_type']}, "
-                   f"{manifest.source['num_parameters'] / 1e6:.1f} M params)"),
+        (
+            "source",
+            f"{manifest.source['model_id']} ({manifest.source['model_type']}, "
+            f"{manifest.source['num_parameters'] / 1e6:.1f} M params)",
+        ),
         ("target", manifest.target),
         ("edgelm", manifest.edgelm_version),
         ("files verified", f"{len(manifest.files)} (sha256)"),
@@ -39,8 +42,9 @@ def _describe_bundle(path: Path) -> tuple[str, Rows]:
     for a in manifest.artifacts:
         ratio = _number((a.parity or {}).get("ppl_ratio"), 4)
         speed = _number((a.profile or {}).get("decode_tok_s"), 1)
-        rows.append((a.name, f"{a.path}  {a.bytes / 1e6:.1f} MB  runtime={a.runtime}  "
-                             f"ppl_ratio={ratio}  decode={speed} tok/s"))
+        rows.append(
+            (a.name, f"{a.path}  {a.bytes / 1e6:.1f} MB  runtime={a.runtime}  ppl_ratio={ratio}  decode={speed} tok/s")
+        )
     return f"bundle {path}", rows
 
 
@@ -55,8 +59,10 @@ def _describe_gguf(path: Path) -> tuple[str, Rows]:
             block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t)]
             return GGMLQuantizationType(t).name, size / block
     except ImportError:  # runtime-only install: ids and element counts only
+
         def describe_type(t: int) -> tuple[str, float]:
             return str(t), 0.0
+
     counts: Counter[str] = Counter()
     type_bytes: Counter[str] = Counter()
     for tensor in summary.tensors:
@@ -64,14 +70,33 @@ def _describe_gguf(path: Path) -> tuple[str, Rows]:
         counts[name] += 1
         type_bytes[name] += int(math.prod(tensor.shape) * per_element)
     keep = ("general.architecture", "general.name", "general.file_type", "tokenizer.ggml.model", "tokenizer.ggml.pre")
-    rows: Rows = [("version", summary.version), ("size", f"{summary.file_bytes / 1e6:.1f} MB"),
-                  ("tensors", len(summary.tensors)), ("parameters", f"{summary.num_parameters / 1e6:.1f} M"),
-                  ("tensor types", ", ".join(f"{k}×{counts[k]} ({type_bytes[k] / 1e6:.1f} MB)"
-                                             for k, _ in type_bytes.most_common()))]
+    rows: Rows = [
+        ("version", summary.version),
+        ("size", f"{summary.file_bytes / 1e6:.1f} MB"),
+        ("tensors", len(summary.tensors)),
+        ("parameters", f"{summary.num_parameters / 1e6:.1f} M"),
+        (
+            "tensor types",
+            ", ".join(f"{k}×{counts[k]} ({type_bytes[k] / 1e6:.1f} MB)" for k, _ in type_bytes.most_common()),
+        ),
+    ]
     rows += [(k, summary.metadata[k]) for k in keep if k in summary.metadata]
-    rows += [(k, v) for k, v in summary.metadata.items()
-             if k.endswith((".context_length", ".block_count", ".embedding_length", ".head_count", ".head_count_kv",
-                            ".feed_forward_length", ".rope.freq_base", ".pooling_type"))]
+    rows += [
+        (k, v)
+        for k, v in summary.metadata.items()
+        if k.endswith(
+            (
+                ".context_length",
+                ".block_count",
+                ".embedding_length",
+                ".head_count",
+                ".head_count_kv",
+                ".feed_forward_length",
+                ".rope.freq_base",
+                ".pooling_type",
+            )
+        )
+    ]
     return f"gguf {path}", rows
 
 
@@ -90,9 +115,12 @@ def _describe_safetensors(path: Path) -> tuple[str, Rows]:
                 params += count
     except Exception as err:
         raise InvalidModelError(f"{path}: not a readable safetensors file ({err})") from err
-    return f"safetensors {path}", [("size", f"{path.stat().st_size / 1e6:.1f} MB"), ("tensors", len(names)),
-                                   ("parameters", f"{params / 1e6:.1f} M"),
-                                   ("dtypes", ", ".join(f"{k}×{v}" for k, v in dtypes.items()))]
+    return f"safetensors {path}", [
+        ("size", f"{path.stat().st_size / 1e6:.1f} MB"),
+        ("tensors", len(names)),
+        ("parameters", f"{params / 1e6:.1f} M"),
+        ("dtypes", ", ".join(f"{k}×{v}" for k, v in dtypes.items())),
+    ]
 
 
 def _describe_onnx(path: Path) -> tuple[str, Rows]:
@@ -104,7 +132,9 @@ def _describe_onnx(path: Path) -> tuple[str, Rows]:
 
     proto = load_onnx_graph(path)
     ops = Counter(n.op_type for n in proto.graph.node)
-    quantized = {op: ops[op] for op in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul") if op in ops}
+    quantized = {
+        op: ops[op] for op in ("MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul") if op in ops
+    }
     names = {value: name for name, value in onnx.TensorProto.DataType.items()}
     dtypes = Counter(names.get(t.data_type, f"type {t.data_type}") for t in proto.graph.initializer)
 
@@ -142,16 +172,21 @@ def _describe_pte(path: Path) -> tuple[str, Rows]:
         with quiet_native_stderr(LOG_VARIABLE):
             program = deserialize_pte_binary(path.read_bytes()).program
     except Exception as err:  # executorch's pure-Python reader: any error means bytes it cannot describe
-        raise InvalidModelError(f"{path}: the program's tables cannot be read ({type(err).__name__}); "
-                                "re-export it") from err
-    rows: Rows = [("size", f"{path.stat().st_size / 1e6:.1f} MB"),
-                  ("methods", ", ".join(plan.name for plan in program.execution_plan))]
+        raise InvalidModelError(
+            f"{path}: the program's tables cannot be read ({type(err).__name__}); re-export it"
+        ) from err
+    rows: Rows = [
+        ("size", f"{path.stat().st_size / 1e6:.1f} MB"),
+        ("methods", ", ".join(plan.name for plan in program.execution_plan)),
+    ]
     for plan in program.execution_plan:
         delegates = Counter(d.id for d in plan.delegates)
         if plan.name == "forward":
-            rows += [("forward inputs / outputs", f"{len(plan.inputs)} / {len(plan.outputs)}"),
-                     ("delegates", ", ".join(f"{k}×{v}" for k, v in delegates.items()) or "none"),
-                     ("operators outside delegates", ", ".join(sorted({str(o.name) for o in plan.operators})) or "none")]
+            rows += [
+                ("forward inputs / outputs", f"{len(plan.inputs)} / {len(plan.outputs)}"),
+                ("delegates", ", ".join(f"{k}×{v}" for k, v in delegates.items()) or "none"),
+                ("operators outside delegates", ", ".join(sorted({str(o.name) for o in plan.operators})) or "none"),
+            ]
     return f"executorch {path}", rows
 
 
@@ -175,17 +210,28 @@ def _describe_tflite(path: Path) -> tuple[str, Rows]:
     return f"tflite {path}", [
         ("size", f"{summary.bytes / 1e6:.1f} MB"),
         ("signatures", ", ".join(sorted(summary.signatures))),
-        *[(f"{name} inputs / outputs", f"{shortened(ins)} / {shortened(outs)}")
-          for name, (ins, outs) in sorted(summary.signatures.items())],
-        ("weight types", ", ".join(f"{k}×{summary.tensor_types[k]} ({v / 1e6:.1f} MB)"
-                                   for k, v in summary.weight_bytes.most_common())),
+        *[
+            (f"{name} inputs / outputs", f"{shortened(ins)} / {shortened(outs)}")
+            for name, (ins, outs) in sorted(summary.signatures.items())
+        ],
+        (
+            "weight types",
+            ", ".join(
+                f"{k}×{summary.tensor_types[k]} ({v / 1e6:.1f} MB)" for k, v in summary.weight_bytes.most_common()
+            ),
+        ),
         ("operators", ", ".join(f"{k}×{v}" for k, v in summary.operators.most_common())),
     ]
 
 
 # file suffix -> describer; a format adds one line here.
-DESCRIBERS = {".gguf": _describe_gguf, ".safetensors": _describe_safetensors, ".onnx": _describe_onnx,
-              ".pte": _describe_pte, ".tflite": _describe_tflite}
+DESCRIBERS = {
+    ".gguf": _describe_gguf,
+    ".safetensors": _describe_safetensors,
+    ".onnx": _describe_onnx,
+    ".pte": _describe_pte,
+    ".tflite": _describe_tflite,
+}
 
 
 def describe(path: Path) -> tuple[str, Rows]:
@@ -199,5 +245,7 @@ def describe(path: Path) -> tuple[str, Rows]:
         return _describe_bundle(path) if (path / "manifest.json").is_file() else _describe_model_folder(path)
     if path.suffix in DESCRIBERS:
         return DESCRIBERS[path.suffix](path)
-    raise UnsupportedError(f"{path}: cannot inspect {path.suffix or 'this'} files; known: bundle folders, model folders, "
-                           + ", ".join(DESCRIBERS))
+    raise UnsupportedError(
+        f"{path}: cannot inspect {path.suffix or 'this'} files; known: bundle folders, model folders, "
+        + ", ".join(DESCRIBERS)
+    )

@@ -123,8 +123,9 @@ def _receive(sock: socket.socket, timeout: float | None = None) -> tuple[dict, l
 
 def _error_header(err: BaseException) -> dict:
     if isinstance(err, MemoryError):
-        err = InvalidModelError("the runtime needs more memory than the isolation limit "
-                                f"({ADDRESS_SPACE >> 30} GB of address space) allows")
+        err = InvalidModelError(
+            f"the runtime needs more memory than the isolation limit ({ADDRESS_SPACE >> 30} GB of address space) allows"
+        )
     return {"error": [type(err).__name__, str(err)]}
 
 
@@ -137,6 +138,7 @@ def _raise_error(name: str, message: str) -> None:
 
 
 # ---- the session in the caller ----
+
 
 class _IsolatedBase:
     """The caller's end of one child process that holds one session."""
@@ -156,9 +158,10 @@ class _IsolatedBase:
             except (_Gone, OSError) as err:  # OSError: a reset or broken connection, the child is gone
                 self._end(hung=isinstance(err, _Gone) and err.hung)
                 why = err if isinstance(err, _Gone) else "its process ended"
-                raise InvalidModelError(f"{self._path}: {self._runtime} failed running it in its own process "
-                                        f"({why}); the file is damaged or not an edgelm artifact — re-export it"
-                                        ) from None
+                raise InvalidModelError(
+                    f"{self._path}: {self._runtime} failed running it in its own process "
+                    f"({why}); the file is damaged or not an edgelm artifact — re-export it"
+                ) from None
         if "error" in answer:
             _raise_error(*answer["error"])
         return results
@@ -200,16 +203,17 @@ class IsolatedEncoderSession(_IsolatedBase):
     """An encoder session whose runtime runs in a child process (edgelm.session.EncoderSession)."""
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self._call({"call": "run"}, np.asarray(input_ids, dtype=np.int64),
-                          np.asarray(attention_mask, dtype=np.int64))[0]
+        return self._call(
+            {"call": "run"}, np.asarray(input_ids, dtype=np.int64), np.asarray(attention_mask, dtype=np.int64)
+        )[0]
 
 
-def open_isolated(runtime: str, path: Path, device: str = "cpu", threads: int | None = None
-                  ) -> IsolatedSession | IsolatedEncoderSession:
+def open_isolated(
+    runtime: str, path: Path, device: str = "cpu", threads: int | None = None
+) -> IsolatedSession | IsolatedEncoderSession:
     """Open `path` with `runtime` in a fresh child process; its errors are raised here as they were there."""
     path = Path(path)
-    sock = _SERVER.fork_session({"runtime": runtime, "path": str(path.resolve()), "device": device,
-                                 "threads": threads})
+    sock = _SERVER.fork_session({"runtime": runtime, "path": str(path.resolve()), "device": device, "threads": threads})
     pid = None
     try:
         pid = int(_receive(sock, CALL_TIMEOUT_S)[0]["pid"])  # the child's first word, before it reads the file
@@ -220,8 +224,10 @@ def open_isolated(runtime: str, path: Path, device: str = "cpu", threads: int | 
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         why = err if isinstance(err, _Gone) else "its process ended"
-        raise InvalidModelError(f"{path}: {runtime} could not open it in its own process ({why}); the file is "
-                                "damaged or not an edgelm artifact — re-export it") from None
+        raise InvalidModelError(
+            f"{path}: {runtime} could not open it in its own process ({why}); the file is "
+            "damaged or not an edgelm artifact — re-export it"
+        ) from None
     if "error" in answer:
         sock.close()
         _raise_error(*answer["error"])
@@ -257,11 +263,15 @@ def probe(runtime: str, path: Path) -> None:
         finally:
             session.close()
     except EdgeLMError as err:
-        raise InvalidModelError(f"{path}: {runtime} could not open and run it ({' '.join(str(err).split())[:300]})"
-                                "; the file is damaged or not an edgelm artifact — re-export it") from None
+        raise InvalidModelError(
+            f"{path}: {runtime} could not open and run it ({' '.join(str(err).split())[:300]})"
+            "; the file is damaged or not an edgelm artifact — re-export it"
+        ) from None
     except Exception as err:  # noqa: BLE001  whatever the runtime raised on this file, it refused it
-        raise InvalidModelError(f"{path}: {runtime} could not open and run it ({type(err).__name__}: "
-                                f"{' '.join(str(err).split())[:300]}); the file is damaged — re-export it") from None
+        raise InvalidModelError(
+            f"{path}: {runtime} could not open and run it ({type(err).__name__}: "
+            f"{' '.join(str(err).split())[:300]}); the file is damaged — re-export it"
+        ) from None
 
 
 # ---- the fork server and its children ----
@@ -279,11 +289,20 @@ class _ForkServer:
 
     def _start(self) -> None:
         ours, theirs = socket.socketpair()
-        env = {**os.environ, CHILD_VARIABLE: "1", "EDGELM_ISOLATION_FD": str(theirs.fileno()),
-               "EDGELM_ISOLATION_LIMIT": str(ADDRESS_SPACE)}
-        self._proc = subprocess.Popen([sys.executable, "-c", _SERVER_SOURCE], stdin=subprocess.DEVNULL,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                                      pass_fds=(theirs.fileno(),))
+        env = {
+            **os.environ,
+            CHILD_VARIABLE: "1",
+            "EDGELM_ISOLATION_FD": str(theirs.fileno()),
+            "EDGELM_ISOLATION_LIMIT": str(ADDRESS_SPACE),
+        }
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVER_SOURCE],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            pass_fds=(theirs.fileno(),),
+        )
         theirs.close()
         self._control = ours
         atexit.register(self._proc.kill)
@@ -364,10 +383,12 @@ def _serve_session(sock: socket.socket, case: dict) -> None:
         return
     encoder = not hasattr(session, "prefill")
     _send(sock, {"kind": "encoder" if encoder else "decoder", "capabilities": asdict(session.capabilities)})
-    calls = {"prefill": lambda h, a: (session.prefill(a[0]),),
-             "decode": lambda h, a: (session.decode(h["token"]),),
-             "reset": lambda h, a: session.reset() or (),
-             "run": lambda h, a: (session.run(a[0], a[1]),)}
+    calls = {
+        "prefill": lambda h, a: (session.prefill(a[0]),),
+        "decode": lambda h, a: (session.decode(h["token"]),),
+        "reset": lambda h, a: session.reset() or (),
+        "run": lambda h, a: (session.run(a[0], a[1]),),
+    }
     while True:
         try:
             header, arrays = _receive(sock)

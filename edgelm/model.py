@@ -145,8 +145,10 @@ def read_json_value(path: Path, error: type[EdgeLMError], what_to_do: str) -> An
     """Parse JSON from `path` within size and depth limits; `error` (with `what_to_do`) if it can't be."""
     size = require_regular_file(path, error)
     if size > MAX_JSON_BYTES:
-        raise error(f"{path}: {size / 1e6:.0f} MB is too large for a JSON file here (limit "
-                    f"{MAX_JSON_BYTES >> 20} MB); {what_to_do}")
+        raise error(
+            f"{path}: {size / 1e6:.0f} MB is too large for a JSON file here (limit "
+            f"{MAX_JSON_BYTES >> 20} MB); {what_to_do}"
+        )
     try:
         data = json.loads(path.read_bytes().decode("utf-8"))
     except (ValueError, RecursionError, UnicodeDecodeError) as err:  # JSONDecodeError, huge ints, deep nesting

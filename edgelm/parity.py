@@ -75,8 +75,10 @@ class ParityResult:
         if self.max_kl is not None and self.mean_kl > self.max_kl:
             return f"mean KL {self.mean_kl:.4f} > gate {self.max_kl}"
         if self.min_confident_top1 is not None and self.confident_top1_agreement < self.min_confident_top1:
-            return (f"top-1 agreement {self.confident_top1_agreement:.1%} where the reference is confident "
-                    f"< gate {self.min_confident_top1:.0%}")
+            return (
+                f"top-1 agreement {self.confident_top1_agreement:.1%} where the reference is confident "
+                f"< gate {self.min_confident_top1:.0%}"
+            )
         return None
 
     def to_dict(self) -> dict[str, Any]:

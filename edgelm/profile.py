@@ -28,8 +28,19 @@ DEFAULT_PROMPTS = (
     "why it makes decoding faster, and what it costs in memory on a phone with limited RAM. "
     "Give a short example with numbers for a small model.",
 )
-VERSIONED_PACKAGES = ("edgelm", "numpy", "tokenizers", "torch", "transformers", "onnxruntime", "onnxruntime-genai",
-                      "gguf", "llama-cpp-python", "executorch", "ai-edge-litert")
+VERSIONED_PACKAGES = (
+    "edgelm",
+    "numpy",
+    "tokenizers",
+    "torch",
+    "transformers",
+    "onnxruntime",
+    "onnxruntime-genai",
+    "gguf",
+    "llama-cpp-python",
+    "executorch",
+    "ai-edge-litert",
+)
 
 
 def device_record() -> dict[str, Any]:

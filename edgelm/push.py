@@ -45,8 +45,9 @@ def default_destination(transport: Transport, bundle: Path) -> str:
 def device_manifest(manifest: Manifest, formats: tuple[str, ...] | None) -> Manifest:
     """The manifest a device gets: the chosen artifacts (by name or format; by default every
     artifact a runtime-only install can run, i.e. all but the torch reference) and their files."""
-    chosen = [a for a in manifest.artifacts
-              if (a.name in formats or a.format in formats if formats else a.runtime != "torch")]
+    chosen = [
+        a for a in manifest.artifacts if (a.name in formats or a.format in formats if formats else a.runtime != "torch")
+    ]
     if not chosen:
         known = ", ".join(a.name for a in manifest.artifacts)
         raise UnsupportedError(f"no artifact of the bundle matches {', '.join(formats or ())}; it has: {known}")
@@ -55,8 +56,11 @@ def device_manifest(manifest: Manifest, formats: tuple[str, ...] | None) -> Mani
     vendor_files = {rel for a in chosen for vendor in a.vendor_runtimes for rel in vendor.get("files", [])}
 
     def belongs(rel: str) -> bool:
-        return rel.startswith("tokenizer/") or any(rel == a.path or rel.startswith(a.path + ".") for a in chosen) \
+        return (
+            rel.startswith("tokenizer/")
+            or any(rel == a.path or rel.startswith(a.path + ".") for a in chosen)
             or rel in vendor_files
+        )
 
     data = manifest.to_dict()
     names = {a.name for a in chosen}
@@ -82,7 +86,8 @@ _NOT_A_BUNDLE = 42
 # Lists "kind name" for every staging sibling of $1 and whether $1 exists.
 _LIST_SCRIPT = r"""
 for d in "$1".partial-* "$1".old-*; do [ -d "$d" ] && [ ! -L "$d" ] && echo "staging $d"; done
-if [ -L "$1" ]; then echo "dest symlink"; elif [ -d "$1" ]; then echo "dest dir"; elif [ -e "$1" ]; then echo "dest other"; fi
+if [ -L "$1" ]; then echo "dest symlink"; elif [ -d "$1" ]; then echo "dest dir";
+elif [ -e "$1" ]; then echo "dest other"; fi
 """
 
 
@@ -90,7 +95,9 @@ def check_destination(destination: str) -> str:
     """A push destination: absolute, normalised, not the root; BundleError otherwise."""
     clean = posixpath.normpath(destination) if destination else ""
     if not clean.startswith("/") or clean in ("/", "//") or "\\" in clean or any(c in clean for c in "\n\r\0"):
-        raise BundleError(f"--to {destination!r}: give an absolute folder on the device (e.g. /data/local/tmp/edgelm/x)")
+        raise BundleError(
+            f"--to {destination!r}: give an absolute folder on the device (e.g. /data/local/tmp/edgelm/x)"
+        )
     return clean
 
 
@@ -109,8 +116,10 @@ def _check_replaceable_on_device(transport: Transport, destination: str, state: 
     """Only an edgelm bundle (a valid manifest.json, read back and checked here) is ever replaced."""
     if not state:
         return
-    refusal = BundleError(f"{transport.address}:{destination} exists and is not an edgelm bundle; push replaces only "
-                          "a bundle it wrote — choose another --to")
+    refusal = BundleError(
+        f"{transport.address}:{destination} exists and is not an edgelm bundle; push replaces only "
+        "a bundle it wrote — choose another --to"
+    )
     if state != "dir":
         raise refusal
     with tempfile.TemporaryDirectory() as scratch:
@@ -137,9 +146,13 @@ def _clean_stale_on_device(transport: Transport, destination: str, leftovers: li
         transport.run(["rm", "-rf", path], timeout=120, check=False)
 
 
-def push_bundle(bundle: Path, transport: Transport, destination: str | None = None,
-                formats: tuple[str, ...] | None = None, on_file: Callable[[str, int], None] | None = None
-                ) -> PushResult:
+def push_bundle(
+    bundle: Path,
+    transport: Transport,
+    destination: str | None = None,
+    formats: tuple[str, ...] | None = None,
+    on_file: Callable[[str, int], None] | None = None,
+) -> PushResult:
     """Push `bundle` (verified locally first) to `destination` on the device.
 
     An existing destination is replaced only when it is an edgelm bundle (checked before
@@ -169,14 +182,21 @@ def push_bundle(bundle: Path, transport: Transport, destination: str | None = No
             transport.push(local_manifest, f"{staging}/{MANIFEST}")
         _verify_on_device(transport, staging, files)
         # replace an earlier bundle only now, with the old one restored if the swap fails
-        swap = transport.run(["sh", "-c", _SWAP_SCRIPT, "sh", destination, staging, _staging_name(destination, "old")],
-                             check=False, timeout=600)
+        swap = transport.run(
+            ["sh", "-c", _SWAP_SCRIPT, "sh", destination, staging, _staging_name(destination, "old")],
+            check=False,
+            timeout=600,
+        )
         if swap.returncode == _NOT_A_BUNDLE:
-            raise BundleError(f"{transport.address}:{destination} appeared while pushing and is not an edgelm bundle; "
-                              "it was left as it is")
+            raise BundleError(
+                f"{transport.address}:{destination} appeared while pushing and is not an edgelm bundle; "
+                "it was left as it is"
+            )
         if swap.returncode != 0:
-            raise DeviceError(f"{transport.address}: could not move the pushed bundle into place "
-                              f"({(swap.stderr or swap.stdout).strip()[-300:] or 'no output'})")
+            raise DeviceError(
+                f"{transport.address}: could not move the pushed bundle into place "
+                f"({(swap.stderr or swap.stdout).strip()[-300:] or 'no output'})"
+            )
     except BaseException:
         try:
             transport.run(["rm", "-rf", staging], timeout=30, check=False)
@@ -194,5 +214,7 @@ def _verify_on_device(transport: Transport, staging: str, files: dict[str, str])
         seen[posixpath.relpath(path, staging)] = digest
     bad = [rel for rel, expected in files.items() if seen.get(rel) != expected]
     if bad:
-        raise DeviceError(f"{transport.address}: sha256 on the device does not match for {', '.join(bad[:5])}"
-                          f"{' …' if len(bad) > 5 else ''}; the copy was corrupted — push again")
+        raise DeviceError(
+            f"{transport.address}: sha256 on the device does not match for {', '.join(bad[:5])}"
+            f"{' …' if len(bad) > 5 else ''}; the copy was corrupted — push again"
+        )

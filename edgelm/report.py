@@ -26,25 +26,62 @@ class ReportLayout:
 
 
 DECODER = ReportLayout(
-    columns=[("artifact", "artifact"), ("quant", "quant"), ("method", "method"), ("size MB", "size_mb"), ("ppl", "perplexity"),
-             ("ppl ratio", "ppl_ratio"), ("top-1", "top1"), ("KL", "kl"), ("gate", "gate"),
-             ("decode tok/s", "decode_tok_s"), ("prefill tok/s", "prefill_tok_s"), ("TTFT s", "ttft_s"),
-             ("p50 ms", "p50_ms"), ("p90 ms", "p90_ms"), ("peak RSS MB", "peak_rss_mb"), ("load s", "load_s")],
+    columns=[
+        ("artifact", "artifact"),
+        ("quant", "quant"),
+        ("method", "method"),
+        ("size MB", "size_mb"),
+        ("ppl", "perplexity"),
+        ("ppl ratio", "ppl_ratio"),
+        ("top-1", "top1"),
+        ("KL", "kl"),
+        ("gate", "gate"),
+        ("decode tok/s", "decode_tok_s"),
+        ("prefill tok/s", "prefill_tok_s"),
+        ("TTFT s", "ttft_s"),
+        ("p50 ms", "p50_ms"),
+        ("p90 ms", "p90_ms"),
+        ("peak RSS MB", "peak_rss_mb"),
+        ("load s", "load_s"),
+    ],
     speed=("decode_tok_s", "decode tokens/s (higher is better)"),
     quality=("perplexity", "perplexity on the parity text (lower is better)"),
-    card=[("artifact", "artifact"), ("format", "format"), ("quant", "quant"), ("MB", "size_mb"),
-          ("ppl ratio", "ppl_ratio"), ("decode tok/s", "decode_tok_s")],
+    card=[
+        ("artifact", "artifact"),
+        ("format", "format"),
+        ("quant", "quant"),
+        ("MB", "size_mb"),
+        ("ppl ratio", "ppl_ratio"),
+        ("decode tok/s", "decode_tok_s"),
+    ],
 )
 ENCODER = ReportLayout(
-    columns=[("artifact", "artifact"), ("quant", "quant"), ("method", "method"), ("size MB", "size_mb"),
-             ("min cosine", "min_cosine"),
-             ("mean cosine", "mean_cosine"), ("max |diff|", "max_abs_diff"), ("label agreement", "label_agreement"),
-             ("gate", "gate"), ("p50 ms @128", "latency_p50_ms"), ("p90 ms @128", "latency_p90_ms"),
-             ("batch-8 inputs/s", "throughput_per_s"), ("peak RSS MB", "peak_rss_mb"), ("load s", "load_s")],
+    columns=[
+        ("artifact", "artifact"),
+        ("quant", "quant"),
+        ("method", "method"),
+        ("size MB", "size_mb"),
+        ("min cosine", "min_cosine"),
+        ("mean cosine", "mean_cosine"),
+        ("max |diff|", "max_abs_diff"),
+        ("label agreement", "label_agreement"),
+        ("gate", "gate"),
+        ("p50 ms @128", "latency_p50_ms"),
+        ("p90 ms @128", "latency_p90_ms"),
+        ("batch-8 inputs/s", "throughput_per_s"),
+        ("peak RSS MB", "peak_rss_mb"),
+        ("load s", "load_s"),
+    ],
     speed=("throughput_per_s", "inputs/s at batch 8, 128 tokens (higher is better)"),
     quality=("min_cosine", "min cosine similarity to the fp32 source (higher is better)"),
-    card=[("artifact", "artifact"), ("format", "format"), ("quant", "quant"), ("MB", "size_mb"),
-          ("min cosine", "min_cosine"), ("p50 ms @128", "latency_p50_ms")],
+    card=[
+        ("artifact", "artifact"),
+        ("format", "format"),
+        ("quant", "quant"),
+        ("MB", "size_mb"),
+        ("min cosine", "min_cosine"),
+        ("p50 ms @128", "latency_p50_ms"),
+    ],
 )
 
 
@@ -58,8 +95,11 @@ def quantization_method(entry: Any) -> str:
     if recipe.get("gate_recipe") in (None, "fp32", "fp16"):
         return "float"
     calibration = recipe.get("calibration")
-    how = (f"calibrated ({calibration['calibration_tokens']:,} tokens)" if isinstance(calibration, dict)
-           else "round-to-nearest")
+    how = (
+        f"calibrated ({calibration['calibration_tokens']:,} tokens)"
+        if isinstance(calibration, dict)
+        else "round-to-nearest"
+    )
     tried = len(recipe.get("attempts") or [])
     return how + (f", after {tried - 1} recipe(s) missed" if tried > 1 else "")
 
@@ -70,16 +110,29 @@ def report_rows(manifest: Manifest) -> list[dict[str, Any]]:
     rows = []
     for entry in manifest.artifacts:
         parity, prof = entry.parity or {}, entry.profile or {}
-        row = {"artifact": entry.name, "format": entry.format, "quant": entry.quant, "method": quantization_method(entry),
-               "runtime": entry.runtime,
-               "size_mb": entry.bytes / 1e6, "gate": parity.get("gate"), "passed": parity.get("passed"),
-               "peak_rss_mb": prof.get("peak_rss_mb"), "load_s": prof.get("load_s")}
+        row = {
+            "artifact": entry.name,
+            "format": entry.format,
+            "quant": entry.quant,
+            "method": quantization_method(entry),
+            "runtime": entry.runtime,
+            "size_mb": entry.bytes / 1e6,
+            "gate": parity.get("gate"),
+            "passed": parity.get("passed"),
+            "peak_rss_mb": prof.get("peak_rss_mb"),
+            "load_s": prof.get("load_s"),
+        }
         if decoder:
             row |= {
-                "perplexity": parity.get("perplexity"), "ppl_ratio": parity.get("ppl_ratio"),
-                "top1": parity.get("top1_agreement"), "kl": parity.get("mean_kl"),
-                "decode_tok_s": prof.get("decode_tok_s"), "prefill_tok_s": prof.get("prefill_tok_s"),
-                "ttft_s": prof.get("ttft_s"), "p50_ms": prof.get("p50_token_ms"), "p90_ms": prof.get("p90_token_ms"),
+                "perplexity": parity.get("perplexity"),
+                "ppl_ratio": parity.get("ppl_ratio"),
+                "top1": parity.get("top1_agreement"),
+                "kl": parity.get("mean_kl"),
+                "decode_tok_s": prof.get("decode_tok_s"),
+                "prefill_tok_s": prof.get("prefill_tok_s"),
+                "ttft_s": prof.get("ttft_s"),
+                "p50_ms": prof.get("p50_token_ms"),
+                "p90_ms": prof.get("p90_token_ms"),
             }
         else:
             row |= {key: parity.get(key) for key in ("min_cosine", "mean_cosine", "max_abs_diff", "label_agreement")}
@@ -92,10 +145,18 @@ def _device_rows(manifest: Manifest, local: list[dict[str, Any]]) -> list[dict[s
     """Rows measured on other devices (`edgelm profile --device`): the same file's parity,
     that device's speed and memory, labelled `artifact @ device (machine)`."""
     by_name = {row["artifact"]: row for row in local}
-    speed_keys = {"decode_tok_s": "decode_tok_s", "prefill_tok_s": "prefill_tok_s", "ttft_s": "ttft_s",
-                  "p50_ms": "p50_token_ms", "p90_ms": "p90_token_ms", "peak_rss_mb": "peak_rss_mb", "load_s": "load_s",
-                  "latency_p50_ms": "latency_p50_ms", "latency_p90_ms": "latency_p90_ms",
-                  "throughput_per_s": "throughput_per_s"}
+    speed_keys = {
+        "decode_tok_s": "decode_tok_s",
+        "prefill_tok_s": "prefill_tok_s",
+        "ttft_s": "ttft_s",
+        "p50_ms": "p50_token_ms",
+        "p90_ms": "p90_token_ms",
+        "peak_rss_mb": "peak_rss_mb",
+        "load_s": "load_s",
+        "latency_p50_ms": "latency_p50_ms",
+        "latency_p90_ms": "latency_p90_ms",
+        "throughput_per_s": "throughput_per_s",
+    }
     rows = []
     for run in manifest.device_profiles:
         device = run["device"]
@@ -127,28 +188,45 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
     columns = layout_for(manifest).columns
     header = "| " + " | ".join(title for title, _ in columns) + " |"
     lines = [
-        f"# edgelm report: {manifest.source['model_id']} → {manifest.target}", "",
-        f"Parity text: {manifest.parity_text.get('description', '')}", "",
-        header, "|" + "---|" * len(columns),
+        f"# edgelm report: {manifest.source['model_id']} → {manifest.target}",
+        "",
+        f"Parity text: {manifest.parity_text.get('description', '')}",
+        "",
+        header,
+        "|" + "---|" * len(columns),
     ]
     lines += ["| " + " | ".join(format_cell(row[key]) for _, key in columns) + " |" for row in rows]
     device = next((a.profile["device"] for a in manifest.artifacts if a.profile), {})
     if device:
-        lines += ["", f"Device: {device.get('cpu')} ({device.get('machine')}), {device.get('cores')} cores, "
-                      f"{device.get('memory_gb')} GB, {device.get('os')}",
-                  "Versions: " + ", ".join(f"{k} {v}" for k, v in device.get("versions", {}).items())]
+        lines += [
+            "",
+            f"Device: {device.get('cpu')} ({device.get('machine')}), {device.get('cores')} cores, "
+            f"{device.get('memory_gb')} GB, {device.get('os')}",
+            "Versions: " + ", ".join(f"{k} {v}" for k, v in device.get("versions", {}).items()),
+        ]
     scopes = {a.profile.get("rss_scope") for a in manifest.artifacts if a.profile} - {None, "process"}
     if scopes:
-        lines += ["", "Peak RSS: " + "; ".join(sorted(scopes)) + ". `edgelm profile BUNDLE` measures a process that "
-                  "runs the artifact alone."]
+        lines += [
+            "",
+            "Peak RSS: " + "; ".join(sorted(scopes)) + ". `edgelm profile BUNDLE` measures a process that "
+            "runs the artifact alone.",
+        ]
     skipped = manifest.reference.get("skipped_formats")
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]
     for name, why in manifest.reference.get("omitted", {}).items():
-        tried = ", ".join(f"{a['quant']}{' calibrated' if a['calibrated'] else ''} ({a['result']})" for a in why["attempts"])
+        tried = ", ".join(
+            f"{a['quant']}{' calibrated' if a['calibrated'] else ''} ({a['result']})" for a in why["attempts"]
+        )
         lines += ["", f"Left out: {name}: {why['reason']}; tried {tried}."]
-    calibrated = next((a.recipe["calibration"] for a in manifest.artifacts
-                       if a.recipe and isinstance(a.recipe.get("calibration"), dict)), None)
+    calibrated = next(
+        (
+            a.recipe["calibration"]
+            for a in manifest.artifacts
+            if a.recipe and isinstance(a.recipe.get("calibration"), dict)
+        ),
+        None,
+    )
     if calibrated:
         text = calibrated["calibration_text"]
         lines += ["", f"Calibration: {calibrated['method']}, on {text['tokens']:,} tokens of {text['text']}."]
@@ -161,8 +239,13 @@ def _step_lines(manifest: Manifest) -> list[str]:
     if not steps:
         return []
     total = sum(s["seconds"] for s in steps if s.get("depth", 0) == 0 and not s.get("background"))
-    lines = ["", f"Export steps ({total:.0f} s of wall time before this report):", "",
-             "| step | seconds | share |", "|---|---|---|"]
+    lines = [
+        "",
+        f"Export steps ({total:.0f} s of wall time before this report):",
+        "",
+        "| step | seconds | share |",
+        "|---|---|---|",
+    ]
     for s in steps:
         indent = "↳ " * s.get("depth", 0)
         share = "beside the others" if s.get("background") else f"{s['seconds'] / max(total, 1e-9):.0%}"
@@ -175,12 +258,19 @@ def _vendor_lines(manifest: Manifest) -> list[str]:
     rows = [(a, v) for a in manifest.artifacts for v in a.vendor_runtimes]
     if not rows:
         return []
-    lines = ["", "Vendor runtimes (greedy continuation of the parity prompt, compared with edgelm's on the same file):",
-             "", "| artifact | runtime | version | result | vendor decode tok/s | edgelm decode tok/s |", "|---|---|---|---|---|---|"]
+    lines = [
+        "",
+        "Vendor runtimes (greedy continuation of the parity prompt, compared with edgelm's on the same file):",
+        "",
+        "| artifact | runtime | version | result | vendor decode tok/s | edgelm decode tok/s |",
+        "|---|---|---|---|---|---|",
+    ]
     for artifact, vendor in rows:
         ours = (artifact.profile or {}).get("decode_tok_s")
-        lines.append(f"| {artifact.name} | {vendor['runtime']} | {vendor.get('version') or '-'} | {vendor['result']} | "
-                     f"{format_cell(vendor.get('vendor_decode_tok_s'))} | {format_cell(ours)} |")
+        lines.append(
+            f"| {artifact.name} | {vendor['runtime']} | {vendor.get('version') or '-'} | {vendor['result']} | "
+            f"{format_cell(vendor.get('vendor_decode_tok_s'))} | {format_cell(ours)} |"
+        )
     return lines
 
 
@@ -188,14 +278,17 @@ def _html(rows: list[dict[str, Any]], manifest: Manifest, plots: list[str]) -> s
     columns = layout_for(manifest).columns
     head = "".join(f"<th>{html.escape(title)}</th>" for title, _ in columns)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(format_cell(row[key]))}</td>" for _, key in columns) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(format_cell(row[key]))}</td>" for _, key in columns) + "</tr>"
+        for row in rows
     )
     images = "".join(f'<p><img src="plots/{html.escape(p)}" alt="{html.escape(p)}"></p>' for p in plots)
     title = html.escape(f"edgelm report: {manifest.source['model_id']} → {manifest.target}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
-            "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
-            f"padding:4px 8px;text-align:right}}</style></head><body><h1>{title}</h1>"
-            f"<table><tr>{head}</tr>{body}</table>{images}</body></html>\n")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>"
+        "<style>body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;"
+        f"padding:4px 8px;text-align:right}}</style></head><body><h1>{title}</h1>"
+        f"<table><tr>{head}</tr>{body}</table>{images}</body></html>\n"
+    )
 
 
 def _plots(rows: list[dict[str, Any]], layout: ReportLayout, folder: Path) -> list[str]:
@@ -229,10 +322,20 @@ def write_report(folder: Path, manifest: Manifest) -> list[dict[str, Any]]:
     folder.mkdir(parents=True, exist_ok=True)
     rows = report_rows(manifest)
     plots = _plots(rows, layout_for(manifest), folder / "plots")
-    (folder / "report.json").write_text(json.dumps({
-        "source": manifest.source, "target": manifest.target, "parity_text": manifest.parity_text,
-        "rows": rows, "artifacts": [a.__dict__ for a in manifest.artifacts], "export_steps": manifest.export_steps,
-    }, indent=2) + "\n")
+    (folder / "report.json").write_text(
+        json.dumps(
+            {
+                "source": manifest.source,
+                "target": manifest.target,
+                "parity_text": manifest.parity_text,
+                "rows": rows,
+                "artifacts": [a.__dict__ for a in manifest.artifacts],
+                "export_steps": manifest.export_steps,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     (folder / "report.md").write_text(_markdown(rows, manifest))
     (folder / "report.html").write_text(_html(rows, manifest, plots))
     return rows

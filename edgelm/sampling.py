@@ -14,8 +14,13 @@ import numpy as np
 from edgelm.errors import UnsupportedError
 
 _FIELD_TYPES: dict[str, tuple[type, ...]] = {
-    "max_new_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
-    "repetition_penalty": (int, float), "seed": (int,), "ignore_eos": (bool,),
+    "max_new_tokens": (int,),
+    "temperature": (int, float),
+    "top_k": (int,),
+    "top_p": (int, float),
+    "repetition_penalty": (int, float),
+    "seed": (int,),
+    "ignore_eos": (bool,),
 }
 _KIND_NAMES = {(int,): "an integer", (int, float): "a number", (bool,): "true or false"}
 
@@ -39,8 +44,9 @@ class SamplingConfig:
             if name == "seed" and value is None:
                 continue
             if isinstance(value, bool) != (kinds == (bool,)) or not isinstance(value, kinds):
-                raise UnsupportedError(f"invalid sampling setting: {name} must be {_KIND_NAMES[kinds]}, "
-                                       f"not {str(value)[:40]!r}")
+                raise UnsupportedError(
+                    f"invalid sampling setting: {name} must be {_KIND_NAMES[kinds]}, not {str(value)[:40]!r}"
+                )
             if kinds == (int, float):
                 try:
                     finite = math.isfinite(float(value))
@@ -73,7 +79,9 @@ class SamplingConfig:
             if isinstance(stop, str):
                 stop = [stop]
             if not isinstance(stop, (list, tuple)):
-                raise UnsupportedError(f"invalid sampling setting: stop must be a list of strings, not {str(stop)[:40]!r}")
+                raise UnsupportedError(
+                    f"invalid sampling setting: stop must be a list of strings, not {str(stop)[:40]!r}"
+                )
             known["stop"] = tuple(stop)
         return cls(**known)
 

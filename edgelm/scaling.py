@@ -110,10 +110,15 @@ class ScalingResult:
         gain = [g.error_after / g.error_before for g in self.groups if g.error_before > 0]
         return {
             "method": "activation-aware channel scaling (AWQ-style search), folded into norms and projections",
-            "proxy": {"weight_bits": self.proxy.weight_bits, "block": self.proxy.block,
-                      "symmetric": self.proxy.symmetric, "activation_bits": self.proxy.activation_bits},
+            "proxy": {
+                "weight_bits": self.proxy.weight_bits,
+                "block": self.proxy.block,
+                "symmetric": self.proxy.symmetric,
+                "activation_bits": self.proxy.activation_bits,
+            },
             "calibration_tokens": self.calibration_tokens,
-            "groups": len(self.groups), "groups_rescaled": len(scaled),
+            "groups": len(self.groups),
+            "groups_rescaled": len(scaled),
             "mean_simulated_error_ratio": round(sum(gain) / len(gain), 4) if gain else None,
         }
 
@@ -173,6 +178,7 @@ def _captured_inputs(model: Any, groups: list[ScaleGroup], keep_every: int) -> I
                 rows = x[::keep_every][: MAX_SAMPLE_ROWS - entry["kept"]]
                 entry["rows"].append(rows.clone())
                 entry["kept"] += rows.shape[0]
+
         return hook
 
     for i, layer in enumerate(layers_of(model)):
@@ -242,9 +248,13 @@ def capture_inputs(model: Any, batches: list[Any]) -> dict[tuple[int, int], dict
     return stats
 
 
-def scale_for_quantization(model: Any, batches: list[Any], proxy: QuantProxy,
-                           progress: Callable[[int, int], None] | None = None,
-                           stats: dict[tuple[int, int], dict] | None = None) -> tuple[Any, ScalingResult]:
+def scale_for_quantization(
+    model: Any,
+    batches: list[Any],
+    proxy: QuantProxy,
+    progress: Callable[[int, int], None] | None = None,
+    stats: dict[tuple[int, int], dict] | None = None,
+) -> tuple[Any, ScalingResult]:
     """A copy of `model` with activation-aware scales folded in for `proxy`, and what was done.
 
     `batches`: [1, n] token-id tensors of calibration text (never the parity text); `stats`:

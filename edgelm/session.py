@@ -113,8 +113,10 @@ def model_failures(runtime: str, errors: tuple[type[BaseException], ...] = (Runt
         yield
     except errors as err:
         detail = " ".join(str(err).split())[:300]
-        raise InvalidModelError(f"{runtime} failed running this model ({type(err).__name__}: {detail}); the file may "
-                                "be damaged — re-export it") from err
+        raise InvalidModelError(
+            f"{runtime} failed running this model ({type(err).__name__}: {detail}); the file may "
+            "be damaged — re-export it"
+        ) from err
 
 
 def get_runtime(name: str) -> RuntimeAdapter:

@@ -154,8 +154,10 @@ def move_into_place(work: Path, destination: Path, *, replace_existing: bool) ->
             return None
         # something appeared at the destination between the two checks: fall through
     if not replace_existing:
-        raise BundleError(f"{destination} appeared while edgelm was writing; it was left as it is (pass --overwrite "
-                          "to replace a bundle, or choose another output)")
+        raise BundleError(
+            f"{destination} appeared while edgelm was writing; it was left as it is (pass --overwrite "
+            "to replace a bundle, or choose another output)"
+        )
     if _rename2(work, destination, _RENAME_EXCHANGE):
         return work  # work now holds the old bundle
     old = destination.with_name(f".{destination.name}.old-{owner_tag()}-{secrets.token_hex(4)}")

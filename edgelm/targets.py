@@ -30,28 +30,36 @@ TARGETS: dict[str, TargetPreset] = {
     t.name: t
     for t in [
         TargetPreset(
-            "android", "Android phones (arm64-v8a), CPU with XNNPACK, NNAPI/QNN/GPU delegates where present",
+            "android",
+            "Android phones (arm64-v8a), CPU with XNNPACK, NNAPI/QNN/GPU delegates where present",
             formats=("gguf", "executorch", "tflite", "onnx"),
             quants={"gguf": ("int4", "int8"), "executorch": ("int4",), "tflite": ("int8",), "onnx": ("int4", "int8")},
-            delegates=("xnnpack", "nnapi", "qnn", "gpu"), abi="arm64-v8a",
+            delegates=("xnnpack", "nnapi", "qnn", "gpu"),
+            abi="arm64-v8a",
         ),
         TargetPreset(
-            "linux-arm64", "ARM64 Linux boards (Raspberry Pi, Jetson CPU), CPU",
+            "linux-arm64",
+            "ARM64 Linux boards (Raspberry Pi, Jetson CPU), CPU",
             formats=("gguf", "onnx", "executorch", "tflite"),
             quants={"gguf": ("int4",), "onnx": ("int4",), "executorch": ("int4",), "tflite": ("int8",)},
-            delegates=("xnnpack",), abi="aarch64",
+            delegates=("xnnpack",),
+            abi="aarch64",
         ),
         TargetPreset(
-            "linux-x86_64", "x86-64 Linux desktops and servers, CPU",
+            "linux-x86_64",
+            "x86-64 Linux desktops and servers, CPU",
             formats=("onnx", "gguf"),
             quants={"onnx": ("fp32", "int8"), "gguf": ("int8", "int4")},
-            delegates=("cpu",), abi="x86_64",
+            delegates=("cpu",),
+            abi="x86_64",
         ),
         TargetPreset(
-            "ios", "iPhone and iPad (arm64), CPU with XNNPACK, Core ML where present",
+            "ios",
+            "iPhone and iPad (arm64), CPU with XNNPACK, Core ML where present",
             formats=("executorch", "gguf"),
             quants={"executorch": ("int4",), "gguf": ("int4",)},
-            delegates=("xnnpack", "coreml", "mps"), abi="arm64",
+            delegates=("xnnpack", "coreml", "mps"),
+            abi="arm64",
         ),
     ]
 }

@@ -45,14 +45,24 @@ def read_tflite(path: Path) -> TFLiteSummary:
         raise InvalidModelError(f"{path}: too short to be a TFLite model ({size} bytes)")
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[4:8] != TFLITE_IDENTIFIER:
-            raise InvalidModelError(f"{path}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); "
-                                    "re-export it with edgelm")
+            raise InvalidModelError(
+                f"{path}: not a TFLite model (no {TFLITE_IDENTIFIER.decode()} identifier); re-export it with edgelm"
+            )
         try:
             return _walk(buf, size)
-        except (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError, AttributeError, OverflowError,
-                RecursionError) as err:
-            raise InvalidModelError(f"{path}: the TFLite flatbuffer is damaged or truncated ({type(err).__name__}: "
-                                    f"{err}); re-export it") from err
+        except (
+            struct.error,
+            IndexError,
+            ValueError,
+            TypeError,
+            UnicodeDecodeError,
+            AttributeError,
+            OverflowError,
+            RecursionError,
+        ) as err:
+            raise InvalidModelError(
+                f"{path}: the TFLite flatbuffer is damaged or truncated ({type(err).__name__}: {err}); re-export it"
+            ) from err
 
 
 def check_tflite_file(path: Path) -> None:

@@ -31,14 +31,17 @@ class Tokenizer:
         folder = Path(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
-            raise TokenizerError(f"{folder}: no tokenizer.json; re-export the bundle or copy the model's tokenizer here")
+            raise TokenizerError(
+                f"{folder}: no tokenizer.json; re-export the bundle or copy the model's tokenizer here"
+            )
         try:
             self._tok = HFTokenizer.from_file(str(path))
         except Exception as err:
             raise TokenizerError(f"{path}: not a readable tokenizer.json ({err})") from err
         config_path = folder / "tokenizer_config.json"
-        self.config: dict[str, Any] = (read_json_object(config_path, TokenizerError, "fix or remove it")
-                                       if os.path.lexists(config_path) else {})
+        self.config: dict[str, Any] = (
+            read_json_object(config_path, TokenizerError, "fix or remove it") if os.path.lexists(config_path) else {}
+        )
         template_path = folder / "chat_template.jinja"
         template = self.config.get("chat_template")
         if os.path.lexists(template_path):
@@ -57,8 +60,9 @@ class Tokenizer:
         value = self.config.get(key)
         value = value.get("content") if isinstance(value, dict) else value
         if value is not None and not isinstance(value, str):
-            raise TokenizerError(f"tokenizer_config.json: {key} must be a string (or {{\"content\": ...}}), "
-                                 f"not {str(value)[:40]!r}")
+            raise TokenizerError(
+                f'tokenizer_config.json: {key} must be a string (or {{"content": ...}}), not {str(value)[:40]!r}'
+            )
         return value
 
     @property
@@ -88,8 +92,9 @@ class Tokenizer:
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as err:
-            raise TokenizerError(f"the text is not valid Unicode ({err.reason} at character {err.start}); "
-                                 "pass UTF-8 text") from err
+            raise TokenizerError(
+                f"the text is not valid Unicode ({err.reason} at character {err.start}); pass UTF-8 text"
+            ) from err
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -162,8 +167,17 @@ class BoundedTemplate:
             raise
         except _TemplateBudgetExceeded as err:
             raise TokenizerError(f"chat template refused: it {err}") from None
-        except (TemplateError, RecursionError, MemoryError, OverflowError, ValueError, TypeError, ArithmeticError,
-                LookupError, AttributeError) as err:
+        except (
+            TemplateError,
+            RecursionError,
+            MemoryError,
+            OverflowError,
+            ValueError,
+            TypeError,
+            ArithmeticError,
+            LookupError,
+            AttributeError,
+        ) as err:
             raise TokenizerError(f"chat template failed to render ({type(err).__name__}: {str(err)[:200]})") from None
         finally:
             sys.settrace(previous)
@@ -208,6 +222,7 @@ def _bounded_environment() -> Any:
             for value in (*args[1:], *kwargs.values()):
                 _check_size(value)
             return fn(*args, **kwargs)
+
         return wrapper
 
     for name in ("center", "indent", "wordwrap", "truncate"):

@@ -25,8 +25,9 @@ from edgelm.scaling import rescale_randomly
 TWIN_KINDS = ("rescaled", "finetuned")
 
 
-def make_twin(model: Any, kind: str, strength: float = 2.0, seed: int = 0, steps: int = 30,
-              train_ids: list[int] | None = None) -> dict[str, Any]:
+def make_twin(
+    model: Any, kind: str, strength: float = 2.0, seed: int = 0, steps: int = 30, train_ids: list[int] | None = None
+) -> dict[str, Any]:
     """Turn `model` (fp32, in memory) into its twin in place; return what was done."""
     if kind == "rescaled":
         groups = rescale_randomly(model, 1 / strength, strength, seed)

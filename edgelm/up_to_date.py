@@ -52,9 +52,14 @@ def _side_files(source: SourceModel) -> dict[str, str]:
     if source.kind != "hf-folder" or not folder.is_dir():
         return {}
     weights = {Path(w).name for w in source.weight_files}
-    return {item.name: sha256_file(item) for item in sorted(folder.iterdir())
-            if item.is_file() and not item.is_symlink() and item.name not in weights
-            and item.stat().st_size <= SIDE_FILE_LIMIT}
+    return {
+        item.name: sha256_file(item)
+        for item in sorted(folder.iterdir())
+        if item.is_file()
+        and not item.is_symlink()
+        and item.name not in weights
+        and item.stat().st_size <= SIDE_FILE_LIMIT
+    }
 
 
 def current_bundle(output: Path, key: str) -> Manifest | None:
@@ -66,4 +71,3 @@ def current_bundle(output: Path, key: str) -> Manifest | None:
     except EdgeLMError:
         return None  # damaged or foreign: the export goes on (and --overwrite decides, as always)
     return manifest if manifest.export_key == key else None
-

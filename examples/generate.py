@@ -1,6 +1,6 @@
 """Generate text from an edgelm bundle inside a Python app.
 
-    python examples/generate.py dist/smollm2 ["your prompt"]
+python examples/generate.py dist/smollm2 ["your prompt"]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Profile an artifact the way an app uses it, and print llama-bench style numbers.
 
-    python examples/profile_artifact.py dist/smollm2
+python examples/profile_artifact.py dist/smollm2
 """
 
 import json

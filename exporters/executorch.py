@@ -68,18 +68,23 @@ def check_delegate(name: str) -> str:
     try:
         getattr(importlib.import_module(module), cls)
     except Exception as err:  # an ImportError, or a backend SDK that fails at import
-        raise UnsupportedError(f"the installed executorch cannot lower to {name} ({type(err).__name__}: {err}); "
-                               f"delegates it can lower and run here: {', '.join(runnable_delegates())}") from err
+        raise UnsupportedError(
+            f"the installed executorch cannot lower to {name} ({type(err).__name__}: {err}); "
+            f"delegates it can lower and run here: {', '.join(runnable_delegates())}"
+        ) from err
     from edgelm.runtimes.executorch import registered_backends
 
     if backend not in registered_backends():
         raise UnsupportedError(
             f"executorch here can lower to {name}, but its runtime has no {backend}, so edgelm could not measure the "
             f"artifact's parity; export where the runtime has it (e.g. on the device), or use: "
-            f"{', '.join(runnable_delegates())}")
+            f"{', '.join(runnable_delegates())}"
+        )
     if name != DEFAULT_DELEGATE:
-        raise UnsupportedError(f"lowering to {name} needs its vendor SDK's compile settings, which this edgelm does not "
-                               f"configure yet; use --delegate {DEFAULT_DELEGATE}")
+        raise UnsupportedError(
+            f"lowering to {name} needs its vendor SDK's compile settings, which this edgelm does not "
+            f"configure yet; use --delegate {DEFAULT_DELEGATE}"
+        )
     return name
 
 
@@ -87,12 +92,16 @@ def runnable_delegates() -> list[str]:
     from edgelm.runtimes.executorch import registered_backends
 
     present = registered_backends()
-    return [name for name, (_, _, backend) in DELEGATE_PARTITIONERS.items() if backend in present
-            and name == DEFAULT_DELEGATE]
+    return [
+        name
+        for name, (_, _, backend) in DELEGATE_PARTITIONERS.items()
+        if backend in present and name == DEFAULT_DELEGATE
+    ]
 
 
-def _quantize(graph: Any, quant: str, hessians: dict[str, Any] | None = None,
-              names: dict[int, str] | None = None) -> dict[str, Any]:
+def _quantize(
+    graph: Any, quant: str, hessians: dict[str, Any] | None = None, names: dict[int, str] | None = None
+) -> dict[str, Any]:
     """Apply the torchao recipe for `quant` to `graph` in place; return what was done.
     `hessians` (int4, calibrated attempts): per source Linear name, its inputs' statistics on the
     calibration text (edgelm.gptq); `names` maps id(module) → that name."""
@@ -115,16 +124,27 @@ def _quantize(graph: Any, quant: str, hessians: dict[str, Any] | None = None,
     if quant == "int8":
         quantize_(graph, per_channel_8bit, filter_fn=linear())
         return {"activations": "int8 dynamic per token", "weights": "int8 per channel", "embedding": embeddings}
-    corrected, recoded = quantize_with_block_bias(graph, Int8DynamicActivationIntxWeightConfig(
-        weight_dtype=torch.int4, weight_granularity=PerGroup(GROUP_SIZE),
-        weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR), filter_fn=linear(exclude="lm_head"),
-        hessians=hessians, names=names)
+    corrected, recoded = quantize_with_block_bias(
+        graph,
+        Int8DynamicActivationIntxWeightConfig(
+            weight_dtype=torch.int4,
+            weight_granularity=PerGroup(GROUP_SIZE),
+            weight_mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR,
+        ),
+        filter_fn=linear(exclude="lm_head"),
+        hessians=hessians,
+        names=names,
+    )
     quantize_(graph, per_channel_8bit, filter_fn=lambda module, fqn: fqn == "lm_head")
-    return {"activations": "int8 dynamic per token",
-            "weights": f"int4 symmetric around each block's midpoint, groups of {GROUP_SIZE}; the midpoint is added "
-                       "back by the block-bias correction (Q4_1-like)",
-            "block_bias_correction": corrected, "output_projection": "int8 per channel", "embedding": embeddings,
-            **({"gptq_layers": recoded} if hessians else {})}
+    return {
+        "activations": "int8 dynamic per token",
+        "weights": f"int4 symmetric around each block's midpoint, groups of {GROUP_SIZE}; the midpoint is added "
+        "back by the block-bias correction (Q4_1-like)",
+        "block_bias_correction": corrected,
+        "output_projection": "int8 per channel",
+        "embedding": embeddings,
+        **({"gptq_layers": recoded} if hessians else {}),
+    }
 
 
 def quantize_embeddings(graph: Any) -> str:
@@ -147,8 +167,9 @@ def quantize_embeddings(graph: Any) -> str:
     return "int8 per row"
 
 
-def quantize_with_block_bias(graph: Any, config: Any, filter_fn: Any, hessians: dict[str, Any] | None = None,
-                             names: dict[int, str] | None = None) -> tuple[int, int]:
+def quantize_with_block_bias(
+    graph: Any, config: Any, filter_fn: Any, hessians: dict[str, Any] | None = None, names: dict[int, str] | None = None
+) -> tuple[int, int]:
     """4-bit weights with a float offset per block, built from symmetric int4 (which XNNPACK's
     8da4w kernels run; their asymmetric form did not lower correctly here).
 
@@ -184,8 +205,11 @@ def quantize_with_block_bias(graph: Any, config: Any, filter_fn: Any, hessians: 
             if offsets is not None:
                 block_mean, recoded = offsets, recoded + 1
         parent_name, _, attribute = name.rpartition(".")
-        setattr(graph.get_submodule(parent_name) if parent_name else graph, attribute,
-                BlockBiasCorrected(module, block_mean))
+        setattr(
+            graph.get_submodule(parent_name) if parent_name else graph,
+            attribute,
+            BlockBiasCorrected(module, block_mean),
+        )
     return len(targets), recoded
 
 
@@ -243,8 +267,9 @@ def BlockBiasCorrected(linear: Any, block_mean: Any) -> Any:
     return _block_bias_module()(linear, block_mean)
 
 
-def export_pte(model: Any, quant: str, path: Path, runner: dict[str, Any] | None = None,
-               hessians: dict[str, Any] | None = None) -> dict[str, Any]:
+def export_pte(
+    model: Any, quant: str, path: Path, runner: dict[str, Any] | None = None, hessians: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Export `model` (not modified) as an XNNPACK-delegated .pte at `path`; return the recipe.
     `runner`: extra constant methods (the LLM runner's, edgelm.vendors.executorch_runner);
     `hessians`: int4 layers' input statistics for GPTQ (edgelm.gptq), by module name."""
@@ -269,20 +294,31 @@ def export_pte(model: Any, quant: str, path: Path, runner: dict[str, Any] | None
     graph = build_decoder_graph(work, static_context=context, separate_head=quant != "fp32", executorch_ops=custom_ops)
     for parameter in graph.parameters():
         parameter.requires_grad_(False)  # in-place cache writes on tensors that need grad cannot be exported
-    recipe = _quantize(graph, quant, hessians if quant == "int4" else None,
-                       {id(module): name for name, module in work.named_modules()})
+    recipe = _quantize(
+        graph, quant, hessians if quant == "int4" else None, {id(module): name for name, module in work.named_modules()}
+    )
     n = torch.export.Dim("n", min=1, max=context)
     ids, pos = torch.zeros((1, 2), dtype=torch.long), torch.zeros((1,), dtype=torch.long)
     with _quiet():
         exported = torch.export.export(graph, (ids, pos), dynamic_shapes=({1: n}, (None,)), strict=False)
         program = to_edge_transform_and_lower(
-            exported, partitioner=[XnnpackPartitioner()], compile_config=_edge_config(),
-            constant_methods={"get_max_context": context, "get_vocab_size": signature.vocab_size,
-                              "get_num_layers": signature.num_layers, "is_encoder": False, **(runner or {})},
+            exported,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=_edge_config(),
+            constant_methods={
+                "get_max_context": context,
+                "get_vocab_size": signature.vocab_size,
+                "get_num_layers": signature.num_layers,
+                "is_encoder": False,
+                **(runner or {}),
+            },
         ).to_executorch(_backend_config())
     path.write_bytes(program.buffer)
-    return {**recipe, "max_context": context,
-            "attention": "executorch llama custom ops (update_cache, custom_sdpa)" if custom_ops else "aten ops"}
+    return {
+        **recipe,
+        "max_context": context,
+        "attention": "executorch llama custom ops (update_cache, custom_sdpa)" if custom_ops else "aten ops",
+    }
 
 
 def _working_copy(model: Any, quant: str) -> Any:
@@ -315,10 +351,13 @@ def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[st
     batch = torch.export.Dim("batch", min=1, max=256)
     n = torch.export.Dim("n", min=1, max=graph.signature.max_length)
     with _quiet():
-        exported = torch.export.export(graph, example_encoder_inputs(), dynamic_shapes=({0: batch, 1: n}, {0: batch, 1: n}),
-                                       strict=False)
+        exported = torch.export.export(
+            graph, example_encoder_inputs(), dynamic_shapes=({0: batch, 1: n}, {0: batch, 1: n}), strict=False
+        )
         program = to_edge_transform_and_lower(
-            exported, partitioner=[XnnpackPartitioner()], compile_config=_edge_config(),
+            exported,
+            partitioner=[XnnpackPartitioner()],
+            compile_config=_edge_config(),
             constant_methods={"get_max_context": graph.signature.max_length, "is_encoder": True},
         ).to_executorch(_backend_config())
     path.write_bytes(program.buffer)
@@ -369,8 +408,9 @@ class ExecuTorchExporter:
             raise UnsupportedError(f"the ExecuTorch exporter has no setting {key!r}")
         return check_delegate(value)
 
-    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str,
-               hessians: dict[str, Any] | None = None) -> ExportedArtifact:
+    def export(
+        self, model: Any, source: SourceModel, bundle_dir: Path, quant: str, hessians: dict[str, Any] | None = None
+    ) -> ExportedArtifact:
         folder = bundle_dir / "executorch"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / FILE_NAMES[quant]
@@ -380,9 +420,17 @@ class ExecuTorchExporter:
 
             recipe = export_encoder_pte(model, source.task, quant, path)
             signature = encoder_signature(model.config, source.task).to_dict()
-            return ExportedArtifact(path=path, quant=quant, built_by=f"edgelm.encoder_graph {built_by}",
-                                    signature={**signature, "delegates": [DEFAULT_DELEGATE], "quantization": recipe,
-                                               "methods": ["forward", "get_max_context", "is_encoder"]})
+            return ExportedArtifact(
+                path=path,
+                quant=quant,
+                built_by=f"edgelm.encoder_graph {built_by}",
+                signature={
+                    **signature,
+                    "delegates": [DEFAULT_DELEGATE],
+                    "quantization": recipe,
+                    "methods": ["forward", "get_max_context", "is_encoder"],
+                },
+            )
         from edgelm.vendors import generation_facts
         from edgelm.vendors.executorch_runner import runner_methods
 
@@ -391,13 +439,19 @@ class ExecuTorchExporter:
         runner = runner_methods(min(STATIC_CONTEXT, signature.max_context), facts.bos_id, facts.eos_ids)
         recipe = export_pte(model, quant, path, runner, hessians)
         return ExportedArtifact(
-            path=path, quant=quant, built_by=f"edgelm.graph (static cache) {built_by}",
-            signature={"inputs": ["input_ids[1,n] int64", "input_pos[1] int64"], "outputs": ["logits[1,n,vocab] float32"],
-                       "kv_cache": f"static, {recipe['max_context']} positions in mutable buffers inside the program",
-                       "methods": ["forward", "get_max_context", "get_vocab_size", "get_num_layers", "is_encoder",
-                                   *runner],
-                       "delegates": [DEFAULT_DELEGATE], "num_layers": signature.num_layers,
-                       "max_context": recipe["max_context"], "quantization": recipe},
+            path=path,
+            quant=quant,
+            built_by=f"edgelm.graph (static cache) {built_by}",
+            signature={
+                "inputs": ["input_ids[1,n] int64", "input_pos[1] int64"],
+                "outputs": ["logits[1,n,vocab] float32"],
+                "kv_cache": f"static, {recipe['max_context']} positions in mutable buffers inside the program",
+                "methods": ["forward", "get_max_context", "get_vocab_size", "get_num_layers", "is_encoder", *runner],
+                "delegates": [DEFAULT_DELEGATE],
+                "num_layers": signature.num_layers,
+                "max_context": recipe["max_context"],
+                "quantization": recipe,
+            },
         )
 
 

@@ -65,7 +65,9 @@ def write_f32_gguf(model: Any, source: SourceModel, tokenizer_dir: Path, path: P
             continue
         name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise UnsupportedError(f"the GGUF writer has no llama.cpp name for tensor {hf_name!r} of {source.model_type}")
+            raise UnsupportedError(
+                f"the GGUF writer has no llama.cpp name for tensor {hf_name!r} of {source.model_type}"
+            )
         data = tensor.detach().float().numpy()
         if row.transform:
             data = row.transform(name, data, config)
@@ -79,9 +81,9 @@ def write_f32_gguf(model: Any, source: SourceModel, tokenizer_dir: Path, path: P
 
 def quantize(src: Path, dst: Path, file_type: str, threads: int | None = None) -> None:
     """llama.cpp's own quantizer: `src` (F32 GGUF) → `dst` at `file_type` (e.g. MOSTLY_Q4_K_M)."""
-    from edgelm.runtimes.llamacpp import _llama
+    from edgelm.runtimes.llamacpp import llama_library
 
-    llama_cpp = _llama()
+    llama_cpp = llama_library()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{file_type}")
     params.nthread = threads or os.cpu_count() or 1
@@ -105,10 +107,12 @@ class GGUFExporter:
 
     def check_type(self, name: str) -> str:
         """Validate a llama.cpp type name for --gguf-type; returns it normalised (upper case)."""
-        from edgelm.runtimes.llamacpp import _llama
+        from edgelm.runtimes.llamacpp import llama_library
 
         name = name.strip().upper()
-        known = sorted(n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(_llama()) if n.startswith("LLAMA_FTYPE_MOSTLY_"))
+        known = sorted(
+            n.removeprefix("LLAMA_FTYPE_MOSTLY_") for n in dir(llama_library()) if n.startswith("LLAMA_FTYPE_MOSTLY_")
+        )
         if name not in known:
             raise UnsupportedError(f"--gguf-type {name}: not a llama.cpp file type; known: {', '.join(known)}")
         return name
@@ -131,12 +135,17 @@ class GGUFExporter:
             shutil.copyfile(scratch, path)
         else:
             quantize(scratch, path, file_type(quant))
-        signature = {"kind": "decoder" if source.task == "text-generation" else "encoder",
-                     "inputs": ["tokens"], "outputs": ["logits" if source.task == "text-generation" else "embeddings"],
-                     "kv_cache": "inside llama.cpp", "quantization": {"llama_cpp_file_type": file_type(quant), "gate_recipe": self.gate_recipe(quant)},
-                     **notes}
-        return ExportedArtifact(path=path, quant=quant, signature=signature,
-                                built_by="gguf.GGUFWriter (F32) → llama_model_quantize")
+        signature = {
+            "kind": "decoder" if source.task == "text-generation" else "encoder",
+            "inputs": ["tokens"],
+            "outputs": ["logits" if source.task == "text-generation" else "embeddings"],
+            "kv_cache": "inside llama.cpp",
+            "quantization": {"llama_cpp_file_type": file_type(quant), "gate_recipe": self.gate_recipe(quant)},
+            **notes,
+        }
+        return ExportedArtifact(
+            path=path, quant=quant, signature=signature, built_by="gguf.GGUFWriter (F32) → llama_model_quantize"
+        )
 
     def finish(self, bundle_dir: Path) -> None:
         """Drop the F32 scratch file the quantizer read from."""

@@ -35,12 +35,14 @@ def rope_theta(config: Config, layer_type: str = "full_attention") -> float:
 
 def check_rope(config: Config) -> None:
     params = getattr(config, "rope_parameters", None) or {}
-    kinds = {p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)} or \
-        {params.get("rope_type", "default")}
+    kinds = {p.get("rope_type", "default") for p in params.values() if isinstance(p, dict)} or {
+        params.get("rope_type", "default")
+    }
     unsupported = kinds - {"default"}
     if unsupported:
-        raise UnsupportedError(f"the GGUF writer handles plain RoPE only; this model uses {', '.join(sorted(unsupported))} "
-                               "RoPE scaling")
+        raise UnsupportedError(
+            f"the GGUF writer handles plain RoPE only; this model uses {', '.join(sorted(unsupported))} RoPE scaling"
+        )
 
 
 def head_dim(config: Config) -> int:
@@ -49,8 +51,11 @@ def head_dim(config: Config) -> int:
 
 def _permute_rope_rows(weights: np.ndarray, heads: int) -> np.ndarray:
     """Hugging Face rotate-half rows → llama.cpp's interleaved pairs (per head)."""
-    return (weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
-            .swapaxes(1, 2).reshape(weights.shape))
+    return (
+        weights.reshape(heads, 2, weights.shape[0] // heads // 2, *weights.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weights.shape)
+    )
 
 
 def llama_rope_layout(name: str, data: np.ndarray, config: Config) -> np.ndarray:
@@ -81,7 +86,9 @@ def _decoder_hparams(config: Config) -> list[tuple[str, Any]]:
 
 def _llama_hparams(config: Config) -> list[tuple[str, Any]]:
     explicit = []
-    if head_dim(config) * config.num_attention_heads != config.hidden_size:  # e.g. after `edgelm compress --prune heads`
+    if (
+        head_dim(config) * config.num_attention_heads != config.hidden_size
+    ):  # e.g. after `edgelm compress --prune heads`
         explicit = [("add_key_length", head_dim(config)), ("add_value_length", head_dim(config))]
     return [*_decoder_hparams(config), ("add_rope_dimension_count", head_dim(config)), *explicit]
 
@@ -95,9 +102,13 @@ def _gemma3_hparams(config: Config) -> list[tuple[str, Any]]:
     expected = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(config.num_hidden_layers)]
     if layer_types and layer_types != expected:
         raise UnsupportedError("the GGUF writer supports Gemma3's standard 5 local : 1 global layer pattern only")
-    return [*_decoder_hparams(config), ("add_key_length", head_dim(config)), ("add_value_length", head_dim(config)),
-            ("add_sliding_window", config.sliding_window),
-            ("add_rope_freq_base_swa", rope_theta(config, "sliding_attention"))]
+    return [
+        *_decoder_hparams(config),
+        ("add_key_length", head_dim(config)),
+        ("add_value_length", head_dim(config)),
+        ("add_sliding_window", config.sliding_window),
+        ("add_rope_freq_base_swa", rope_theta(config, "sliding_attention")),
+    ]
 
 
 def _bert_hparams(config: Config) -> list[tuple[str, Any]]:
@@ -135,6 +146,7 @@ GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
 
 def gguf_architecture(model_type: str) -> GGUFArchitecture:
     if model_type not in GGUF_ARCHITECTURES:
-        raise UnsupportedError(f"the GGUF writer does not handle {model_type!r}; it handles: "
-                               f"{', '.join(sorted(GGUF_ARCHITECTURES))}")
+        raise UnsupportedError(
+            f"the GGUF writer does not handle {model_type!r}; it handles: {', '.join(sorted(GGUF_ARCHITECTURES))}"
+        )
     return GGUF_ARCHITECTURES[model_type]

@@ -31,11 +31,29 @@ from edgelm.tokenizer import Tokenizer
 
 # llama.cpp pre-tokenizer names, most common first (llama-vocab.cpp's LLAMA_VOCAB_PRE_TYPE_*)
 PRE_TOKENIZER_CANDIDATES = (
-    "gpt-2", "smollm", "qwen2", "llama-bpe", "default", "starcoder", "deepseek-llm", "deepseek-coder", "falcon",
-    "refact", "command-r", "olmo", "dbrx", "smaug-bpe", "stablelm2", "gpt-4o", "tekken", "roberta-bpe",
+    "gpt-2",
+    "smollm",
+    "qwen2",
+    "llama-bpe",
+    "default",
+    "starcoder",
+    "deepseek-llm",
+    "deepseek-coder",
+    "falcon",
+    "refact",
+    "command-r",
+    "olmo",
+    "dbrx",
+    "smaug-bpe",
+    "stablelm2",
+    "gpt-4o",
+    "tekken",
+    "roberta-bpe",
 )
-PROBE_EXTRA = ("  Hello  world!\n\n\tTabs\t, numbers 1234567 3.14159 and 10,000; accents: héllo wörld "
-               "naïve café; CJK 你好世界; emoji 🙂🚀; symbols <>{}[]()#@$%^&*_=+|\\/~`'\"  \n end")
+PROBE_EXTRA = (
+    "  Hello  world!\n\n\tTabs\t, numbers 1234567 3.14159 and 10,000; accents: héllo wörld "
+    "naïve café; CJK 你好世界; emoji 🙂🚀; symbols <>{}[]()#@$%^&*_=+|\\/~`'\"  \n end"
+)
 
 
 @dataclass
@@ -79,8 +97,10 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int) -> GGUFVocab:
     data = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
     model = data.get("model") or {}
     if model.get("type") != "BPE":
-        raise UnsupportedError(f"the GGUF writer handles BPE vocabularies (byte-level or SentencePiece-style); this "
-                               f"tokenizer is {model.get('type')}")
+        raise UnsupportedError(
+            f"the GGUF writer handles BPE vocabularies (byte-level or SentencePiece-style); this "
+            f"tokenizer is {model.get('type')}"
+        )
     spm = bool(model.get("byte_fallback"))
     tokens: dict[int, str] = {int(i): t for t, i in model["vocab"].items()}
     types = {i: gguf.TokenType.NORMAL for i in tokens}
@@ -111,12 +131,14 @@ def read_vocab(tokenizer_dir: Path, vocab_size: int) -> GGUFVocab:
     plain, with_specials = tok.encode("a", add_special_tokens=False), tok.encode("a")
     normalizer = json.dumps(data.get("normalizer") or {})
     return GGUFVocab(
-        model="llama" if spm else "gpt2", tokens=[tokens[i] for i in range(size)],
+        model="llama" if spm else "gpt2",
+        tokens=[tokens[i] for i in range(size)],
         token_types=[int(types[i]) for i in range(size)],
         special_ids={k: v for k, v in specials.items() if v is not None},
         add_bos=len(with_specials) > len(plain) and with_specials[0] == specials.get("bos"),
         chat_template=tok.chat_template,
-        merges=[] if spm else merges, scores=[scores[i] for i in range(size)] if spm else [],
+        merges=[] if spm else merges,
+        scores=[scores[i] for i in range(size)] if spm else [],
         add_space_prefix=spm and '"Prepend"' in normalizer,
     )
 
@@ -128,6 +150,7 @@ def probe_text() -> str:
 def choose_pre_tokenizer(vocab: GGUFVocab, tokenizer_dir: Path, arch: str) -> str:
     """The llama.cpp pre-tokenizer name whose tokenization equals the source tokenizer's."""
     import gguf
+
     from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
 
     text = probe_text()

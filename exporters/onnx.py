@@ -50,17 +50,28 @@ def _quiet_logger(name: str, level: int) -> Iterator[None]:
         log.setLevel(previous)
 
 
-def _export_graph(graph: Any, inputs: tuple, input_names: list[str], output_names: list[str],
-                  dynamic: tuple, path: Path) -> None:
+def _export_graph(
+    graph: Any, inputs: tuple, input_names: list[str], output_names: list[str], dynamic: tuple, path: Path
+) -> None:
     import torch
 
     # The exporter prints progress lines, warns about optional torchvision ops and pytree
     # deprecations; none of it is actionable for an edgelm user, and it would tear the progress display.
-    with _quiet_logger("torch.onnx", logging.ERROR), contextlib.redirect_stdout(io.StringIO()), \
-            warnings.catch_warnings():
+    with (
+        _quiet_logger("torch.onnx", logging.ERROR),
+        contextlib.redirect_stdout(io.StringIO()),
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(graph, inputs, input_names=input_names, output_names=output_names,
-                                    dynamo=True, dynamic_shapes=dynamic, optimize=True)
+        program = torch.onnx.export(
+            graph,
+            inputs,
+            input_names=input_names,
+            output_names=output_names,
+            dynamo=True,
+            dynamic_shapes=dynamic,
+            optimize=True,
+        )
         program.save(str(path))
 
 
@@ -75,8 +86,9 @@ def export_decoder_onnx(model: Any, path: Path) -> None:
     n = torch.export.Dim("n", min=1, max=sig.max_context)
     past = torch.export.Dim("past_len", min=0, max=sig.max_context)
     dynamic = ({1: n}, tuple({2: past} for _ in sig.past_names()))
-    _export_graph(graph, example_inputs(sig), ["input_ids", *sig.past_names()], ["logits", *sig.present_names()],
-                  dynamic, path)
+    _export_graph(
+        graph, example_inputs(sig), ["input_ids", *sig.past_names()], ["logits", *sig.present_names()], dynamic, path
+    )
 
 
 def export_encoder_onnx(model: Any, task: str, path: Path) -> None:
@@ -88,8 +100,14 @@ def export_encoder_onnx(model: Any, task: str, path: Path) -> None:
     graph = EncoderGraph(model, task).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
     n = torch.export.Dim("n", min=1, max=graph.signature.max_length)
-    _export_graph(graph, example_encoder_inputs(), list(INPUT_NAMES), [graph.signature.output],
-                  ({0: batch, 1: n}, {0: batch, 1: n}), path)
+    _export_graph(
+        graph,
+        example_encoder_inputs(),
+        list(INPUT_NAMES),
+        [graph.signature.output],
+        ({0: batch, 1: n}, {0: batch, 1: n}),
+        path,
+    )
 
 
 def save_model(proto: Any, path: Path) -> list[Path]:
@@ -103,8 +121,14 @@ def save_model(proto: Any, path: Path) -> list[Path]:
     if weight_bytes <= EXTERNAL_DATA_BYTES:
         onnx.save(proto, str(path))
         return []
-    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-              size_threshold=1024)
+    onnx.save(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data.name,
+        size_threshold=1024,
+    )
     return [data]
 
 
@@ -125,8 +149,13 @@ def layer_matmuls(model: Any, layers: tuple[int, ...]) -> list[str]:
     return names
 
 
-def quantize_weights(src: Path, dst: Path, quant: str, layers_8bit: tuple[int, ...] = (),
-                     gptq: tuple[dict[str, Any], dict[str, str]] | None = None) -> dict[str, Any]:
+def quantize_weights(
+    src: Path,
+    dst: Path,
+    quant: str,
+    layers_8bit: tuple[int, ...] = (),
+    gptq: tuple[dict[str, Any], dict[str, str]] | None = None,
+) -> dict[str, Any]:
     """Write `src` quantized per `quant` to `dst`; return what was done (for the manifest).
 
     `layers_8bit` (int4 only): layers whose matrices stay 8-bit (mixed precision). `gptq` (int4
@@ -146,9 +175,10 @@ def quantize_weights(src: Path, dst: Path, quant: str, layers_8bit: tuple[int, .
     else:
         # The output projection decides every token; like llama.cpp's Q4_K_M (which keeps it
         # at 6 bits), int4 keeps it at 8 bits and quantizes the transformer layers to 4.
+        from onnx import numpy_helper
+
         from edgelm.exporters.onnx_block_bias import add_block_bias_correction
         from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
-        from onnx import numpy_helper
 
         head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
         bits_for_head = 8
@@ -168,11 +198,18 @@ def quantize_weights(src: Path, dst: Path, quant: str, layers_8bit: tuple[int, .
                 recoded = apply_gptq(model, weights, *gptq)
             corrected = add_block_bias_correction(model, {k: w for k, w in weights.items() if k not in recoded})
         shared = share_quantized_embedding(model, TIED_TABLE)
-        done = {"op": "MatMulNBits", "bits": NBITS[quant], "output_projection_bits": bits_for_head,
-                "block_size": BLOCK_SIZE, "symmetric": False, "accuracy_level": 4,
-                "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
-                "block_bias_correction": corrected, **({"layers_at_8_bits": list(layers_8bit)} if layers_8bit else {}),
-                **({"gptq_layers": len(recoded)} if NBITS[quant] == 4 and gptq else {})}
+        done = {
+            "op": "MatMulNBits",
+            "bits": NBITS[quant],
+            "output_projection_bits": bits_for_head,
+            "block_size": BLOCK_SIZE,
+            "symmetric": False,
+            "accuracy_level": 4,
+            "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
+            "block_bias_correction": corrected,
+            **({"layers_at_8_bits": list(layers_8bit)} if layers_8bit else {}),
+            **({"gptq_layers": len(recoded)} if NBITS[quant] == 4 and gptq else {}),
+        }
     done["external_data"] = bool(save_model(model, dst))
     return done
 
@@ -184,8 +221,11 @@ def linear_fingerprints(model: Any) -> dict[str, str]:
 
     from edgelm.gptq import weight_fingerprint
 
-    return {weight_fingerprint(module.weight.detach().T.numpy()): name for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear)}
+    return {
+        weight_fingerprint(module.weight.detach().T.numpy()): name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+    }
 
 
 def _matmul_nbits(model: Any, bits: int, include: list[str] | None = None, exclude: list[str] | None = None) -> Any:
@@ -193,8 +233,15 @@ def _matmul_nbits(model: Any, bits: int, include: list[str] | None = None, exclu
 
     # The quantizer logs every node it visits at INFO; that would bury edgelm's progress display.
     with _quiet_logger("onnxruntime.quantization.matmul_nbits_quantizer", logging.WARNING):
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=False,
-                                         accuracy_level=4, nodes_to_include=include, nodes_to_exclude=exclude or [])
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=bits,
+            block_size=BLOCK_SIZE,
+            is_symmetric=False,
+            accuracy_level=4,
+            nodes_to_include=include,
+            nodes_to_exclude=exclude or [],
+        )
         quantizer.process()
     return quantizer.model.model
 
@@ -220,8 +267,15 @@ class OnnxExporter:
     mixed_precision = ("int4",)  # can keep chosen layers at 8 bits (export's layers_8bit)
     gptq = ("int4",)  # calibrated attempts pick 4-bit codes by GPTQ (export's hessians)
 
-    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str,
-               layers_8bit: tuple[int, ...] = (), hessians: dict[str, Any] | None = None) -> ExportedArtifact:
+    def export(
+        self,
+        model: Any,
+        source: SourceModel,
+        bundle_dir: Path,
+        quant: str,
+        layers_8bit: tuple[int, ...] = (),
+        hessians: dict[str, Any] | None = None,
+    ) -> ExportedArtifact:
         import onnx
 
         folder = bundle_dir / "onnx"
@@ -239,7 +293,10 @@ class OnnxExporter:
         path = folder / quant / FILE_NAMES[quant]
         path.parent.mkdir(exist_ok=True)
         if quant == "fp32":
-            recipe: dict[str, Any] = {"weights": "float32", "external_data": bool(save_model(onnx.load(str(scratch)), path))}
+            recipe: dict[str, Any] = {
+                "weights": "float32",
+                "external_data": bool(save_model(onnx.load(str(scratch)), path)),
+            }
         else:
             gptq = (hessians, linear_fingerprints(model)) if hessians and quant == "int4" else None
             recipe = quantize_weights(scratch, path, quant, layers_8bit, gptq)
@@ -247,14 +304,20 @@ class OnnxExporter:
         recipe["optimized_offline"] = not recipe["external_data"]
         if recipe["optimized_offline"]:
             optimize_offline(path)
-        signature = decoder_signature(model.config).to_dict() if decoder else \
-            encoder_signature(model.config, source.task).to_dict()
+        signature = (
+            decoder_signature(model.config).to_dict()
+            if decoder
+            else encoder_signature(model.config, source.task).to_dict()
+        )
         max_context = signature["max_context" if decoder else "max_length"]
         opset, extra = _stamp_metadata(path, {"max_context": max_context, "quant": quant, "task": source.task})
-        return ExportedArtifact(path=path, quant=quant, extra_files=extra,
-                                signature={**signature, "quantization": recipe, "opset": opset},
-                                built_by=f"{'edgelm.graph' if decoder else 'edgelm.encoder_graph'} → "
-                                         "torch.onnx.export(dynamo=True)")
+        return ExportedArtifact(
+            path=path,
+            quant=quant,
+            extra_files=extra,
+            signature={**signature, "quantization": recipe, "opset": opset},
+            built_by=f"{'edgelm.graph' if decoder else 'edgelm.encoder_graph'} → torch.onnx.export(dynamo=True)",
+        )
 
     def finish(self, bundle_dir: Path) -> None:
         """Drop the unoptimized fp32 scratch copy used as the quantizers' source."""

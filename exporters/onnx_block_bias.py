@@ -34,8 +34,9 @@ def unpack_nibbles(packed: np.ndarray, count: int) -> np.ndarray:
     return values[:, :count]
 
 
-def dequantize_matmul_nbits(packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray,
-                            k: int, n: int, block_size: int) -> np.ndarray:
+def dequantize_matmul_nbits(
+    packed: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, k: int, n: int, block_size: int
+) -> np.ndarray:
     """Rebuild the [K, N] float weight a 4-bit MatMulNBits node computes with."""
     blocks = packed.shape[1]
     q = unpack_nibbles(packed.reshape(n, -1), blocks * block_size).reshape(n, blocks, block_size).astype(np.float32)
@@ -69,22 +70,30 @@ def add_block_bias_correction(model: Any, original_weights: dict[str, np.ndarray
         if k % block:
             continue
         dequantized = dequantize_matmul_nbits(
-            numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]]),
-            numpy_helper.to_array(inits[node.input[3]]), k, n, block)
+            numpy_helper.to_array(inits[node.input[1]]),
+            numpy_helper.to_array(inits[node.input[2]]),
+            numpy_helper.to_array(inits[node.input[3]]),
+            k,
+            n,
+            block,
+        )
         residual = original_weights[source_name].astype(np.float32) - dequantized
         delta = residual.reshape(k // block, block, n).mean(axis=1)  # [K/block, N]
         prefix = node.name or node.output[0]
-        graph.initializer.extend([
-            numpy_helper.from_array(delta.astype(np.float32), f"{prefix}_block_delta"),
-            numpy_helper.from_array(np.array([0, 0, k // block, block], dtype=np.int64), f"{prefix}_block_shape"),
-            numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{prefix}_block_axis"),
-        ])
+        graph.initializer.extend(
+            [
+                numpy_helper.from_array(delta.astype(np.float32), f"{prefix}_block_delta"),
+                numpy_helper.from_array(np.array([0, 0, k // block, block], dtype=np.int64), f"{prefix}_block_shape"),
+                numpy_helper.from_array(np.array([-1], dtype=np.int64), f"{prefix}_block_axis"),
+            ]
+        )
         result = node.output[0]
         node.output[0] = f"{result}_int4"
         new_nodes += [
             helper.make_node("Reshape", [node.input[0], f"{prefix}_block_shape"], [f"{prefix}_blocks"]),
-            helper.make_node("ReduceSum", [f"{prefix}_blocks", f"{prefix}_block_axis"], [f"{prefix}_block_sums"],
-                             keepdims=0),
+            helper.make_node(
+                "ReduceSum", [f"{prefix}_blocks", f"{prefix}_block_axis"], [f"{prefix}_block_sums"], keepdims=0
+            ),
             helper.make_node("MatMul", [f"{prefix}_block_sums", f"{prefix}_block_delta"], [f"{prefix}_bias"]),
             helper.make_node("Add", [node.output[0], f"{prefix}_bias"], [result]),
         ]

@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits, pack_nibbles
 
+from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits, pack_nibbles
 from edgelm.gptq import (
     HessianAccumulator,
     gptq_codes,
@@ -30,8 +30,12 @@ from edgelm.gptq import (
 )
 
 
-def apply_gptq(model: Any, original_weights: dict[str, np.ndarray], hessians: dict[str, HessianAccumulator],
-               fingerprints: dict[str, str]) -> set[str]:
+def apply_gptq(
+    model: Any,
+    original_weights: dict[str, np.ndarray],
+    hessians: dict[str, HessianAccumulator],
+    fingerprints: dict[str, str],
+) -> set[str]:
     """Re-pick the grid and codes of every 4-bit MatMulNBits whose float weight has a Hessian.
 
     `original_weights`: the fp32 MatMul weights ([K, N]) by initializer name, read before
@@ -65,16 +69,22 @@ def apply_gptq(model: Any, original_weights: dict[str, np.ndarray], hessians: di
         codes = gptq_codes(float_weight, hessians[module], scales, zero_points, block).numpy()
         scales, zero_points = scales.numpy(), zero_points.numpy().astype(np.uint8)
         gptq = (codes - np.repeat(zero_points, block, axis=1)) * np.repeat(scales, block, axis=1)
-        rounded = dequantize_matmul_nbits(numpy_helper.to_array(inits[node.input[1]]), ort_scales.reshape(n, blocks),
-                                          ort_zero_points, k, n, block).T.astype(np.float64)
+        rounded = dequantize_matmul_nbits(
+            numpy_helper.to_array(inits[node.input[1]]), ort_scales.reshape(n, blocks), ort_zero_points, k, n, block
+        ).T.astype(np.float64)
         residual = float_weight.numpy() - rounded
         with_bias = rounded + np.repeat(residual.reshape(n, blocks, block).mean(-1), block, axis=1)
-        if output_error(float_weight.numpy() - gptq, hessian) >= output_error(float_weight.numpy() - with_bias, hessian):
+        if output_error(float_weight.numpy() - gptq, hessian) >= output_error(
+            float_weight.numpy() - with_bias, hessian
+        ):
             continue  # round-to-nearest with the block bias (on onnxruntime's min/max grid) does better here
         packed = pack_nibbles(codes).reshape(n, blocks, block // 2)
         padded = np.pad(zero_points, ((0, 0), (0, blocks % 2)))  # two zero points per byte, rows padded to even
-        for index, value in ((1, packed), (2, scales.astype(ort_scales.dtype).reshape(ort_scales.shape)),
-                             (3, pack_nibbles(padded).reshape(ort_zero_points.shape))):
+        for index, value in (
+            (1, packed),
+            (2, scales.astype(ort_scales.dtype).reshape(ort_scales.shape)),
+            (3, pack_nibbles(padded).reshape(ort_zero_points.shape)),
+        ):
             inits[node.input[index]].CopyFrom(numpy_helper.from_array(value, node.input[index]))
         done.add(source_name)
     return done

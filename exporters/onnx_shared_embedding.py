@@ -30,18 +30,27 @@ def share_quantized_embedding(model: Any, table_name: str) -> bool:
     if attrs["bits"] != 8 or axis != 1 or hidden % block:
         return False
     prefix = f"{table_name}_lookup"
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array([vocab, hidden], dtype=np.int64), f"{prefix}_data_shape"),
-        numpy_helper.from_array(np.array([vocab, hidden // block], dtype=np.int64), f"{prefix}_block_shape"),
-    ])
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array([vocab, hidden], dtype=np.int64), f"{prefix}_data_shape"),
+            numpy_helper.from_array(np.array([vocab, hidden // block], dtype=np.int64), f"{prefix}_block_shape"),
+        ]
+    )
     rows = f"{prefix}_rows"  # [n, hidden]
     replacement = [
         helper.make_node("Reshape", [head.input[1], f"{prefix}_data_shape"], [f"{prefix}_data"]),
         helper.make_node("Reshape", [head.input[2], f"{prefix}_block_shape"], [f"{prefix}_scales"]),
         helper.make_node("Reshape", [head.input[3], f"{prefix}_block_shape"], [f"{prefix}_zero_points"]),
-        helper.make_node("GatherBlockQuantized",
-                         [f"{prefix}_data", gather.input[1], f"{prefix}_scales", f"{prefix}_zero_points"], [rows],
-                         domain="com.microsoft", gather_axis=0, quantize_axis=1, block_size=block, bits=8),
+        helper.make_node(
+            "GatherBlockQuantized",
+            [f"{prefix}_data", gather.input[1], f"{prefix}_scales", f"{prefix}_zero_points"],
+            [rows],
+            domain="com.microsoft",
+            gather_axis=0,
+            quantize_axis=1,
+            block_size=block,
+            bits=8,
+        ),
         # the graph expects Gather(table[hidden, vocab], axis=1) -> [hidden, n]
         helper.make_node("Transpose", [rows], [gather.output[0]], perm=[1, 0]),
     ]

@@ -28,8 +28,12 @@ class ReferenceExporter:
         files = sorted(p for p in folder.iterdir() if p.is_file())
         weights = folder / "model.safetensors"
         if source.task == "text-generation":
-            signature = {"inputs": ["input_ids"], "outputs": ["logits"], "kv_cache": "transformers DynamicCache",
-                         "max_context": int(getattr(model.config, "max_position_embeddings", 0))}
+            signature = {
+                "inputs": ["input_ids"],
+                "outputs": ["logits"],
+                "kv_cache": "transformers DynamicCache",
+                "max_context": int(getattr(model.config, "max_position_embeddings", 0)),
+            }
         else:
             from edgelm.encoder_graph import encoder_signature
 

@@ -37,13 +37,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from edgelm.runtimes.litert import LOG_VARIABLE
-
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
 from edgelm.native_log import quiet_native_stderr
+from edgelm.runtimes.litert import LOG_VARIABLE
 
 HOST_CONTEXT = 1024  # cache positions (bounded by the model's own maximum); recorded in the manifest
 PREFILL_LENGTH = 128  # tokens per prefill call; longer prompts run in chunks
@@ -77,8 +76,9 @@ def convert_decoder(model: Any, path: Path) -> dict[str, Any]:
     prefill = min(PREFILL_LENGTH, context)
     litert_torch = _litert_torch()
     with _quiet():
-        converter = litert_torch.signature("prefill", graph, (torch.zeros((1, prefill), dtype=torch.long), position,
-                                                              *cache))
+        converter = litert_torch.signature(
+            "prefill", graph, (torch.zeros((1, prefill), dtype=torch.long), position, *cache)
+        )
         converter = converter.signature("decode", graph, (torch.zeros((1, 1), dtype=torch.long), position, *cache))
         edge_model = converter.convert()
         edge_model.export(str(path))
@@ -118,14 +118,16 @@ def quantize_flatbuffer(float_path: Path, quant: str, path: Path) -> dict[str, A
         qt = quantizer.Quantizer(str(float_path))
         op = qtyping.TFLOperationName.ALL_SUPPORTED
         if mode == "float_casting":
-            qt.add_weight_only_config(regex=".*", operation_name=op, num_bits=16,
-                                      algorithm_key="float_casting")
+            qt.add_weight_only_config(regex=".*", operation_name=op, num_bits=16, algorithm_key="float_casting")
         else:
-            qt.add_dynamic_config(regex=".*", operation_name=op, num_bits=bits,
-                                  granularity=qtyping.QuantGranularity[granularity])
+            qt.add_dynamic_config(
+                regex=".*", operation_name=op, num_bits=bits, granularity=qtyping.QuantGranularity[granularity]
+            )
         qt.quantize().export_model(str(path), overwrite=True)
-    described = {"fp16": {"weights": "float16", "compute": "float32"},
-                 "int8": {"weights": "int8 per channel", "activations": "int8 dynamic (quantized on the fly)"}}
+    described = {
+        "fp16": {"weights": "float16", "compute": "float32"},
+        "int8": {"weights": "int8 per channel", "activations": "int8 dynamic (quantized on the fly)"},
+    }
     return {**described[quant], "quantizer": "ai-edge-quantizer"}
 
 
@@ -146,8 +148,12 @@ def _quiet() -> Any:
     EDGELM_LITERT_LOG=1 keeps the native lines."""
     previous = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-            contextlib.redirect_stderr(io.StringIO()), quiet_native_stderr(LOG_VARIABLE):
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()),
+        quiet_native_stderr(LOG_VARIABLE),
+    ):
         warnings.simplefilter("ignore")
         levels = {name: logging.getLogger(name).level for name in ("", "torch", "absl", "tensorflow")}
         for name in levels:
@@ -184,24 +190,36 @@ class TFLiteExporter:
             from edgelm.encoder_graph import encoder_signature
 
             return ExportedArtifact(
-                path=path, quant=quant, built_by="edgelm.encoder_graph → litert-torch"
-                                                 + ("" if quant == "fp32" else " → ai-edge-quantizer"),
-                signature={**encoder_signature(model.config, source.task).to_dict(),
-                           "signatures": [f"{ENCODER_PREFIX}{length}" for length in layout["lengths"]],
-                           "batch": "1 per call (the runtime runs a batch row by row, each padded to the "
-                                    "shortest signature that fits)", "quantization": {**recipe, **layout}})
+                path=path,
+                quant=quant,
+                built_by="edgelm.encoder_graph → litert-torch" + ("" if quant == "fp32" else " → ai-edge-quantizer"),
+                signature={
+                    **encoder_signature(model.config, source.task).to_dict(),
+                    "signatures": [f"{ENCODER_PREFIX}{length}" for length in layout["lengths"]],
+                    "batch": "1 per call (the runtime runs a batch row by row, each padded to the "
+                    "shortest signature that fits)",
+                    "quantization": {**recipe, **layout},
+                },
+            )
         signature = decoder_signature(model.config)
         return ExportedArtifact(
-            path=path, quant=quant, built_by="edgelm.graph (host cache) → litert-torch"
-                                             + ("" if quant == "fp32" else " → ai-edge-quantizer"),
-            signature={"signatures": {"prefill": f"input_ids[1,{layout['prefill_length']}]", "decode": "input_ids[1,1]"},
-                       "inputs": ["input_ids int32", "input_pos[1] int32",
-                                  "cache_{key,value}_i[1,kv_heads,max_context,head_dim] float32"],
-                       "outputs": ["logits[1,n,vocab] float32", "new_{key,value}_i[1,kv_heads,n,head_dim] float32"],
-                       "kv_cache": f"host-owned, {layout['max_context']} positions, new positions written back by "
-                                   "the runtime",
-                       "num_layers": signature.num_layers, "max_context": layout["max_context"],
-                       "prefill_length": layout["prefill_length"], "quantization": {**recipe, **layout}},
+            path=path,
+            quant=quant,
+            built_by="edgelm.graph (host cache) → litert-torch" + ("" if quant == "fp32" else " → ai-edge-quantizer"),
+            signature={
+                "signatures": {"prefill": f"input_ids[1,{layout['prefill_length']}]", "decode": "input_ids[1,1]"},
+                "inputs": [
+                    "input_ids int32",
+                    "input_pos[1] int32",
+                    "cache_{key,value}_i[1,kv_heads,max_context,head_dim] float32",
+                ],
+                "outputs": ["logits[1,n,vocab] float32", "new_{key,value}_i[1,kv_heads,n,head_dim] float32"],
+                "kv_cache": f"host-owned, {layout['max_context']} positions, new positions written back by the runtime",
+                "num_layers": signature.num_layers,
+                "max_context": layout["max_context"],
+                "prefill_length": layout["prefill_length"],
+                "quantization": {**recipe, **layout},
+            },
         )
 
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
-from edgelm.native_log import quiet_native_stderr
 from edgelm.isolation import open_isolated, runs_here
+from edgelm.native_log import quiet_native_stderr
 from edgelm.session import Capabilities, model_failures, token_ids
 
 LOG_VARIABLE = "EDGELM_EXECUTORCH_LOG"  # set to 1 to see ExecuTorch's own log lines
@@ -47,9 +47,8 @@ def load_kernel_libraries() -> None:
     links in); needed before ExecuTorch's runtime or its LLM runner runs an edgelm .pte."""
     import ctypes
 
-    import torch  # noqa: F401  the custom-op library links against libtorch, loaded by this import
-
     import executorch
+    import torch  # noqa: F401  the custom-op library links against libtorch, loaded by this import
 
     for relative in KERNEL_LIBRARIES:
         library = Path(executorch.__path__[0]) / relative
@@ -77,8 +76,9 @@ def load_program(path: Path) -> object:
         with quiet_native_stderr(LOG_VARIABLE):
             return runtime.load_program(path, verification=verification.InternalConsistency)
     except RuntimeError as err:
-        raise InvalidModelError(f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — "
-                                "re-export it") from err
+        raise InvalidModelError(
+            f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — re-export it"
+        ) from err
 
 
 class ExecuTorchSession:
@@ -88,16 +88,23 @@ class ExecuTorchSession:
         self._torch = torch
         self._program, self._method = program, method
         self._pos = 0
-        self.capabilities = Capabilities(max_context=max_context, vocab_size=vocab_size,
-                                         notes={"kv_cache": f"static, {max_context} positions inside the program"})
+        self.capabilities = Capabilities(
+            max_context=max_context,
+            vocab_size=vocab_size,
+            notes={"kv_cache": f"static, {max_context} positions inside the program"},
+        )
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         if self._pos + len(ids) > self.capabilities.max_context:
-            raise InvalidModelError(f"the program's static cache holds {self.capabilities.max_context} positions; "
-                                    f"{self._pos + len(ids)} requested")
+            raise InvalidModelError(
+                f"the program's static cache holds {self.capabilities.max_context} positions; "
+                f"{self._pos + len(ids)} requested"
+            )
         torch = self._torch
-        inputs = [torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)),
-                  torch.tensor([self._pos], dtype=torch.long)]
+        inputs = [
+            torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64).reshape(1, -1)),
+            torch.tensor([self._pos], dtype=torch.long),
+        ]
         with model_failures("ExecuTorch"):
             logits = self._method.execute(inputs)[0]
         self._pos += len(ids)
@@ -153,11 +160,14 @@ class ExecuTorchAdapter:
     def available_devices(self) -> tuple[str, ...]:
         return ("cpu",)  # XNNPACK; the Python runtime ships no GPU/NPU delegate
 
-    def open(self, path: Path, device: str = "cpu", threads: int | None = None
-             ) -> ExecuTorchSession | ExecuTorchEncoderSession:
+    def open(
+        self, path: Path, device: str = "cpu", threads: int | None = None
+    ) -> ExecuTorchSession | ExecuTorchEncoderSession:
         if device not in self.available_devices():
-            raise DeviceError(f"ExecuTorch's Python runtime here runs XNNPACK on cpu only, not {device!r}; "
-                              "GPU/NPU delegates (Vulkan, QNN, Core ML) run in the app's native runtime")
+            raise DeviceError(
+                f"ExecuTorch's Python runtime here runs XNNPACK on cpu only, not {device!r}; "
+                "GPU/NPU delegates (Vulkan, QNN, Core ML) run in the app's native runtime"
+            )
         path = Path(path)
         if not runs_here(path):  # its native code can end the process on a damaged file
             return open_isolated(self.name, path, device, threads)
@@ -170,22 +180,33 @@ class ExecuTorchAdapter:
             with quiet_native_stderr(LOG_VARIABLE):
                 missing = {"forward", "get_max_context"} - set(program.method_names)
                 if missing:
-                    raise InvalidModelError(f"{path}: the program lacks {', '.join(sorted(missing))}; it was not "
-                                            "exported by edgelm's ExecuTorch exporter")
+                    raise InvalidModelError(
+                        f"{path}: the program lacks {', '.join(sorted(missing))}; it was not "
+                        "exported by edgelm's ExecuTorch exporter"
+                    )
                 max_context = int(program.load_method("get_max_context").execute([])[0])
-                encoder = "is_encoder" in program.method_names and bool(program.load_method("is_encoder").execute([])[0])
-                vocab = (int(program.load_method("get_vocab_size").execute([])[0])
-                         if "get_vocab_size" in program.method_names else None)
+                encoder = "is_encoder" in program.method_names and bool(
+                    program.load_method("is_encoder").execute([])[0]
+                )
+                vocab = (
+                    int(program.load_method("get_vocab_size").execute([])[0])
+                    if "get_vocab_size" in program.method_names
+                    else None
+                )
                 method = program.load_method("forward")
         except (IndexError, TypeError, ValueError) as err:  # a constant method that returns nothing usable
-            raise InvalidModelError(f"{path}: the program's constant methods are not edgelm's ({err}); re-export "
-                                    "it") from err
+            raise InvalidModelError(
+                f"{path}: the program's constant methods are not edgelm's ({err}); re-export it"
+            ) from err
         except RuntimeError as err:
             if "0x:14" in str(err) or "0x14" in str(err):  # Error::OperatorMissing
-                raise InvalidModelError(f"{path}: the program uses an operator this ExecuTorch runtime has no kernel "
-                                        f"for ({err}); run it with the executorch version edgelm doctor lists") from err
-            raise InvalidModelError(f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — "
-                                    "re-export it") from err
+                raise InvalidModelError(
+                    f"{path}: the program uses an operator this ExecuTorch runtime has no kernel "
+                    f"for ({err}); run it with the executorch version edgelm doctor lists"
+                ) from err
+            raise InvalidModelError(
+                f"{path}: ExecuTorch could not load it ({err}); the file may be truncated — re-export it"
+            ) from err
         if encoder:
             return ExecuTorchEncoderSession(program, method, max_context)
         return ExecuTorchSession(program, method, max_context, vocab)

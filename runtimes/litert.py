@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from edgelm.errors import DeviceError, InvalidModelError
-from edgelm.native_log import quiet_native_stderr
 from edgelm.isolation import open_isolated, runs_here
+from edgelm.native_log import quiet_native_stderr
 from edgelm.session import Capabilities, model_failures, token_ids
 from edgelm.tflite_file import read_tflite
 
@@ -53,11 +53,15 @@ class InterpreterSteps:
             runner = interpreter.get_signature_runner(name)
             inputs, outputs = runner.get_input_details(), runner.get_output_details()
             subgraph = self._wrapper.GetSubgraphIndexFromSignature(name)
-            self.layout[name] = (subgraph, [d["index"] for d in _ordered(inputs, "args_")],
-                                 [d["index"] for d in _ordered(outputs, "output_")])
+            self.layout[name] = (
+                subgraph,
+                [d["index"] for d in _ordered(inputs, "args_")],
+                [d["index"] for d in _ordered(outputs, "output_")],
+            )
             if not self.layout[name][2]:
-                raise InvalidModelError(f"its {name} signature has no outputs; it was not exported by edgelm's "
-                                        "TFLite exporter")
+                raise InvalidModelError(
+                    f"its {name} signature has no outputs; it was not exported by edgelm's TFLite exporter"
+                )
             with quiet_native_stderr(LOG_VARIABLE):
                 self._wrapper.AllocateTensors(subgraph)
             for index in self.layout[name][1][2:]:
@@ -85,7 +89,7 @@ class InterpreterSteps:
         for k, output in enumerate(outputs[1:]):
             new = self._view(name, output)[:, :, :n]
             for other in SIGNATURES:  # keep both signatures' caches identical
-                self._view(other, self.layout[other][1][2 + k])[:, :, position:position + n] = new
+                self._view(other, self.layout[other][1][2 + k])[:, :, position : position + n] = new
         return logits
 
     def close(self) -> None:
@@ -103,29 +107,38 @@ class CompiledModelSteps:
         from ai_edge_litert.options import Options
 
         accelerator = {"gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}[device]
-        options = Options(hardware_accelerators=accelerator | HardwareAccelerator.CPU,
-                          cpu_options=CpuOptions(num_threads=threads or 0))
+        options = Options(
+            hardware_accelerators=accelerator | HardwareAccelerator.CPU,
+            cpu_options=CpuOptions(num_threads=threads or 0),
+        )
         try:
             with quiet_native_stderr(LOG_VARIABLE):
                 model = CompiledModel.from_file(str(path), options=options)
         except RuntimeError as err:
-            raise DeviceError(f"LiteRT could not set up its {device.upper()} accelerator for {path.name} ({err}); "
-                              "use device='cpu'") from err
+            raise DeviceError(
+                f"LiteRT could not set up its {device.upper()} accelerator for {path.name} ({err}); use device='cpu'"
+            ) from err
         if not model.is_fully_accelerated():
-            raise DeviceError(f"LiteRT has no {device.upper()} accelerator that runs {path.name} here (its ops fell "
-                              "back to the CPU); use device='cpu', or run it on a device that has one")
+            raise DeviceError(
+                f"LiteRT has no {device.upper()} accelerator that runs {path.name} here (its ops fell "
+                "back to the CPU); use device='cpu', or run it on a device that has one"
+            )
         self._model = model
         self.shapes, self._io = {}, {}
         for name in SIGNATURES:
             ins = _ordered(model.get_input_tensor_details(name), "args_")
             outs = _ordered(model.get_output_tensor_details(name), "output_")
             if not outs:
-                raise InvalidModelError(f"its {name} signature has no outputs; it was not exported by edgelm's "
-                                        "TFLite exporter")
+                raise InvalidModelError(
+                    f"its {name} signature has no outputs; it was not exported by edgelm's TFLite exporter"
+                )
             self.shapes[name] = [tuple(d["shape"]) for d in ins]
-            self._io[name] = ({d["key"]: model.create_input_buffer_by_name(name, d["key"]) for d in ins},
-                              {d["key"]: model.create_output_buffer_by_name(name, d["key"]) for d in outs},
-                              ins, outs)
+            self._io[name] = (
+                {d["key"]: model.create_input_buffer_by_name(name, d["key"]) for d in ins},
+                {d["key"]: model.create_output_buffer_by_name(name, d["key"]) for d in outs},
+                ins,
+                outs,
+            )
         self._cache = [np.zeros(shape, np.float32) for shape in self.shapes["decode"][2:]]
         self.vocab_size = int(self._io["decode"][3][0]["shape"][-1])
 
@@ -141,7 +154,7 @@ class CompiledModelSteps:
             self._model.run_by_name(name, inputs, outputs)
         read = [outputs[d["key"]].read(int(np.prod(d["shape"])), np.float32).reshape(d["shape"]) for d in outs]
         for cache, new in zip(self._cache, read[1:]):
-            cache[:, :, position:position + n] = new[:, :, :n]
+            cache[:, :, position : position + n] = new[:, :, :n]
         return read[0][0, :n]
 
     def close(self) -> None:
@@ -158,8 +171,9 @@ class LiteRTEncoderSession:
 
         with quiet_native_stderr(LOG_VARIABLE):
             self._interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
-        self._runners = {length: self._interpreter.get_signature_runner(f"{ENCODER_PREFIX}{length}")
-                         for length in sorted(lengths)}
+        self._runners = {
+            length: self._interpreter.get_signature_runner(f"{ENCODER_PREFIX}{length}") for length in sorted(lengths)
+        }
         self.capabilities = Capabilities(max_context=max(lengths), notes={"lengths": ", ".join(map(str, lengths))})
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -187,14 +201,16 @@ class LiteRTSession:
         self.max_context = int(steps.shapes["decode"][2][2])
         self.prefill_length = int(steps.shapes["prefill"][0][1])
         self._pos = 0
-        self.capabilities = Capabilities(max_context=self.max_context, devices=(device,), vocab_size=steps.vocab_size,
-                                         notes={"kv_cache": f"host-owned, {self.max_context} positions",
-                                                "prefill_length": str(self.prefill_length)})
+        self.capabilities = Capabilities(
+            max_context=self.max_context,
+            devices=(device,),
+            vocab_size=steps.vocab_size,
+            notes={"kv_cache": f"host-owned, {self.max_context} positions", "prefill_length": str(self.prefill_length)},
+        )
 
     def _check_room(self, n: int) -> None:
         if self._pos + n > self.max_context:
-            raise InvalidModelError(f"the model's cache holds {self.max_context} positions; "
-                                    f"{self._pos + n} requested")
+            raise InvalidModelError(f"the model's cache holds {self.max_context} positions; {self._pos + n} requested")
 
     def _run(self, name: str, ids: np.ndarray) -> np.ndarray:
         logits = self._steps.run(name, ids, self._pos)
@@ -204,7 +220,7 @@ class LiteRTSession:
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         ids = token_ids(ids, self.capabilities)  # the graph takes int32 ids: a larger one would wrap silently
         self._check_room(len(ids))
-        chunks = [ids[i:i + self.prefill_length] for i in range(0, len(ids), self.prefill_length)]
+        chunks = [ids[i : i + self.prefill_length] for i in range(0, len(ids), self.prefill_length)]
         return np.concatenate([self._run("prefill", chunk) for chunk in chunks])
 
     def decode(self, token_id: int) -> np.ndarray:
@@ -233,14 +249,17 @@ def _check_decoder_signatures(path: Path, summary: Any) -> None:
     """edgelm's prefill/decode signatures, read from the verified flatbuffer before LiteRT sees it."""
     missing = set(SIGNATURES) - set(summary.signatures)
     if missing:
-        raise InvalidModelError(f"{path}: the model lacks the {', '.join(sorted(missing))} signature(s); it was "
-                                "not exported by edgelm's TFLite exporter")
+        raise InvalidModelError(
+            f"{path}: the model lacks the {', '.join(sorted(missing))} signature(s); it was "
+            "not exported by edgelm's TFLite exporter"
+        )
     inputs = summary.signatures["decode"][0]
     if len(inputs) < 4 or len(inputs) % 2:
         raise InvalidModelError(f"{path}: its decode signature is not (input_ids, input_pos, cache...)")
     if not all(summary.signatures[name][1] for name in SIGNATURES):
-        raise InvalidModelError(f"{path}: a signature of it has no outputs; it was not exported by edgelm's "
-                                "TFLite exporter")
+        raise InvalidModelError(
+            f"{path}: a signature of it has no outputs; it was not exported by edgelm's TFLite exporter"
+        )
 
 
 class LiteRTAdapter:
@@ -258,14 +277,16 @@ class LiteRTAdapter:
     def available_devices(self) -> tuple[str, ...]:
         return ("cpu", "gpu", "npu")  # gpu/npu are checked when a model is compiled for them
 
-    def open(self, path: Path, device: str = "cpu", threads: int | None = None
-             ) -> LiteRTSession | LiteRTEncoderSession:
+    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> LiteRTSession | LiteRTEncoderSession:
         if device not in self.available_devices():
             raise DeviceError(f"LiteRT runs on cpu, gpu or npu, not {device!r}")
         path = Path(path)
         summary = read_tflite(path)
-        lengths = [int(name.removeprefix(ENCODER_PREFIX)) for name in summary.signatures
-                   if name.startswith(ENCODER_PREFIX) and name.removeprefix(ENCODER_PREFIX).isdigit()]
+        lengths = [
+            int(name.removeprefix(ENCODER_PREFIX))
+            for name in summary.signatures
+            if name.startswith(ENCODER_PREFIX) and name.removeprefix(ENCODER_PREFIX).isdigit()
+        ]
         if lengths and device != "cpu":
             raise DeviceError(f"edgelm runs TFLite encoders on cpu only here, not {device!r}")
         if not lengths:

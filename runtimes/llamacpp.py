@@ -34,37 +34,44 @@ _init_lock = threading.Lock()
 _initialized = False
 
 
-def _llama():
-    """Import llama_cpp once, initialise its backend and silence its logging (edgelm shows progress)."""
+def llama_library():
+    """llama_cpp with its backend initialised and its logging silenced, once per process (edgelm
+    shows progress). Public: the GGUF exporter and the vendor check use the same library."""
     global _initialized
     with _init_lock:
         if not _initialized:
             llama_cpp.llama_backend_init()
             if not os.environ.get("EDGELM_LLAMA_LOG"):  # set it to see llama.cpp's own log when debugging a file
-                _llama.silence = llama_cpp.llama_log_callback(lambda level, text, user_data: None)  # kept alive here
-                llama_cpp.llama_log_set(_llama.silence, ctypes.c_void_p())
+                llama_library.silence = llama_cpp.llama_log_callback(
+                    lambda level, text, user_data: None
+                )  # kept alive here
+                llama_cpp.llama_log_set(llama_library.silence, ctypes.c_void_p())
             _initialized = True
     return llama_cpp
 
 
 def _load_model(path: Path, *, vocab_only: bool = False, gpu_layers: int = 0, checked: bool = False):
     """llama.cpp's model; `checked` says the caller already read the header defensively."""
-    _llama()
+    llama_library()
     if not checked:
-        read_gguf_summary(path)  # InvalidModelError for a truncated, hostile or non-GGUF file, before llama.cpp parses it
+        read_gguf_summary(
+            path
+        )  # InvalidModelError for a truncated, hostile or non-GGUF file, before llama.cpp parses it
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
     params.n_gpu_layers = gpu_layers
     params.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:
-        raise InvalidModelError(f"{path}: llama.cpp could not load this GGUF (unsupported architecture, tensor "
-                                "types or metadata); re-export it with edgelm or check `edgelm inspect`")
+        raise InvalidModelError(
+            f"{path}: llama.cpp could not load this GGUF (unsupported architecture, tensor "
+            "types or metadata); re-export it with edgelm or check `edgelm inspect`"
+        )
     return model
 
 
 def _tokenize(vocab: object, text: str, add_special: bool) -> list[int]:
-    _llama()
+    llama_library()
     data = text.encode("utf-8")
     capacity = len(data) + 8
     buffer = (llama_cpp.llama_token * capacity)()
@@ -76,7 +83,7 @@ def _tokenize(vocab: object, text: str, add_special: bool) -> list[int]:
 
 def tokenize_with_vocab_file(path: Path, text: str, add_special: bool = False) -> list[int]:
     """Tokenize `text` with llama.cpp, loading only the vocabulary of the GGUF at `path`."""
-    _llama()
+    llama_library()
     model = _load_model(path, vocab_only=True)
     try:
         return _tokenize(llama_cpp.llama_model_get_vocab(model), text, add_special)
@@ -87,9 +94,18 @@ def tokenize_with_vocab_file(path: Path, text: str, add_special: bool = False) -
 class _Context:
     """A llama.cpp model + context + batch, freed together."""
 
-    def __init__(self, path: Path, summary: GGUFSummary, *, n_ctx: int, n_batch: int, threads: int, gpu_layers: int,
-                 embeddings: bool):
-        self._lib = _llama()
+    def __init__(
+        self,
+        path: Path,
+        summary: GGUFSummary,
+        *,
+        n_ctx: int,
+        n_batch: int,
+        threads: int,
+        gpu_layers: int,
+        embeddings: bool,
+    ):
+        self._lib = llama_library()
         self.model = _load_model(path, gpu_layers=gpu_layers, checked=True)
         f32 = summary.integer("general.file_type", -1) == FILE_TYPE_ALL_F32
         params = llama_cpp.llama_context_default_params()
@@ -148,8 +164,12 @@ class LlamaCppSession:
     def __init__(self, context: _Context, device: str):
         self._c = context
         self._pos = 0
-        self.capabilities = Capabilities(max_context=context.n_ctx, devices=(device,), vocab_size=context.n_vocab,
-                                         notes={"kv_cache": f"llama.cpp, {context.kv_type}, {context.n_ctx} slots"})
+        self.capabilities = Capabilities(
+            max_context=context.n_ctx,
+            devices=(device,),
+            vocab_size=context.n_vocab,
+            notes={"kv_cache": f"llama.cpp, {context.kv_type}, {context.n_ctx} slots"},
+        )
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         ids = token_ids(ids, self.capabilities)
@@ -206,28 +226,40 @@ class LlamaCppAdapter:
 
     def preload(self) -> None:
         """Load and initialise llama.cpp without opening a file (edgelm.isolation's fork server)."""
-        _llama()
+        llama_library()
 
     def available_devices(self) -> tuple[str, ...]:
-        return ("cpu", "gpu") if _llama().llama_supports_gpu_offload() else ("cpu",)
+        return ("cpu", "gpu") if llama_library().llama_supports_gpu_offload() else ("cpu",)
 
-    def open(self, path: Path, device: str = "cpu", threads: int | None = None) -> LlamaCppSession | LlamaCppEncoderSession:
+    def open(
+        self, path: Path, device: str = "cpu", threads: int | None = None
+    ) -> LlamaCppSession | LlamaCppEncoderSession:
         if device not in self.available_devices():
-            raise DeviceError(f"this llama-cpp-python build cannot use {device!r} (it was built without GPU offload); "
-                              f"available: {', '.join(self.available_devices())}. Rebuild it with CMAKE_ARGS="
-                              "\"-DGGML_CUDA=on\" (or Vulkan/Metal) for a GPU")
+            raise DeviceError(
+                f"this llama-cpp-python build cannot use {device!r} (it was built without GPU offload); "
+                f"available: {', '.join(self.available_devices())}. Rebuild it with CMAKE_ARGS="
+                '"-DGGML_CUDA=on" (or Vulkan/Metal) for a GPU'
+            )
         path = Path(path)
         summary = read_gguf_summary(path)
         if not runs_here(path):  # its native code can end the process on a damaged file
             return open_isolated(self.name, path, device, threads)
         arch = str(summary.metadata.get("general.architecture"))
         embeddings = summary.metadata.get(f"{arch}.pooling_type") is not None
-        n_ctx = min(summary.integer(f"{arch}.context_length", DEFAULT_CONTEXT), 1 << 20) if embeddings else DEFAULT_CONTEXT
+        n_ctx = (
+            min(summary.integer(f"{arch}.context_length", DEFAULT_CONTEXT), 1 << 20) if embeddings else DEFAULT_CONTEXT
+        )
         if n_ctx <= 0:
             raise InvalidModelError(f"{path}: {arch}.context_length is {n_ctx}; the file is corrupt")
-        context = _Context(path, summary, n_ctx=n_ctx, n_batch=n_ctx if embeddings else BATCH,
-                           threads=threads or os.cpu_count() or 1, gpu_layers=-1 if device == "gpu" else 0,
-                           embeddings=embeddings)
+        context = _Context(
+            path,
+            summary,
+            n_ctx=n_ctx,
+            n_batch=n_ctx if embeddings else BATCH,
+            threads=threads or os.cpu_count() or 1,
+            gpu_layers=-1 if device == "gpu" else 0,
+            embeddings=embeddings,
+        )
         return LlamaCppEncoderSession(context, device) if embeddings else LlamaCppSession(context, device)
 
 

@@ -81,9 +81,12 @@ class OnnxSession:
         self._empty = [empty] * len(self.past_names)
         self.output_names = ["logits", *self.present_names]
         vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
-        self.capabilities = Capabilities(max_context=max_context, devices=("cpu",),
-                                         vocab_size=vocab if isinstance(vocab, int) else None,
-                                         notes={"provider": provider, "kv_cache": "OrtValues kept in onnxruntime between steps"})
+        self.capabilities = Capabilities(
+            max_context=max_context,
+            devices=("cpu",),
+            vocab_size=vocab if isinstance(vocab, int) else None,
+            notes={"provider": provider, "kv_cache": "OrtValues kept in onnxruntime between steps"},
+        )
         self._past: list[object] | None = None
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
@@ -117,12 +120,15 @@ class OnnxEncoderSession:
     def __init__(self, session: object, max_length: int, provider: str):
         self.session = session
         self.output_names = [session.get_outputs()[0].name]
-        self.capabilities = Capabilities(max_context=max_length, devices=("cpu",),
-                                         notes={"provider": provider, "output": self.output_names[0]})
+        self.capabilities = Capabilities(
+            max_context=max_length, devices=("cpu",), notes={"provider": provider, "output": self.output_names[0]}
+        )
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        feeds = {"input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
-                 "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64)}
+        feeds = {
+            "input_ids": np.ascontiguousarray(input_ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(attention_mask, dtype=np.int64),
+        }
         with model_failures("onnxruntime", (Exception,)):
             return self.session.run(self.output_names, feeds)[0]
 
@@ -151,8 +157,10 @@ class OnnxRuntimeAdapter:
         present = ort.get_available_providers()
         providers = [p for p in DEVICE_PROVIDERS.get(device, ()) if p in present]
         if not providers:
-            raise DeviceError(f"onnxruntime has no execution provider for {device!r} here; available: "
-                              f"{', '.join(present)} (see `edgelm doctor`)")
+            raise DeviceError(
+                f"onnxruntime has no execution provider for {device!r} here; available: "
+                f"{', '.join(present)} (see `edgelm doctor`)"
+            )
         check_external_data_stays_inside(path)
         options = ort.SessionOptions()
         # The stored file is already optimized offline; extended/layout passes are CPU-specific
@@ -171,8 +179,10 @@ class OnnxRuntimeAdapter:
         if "attention_mask" in inputs:
             return OnnxEncoderSession(session, max_context, session.get_providers()[0])
         if not any(name.startswith("past_") for name in inputs):
-            raise InvalidModelError(f"{path}: inputs {sorted(inputs)} are neither edgelm's decoder graph (input_ids + "
-                                    "past_*) nor its encoder graph (input_ids + attention_mask); export it with edgelm")
+            raise InvalidModelError(
+                f"{path}: inputs {sorted(inputs)} are neither edgelm's decoder graph (input_ids + "
+                "past_*) nor its encoder graph (input_ids + attention_mask); export it with edgelm"
+            )
         return OnnxSession(session, max_context, session.get_providers()[0])
 
 

@@ -26,7 +26,8 @@ class TorchSession:
         config = model.config
         self.capabilities = Capabilities(
             max_context=int(max_context or getattr(config, "max_position_embeddings", 2048)),
-            notes={"kv_cache": "transformers DynamicCache"}, vocab_size=getattr(config, "vocab_size", None),
+            notes={"kv_cache": "transformers DynamicCache"},
+            vocab_size=getattr(config, "vocab_size", None),
         )
         self._cache: Any = None
 
@@ -37,7 +38,9 @@ class TorchSession:
         if self._cache is None:
             self._cache = DynamicCache(config=self.model.config)
         with torch.inference_mode():
-            out = self.model(input_ids=torch.as_tensor(ids, dtype=torch.long)[None], past_key_values=self._cache, use_cache=True)
+            out = self.model(
+                input_ids=torch.as_tensor(ids, dtype=torch.long)[None], past_key_values=self._cache, use_cache=True
+            )
         return out.logits[0].float().numpy()
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
@@ -61,14 +64,17 @@ class TorchEncoderSession:
         from edgelm.encoder_graph import EncoderGraph
 
         self.graph = EncoderGraph(model, task).eval()
-        self.capabilities = Capabilities(max_context=self.graph.signature.max_length,
-                                         notes={"output": self.graph.signature.output})
+        self.capabilities = Capabilities(
+            max_context=self.graph.signature.max_length, notes={"output": self.graph.signature.output}
+        )
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.inference_mode():
-            out = self.graph(torch.as_tensor(input_ids, dtype=torch.long), torch.as_tensor(attention_mask, dtype=torch.long))
+            out = self.graph(
+                torch.as_tensor(input_ids, dtype=torch.long), torch.as_tensor(attention_mask, dtype=torch.long)
+            )
         return out.float().numpy()
 
     def close(self) -> None:

@@ -42,6 +42,7 @@ def fast_export_options(**overrides):
     from edgelm.export import ExportOptions
     from edgelm.parity import ParitySettings
 
-    defaults = dict(parity=ParitySettings(max_tokens=256, window=64, stride=64), profile_new_tokens=8,
-                    profile_repeats=1)
+    defaults = dict(
+        parity=ParitySettings(max_tokens=256, window=64, stride=64), profile_new_tokens=8, profile_repeats=1
+    )
     return ExportOptions(**{**defaults, **overrides})

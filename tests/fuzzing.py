@@ -66,14 +66,14 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         elif kind == 2:  # an interesting 32/64-bit integer (counts, lengths, offsets)
             value = rng.choice((0, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, 1 << 20, rng.getrandbits(32)))
             width = rng.choice((4, 8))
-            out[pos:pos + width] = value.to_bytes(width, "little")
+            out[pos : pos + width] = value.to_bytes(width, "little")
         elif kind == 3:
-            del out[rng.randrange(len(out)):]
+            del out[rng.randrange(len(out)) :]
         elif kind == 4:
             end = min(len(out), pos + rng.randrange(1, 256))
             out[pos:end] = bytes(end - pos)
         else:
-            span = bytes(out[pos:pos + rng.randrange(1, 64)])
+            span = bytes(out[pos : pos + rng.randrange(1, 64)])
             where = rng.randrange(len(out))
             out[where:where] = span
     return bytes(out)
@@ -98,9 +98,26 @@ def mutate_text(text: str, rng: random.Random, outside: str = "/etc/hostname") -
 
     walk(data, [])
     path, _ = rng.choice(paths[1:] or paths)
-    replacement = rng.choice((None, -1, 0, 2**70, 1e308, "", "../../outside", outside, "../canary.txt", [], {}, True,
-                              "x" * 1000, [[[[[]]]]], "tokenizer/../../x", "\ud800".encode("utf-8", "surrogatepass")
-                              .decode("utf-8", "replace")))
+    replacement = rng.choice(
+        (
+            None,
+            -1,
+            0,
+            2**70,
+            1e308,
+            "",
+            "../../outside",
+            outside,
+            "../canary.txt",
+            [],
+            {},
+            True,
+            "x" * 1000,
+            [[[[[]]]]],
+            "tokenizer/../../x",
+            "\ud800".encode("utf-8", "surrogatepass").decode("utf-8", "replace"),
+        )
+    )
     parent = data
     for key in path[:-1]:
         parent = parent[key]
@@ -113,7 +130,7 @@ def mutate_text(text: str, rng: random.Random, outside: str = "/etc/hostname") -
 
 # The child: reads one JSON case per line, answers one JSON line. Kept as source text so it
 # runs as `python -c` with nothing from the tests folder on its path.
-WORKER_SOURCE = r'''
+WORKER_SOURCE = r"""
 import json, os, resource, sys, traceback
 limit = int(sys.argv[1])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
@@ -169,7 +186,7 @@ for line in sys.stdin:
                   "trace": traceback.format_exc()[-1500:]}
     answers.write(json.dumps(answer) + "\n")
     answers.flush()
-'''
+"""
 
 
 class Worker:
@@ -181,8 +198,14 @@ class Worker:
 
     def _start(self) -> subprocess.Popen:
         env = {**os.environ, "EDGELM_LLAMA_LOG": ""}
-        return subprocess.Popen([sys.executable, "-c", WORKER_SOURCE, str(self.limit), CANARY], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-c", WORKER_SOURCE, str(self.limit), CANARY],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
 
     def run(self, case: dict) -> dict:
         import selectors
@@ -232,12 +255,19 @@ class FuzzResult:
         return sum(self.outcomes[o] for o in BAD_OUTCOMES)
 
     def to_dict(self) -> dict:
-        return {"parser": self.parser, "cases": self.cases, "outcomes": dict(self.outcomes),
-                "bad": self.bad, "examples": self.examples, "seconds": round(self.seconds, 1)}
+        return {
+            "parser": self.parser,
+            "cases": self.cases,
+            "outcomes": dict(self.outcomes),
+            "bad": self.bad,
+            "examples": self.examples,
+            "seconds": round(self.seconds, 1),
+        }
 
 
-def fuzz_parser(bundle: Path, parser: str, cases: int, scratch: Path, seed: int = 0,
-                worker: Worker | None = None) -> FuzzResult:
+def fuzz_parser(
+    bundle: Path, parser: str, cases: int, scratch: Path, seed: int = 0, worker: Worker | None = None
+) -> FuzzResult:
     """Run `cases` mutants of one parser's file from `bundle`; every case in a child process."""
     from edgelm.bundle import read_bundle
 
@@ -266,7 +296,9 @@ def fuzz_parser(bundle: Path, parser: str, cases: int, scratch: Path, seed: int 
             target = copy / "manifest.json"
             case = {"kind": "bundle", "path": str(copy)}
         for i in range(cases):
-            target.write_bytes(mutate(original, rng) if kind == "artifact" else mutate_text(original_text, rng, str(canary)))
+            target.write_bytes(
+                mutate(original, rng) if kind == "artifact" else mutate_text(original_text, rng, str(canary))
+            )
             answer = worker.run({**case, "first": i == 0})
             outcome = answer["outcome"]
             if canary.read_text() != CANARY + "\n":
@@ -283,4 +315,3 @@ def fuzz_parser(bundle: Path, parser: str, cases: int, scratch: Path, seed: int 
             worker.close()
     result.seconds = time.monotonic() - started
     return result
-

@@ -26,7 +26,8 @@ def test_the_app_module_compiles_and_passes_its_tests_on_a_real_bundle(tiny_llam
         pytest.skip(f"missing {', '.join(missing)} (apt-get install junit4 libgoogle-gson-java); .ci/run installs them")
     pytest.importorskip("onnxruntime")
     bundle = tmp_path / "bundle"
-    export_bundle(tiny_llama, bundle, fast_export_options(target="android", formats=("onnx",), quants=("int8",),
-                                                          profile=False))
+    export_bundle(
+        tiny_llama, bundle, fast_export_options(target="android", formats=("onnx",), quants=("int8",), profile=False)
+    )
     done = subprocess.run(["bash", str(SCRIPT), str(bundle)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0 and "OK (6 tests)" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]

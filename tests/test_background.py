@@ -32,8 +32,9 @@ def test_an_export_lowers_executorch_in_the_background_and_leaves_no_scratch(tin
     from edgelm.export import export_bundle
 
     monkeypatch.setattr(edgelm.background, "MIN_PARAMETERS", 0)  # the tiny model is below the default size
-    manifest = export_bundle(tiny_llama, tmp_path / "bundle", fast_export_options(
-        formats=("executorch", "gguf"), quants=("int8",)))
+    manifest = export_bundle(
+        tiny_llama, tmp_path / "bundle", fast_export_options(formats=("executorch", "gguf"), quants=("int8",))
+    )
     names = [a.name for a in manifest.artifacts]
     assert names == ["reference-fp32", "gguf-int8", "executorch-int8"]  # the background artifact comes last
     executorch = manifest.artifact("executorch")
@@ -90,7 +91,9 @@ def test_a_worker_that_dies_becomes_an_export_error_and_its_files_go(tmp_path):
 def test_a_python_error_in_the_worker_is_a_bug_not_bad_input(tmp_path):
     """An exception that escapes the worker (not an EdgeLMError from the exporter) is edgelm's
     bug: a RuntimeError, which the CLI reports as an internal error (exit 3)."""
-    export = BackgroundExport(torch.nn.Linear(4, 4), ["not", "a", "format"], None, tmp_path, "int8", "broken")  # TypeError there
+    export = BackgroundExport(
+        torch.nn.Linear(4, 4), ["not", "a", "format"], None, tmp_path, "int8", "broken"
+    )  # TypeError there
     with pytest.raises(RuntimeError, match="broken: the background export process failed .*exit code 1"):
         export.result()
     assert list(tmp_path.iterdir()) == []

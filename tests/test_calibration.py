@@ -86,15 +86,19 @@ def test_calibration_text_never_contains_the_parity_text(tiny_llama):
 
 
 def test_quantized_artifacts_record_their_calibration(tiny_llama, tmp_path):
-    manifest = export_bundle(tiny_llama, tmp_path / "b", fast_export_options(profile=False, formats=("onnx",),
-                                                                            quants=("fp32", "int4")))
+    manifest = export_bundle(
+        tiny_llama, tmp_path / "b", fast_export_options(profile=False, formats=("onnx",), quants=("fp32", "int4"))
+    )
     by_name = {a.name: a for a in manifest.artifacts}
     int4 = by_name["onnx-int4"].recipe
     assert int4["calibration"]["method"].startswith("activation-aware")
     assert int4["calibration"]["calibration_text"]["tokens"] > 0
-    assert int4["attempts"][0] == {"quant": "int4", "calibrated": True, "result": "passed",
-                                   **{k: int4["attempts"][0][k] for k in int4["attempts"][0] if k not in
-                                      ("quant", "calibrated", "result")}}
+    assert int4["attempts"][0] == {
+        "quant": "int4",
+        "calibrated": True,
+        "result": "passed",
+        **{k: int4["attempts"][0][k] for k in int4["attempts"][0] if k not in ("quant", "calibrated", "result")},
+    }
     assert by_name["onnx-fp32"].recipe["calibration"].startswith("none")
     # each 4-bit layer of the calibrated int4 kept GPTQ's codes or round-to-nearest with the block bias
     quantization = by_name["onnx-int4"].signature["quantization"]
@@ -147,11 +151,23 @@ def test_gates_bound_kl_and_confident_top1_not_only_perplexity():
     from edgelm.parity import CONFIDENT_TOP1_GATES, KL_GATES, ParityResult
 
     def result(ratio, kl, top1):
-        return ParityResult(tokens_scored=100, perplexity=15.0 * ratio, reference_perplexity=15.0, ppl_ratio=ratio,
-                            top1_agreement=top1, mean_kl=kl, max_abs_logit_diff_first_window=1.0,
-                            greedy_match_tokens=10, greedy_tokens=64, gate=1.10, passed=True,
-                            confident_positions=40, confident_top1_agreement=top1,
-                            max_kl=KL_GATES["int4"], min_confident_top1=CONFIDENT_TOP1_GATES["int4"])
+        return ParityResult(
+            tokens_scored=100,
+            perplexity=15.0 * ratio,
+            reference_perplexity=15.0,
+            ppl_ratio=ratio,
+            top1_agreement=top1,
+            mean_kl=kl,
+            max_abs_logit_diff_first_window=1.0,
+            greedy_match_tokens=10,
+            greedy_tokens=64,
+            gate=1.10,
+            passed=True,
+            confident_positions=40,
+            confident_top1_agreement=top1,
+            max_kl=KL_GATES["int4"],
+            min_confident_top1=CONFIDENT_TOP1_GATES["int4"],
+        )
 
     assert result(1.04, 0.02, 0.95).failure() is None
     assert "mean KL" in result(1.04, 0.38, 0.95).failure()  # the drift the ratio hid
@@ -161,6 +177,7 @@ def test_gates_bound_kl_and_confident_top1_not_only_perplexity():
 
 def test_onnx_mixed_precision_keeps_the_chosen_layers_at_8_bits(tiny_llama, tmp_path):
     import onnx
+
     from edgelm.exporters.onnx import (
         export_decoder_onnx,
         layer_matmuls,
@@ -174,7 +191,10 @@ def test_onnx_mixed_precision_keeps_the_chosen_layers_at_8_bits(tiny_llama, tmp_
     assert len(layer1) == 7  # q, k, v, o, gate, up, down
     done = quantize_weights(tmp_path / "fp32.onnx", tmp_path / "q4.onnx", "int4", layers_8bit=(1,))
     assert done["layers_at_8_bits"] == [1]
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits")
-            for n in onnx.load(str(tmp_path / "q4.onnx")).graph.node if n.op_type == "MatMulNBits"}
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits")
+        for n in onnx.load(str(tmp_path / "q4.onnx")).graph.node
+        if n.op_type == "MatMulNBits"
+    }
     assert {bits[f"{name}_Q8"] for name in layer1} == {8}
     assert sum(1 for b in bits.values() if b == 4) == 7 * (model.config.num_hidden_layers - 1)

@@ -65,8 +65,9 @@ def test_sha256_mismatch_exits_2_on_run(tiny_bundle, tmp_path):
 
 def test_unknown_or_unsupported_quant_exits_2(tmp_path):
     _assert_bad_input(run_cli("export", "--quant", "int3", "-o", str(tmp_path / "o")), "recipes: fp32, fp16")
-    _assert_bad_input(run_cli("export", "--formats", "safetensors", "--quant", "int4", "-o", str(tmp_path / "o")),
-                      "supports: fp32")
+    _assert_bad_input(
+        run_cli("export", "--formats", "safetensors", "--quant", "int4", "-o", str(tmp_path / "o")), "supports: fp32"
+    )
     _assert_bad_input(run_cli("export", "--formats", "coreml", "-o", str(tmp_path / "o")), "no exporter")
 
 
@@ -86,11 +87,29 @@ def test_inspect_and_doctor_and_targets_exit_0(tiny_bundle):
 
 def test_failed_gate_exits_1(tiny_llama, tmp_path):
     # A gate below 1.0 is unreachable even for the reference: export must fail with exit 1.
-    code = ("import sys; from edgelm.cli import main; import edgelm.parity as p; "
-            "p.DEFAULT_GATES['fp32'] = 0.5; import edgelm.export as e; e.DEFAULT_GATES['fp32'] = 0.5; main(sys.argv[1:])")
-    result = subprocess.run([sys.executable, "-c", code, "export", str(tiny_llama), "-o", str(tmp_path / "out"),
-                             "--no-profile", "--formats", "gguf", "--quant", "fp32"], capture_output=True, text=True,
-                            timeout=300)
+    code = (
+        "import sys; from edgelm.cli import main; import edgelm.parity as p; "
+        "p.DEFAULT_GATES['fp32'] = 0.5; import edgelm.export as e; e.DEFAULT_GATES['fp32'] = 0.5; main(sys.argv[1:])"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "export",
+            str(tiny_llama),
+            "-o",
+            str(tmp_path / "out"),
+            "--no-profile",
+            "--formats",
+            "gguf",
+            "--quant",
+            "fp32",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stderr
     assert "parity gate failed" in result.stderr
     assert not (tmp_path / "out").exists()
@@ -98,8 +117,11 @@ def test_failed_gate_exits_1(tiny_llama, tmp_path):
 
 def test_sigkill_during_export_leaves_nothing_at_the_output_path(tiny_llama, tmp_path):
     out = tmp_path / "bundle"
-    proc = subprocess.Popen([*EDGELM, "export", str(tiny_llama), "-o", str(out), "--repeats", "3"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*EDGELM, "export", str(tiny_llama), "-o", str(out), "--repeats", "3"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(".bundle.partial-") for p in tmp_path.iterdir()):
         time.sleep(0.05)

@@ -61,6 +61,7 @@ def text(deep) -> TextSplits:
 
 # --- corpus -------------------------------------------------------------------------------
 
+
 def test_corpus_excludes_parity_text_and_splits_disjointly():
     corpus = build_corpus()
     parity_paragraphs = [p.strip() for p in strip_markup(parity_text()).split("\n\n") if len(p.strip()) > 120]
@@ -73,8 +74,10 @@ def test_corpus_excludes_parity_text_and_splits_disjointly():
 
 
 def test_cleaning_strips_markup_and_removes_exact_and_near_duplicates():
-    assert strip_markup("Use :func:`os.path.join <join>` and ``x + 1`` &amp; <b>bold</b>\n\n\n\nnext") == \
-        "Use os.path.join and x + 1 & bold\n\nnext"
+    assert (
+        strip_markup("Use :func:`os.path.join <join>` and ``x + 1`` &amp; <b>bold</b>\n\n\n\nnext")
+        == "Use os.path.join and x + 1 & bold\n\nnext"
+    )
     base = " ".join(f"word{i}" for i in range(80))
     near = base.replace("word40", "changed")
     kept, exact, near_dropped = deduplicate([base, base.upper(), near, "something else entirely " * 10], 0.8)
@@ -82,6 +85,7 @@ def test_cleaning_strips_markup_and_removes_exact_and_near_duplicates():
 
 
 # --- layer reduction ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_dropped_layers_save_and_reload_with_the_same_logits(deep, tmp_path, kind):
@@ -117,6 +121,7 @@ def test_layer_choice_is_measured(deep, text):
 
 # --- pruning ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method,target", [("l1", 0.6), ("l1-layer", 0.3), ("2:4", 0.5)])
 def test_unstructured_pruning_reaches_its_sparsity(deep, text, method, target):
     model = _load(deep("llama"))
@@ -132,8 +137,9 @@ def test_unstructured_pruning_reaches_its_sparsity(deep, text, method, target):
     assert set(masks) == {f"{name}.weight" for name, _ in prunable_linears(model)}
 
 
-@pytest.mark.parametrize("kind,method", [("llama", "heads"), ("gemma3", "heads"), ("qwen2", "channels"),
-                                         ("llama", "channels")])
+@pytest.mark.parametrize(
+    "kind,method", [("llama", "heads"), ("gemma3", "heads"), ("qwen2", "channels"), ("llama", "channels")]
+)
 def test_structured_pruning_shrinks_matrices_and_reloads(deep, text, tmp_path, kind, method):
     model = _load(deep(kind))
     before = sum(p.numel() for p in model.parameters())
@@ -165,6 +171,7 @@ def test_encoder_channels_prune_and_heads_are_refused(deep, tmp_path_factory):
 
 # --- distillation -------------------------------------------------------------------------
 
+
 def _student(deep, kind="llama"):
     teacher = _load(deep(kind))
     student = _load(deep(kind))
@@ -178,8 +185,9 @@ SMALL = dict(batch_size=4, seq_len=64, lr=1e-3, warmup_steps=2, precision="fp32"
 def test_distillation_lowers_the_loss_and_keeps_pruned_zeros(deep, text):
     teacher, student, kept = _student(deep)
     masks, _ = prune(student, "l1", 0.5, windows(text.train, 64, 256))
-    result = distill(teacher, student, text.train, DistillSettings(steps=20, hidden_weight=0.1, **SMALL),
-                     masks=masks, layer_map=kept)
+    result = distill(
+        teacher, student, text.train, DistillSettings(steps=20, hidden_weight=0.1, **SMALL), masks=masks, layer_map=kept
+    )
     assert len(result.losses) == 20 and result.tokens == 20 * 4 * 64
     assert sum(result.losses[-5:]) < sum(result.losses[:5])
     assert abs(sparsity_of(student) - 0.5) < 0.01  # training did not refill the pruned weights
@@ -207,21 +215,59 @@ def test_resume_after_interrupt_equals_an_uninterrupted_run(deep, text, tmp_path
     for (name, a), (_, b) in zip(whole.state_dict().items(), resumed_model.state_dict().items()):
         assert torch.equal(a, b), name
     with pytest.raises(EdgeLMError, match="other distillation settings"):
-        distill(teacher, resumed_model, text.train, DistillSettings(steps=8, checkpoint_every=2, **SMALL), tmp_path / "b")
+        distill(
+            teacher, resumed_model, text.train, DistillSettings(steps=8, checkpoint_every=2, **SMALL), tmp_path / "b"
+        )
 
 
 def test_two_processes_follow_the_single_process_loss_curve(deep, tmp_path):
     student = tmp_path / "student"
     compress_model(deep("llama"), student, CompressRecipe(drop_layers=LayerDrop(2, "last"), **FAST))
-    args = ["--teacher", str(deep("llama")), "--student", str(student), "--steps", "6", "--batch-size", "4",
-            "--seq-len", "64", "--lr", "1e-3", "--warmup-steps", "2", "--precision", "fp32"]
+    args = [
+        "--teacher",
+        str(deep("llama")),
+        "--student",
+        str(student),
+        "--steps",
+        "6",
+        "--batch-size",
+        "4",
+        "--seq-len",
+        "64",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "2",
+        "--precision",
+        "fp32",
+    ]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "edgelm.compress.distill", *args, "-o", str(tmp_path / "one")],
-                         capture_output=True, text=True, timeout=600, env=env)
+    one = subprocess.run(
+        [sys.executable, "-m", "edgelm.compress.distill", *args, "-o", str(tmp_path / "one")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                          "edgelm.compress.distill", *args, "-o", str(tmp_path / "two")],
-                         capture_output=True, text=True, timeout=600, env=env)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "edgelm.compress.distill",
+            *args,
+            "-o",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert two.returncode == 0, two.stderr[-2000:]
     runs = [json.loads((tmp_path / name / "compression.json").read_text())["steps"][-1] for name in ("one", "two")]
     assert [r["world_size"] for r in runs] == [1, 2]
@@ -230,9 +276,22 @@ def test_two_processes_follow_the_single_process_loss_curve(deep, tmp_path):
 
 
 def test_distill_entry_point_reports_bad_input_on_one_line(deep, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "edgelm.compress.distill", "--teacher", str(deep("llama")),
-                             "--student", str(tmp_path / "missing"), "-o", str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgelm.compress.distill",
+            "--teacher",
+            str(deep("llama")),
+            "--student",
+            str(tmp_path / "missing"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("edgelm.compress.distill: error:")
     assert "no such file or folder" in result.stderr and not (tmp_path / "out").exists()
@@ -240,10 +299,16 @@ def test_distill_entry_point_reports_bad_input_on_one_line(deep, tmp_path):
 
 # --- the pipeline, recipes, export --------------------------------------------------------
 
+
 def test_compress_writes_a_loadable_folder_with_its_record(deep, tmp_path):
     out = tmp_path / "small"
-    recipe = CompressRecipe(drop_layers=LayerDrop(2), prune=Prune("channels", 0.5),
-                            distill=DistillSettings(steps=3, **SMALL), teacher_continuations=2, **FAST)
+    recipe = CompressRecipe(
+        drop_layers=LayerDrop(2),
+        prune=Prune("channels", 0.5),
+        distill=DistillSettings(steps=3, **SMALL),
+        teacher_continuations=2,
+        **FAST,
+    )
     record = compress_model(deep("qwen2"), out, recipe)
     assert 0 < record.corpus["teacher_generated_tokens"] <= 2 * 96
     assert set(record.perplexity) == {"base", "after_drop_layers", "after_prune", "after_distill"}
@@ -274,8 +339,9 @@ def test_cli_compress_and_its_errors(deep, tmp_path):
     result = run_cli("compress", str(deep("llama")), "-o", str(out), "--prune", "2:4")
     assert result.returncode == 0, result.stderr
     assert "files do not get smaller" in result.stdout and (out / "compression.json").is_file()
-    _assert_bad_input(run_cli("compress", str(deep("llama")), "-o", str(tmp_path / "x"), "--prune", "bogus"),
-                      "unknown pruning method")
+    _assert_bad_input(
+        run_cli("compress", str(deep("llama")), "-o", str(tmp_path / "x"), "--prune", "bogus"), "unknown pruning method"
+    )
     _assert_bad_input(run_cli("compress", str(deep("llama")), "-o", str(tmp_path / "x")), "does nothing")
     _assert_bad_input(run_cli("compress", str(deep("llama")), "-o", str(out), "--drop-layers", "1"), "exists")
     assert not (tmp_path / "x").exists()
@@ -285,8 +351,14 @@ def test_budget_search_picks_the_smallest_candidate_that_fits(deep, tmp_path):
     from edgelm.compress.budget import SearchSpace, search_budget
 
     options = fast_export_options(formats=("onnx",), quants=("fp32", "int8"))
-    result = search_budget(deep("llama"), tmp_path / "b", max_mb=10.0, max_ppl_ratio=1.5, export_options=options,
-                           space=SearchSpace(layers_dropped=(0, 2)))
+    result = search_budget(
+        deep("llama"),
+        tmp_path / "b",
+        max_mb=10.0,
+        max_ppl_ratio=1.5,
+        export_options=options,
+        space=SearchSpace(layers_dropped=(0, 2)),
+    )
     assert len(result.candidates) == 4  # 2 recipes x 2 quants, all measured
     fitting = [c for c in result.candidates if c.meets_budget]
     assert result.chosen is min(fitting, key=lambda c: (c.megabytes, c.ppl_ratio))
@@ -297,8 +369,14 @@ def test_budget_search_picks_the_smallest_candidate_that_fits(deep, tmp_path):
     assert written["chosen"]["artifact"] == result.chosen.artifact
     if result.chosen.layers_dropped:
         assert _load(tmp_path / "b").config.num_hidden_layers == 6 - result.chosen.layers_dropped
-    none_fit = search_budget(deep("llama"), tmp_path / "c", max_mb=0.001, max_ppl_ratio=1.0,
-                             export_options=options, space=SearchSpace(layers_dropped=(0,)))
+    none_fit = search_budget(
+        deep("llama"),
+        tmp_path / "c",
+        max_mb=0.001,
+        max_ppl_ratio=1.0,
+        export_options=options,
+        space=SearchSpace(layers_dropped=(0,)),
+    )
     assert none_fit.chosen is None and (tmp_path / "c" / "budget.json").is_file()
 
 

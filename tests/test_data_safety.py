@@ -48,6 +48,7 @@ def small_bundle(tiny_llama, tmp_path_factory) -> Path:
 
 # --- export / --overwrite -------------------------------------------------------------------
 
+
 def test_overwrite_refuses_a_folder_that_is_not_a_bundle(tmp_path):
     target = user_folder(tmp_path / "docs")
     result = run_cli("export", "--overwrite", "-o", str(target))
@@ -105,8 +106,9 @@ def test_a_folder_created_during_an_overwrite_export_is_not_replaced_unless_a_bu
             user_folder(out)
 
     with pytest.raises(BundleError, match="not an edgelm bundle"):
-        export_bundle(tiny_llama, out, fast_export_options(formats=("safetensors",), profile=False, overwrite=True),
-                      step=step)
+        export_bundle(
+            tiny_llama, out, fast_export_options(formats=("safetensors",), profile=False, overwrite=True), step=step
+        )
     assert_intact(out)
 
 
@@ -158,13 +160,15 @@ def test_atomic_bundle_dir_keeps_the_old_bundle_when_the_job_fails(small_bundle,
 
 # --- push ----------------------------------------------------------------------------------
 
+
 def test_push_refuses_an_existing_folder_that_is_not_a_bundle(small_bundle, tmp_path):
     destination = user_folder(tmp_path / "home")
     with pytest.raises(BundleError, match="not an edgelm bundle"):
         push_bundle(small_bundle, LocalTransport(), str(destination), formats=("reference-fp32",))
     assert_intact(destination)
-    result = run_cli("push", str(small_bundle), "--device", "local", "--to", str(destination), "--formats",
-                     "reference-fp32")
+    result = run_cli(
+        "push", str(small_bundle), "--device", "local", "--to", str(destination), "--formats", "reference-fp32"
+    )
     assert result.returncode == 2 and "not an edgelm bundle" in result.stderr, result.stderr
     assert_intact(destination)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]

@@ -22,8 +22,25 @@ def smollm2_bundle(tmp_path_factory) -> Path:
     if os.environ.get("EDGELM_E2E_BUNDLE"):
         return Path(os.environ["EDGELM_E2E_BUNDLE"])
     out = tmp_path_factory.mktemp("dist") / "smollm2"
-    result = subprocess.run([sys.executable, "-m", "edgelm", "export", "--target", "android", "-o", str(out),
-                             "--repeats", "1", "--new-tokens", "64"], capture_output=True, text=True, timeout=2400)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgelm",
+            "export",
+            "--target",
+            "android",
+            "-o",
+            str(out),
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=2400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "reference-fp32" in result.stdout  # the table is printed
     return out
@@ -62,16 +79,45 @@ def test_android_preset_onnx_artifacts_pass_their_gates_and_beat_fp32_size(smoll
 
 
 def test_onnx_int4_runs_from_the_cli(smollm2_bundle):
-    result = subprocess.run([sys.executable, "-m", "edgelm", "run", str(smollm2_bundle), "--format", "onnx-int4",
-                             "--prompt", "What is a KV cache?", "--max-new-tokens", "40"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgelm",
+            "run",
+            str(smollm2_bundle),
+            "--format",
+            "onnx-int4",
+            "--prompt",
+            "What is a KV cache?",
+            "--max-new-tokens",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) >= 15
 
 
 def test_run_streams_coherent_text(smollm2_bundle):
-    result = subprocess.run([sys.executable, "-m", "edgelm", "run", str(smollm2_bundle), "--prompt",
-                             "What is a KV cache?", "--max-new-tokens", "40"], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgelm",
+            "run",
+            str(smollm2_bundle),
+            "--prompt",
+            "What is a KV cache?",
+            "--max-new-tokens",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     words = result.stdout.lower().split()
     assert len(words) >= 15
@@ -79,17 +125,20 @@ def test_run_streams_coherent_text(smollm2_bundle):
 
 
 def test_example_script_generates(smollm2_bundle):
-    result = subprocess.run([sys.executable, str(ROOT / "examples" / "generate.py"), str(smollm2_bundle)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "generate.py"), str(smollm2_bundle)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.split()) >= 10
 
 
 def test_android_preset_gguf_files_pass_their_gates_and_tokenize_like_the_source(smollm2_bundle):
-    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
-
     from edgelm.bundle import read_bundle
     from edgelm.parity import parity_text
+    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
     from edgelm.tokenizer import Tokenizer
 
     manifest = read_bundle(smollm2_bundle)
@@ -101,9 +150,24 @@ def test_android_preset_gguf_files_pass_their_gates_and_tokenize_like_the_source
     text = parity_text()
     expected = Tokenizer(smollm2_bundle / "tokenizer").encode(text, add_special_tokens=False)
     assert tokenize_with_vocab_file(smollm2_bundle / gguf["int4"].path, text) == expected
-    result = subprocess.run([sys.executable, "-m", "edgelm", "run", str(smollm2_bundle), "--format", "gguf-int4",
-                             "--prompt", "What is a KV cache?", "--max-new-tokens", "40"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edgelm",
+            "run",
+            str(smollm2_bundle),
+            "--format",
+            "gguf-int4",
+            "--prompt",
+            "What is a KV cache?",
+            "--max-new-tokens",
+            "40",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0 and len(result.stdout.split()) >= 15, result.stderr
 
 
@@ -159,8 +223,9 @@ def test_gguf_chat_in_llama_cpp_answers_like_edgelm_run(smollm2_bundle):
         lm = edgelm.load(smollm2_bundle, format=name, threads=2)
         ours = lm.generate(question, chat=True, max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
         llm = open_llama(smollm2_bundle / lm.artifact.path, 2)
-        answer = llm.create_chat_completion(messages=[{"role": "user", "content": question}], max_tokens=64,
-                                            **GREEDY)["choices"][0]["message"]["content"]
+        answer = llm.create_chat_completion(messages=[{"role": "user", "content": question}], max_tokens=64, **GREEDY)[
+            "choices"
+        ][0]["message"]["content"]
         llm.close()
         lm.close()
         assert answer == ours and len(ours.split()) >= 20, name

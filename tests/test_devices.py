@@ -26,7 +26,7 @@ from edgelm.push import push_bundle
 # A stand-in for ssh/scp/adb: logs its argv, then does locally what the real tool would do on
 # the device (remote shell line -> sh -c; push/pull/scp -> copy). FAKE_SLEEP / FAKE_FAIL
 # simulate a hung or broken connection.
-FAKE_TOOL = r'''#!{python}
+FAKE_TOOL = r"""#!{python}
 import json, os, shutil, subprocess, sys, time
 name, args = os.path.basename(sys.argv[0]), sys.argv[1:]
 with open(os.environ["FAKE_LOG"], "a") as log:
@@ -48,7 +48,7 @@ if name == "adb":
         sys.exit(subprocess.run(["sh", "-c", rest[0]]).returncode)
     if verb in ("push", "pull"):
         shutil.copyfile(rest[0], rest[1])
-'''
+"""
 
 
 @pytest.fixture
@@ -166,7 +166,8 @@ def test_push_copies_what_the_runtime_needs_and_the_copy_loads(onnx_bundle, tmp_
     assert not list((tmp_path / "device").glob("*.partial-*"))
     model = edgelm.load(pushed)  # the device manifest lists exactly what is there, all verified
     assert model.generate("The parity", max_new_tokens=3) == edgelm.load(onnx_bundle, format="onnx-int8").generate(
-        "The parity", max_new_tokens=3)
+        "The parity", max_new_tokens=3
+    )
     with pytest.raises(UnsupportedError, match="no artifact"):
         push_bundle(onnx_bundle, LocalTransport(), str(tmp_path / "x"), formats=("gguf",))
 

@@ -56,8 +56,10 @@ def _padded_real_batch(bundle, count=8):
     return pad_batch(rows)
 
 
-@pytest.mark.parametrize(("kind", "task", "bundle"), [("bert", "feature-extraction", "embedding_bundle"),
-                                                      ("bert-cls", "text-classification", "classifier_bundle")])
+@pytest.mark.parametrize(
+    ("kind", "task", "bundle"),
+    [("bert", "feature-extraction", "embedding_bundle"), ("bert-cls", "text-classification", "classifier_bundle")],
+)
 def test_onnx_encoder_matches_transformers_within_1e_4(tiny_model_factory, request, kind, task, bundle):
     """Checked against transformers' own model (pooling done here independently), on a padded batch."""
     bundle = request.getfixturevalue(bundle)
@@ -130,15 +132,25 @@ def test_encoder_profile_through_the_api(embedding_bundle):
 
 def test_cli_run_and_profile_on_an_encoder_bundle(embedding_bundle, classifier_bundle, tmp_path):
     cli = [sys.executable, "-m", "edgelm"]
-    out = subprocess.run([*cli, "run", str(embedding_bundle), "-f", "onnx-fp32", "-p", "hello"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*cli, "run", str(embedding_bundle), "-f", "onnx-fp32", "-p", "hello"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "embedding: 32 dims, L2 norm 1.0000" in out.stdout
-    out = subprocess.run([*cli, "run", str(classifier_bundle), "-p", "hello"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*cli, "run", str(classifier_bundle), "-p", "hello"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0 and "positive" in out.stdout and "negative" in out.stdout, out.stderr
     result = tmp_path / "profile.json"
-    out = subprocess.run([*cli, "profile", str(embedding_bundle), "-f", "onnx-int4", "--json", str(result)],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [*cli, "profile", str(embedding_bundle), "-f", "onnx-int4", "--json", str(result)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     assert "batch-8 inputs/s" in out.stdout
     assert '"throughput_per_s"' in result.read_text()

@@ -55,21 +55,28 @@ def test_custom_op_graph_matches_transformers_including_sliding_windows(tiny_mod
     with torch.no_grad():
         reference = model(ids).logits
         graph(torch.randint(0, 100, (1, 50)), torch.tensor([0]))
-        outputs = [graph(ids[:, :30], torch.tensor([0]))] + [graph(ids[:, i:i + 1], torch.tensor([i])) for i in range(30, 40)]
+        outputs = [graph(ids[:, :30], torch.tensor([0]))] + [
+            graph(ids[:, i : i + 1], torch.tensor([i])) for i in range(30, 40)
+        ]
     assert (torch.cat(outputs, dim=1) - reference).abs().max() <= 1e-4
 
 
 @pytest.fixture(scope="module")
 def pte_bundle(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("executorch") / "bundle"
-    export_bundle(tiny_llama, out, fast_export_options(formats=("executorch",), quants=("fp32", "fp16", "int8", "int4")))
+    export_bundle(
+        tiny_llama, out, fast_export_options(formats=("executorch",), quants=("fp32", "fp16", "int8", "int4"))
+    )
     return out
 
 
 @pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
 def test_other_decoders_export_to_pte_and_match_torch(tiny_model_factory, tmp_path, kind):
-    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
-                             fast_export_options(formats=("executorch",), quants=("fp32",), profile=False))
+    manifest = export_bundle(
+        tiny_model_factory(kind),
+        tmp_path / kind,
+        fast_export_options(formats=("executorch",), quants=("fp32",), profile=False),
+    )
     entry = manifest.artifact("executorch-fp32")
     assert entry.parity["max_abs_logit_diff_first_window"] <= 1e-4 and entry.parity["greedy_match_tokens"] == 64
 
@@ -80,8 +87,11 @@ def test_llama_recipes_load_pass_their_gates_and_describe_themselves(pte_bundle)
     manifest = read_bundle(pte_bundle)
     by_quant = {a.quant: a for a in manifest.artifacts if a.format == "executorch"}
     assert {q: a.path for q, a in by_quant.items()} == {
-        "fp32": "executorch/model.pte", "fp16": "executorch/model_fp16.pte", "int8": "executorch/model_8da8w.pte",
-        "int4": "executorch/model_8da4w.pte"}
+        "fp32": "executorch/model.pte",
+        "fp16": "executorch/model_fp16.pte",
+        "int8": "executorch/model_8da8w.pte",
+        "int4": "executorch/model_8da4w.pte",
+    }
     assert by_quant["fp32"].parity["max_abs_logit_diff_first_window"] <= 1e-4
     for entry in by_quant.values():
         assert entry.parity["passed"], entry.parity
@@ -98,10 +108,12 @@ def test_a_fresh_process_runs_every_recipe(pte_bundle):
     import subprocess
     import sys
 
-    script = ("import edgelm, sys\n"
-              "for name in ('fp32', 'fp16', 'int8', 'int4'):\n"
-              "    edgelm.load(sys.argv[1], format='executorch-' + name).generate('The parity', max_new_tokens=3)\n"
-              "print('ok')")
+    script = (
+        "import edgelm, sys\n"
+        "for name in ('fp32', 'fp16', 'int8', 'int4'):\n"
+        "    edgelm.load(sys.argv[1], format='executorch-' + name).generate('The parity', max_new_tokens=3)\n"
+        "print('ok')"
+    )
     done = subprocess.run([sys.executable, "-c", script, str(pte_bundle)], capture_output=True, text=True, timeout=300)
     assert done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
@@ -131,8 +143,11 @@ def test_decode_matches_prefill_and_text_matches_the_reference(pte_bundle):
 
 @pytest.mark.parametrize("kind", ["bert", "bert-cls"])
 def test_encoders_export_to_pte_and_match_torch(tiny_model_factory, tmp_path, kind):
-    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
-                             fast_export_options(formats=("executorch",), quants=("fp32",), profile=False))
+    manifest = export_bundle(
+        tiny_model_factory(kind),
+        tmp_path / kind,
+        fast_export_options(formats=("executorch",), quants=("fp32",), profile=False),
+    )
     entry = manifest.artifact("executorch-fp32")
     assert entry.parity["max_abs_diff"] <= 1e-4 and entry.parity["passed"]
     encoder = edgelm.load(tmp_path / kind, format="executorch-fp32")
@@ -148,8 +163,14 @@ def test_truncated_or_foreign_files_are_invalid_not_a_crash(pte_bundle, tmp_path
     from edgelm.runtimes.executorch import ADAPTER
 
     data = (pte_bundle / "executorch" / "model_8da4w.pte").read_bytes()
-    cases = {"empty": b"", "tiny": data[:5], "half": data[: len(data) // 2], "last_byte_missing": data[:-1],
-             "onnx_named_pte": b"\x08\x07" + b"\x00" * 64, "random": np.random.default_rng(0).bytes(4096)}
+    cases = {
+        "empty": b"",
+        "tiny": data[:5],
+        "half": data[: len(data) // 2],
+        "last_byte_missing": data[:-1],
+        "onnx_named_pte": b"\x08\x07" + b"\x00" * 64,
+        "random": np.random.default_rng(0).bytes(4096),
+    }
     for name, payload in cases.items():
         path = tmp_path / f"{name}.pte"
         path.write_bytes(payload)
@@ -165,7 +186,9 @@ def test_inspect_lists_methods_delegates_and_operators(pte_bundle, tmp_path):
     assert title.startswith("executorch")
     assert {"forward", "get_max_context", "is_encoder"} <= set(info["methods"].split(", "))
     assert "XnnpackBackend" in info["delegates"]
-    assert "embedding_byte" in info["operators outside delegates"]  # the int8 token table, looked up by the quantized kernel
+    assert (
+        "embedding_byte" in info["operators outside delegates"]
+    )  # the int8 token table, looked up by the quantized kernel
     bad = tmp_path / "bad.pte"
     bad.write_bytes(b"not a program at all")
     with pytest.raises(InvalidModelError):
@@ -176,10 +199,11 @@ def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_
     """Weights on a 4-bit grid with a float offset per block (as in a Q4_1 GGUF): symmetric
     round-to-nearest shifts them; centring plus the correction reproduces them."""
     import torch
-    from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
     from torchao.quantization import IntxWeightOnlyConfig, quantize_
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quant_primitives import MappingType
+
+    from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
 
     torch.manual_seed(0)
     out_features, in_features = 64, 4 * GROUP_SIZE
@@ -214,11 +238,12 @@ def test_gptq_codes_in_the_block_bias_recipe_cut_the_output_error_on_correlated_
     on a searched grid, written into torchao's int4 tensor with their offsets in the block-bias
     Linear, err less on held-out inputs than round-to-nearest + block bias."""
     import torch
-    from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
-    from edgelm.gptq import HessianAccumulator
     from torchao.quantization import IntxWeightOnlyConfig
     from torchao.quantization.granularity import PerGroup
     from torchao.quantization.quant_primitives import MappingType
+
+    from edgelm.exporters.executorch import GROUP_SIZE, quantize_with_block_bias
+    from edgelm.gptq import HessianAccumulator
 
     torch.manual_seed(0)
     in_features, out_features = 4 * GROUP_SIZE, 64
@@ -233,11 +258,15 @@ def test_gptq_codes_in_the_block_bias_recipe_cut_the_output_error_on_correlated_
     def quantized(with_gptq: bool) -> tuple[float, tuple[int, int]]:
         model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
         model[0].weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
-        config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE),
-                                      mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR)
+        config = IntxWeightOnlyConfig(
+            weight_dtype=torch.int4,
+            granularity=PerGroup(GROUP_SIZE),
+            mapping_type=MappingType.SYMMETRIC_NO_CLIPPING_ERR,
+        )
         names = {id(model[0]): "layer"}
-        counts = quantize_with_block_bias(model, config, pick, hessians={"layer": statistics} if with_gptq else None,
-                                          names=names)
+        counts = quantize_with_block_bias(
+            model, config, pick, hessians={"layer": statistics} if with_gptq else None, names=names
+        )
         if with_gptq:
             assert model[0].linear.weight.qdata.min() >= -8 and model[0].linear.weight.qdata.max() <= 7
         with torch.no_grad():
@@ -249,13 +278,17 @@ def test_gptq_codes_in_the_block_bias_recipe_cut_the_output_error_on_correlated_
     assert gptq < 0.8 * rtn, (rtn, gptq)
 
 
-@pytest.mark.parametrize(("delegate", "message"), [
-    ("bogus", "unknown ExecuTorch delegate"),
-    ("mps", "cannot lower to mps"),
-    ("vulkan", "runtime has no VulkanBackend"),
-])
-def test_a_delegate_this_install_cannot_lower_and_run_is_refused_before_loading_the_model(tiny_llama, tmp_path,
-                                                                                           delegate, message):
+@pytest.mark.parametrize(
+    ("delegate", "message"),
+    [
+        ("bogus", "unknown ExecuTorch delegate"),
+        ("mps", "cannot lower to mps"),
+        ("vulkan", "runtime has no VulkanBackend"),
+    ],
+)
+def test_a_delegate_this_install_cannot_lower_and_run_is_refused_before_loading_the_model(
+    tiny_llama, tmp_path, delegate, message
+):
     from edgelm.errors import UnsupportedError
 
     with pytest.raises(UnsupportedError, match=message):

@@ -17,9 +17,17 @@ from edgelm.export import export_bundle
 
 
 def test_bundle_has_manifest_tokenizer_card_report_and_reference(tiny_bundle):
-    for rel in ["manifest.json", "tokenizer/tokenizer.json", "README.md", "report/report.json", "report/report.md",
-                "report/report.html", "report/plots/decode_tok_s.png", "report/plots/size_vs_perplexity.png",
-                "reference/model.safetensors"]:
+    for rel in [
+        "manifest.json",
+        "tokenizer/tokenizer.json",
+        "README.md",
+        "report/report.json",
+        "report/report.md",
+        "report/report.html",
+        "report/plots/decode_tok_s.png",
+        "report/plots/size_vs_perplexity.png",
+        "reference/model.safetensors",
+    ]:
         assert (tiny_bundle / rel).is_file(), rel
     manifest = read_bundle(tiny_bundle)
     entry = manifest.artifact("safetensors")

@@ -19,8 +19,9 @@ from hypothesis import strategies as st
 
 from edgelm.errors import BundleError, EdgeLMError
 
-PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                             HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 FUZZ_CASES = int(os.environ.get("EDGELM_FUZZ_CASES", "60"))
 
 json_values = st.recursive(
@@ -45,8 +46,14 @@ def test_a_manifest_path_is_refused_or_stays_inside(tmp_path_factory, rel):
 
 
 @PROPERTY
-@given(st.dictionaries(st.sampled_from(["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty",
-                                        "seed", "stop", "ignore_eos"]), json_values))
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["max_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "seed", "stop", "ignore_eos"]
+        ),
+        json_values,
+    )
+)
 def test_sampling_settings_are_valid_or_refused(data):
     from edgelm.sampling import SamplingConfig
 
@@ -100,12 +107,45 @@ def test_tflite_flatbuffers_parse_or_are_refused(tmp_path_factory, tail):
         pass
 
 
-template_parts = st.sampled_from([
-    "{% for i in range(", "100000", ") %}", "{% endfor %}", "{{ ", " }}", "'x'", " * ", "10", "9" * 12, " ** ",
-    "messages", "[0]", "['content']", "|center(", "|format(", ")", "{% macro f() %}", "{{ f() }}",
-    "{% endmacro %}", "loop.index", " ~ ", "{% if ", " %}", "{% endif %}", "raise_exception('x')",
-    "__class__", ".__mro__", "range(10)", "|join", "|list", "%999999999d", "'", "(", "{% set x = ",
-])
+template_parts = st.sampled_from(
+    [
+        "{% for i in range(",
+        "100000",
+        ") %}",
+        "{% endfor %}",
+        "{{ ",
+        " }}",
+        "'x'",
+        " * ",
+        "10",
+        "9" * 12,
+        " ** ",
+        "messages",
+        "[0]",
+        "['content']",
+        "|center(",
+        "|format(",
+        ")",
+        "{% macro f() %}",
+        "{{ f() }}",
+        "{% endmacro %}",
+        "loop.index",
+        " ~ ",
+        "{% if ",
+        " %}",
+        "{% endif %}",
+        "raise_exception('x')",
+        "__class__",
+        ".__mro__",
+        "range(10)",
+        "|join",
+        "|list",
+        "%999999999d",
+        "'",
+        "(",
+        "{% set x = ",
+    ]
+)
 
 
 @PROPERTY
@@ -122,8 +162,10 @@ def test_chat_templates_render_or_are_refused_quickly(source):
 
 
 @PROPERTY
-@given(st.lists(st.sampled_from(["partial", "old", "mine", "x"]), min_size=1, max_size=4),
-       st.lists(st.booleans(), min_size=4, max_size=4))
+@given(
+    st.lists(st.sampled_from(["partial", "old", "mine", "x"]), min_size=1, max_size=4),
+    st.lists(st.booleans(), min_size=4, max_size=4),
+)
 def test_stale_cleaning_never_touches_live_or_foreign_folders(tmp_path_factory, kinds, alive):
     import subprocess
     import sys

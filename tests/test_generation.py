@@ -97,13 +97,18 @@ def test_seed_makes_sampling_reproducible_and_temperature_spreads_choices():
 
 def test_top_k_limits_choices_to_k_most_likely():
     logits = np.arange(20, dtype=np.float64)
-    picks = {sample_next(logits, [], SamplingConfig(temperature=5.0, top_k=3), np.random.default_rng(s)) for s in range(300)}
+    picks = {
+        sample_next(logits, [], SamplingConfig(temperature=5.0, top_k=3), np.random.default_rng(s)) for s in range(300)
+    }
     assert picks == {17, 18, 19}
 
 
 def test_top_p_keeps_the_smallest_nucleus():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
-    picks = {sample_next(logits, [], SamplingConfig(temperature=1.0, top_p=0.7), np.random.default_rng(s)) for s in range(300)}
+    picks = {
+        sample_next(logits, [], SamplingConfig(temperature=1.0, top_p=0.7), np.random.default_rng(s))
+        for s in range(300)
+    }
     assert picks == {0, 1}
 
 

@@ -30,8 +30,11 @@ def gguf_bundle(tiny_llama, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", sorted(FP32_TOLERANCE))
 def test_decoders_round_trip_through_llama_cpp(tiny_model_factory, tmp_path, kind):
-    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
-                             fast_export_options(formats=("gguf",), quants=("fp32", "fp16"), profile=False))
+    manifest = export_bundle(
+        tiny_model_factory(kind),
+        tmp_path / kind,
+        fast_export_options(formats=("gguf",), quants=("fp32", "fp16"), profile=False),
+    )
     by_quant = {a.quant: a for a in manifest.artifacts if a.format == "gguf"}
     assert by_quant["fp32"].parity["max_abs_logit_diff_first_window"] <= FP32_TOLERANCE[kind]
     assert by_quant["fp32"].parity["greedy_match_tokens"] == 64
@@ -41,8 +44,11 @@ def test_decoders_round_trip_through_llama_cpp(tiny_model_factory, tmp_path, kin
 
 
 def test_bert_embeddings_round_trip_through_llama_cpp(tiny_model_factory, tmp_path):
-    manifest = export_bundle(tiny_model_factory("bert"), tmp_path / "bert",
-                             fast_export_options(formats=("gguf",), quants=("fp32", "int8"), profile=False))
+    manifest = export_bundle(
+        tiny_model_factory("bert"),
+        tmp_path / "bert",
+        fast_export_options(formats=("gguf",), quants=("fp32", "int8"), profile=False),
+    )
     entry = manifest.artifact("gguf-fp32")
     assert entry.parity["max_abs_diff"] <= 1e-4 and entry.parity["passed"]
     encoder = edgelm.load(tmp_path / "bert", format="gguf-int8")
@@ -61,8 +67,12 @@ def test_quant_recipes_map_to_llama_cpp_types_and_pass_their_gates(gguf_bundle):
 
     manifest = read_bundle(gguf_bundle)
     files = {a.quant: gguf_bundle / a.path for a in manifest.artifacts if a.format == "gguf"}
-    assert {q: p.name for q, p in files.items()} == {"fp32": "model-F32.gguf", "fp16": "model-F16.gguf",
-                                                    "int8": "model-Q8_0.gguf", "int4": "model-Q4_K_M.gguf"}
+    assert {q: p.name for q, p in files.items()} == {
+        "fp32": "model-F32.gguf",
+        "fp16": "model-F16.gguf",
+        "int8": "model-Q8_0.gguf",
+        "int4": "model-Q4_K_M.gguf",
+    }
     # general.file_type: 0 all F32, 1 F16, 7 Q8_0, 15 Q4_K_M (llama_ftype)
     file_types = {q: read_gguf_summary(p).metadata["general.file_type"] for q, p in files.items()}
     assert file_types == {"fp32": 0, "fp16": 1, "int8": 7, "int4": 15}
@@ -75,7 +85,6 @@ def test_quant_recipes_map_to_llama_cpp_types_and_pass_their_gates(gguf_bundle):
 def test_llama_cpp_tokenizes_the_parity_text_exactly_like_the_source_tokenizer(gguf_bundle):
     from edgelm.exporters.gguf_vocab import probe_text
     from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
-
     from edgelm.tokenizer import Tokenizer
 
     text = probe_text()
@@ -94,7 +103,9 @@ def test_session_decode_matches_prefill_and_generation_matches_the_reference(ggu
     assert np.abs(session.decode(int(ids[4])) - full[4]).max() < 1e-4
     assert np.abs(session.decode(int(ids[5])) - full[5]).max() < 1e-4
     ref = edgelm.load(gguf_bundle, format="reference-fp32").generate("The object", max_new_tokens=16, ignore_eos=True)
-    assert edgelm.load(gguf_bundle, format="gguf-fp32").generate("The object", max_new_tokens=16, ignore_eos=True) == ref
+    assert (
+        edgelm.load(gguf_bundle, format="gguf-fp32").generate("The object", max_new_tokens=16, ignore_eos=True) == ref
+    )
 
 
 def test_gpu_on_a_cpu_only_build_is_a_clear_error(gguf_bundle):
@@ -129,11 +140,14 @@ def _patch_tensor_info(data: bytes, *, ggml_type: int | None = None, offset: int
     return bytes(out)
 
 
-@pytest.mark.parametrize(("change", "message"), [
-    (dict(ggml_type=999), "unknown type"),
-    (dict(offset=1 << 40), "past the end"),
-    (dict(offset=(1 << 63) - 8), "past the end"),
-])
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (dict(ggml_type=999), "unknown type"),
+        (dict(offset=1 << 40), "past the end"),
+        (dict(offset=(1 << 63) - 8), "past the end"),
+    ],
+)
 def test_hostile_tensor_infos_are_refused_before_llama_cpp_parses_them(tmp_path, change, message):
     from edgelm.runtimes.llamacpp import ADAPTER
 
@@ -155,8 +169,9 @@ def test_truncated_gguf_artifact_is_refused_by_the_runtime(gguf_bundle, tmp_path
 
 
 def test_any_llama_cpp_type_by_name_is_exported_and_gated_like_its_closest_recipe(tiny_llama, tmp_path):
-    options = fast_export_options(formats=("gguf",), quants=("int8",), gguf_types=("q4_0", "IQ4_NL", "Q6_K"),
-                                  profile=False)
+    options = fast_export_options(
+        formats=("gguf",), quants=("int8",), gguf_types=("q4_0", "IQ4_NL", "Q6_K"), profile=False
+    )
     manifest = export_bundle(tiny_llama, tmp_path / "types", options)
     by_name = {a.name: a for a in manifest.artifacts}
     assert {"gguf-int8", "gguf-Q4_0", "gguf-IQ4_NL", "gguf-Q6_K"} <= set(by_name)
@@ -175,16 +190,19 @@ def test_an_unknown_gguf_type_names_the_known_ones(tiny_llama, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_a_sentencepiece_style_vocabulary_is_written_as_llama_cpp_spm_and_tokenizes_identically(tiny_model_factory,
-                                                                                                  tmp_path):
+def test_a_sentencepiece_style_vocabulary_is_written_as_llama_cpp_spm_and_tokenizes_identically(
+    tiny_model_factory, tmp_path
+):
     from edgelm.exporters.gguf_vocab import probe_text
-    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
-
     from edgelm.gguf_header import read_gguf_summary
+    from edgelm.runtimes.llamacpp import tokenize_with_vocab_file
     from edgelm.tokenizer import Tokenizer
 
-    manifest = export_bundle(tiny_model_factory("llama-spm"), tmp_path / "spm",
-                             fast_export_options(formats=("gguf",), quants=("fp32",), profile=False))
+    manifest = export_bundle(
+        tiny_model_factory("llama-spm"),
+        tmp_path / "spm",
+        fast_export_options(formats=("gguf",), quants=("fp32",), profile=False),
+    )
     path = tmp_path / "spm" / "gguf" / "model-F32.gguf"
     assert read_gguf_summary(path).metadata["tokenizer.ggml.model"] == "llama"
     text = probe_text()  # includes CJK and emoji, which only byte fallback can encode with this vocabulary

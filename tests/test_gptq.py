@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from edgelm.exporters.onnx_block_bias import pack_nibbles, unpack_nibbles
 
+from edgelm.exporters.onnx_block_bias import pack_nibbles, unpack_nibbles
 from edgelm.gptq import HessianAccumulator, collect_hessians, gptq_codes
 
 BLOCK = 32
@@ -25,7 +25,9 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 
 
 def round_to_nearest(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.round(weight / scale.repeat_interleave(BLOCK, 1)) + zero.repeat_interleave(BLOCK, 1), 0, 15)
+    return torch.clamp(
+        torch.round(weight / scale.repeat_interleave(BLOCK, 1)) + zero.repeat_interleave(BLOCK, 1), 0, 15
+    )
 
 
 @pytest.mark.parametrize("act_order", [False, True])
@@ -87,22 +89,26 @@ def test_hessians_are_shared_by_linears_reading_the_same_input(tiny_model_factor
 
 def one_matmul_nbits(weight: np.ndarray):
     """A one-MatMul ONNX model quantized by onnxruntime's own 4-bit quantizer (edgelm's settings)."""
-    from edgelm.exporters.onnx import _matmul_nbits
     from onnx import TensorProto, helper, numpy_helper
 
+    from edgelm.exporters.onnx import _matmul_nbits
+
     k, n = weight.shape
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-                              [numpy_helper.from_array(weight.astype(np.float32), "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(weight.astype(np.float32), "w")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return _matmul_nbits(model, 4)
 
 
 def test_each_layer_keeps_gptq_or_the_block_bias_whichever_errs_less():
-    from edgelm.exporters.onnx_gptq import apply_gptq
     from onnx import numpy_helper
 
+    from edgelm.exporters.onnx_gptq import apply_gptq
     from edgelm.gptq import weight_fingerprint
 
     rng = np.random.default_rng(0)
@@ -110,14 +116,24 @@ def test_each_layer_keeps_gptq_or_the_block_bias_whichever_errs_less():
     accumulator = HessianAccumulator(k)
     accumulator.add(torch.from_numpy(rng.standard_normal((2048, k)) @ (rng.standard_normal((k, k)) + 3 * np.eye(k))))
     # on a float-offset 4-bit grid (as a Q4_1 GGUF's weights are): the block bias rebuilds it exactly
-    on_grid = (rng.integers(0, 16, (n, k // BLOCK, BLOCK)) * rng.uniform(0.01, 0.02, (n, k // BLOCK, 1))
-               + rng.uniform(-0.2, 0, (n, k // BLOCK, 1))).reshape(n, k).T
+    on_grid = (
+        (
+            rng.integers(0, 16, (n, k // BLOCK, BLOCK)) * rng.uniform(0.01, 0.02, (n, k // BLOCK, 1))
+            + rng.uniform(-0.2, 0, (n, k // BLOCK, 1))
+        )
+        .reshape(n, k)
+        .T
+    )
     off_grid = rng.standard_normal((k, n))
     for weight, recoded in ((on_grid, set()), (off_grid, {"w"})):
         model = one_matmul_nbits(weight)
         before = {t.name: numpy_helper.to_array(t).copy() for t in model.graph.initializer}
-        done = apply_gptq(model, {"w": weight.astype(np.float32)}, {"layer": accumulator},
-                          {weight_fingerprint(weight.astype(np.float32)): "layer"})
+        done = apply_gptq(
+            model,
+            {"w": weight.astype(np.float32)},
+            {"layer": accumulator},
+            {weight_fingerprint(weight.astype(np.float32)): "layer"},
+        )
         assert done == recoded
         after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
         assert all(np.array_equal(before[name], after[name]) for name in after) == (not recoded)
@@ -145,10 +161,10 @@ def test_searched_grid_never_errs_more_than_min_max_per_block():
 def test_the_written_grid_and_codes_are_what_onnxruntime_computes_with():
     """An odd number of blocks per row (3): zero points are packed two per byte with padding."""
     import onnxruntime as ort
-    from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits
-    from edgelm.exporters.onnx_gptq import apply_gptq
     from onnx import helper, numpy_helper
 
+    from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits
+    from edgelm.exporters.onnx_gptq import apply_gptq
     from edgelm.gptq import output_error, weight_fingerprint
 
     rng = np.random.default_rng(1)
@@ -169,5 +185,7 @@ def test_the_written_grid_and_codes_are_what_onnxruntime_computes_with():
     expected = x @ written  # accuracy_level 4 rounds x to 8 bits per block: ~0.5% of the output's range
     np.testing.assert_allclose(session.run(None, {"x": x})[0], expected, atol=0.01 * np.abs(expected).max())
     hessian = accumulator.hessian().double()
-    assert output_error((weight - written).T, hessian) < 0.8 * output_error((weight - round_to_nearest_weight).T, hessian)
+    assert output_error((weight - written).T, hessian) < 0.8 * output_error(
+        (weight - round_to_nearest_weight).T, hessian
+    )
     assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "block_size")) == BLOCK

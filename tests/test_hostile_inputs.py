@@ -67,8 +67,19 @@ def gguf_artifact(manifest: dict) -> dict:
 
 # --- the bundle is a boundary ----------------------------------------------------------------
 
-@pytest.mark.parametrize("path", ["../outside.gguf", "/tmp/outside.gguf", "gguf/../../outside.gguf", "./model.gguf",
-                                  "gguf//model.gguf", "C:/x.gguf", "gguf\\..\\x.gguf"])
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "../outside.gguf",
+        "/tmp/outside.gguf",
+        "gguf/../../outside.gguf",
+        "./model.gguf",
+        "gguf//model.gguf",
+        "C:/x.gguf",
+        "gguf\\..\\x.gguf",
+    ],
+)
 def test_artifact_paths_that_leave_the_bundle_are_refused_before_anything_opens(bundle, tmp_path, path):
     import edgelm
 
@@ -158,6 +169,7 @@ def test_an_unlisted_tokenizer_file_is_refused(bundle, tmp_path):
 
 # --- hangs and memory ----------------------------------------------------------------------
 
+
 def _tflite_with_aliased_tensors(path: Path, rank: int, tensors: int, subgraphs: int = 1) -> None:
     """A small .tflite whose tensor and subgraph vectors point at one table many times."""
     import flatbuffers
@@ -215,8 +227,13 @@ def test_a_huge_scalar_metadata_array_is_skipped_not_parsed(tmp_path):
 
     n = 40_000_000
     path = tmp_path / "model.gguf"
-    _gguf(path, [_key("general.architecture") + struct.pack("<IQ", 8, 5) + b"llama",
-                 _key("x.big") + struct.pack("<IIQ", 9, 0, n) + bytes(n)])
+    _gguf(
+        path,
+        [
+            _key("general.architecture") + struct.pack("<IQ", 8, 5) + b"llama",
+            _key("x.big") + struct.pack("<IIQ", 9, 0, n) + bytes(n),
+        ],
+    )
     started = time.monotonic()
     summary = read_gguf_summary(path)
     assert summary.metadata["x.big"]["array_length"] == n
@@ -231,8 +248,9 @@ def test_hostile_gguf_metadata_is_invalid_model_error(tmp_path):
         "alignment string": [_key("general.alignment") + struct.pack("<IQ", 8, 3) + b"abc"],
         "alignment zero": [_key("general.alignment") + struct.pack("<II", 4, 0)],
         "alignment not power of two": [_key("general.alignment") + struct.pack("<II", 4, 48)],
-        "nested arrays": [_key("x") + struct.pack("<IIQ", 9, 9, 1) + struct.pack("<IQ", 9, 1) * 3
-                          + struct.pack("<IQ", 0, 1) + b"\0"],
+        "nested arrays": [
+            _key("x") + struct.pack("<IIQ", 9, 9, 1) + struct.pack("<IQ", 9, 1) * 3 + struct.pack("<IQ", 0, 1) + b"\0"
+        ],
         "string array too long": [_key("x") + struct.pack("<IIQ", 9, 8, 5_000_000) + bytes(8 * 5_000_000)],
         "unknown item type": [_key("x") + struct.pack("<IIQ", 9, 77, 1) + bytes(8)],
     }
@@ -284,11 +302,14 @@ def test_chat_templates_are_bounded(name):
 def test_a_real_chat_template_still_renders():
     from edgelm.tokenizer import BoundedTemplate
 
-    template = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
-                "| trim + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-                "{% endif %}")
-    text = BoundedTemplate(template).render(messages=[{"role": "user", "content": "hi " * 20_000}],
-                                            add_generation_prompt=True)
+    template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+        "| trim + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+        "{% endif %}"
+    )
+    text = BoundedTemplate(template).render(
+        messages=[{"role": "user", "content": "hi " * 20_000}], add_generation_prompt=True
+    )
     assert text.startswith("<|im_start|>user\nhi hi") and text.endswith("<|im_start|>assistant\n")
 
 
@@ -334,8 +355,13 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_every_decoder_runtime(t
         if entry.runtime in runtimes:
             continue
         runtimes.add(entry.runtime)
-        result = subprocess.run([sys.executable, "-c", OUT_OF_VOCABULARY, entry.runtime, str(tiny_bundle / entry.path)],
-                                capture_output=True, text=True, timeout=300, check=False)
+        result = subprocess.run(
+            [sys.executable, "-c", OUT_OF_VOCABULARY, entry.runtime, str(tiny_bundle / entry.path)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
         assert result.returncode == 0, (entry.name, result.returncode, result.stderr[-500:])
         lines = result.stdout.splitlines()
         assert len(lines) == 3 and all(line.startswith("refused: token id") for line in lines), (entry.name, lines)
@@ -344,11 +370,16 @@ def test_token_ids_outside_the_vocabulary_are_refused_by_every_decoder_runtime(t
 
 # --- exit 2, one line, for every bad input ----------------------------------------------------
 
+
 def test_deep_or_huge_json_in_config_and_manifest_is_exit_2(tiny_llama, bundle, tmp_path):
     model = tmp_path / "m"
     shutil.copytree(tiny_llama, model)
-    for text in ("[" * 100_000 + "]" * 100_000, '{"model_type": ' + "[" * 500 + "]" * 500 + "}",
-                 '{"model_type": "llama", "x": ' + "9" * 100_000 + "}", "\"just a string\""):
+    for text in (
+        "[" * 100_000 + "]" * 100_000,
+        '{"model_type": ' + "[" * 500 + "]" * 500 + "}",
+        '{"model_type": "llama", "x": ' + "9" * 100_000 + "}",
+        '"just a string"',
+    ):
         (model / "config.json").write_text(text)
         assert_exit_2(run_cli("inspect", str(model)))
     copy = tmp_path / "b"
@@ -358,9 +389,16 @@ def test_deep_or_huge_json_in_config_and_manifest_is_exit_2(tiny_llama, bundle, 
         assert_exit_2(run_cli("run", str(copy), "-p", "hi"))
 
 
-@pytest.mark.parametrize("generation,message", [({"temperature": "hot"}, "temperature"), ({"stop": 5}, "stop"),
-                                                ({"top_k": True}, "top_k"), ({"temperature": 1e400}, "finite"),
-                                                ({"stop": [1, 2]}, "stop")])
+@pytest.mark.parametrize(
+    "generation,message",
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"stop": 5}, "stop"),
+        ({"top_k": True}, "top_k"),
+        ({"temperature": 1e400}, "finite"),
+        ({"stop": [1, 2]}, "stop"),
+    ],
+)
 def test_bad_generation_settings_in_a_manifest_are_exit_2(bundle, tmp_path, generation, message):
     def edit(manifest, folder):
         manifest["generation"].update(generation)
@@ -382,8 +420,10 @@ def test_a_decoder_labelled_as_an_encoder_is_exit_2(bundle, tmp_path):
     assert_exit_2(run_cli("run", str(tampered(bundle, tmp_path, unknown)), "-p", "hi"), "unknown task")
 
 
-@pytest.mark.parametrize("config,message", [("not json {", "not valid JSON"), ("[1, 2]", "JSON object"),
-                                            ('{"eos_token": 5}', "eos_token must be a string")])
+@pytest.mark.parametrize(
+    "config,message",
+    [("not json {", "not valid JSON"), ("[1, 2]", "JSON object"), ('{"eos_token": 5}', "eos_token must be a string")],
+)
 def test_a_broken_tokenizer_config_is_exit_2(tiny_llama, tmp_path, config, message):
     from edgelm.tokenizer import Tokenizer
 

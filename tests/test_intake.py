@@ -11,9 +11,14 @@ import pytest
 from edgelm.errors import InvalidModelError, TokenizerError, UnsupportedError
 from edgelm.model import default_model_path, inspect_source
 
-EXPECTED = {"llama": ("llama", "text-generation"), "qwen2": ("qwen2", "text-generation"),
-            "gemma3": ("gemma3_text", "text-generation"), "phi3": ("phi3", "text-generation"),
-            "bert": ("bert", "feature-extraction"), "bert-cls": ("bert", "text-classification")}
+EXPECTED = {
+    "llama": ("llama", "text-generation"),
+    "qwen2": ("qwen2", "text-generation"),
+    "gemma3": ("gemma3_text", "text-generation"),
+    "phi3": ("phi3", "text-generation"),
+    "bert": ("bert", "feature-extraction"),
+    "bert-cls": ("bert", "text-classification"),
+}
 
 
 @pytest.mark.parametrize("kind", sorted(EXPECTED))

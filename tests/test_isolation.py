@@ -116,9 +116,16 @@ def test_executorch_never_loads_into_a_process_that_did_not_write_the_program(ti
     """The guarantee behind the fuzz figures: ExecuTorch's native library never reads an untrusted
     program in the caller, so none of its crashes can end the caller (checked on /proc/self/maps)."""
     _, copy = _untrusted_copies(tiny_bundle, tmp_path)["executorch"]
-    result = subprocess.run([sys.executable, "-c", ABORTING_CALLER, str(copy)], capture_output=True, text=True,
-                            timeout=300, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", ABORTING_CALLER, str(copy)], capture_output=True, text=True, timeout=300, check=True
+    )
     assert "ran IsolatedSession" in result.stdout and "loaded here: False" in result.stdout, result.stdout
-    inside = subprocess.run([sys.executable, "-c", ABORTING_CALLER, str(copy)], capture_output=True, text=True,
-                            timeout=300, check=True, env={**os.environ, "EDGELM_ISOLATED_CHILD": "1"})
+    inside = subprocess.run(
+        [sys.executable, "-c", ABORTING_CALLER, str(copy)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+        env={**os.environ, "EDGELM_ISOLATED_CHILD": "1"},
+    )
     assert "loaded here: True" in inside.stdout, inside.stdout  # what the check above would see without isolation

@@ -43,8 +43,11 @@ def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, k
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "phi3"])
 def test_onnx_fp32_matches_torch_within_1e_4(tiny_model_factory, tmp_path, kind):
-    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
-                             fast_export_options(formats=("onnx",), quants=("fp32",), profile=False))
+    manifest = export_bundle(
+        tiny_model_factory(kind),
+        tmp_path / kind,
+        fast_export_options(formats=("onnx",), quants=("fp32",), profile=False),
+    )
     onnx_entry = manifest.artifact("onnx")
     assert onnx_entry.parity["max_abs_logit_diff_first_window"] <= 1e-4
     assert onnx_entry.parity["greedy_match_tokens"] == 64
@@ -89,13 +92,20 @@ def test_npu_without_a_provider_lists_what_is_available(onnx_bundle):
 
 def test_external_data_outside_the_model_folder_is_refused(onnx_bundle, tmp_path):
     import onnx
+
     from edgelm.runtimes.onnxruntime import ADAPTER
 
     folder = tmp_path / "model"
     folder.mkdir()
     proto = onnx.load(str(onnx_bundle / "onnx" / "fp32" / "model.onnx"))
-    onnx.save(proto, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.data", size_threshold=0)
+    onnx.save(
+        proto,
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.data",
+        size_threshold=0,
+    )
     (folder / "weights.data").rename(tmp_path / "outside.data")
     # onnx.save itself refuses "..", so point the locations outside by editing the proto, as an attacker would
     proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
@@ -129,11 +139,11 @@ def test_a_family_outside_the_graph_is_refused_with_the_covered_list(tiny_llama)
         build_decoder_graph(model)
 
 
-def test_a_model_over_the_protobuf_limit_is_written_with_external_data_inside_the_bundle(tiny_llama, tmp_path,
-                                                                                         monkeypatch):
+def test_a_model_over_the_protobuf_limit_is_written_with_external_data_inside_the_bundle(
+    tiny_llama, tmp_path, monkeypatch
+):
     """Lowering the threshold makes the tiny model take the >2 GB path: weights in model.onnx.data."""
     import edgelm.exporters.onnx as onnx_exporter
-
     from edgelm.bundle import read_bundle
 
     monkeypatch.setattr(onnx_exporter, "EXTERNAL_DATA_BYTES", 0)

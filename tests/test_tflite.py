@@ -31,10 +31,10 @@ def test_host_cache_graph_matches_transformers_in_chunks_with_garbage_past_the_p
     outputs, pos = [], 0
     with torch.no_grad():
         reference = model(ids).logits
-        for chunk in (ids[:, :16], ids[:, 16:17], ids[:, 17:30], *[ids[:, i:i + 1] for i in range(30, 40)]):
+        for chunk in (ids[:, :16], ids[:, 16:17], ids[:, 17:30], *[ids[:, i : i + 1] for i in range(30, 40)]):
             logits, *new = graph(chunk, torch.tensor([pos]), *cache)
             for slot, values in zip(cache, new):
-                slot[:, :, pos:pos + chunk.shape[1]] = values
+                slot[:, :, pos : pos + chunk.shape[1]] = values
             outputs.append(logits)
             pos += chunk.shape[1]
     assert (torch.cat(outputs, dim=1) - reference).abs().max() <= 1e-4
@@ -52,8 +52,11 @@ def tflite_bundle(tiny_llama, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
 def test_other_decoders_convert_to_tflite_and_match_torch(tiny_model_factory, tmp_path, kind):
-    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
-                             fast_export_options(formats=("tflite",), quants=("fp32",), profile=False))
+    manifest = export_bundle(
+        tiny_model_factory(kind),
+        tmp_path / kind,
+        fast_export_options(formats=("tflite",), quants=("fp32",), profile=False),
+    )
     entry = manifest.artifact("tflite-fp32")
     assert entry.parity["max_abs_logit_diff_first_window"] <= 1e-4 and entry.parity["greedy_match_tokens"] == 64
 
@@ -64,7 +67,10 @@ def test_recipes_load_pass_their_gates_and_describe_themselves(tflite_bundle):
     manifest = read_bundle(tflite_bundle)
     by_quant = {a.quant: a for a in manifest.artifacts if a.format == "tflite"}
     assert {q: a.path for q, a in by_quant.items()} == {
-        "fp32": "tflite/model.tflite", "fp16": "tflite/model_fp16.tflite", "int8": "tflite/model_int8.tflite"}
+        "fp32": "tflite/model.tflite",
+        "fp16": "tflite/model_fp16.tflite",
+        "int8": "tflite/model_int8.tflite",
+    }
     assert by_quant["fp32"].parity["max_abs_logit_diff_first_window"] <= 1e-4
     for entry in by_quant.values():
         assert entry.parity["passed"], entry.parity
@@ -99,8 +105,11 @@ def test_text_matches_the_reference_through_edgelm_load(tflite_bundle):
 
 @pytest.mark.parametrize("kind", ["bert", "bert-cls"])
 def test_encoders_convert_and_match_torch(tiny_model_factory, tmp_path, kind):
-    manifest = export_bundle(tiny_model_factory(kind), tmp_path / kind,
-                             fast_export_options(formats=("tflite",), quants=("fp32", "int8"), profile=False))
+    manifest = export_bundle(
+        tiny_model_factory(kind),
+        tmp_path / kind,
+        fast_export_options(formats=("tflite",), quants=("fp32", "int8"), profile=False),
+    )
     entry = manifest.artifact("tflite-fp32")
     assert entry.parity["max_abs_diff"] <= 1e-4 and entry.parity["passed"]
     assert manifest.artifact("tflite-int8").parity["passed"]

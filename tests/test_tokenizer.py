@@ -30,7 +30,9 @@ def test_token_ids_match_transformers_on_parity_text_smollm2(tmp_path):
     assert ours.encode(text) == reference(text)["input_ids"]
     assert len(ours.encode(text)) > 4096
     messages = [{"role": "user", "content": "What is a KV cache?"}]
-    assert ours.apply_chat_template(messages) == reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages) == reference.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
 
 
 def test_chat_template_renders_in_sandbox(tiny_llama):

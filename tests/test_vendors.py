@@ -19,8 +19,11 @@ from tiny_models import build_tiny_model
 from edgelm.vendors.check import shown
 
 FORMATS = ("onnx", "gguf", "executorch")
-RUNTIMES = {"onnx": "onnxruntime-genai Generator", "gguf": "llama.cpp Llama.generate",
-            "executorch": "executorch TextLLMRunner"}
+RUNTIMES = {
+    "onnx": "onnxruntime-genai Generator",
+    "gguf": "llama.cpp Llama.generate",
+    "executorch": "executorch TextLLMRunner",
+}
 
 
 def _lively(kind: str, tmp_path_factory) -> Path:
@@ -84,8 +87,9 @@ def test_onnx_artifacts_carry_the_genai_config_and_tokenizer_listed_in_the_manif
     for artifact in (a for a in manifest["artifacts"] if a["format"] == "onnx"):
         folder = Path(artifact["path"]).parent.as_posix()
         files = artifact["vendor_runtimes"][0]["files"]
-        assert sorted(files) == sorted(f"{folder}/{n}" for n in ("genai_config.json", "tokenizer.json",
-                                                                 "tokenizer_config.json"))
+        assert sorted(files) == sorted(
+            f"{folder}/{n}" for n in ("genai_config.json", "tokenizer.json", "tokenizer_config.json")
+        )
         assert all(f in manifest["files"] for f in files)  # hashed like every other file
         config = json.loads((bundle / folder / "genai_config.json").read_text())
         assert config["model"]["decoder"]["filename"] == Path(artifact["path"]).name
@@ -114,8 +118,9 @@ def test_a_runtime_that_is_not_installed_is_skipped_with_its_reason(monkeypatch,
     from edgelm.vendors import llamacpp
 
     monkeypatch.setattr(llamacpp.VENDOR, "import_name", "no_such_llama_binding")
-    manifest = export_bundle(tiny_llama, tmp_path / "b", fast_export_options(formats=("gguf",), quants=("fp32",),
-                                                                             profile=False))
+    manifest = export_bundle(
+        tiny_llama, tmp_path / "b", fast_export_options(formats=("gguf",), quants=("fp32",), profile=False)
+    )
     row = next(a for a in manifest.artifacts if a.format == "gguf").vendor_runtimes[0]
     assert row["result"].startswith("skipped: llama_cpp_python is not installed")
 
@@ -164,8 +169,9 @@ def test_a_vendor_file_path_that_leaves_the_bundle_is_refused(tiny_bundle):
     from edgelm.errors import BundleError
 
     data = json.loads((tiny_bundle / MANIFEST).read_text())
-    data["artifacts"][0]["vendor_runtimes"] = [{"runtime": "x", "package": "x", "result": "passed",
-                                                "files": ["../outside.json"]}]
+    data["artifacts"][0]["vendor_runtimes"] = [
+        {"runtime": "x", "package": "x", "result": "passed", "files": ["../outside.json"]}
+    ]
     with pytest.raises(BundleError, match="vendor runtime file"):
         validate_manifest(data)
 
@@ -174,8 +180,17 @@ def test_run_with_the_vendor_runtime_streams_the_same_text_as_edgelm(vendor_bund
     from test_cli import run_cli
 
     bundle = str(vendor_bundles["llama"])
-    common = ("run", bundle, "--format", "gguf-int8", "--prompt", "The class statement", "--no-chat",
-              "--max-new-tokens", "24")
+    common = (
+        "run",
+        bundle,
+        "--format",
+        "gguf-int8",
+        "--prompt",
+        "The class statement",
+        "--no-chat",
+        "--max-new-tokens",
+        "24",
+    )
     vendor = run_cli(*common, "--runtime", "vendor")
     ours = run_cli(*common, "--temperature", "0", "--repetition-penalty", "1")
     assert vendor.returncode == 0 and ours.returncode == 0, vendor.stderr + ours.stderr
@@ -186,8 +201,18 @@ def test_profile_shows_vendor_and_edgelm_decode_side_by_side(vendor_bundles, tmp
     from test_cli import run_cli
 
     out = tmp_path / "p.json"
-    result = run_cli("profile", str(vendor_bundles["llama"]), "--runtime", "both", "--new-tokens", "16", "--repeats", "2",
-                     "--json", str(out))
+    result = run_cli(
+        "profile",
+        str(vendor_bundles["llama"]),
+        "--runtime",
+        "both",
+        "--new-tokens",
+        "16",
+        "--repeats",
+        "2",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     assert set(rows) == {f"{fmt}-{q}" for fmt in FORMATS for q in ("int8", "int4")}
@@ -196,11 +221,14 @@ def test_profile_shows_vendor_and_edgelm_decode_side_by_side(vendor_bundles, tmp
         assert len(row["vendor"]) == len(row["edgelm"]) == 2
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--format", "reference-fp32"), "no vendor LLM runtime for safetensors"),
-    (("--format", "onnx-int8", "--temperature", "0.7"), "greedy loop"),
-    (("--runtime", "someone"), "--runtime 'someone'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--format", "reference-fp32"), "no vendor LLM runtime for safetensors"),
+        (("--format", "onnx-int8", "--temperature", "0.7"), "greedy loop"),
+        (("--runtime", "someone"), "--runtime 'someone'"),
+    ],
+)
 def test_run_with_a_vendor_runtime_refuses_what_it_cannot_do(vendor_bundles, args, message):
     from test_cli import run_cli
 

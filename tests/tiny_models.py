@@ -43,7 +43,8 @@ def _ascii_byte_symbols() -> set[bytes]:
     from tokenizers import pre_tokenizers
 
     symbols = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False).pre_tokenize_str(
-        "".join(chr(b) for b in range(128)))
+        "".join(chr(b) for b in range(128))
+    )
     return {c.encode() for c in symbols[0][0]}
 
 
@@ -66,10 +67,13 @@ def _sentencepiece_style_tokenizer_json() -> str:
 
     tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
     specials = ["<unk>", "<s>", "</s>"]
-    trainer = trainers.BpeTrainer(vocab_size=SPM_VOCAB_SIZE, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)])
+    trainer = trainers.BpeTrainer(
+        vocab_size=SPM_VOCAB_SIZE, special_tokens=specials + [f"<0x{i:02X}>" for i in range(256)]
+    )
     tok.train_from_iterator([parity_text()[:20000]], trainer)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     data = json.loads(tok.to_str())  # byte tokens are ordinary vocabulary entries, not added special tokens
@@ -81,21 +85,45 @@ def write_tokenizer(folder: Path, sentencepiece_style: bool = False, ascii_only:
     folder.mkdir(parents=True, exist_ok=True)
     if sentencepiece_style:
         (folder / "tokenizer.json").write_text(_sentencepiece_style_tokenizer_json())
-        (folder / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
-        }))
+        (folder / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                }
+            )
+        )
         return
     (folder / "tokenizer.json").write_text(_tokenizer_json(ascii_only))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|im_start|>", "eos_token": "<|im_end|>",
-        "unk_token": "<|endoftext|>", "pad_token": "<|im_end|>", "chat_template": CHAT_TEMPLATE,
-    }))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": "<|im_start|>",
+                "eos_token": "<|im_end|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|im_end|>",
+                "chat_template": CHAT_TEMPLATE,
+            }
+        )
+    )
 
 
 def _decoder_common() -> dict:
-    return dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                eos_token_id=2, bos_token_id=1, pad_token_id=2)
+    return dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=2,
+        bos_token_id=1,
+        pad_token_id=2,
+    )
 
 
 def tiny_config(kind: str):
@@ -108,26 +136,43 @@ def tiny_config(kind: str):
     if kind == "qwen2":
         return transformers.Qwen2Config(**_decoder_common(), tie_word_embeddings=False)
     if kind == "gemma3":
-        return transformers.Gemma3TextConfig(**_decoder_common(), head_dim=8, sliding_window=16,
-                                             query_pre_attn_scalar=8)
+        return transformers.Gemma3TextConfig(
+            **_decoder_common(), head_dim=8, sliding_window=16, query_pre_attn_scalar=8
+        )
     if kind == "phi3":  # half-rotary and a sliding window shorter than the tests' 40 tokens
-        return transformers.Phi3Config(**_decoder_common(), partial_rotary_factor=0.5, sliding_window=16,
-                                       tie_word_embeddings=False)
-    encoder = dict(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                   num_attention_heads=4, max_position_embeddings=128)
+        return transformers.Phi3Config(
+            **_decoder_common(), partial_rotary_factor=0.5, sliding_window=16, tie_word_embeddings=False
+        )
+    encoder = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=128,
+    )
     if kind == "bert":
         return transformers.BertConfig(**encoder)
     if kind == "bert-cls":  # with a 3-way classification head
-        return transformers.BertConfig(**encoder, id2label={0: "negative", 1: "neutral", 2: "positive"},
-                                       architectures=["BertForSequenceClassification"])
+        return transformers.BertConfig(
+            **encoder,
+            id2label={0: "negative", 1: "neutral", 2: "positive"},
+            architectures=["BertForSequenceClassification"],
+        )
     raise ValueError(kind)
 
 
 MODEL_CLASSES = {"bert": "AutoModel", "bert-cls": "AutoModelForSequenceClassification"}  # others: causal LM
 
 
-def build_tiny_model(kind: str, folder: Path, seed: int = 0, layers: int | None = None,
-                     initializer_range: float | None = None, ascii_vocab: bool = False) -> Path:
+def build_tiny_model(
+    kind: str,
+    folder: Path,
+    seed: int = 0,
+    layers: int | None = None,
+    initializer_range: float | None = None,
+    ascii_vocab: bool = False,
+) -> Path:
     """Save a random `kind` model (llama, qwen2, gemma3, phi3, bert, bert-cls) with a tokenizer into `folder`.
 
     `layers` overrides the 2 layers every kind has (the compression tests drop some).

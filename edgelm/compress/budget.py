@@ -63,6 +63,7 @@ class BudgetResult:
 
 def pareto_front(candidates: list[Candidate]) -> None:
     """Mark the candidates no other one beats on size, perplexity and speed at once."""
+
     def dominates(a: Candidate, b: Candidate) -> bool:
         speed_a, speed_b = a.decode_tok_s or 0.0, b.decode_tok_s or 0.0
         no_worse = a.megabytes <= b.megabytes and a.ppl_ratio <= b.ppl_ratio and speed_a >= speed_b
@@ -85,9 +86,17 @@ def _is_budget_output(path: Path) -> bool:
     return is_compressed_model(path) or (path.is_dir() and not path.is_symlink() and (path / BUDGET_FILE).is_file())
 
 
-def search_budget(model: str | Path | None, output: str | Path, *, max_mb: float, max_ppl_ratio: float,
-                  export_options: Any, space: SearchSpace | None = None, overwrite: bool = False,
-                  step: StepHook | None = None) -> BudgetResult:
+def search_budget(
+    model: str | Path | None,
+    output: str | Path,
+    *,
+    max_mb: float,
+    max_ppl_ratio: float,
+    export_options: Any,
+    space: SearchSpace | None = None,
+    overwrite: bool = False,
+    step: StepHook | None = None,
+) -> BudgetResult:
     """Measure every candidate; write the chosen compressed model folder (with budget.json) to `output`.
 
     When no candidate meets the budget nothing is written but budget.json beside a
@@ -104,7 +113,9 @@ def search_budget(model: str | Path | None, output: str | Path, *, max_mb: float
     with scratch_beside(output) as tmp:
         folders: dict[tuple[int, float], Path | None] = {}
         grid = [(d, f) for d in space.layers_dropped for f in space.channel_fractions]
-        grid = [(0, 0.0)] + [key for key in dict.fromkeys(grid) if key != (0, 0.0)]  # the base model first: the denominator
+        grid = [(0, 0.0)] + [
+            key for key in dict.fromkeys(grid) if key != (0, 0.0)
+        ]  # the base model first: the denominator
         for key in grid:
             dropped, fraction = key
             name = f"drop{dropped}-channels{int(fraction * 100)}"
@@ -113,7 +124,8 @@ def search_budget(model: str | Path | None, output: str | Path, *, max_mb: float
                 recipe = CompressRecipe(
                     drop_layers=LayerDrop(dropped, space.importance) if dropped else None,
                     prune=Prune("channels", fraction) if fraction else None,
-                    distill=DistillSettings(steps=space.distill_steps) if space.distill_steps else None)
+                    distill=DistillSettings(steps=space.distill_steps) if space.distill_steps else None,
+                )
                 with step(f"Compressing: {dropped} layers dropped, {fraction:.0%} MLP channels pruned"):
                     compress_model(model, Path(tmp) / name, recipe)
                 source = Path(tmp) / name
@@ -127,11 +139,16 @@ def search_budget(model: str | Path | None, output: str | Path, *, max_mb: float
                 if artifact.format == "safetensors" or not artifact.parity:
                     continue
                 profile = artifact.profile or {}
-                result.candidates.append(Candidate(
-                    layers_dropped=dropped, channel_fraction=fraction, artifact=artifact.name,
-                    megabytes=round(artifact.bytes / 1e6, 2),
-                    ppl_ratio=round(artifact.parity["perplexity"] / result.base_perplexity, 4),
-                    decode_tok_s=profile.get("decode_tok_s")))
+                result.candidates.append(
+                    Candidate(
+                        layers_dropped=dropped,
+                        channel_fraction=fraction,
+                        artifact=artifact.name,
+                        megabytes=round(artifact.bytes / 1e6, 2),
+                        ppl_ratio=round(artifact.parity["perplexity"] / result.base_perplexity, 4),
+                        decode_tok_s=profile.get("decode_tok_s"),
+                    )
+                )
             shutil.rmtree(Path(tmp) / f"bundle-{name}")
         assert result is not None
         pareto_front(result.candidates)

@@ -30,12 +30,53 @@ from edgelm.parity import parity_text
 
 # Standard-library modules whose docstrings are long, plain English prose.
 DOCSTRING_MODULES = (
-    "argparse", "asyncio", "collections", "concurrent.futures", "configparser", "contextlib", "csv", "dataclasses",
-    "datetime", "decimal", "difflib", "email", "enum", "fractions", "functools", "heapq", "http.client",
-    "http.server", "inspect", "ipaddress", "itertools", "json", "logging", "mailbox", "multiprocessing",
-    "optparse", "pathlib", "pickle", "pprint", "random", "re", "shutil", "socket", "sqlite3", "statistics",
-    "string", "subprocess", "tarfile", "textwrap", "threading", "typing", "unittest", "urllib.parse", "uuid",
-    "weakref", "xml.dom.minidom", "zipfile",
+    "argparse",
+    "asyncio",
+    "collections",
+    "concurrent.futures",
+    "configparser",
+    "contextlib",
+    "csv",
+    "dataclasses",
+    "datetime",
+    "decimal",
+    "difflib",
+    "email",
+    "enum",
+    "fractions",
+    "functools",
+    "heapq",
+    "http.client",
+    "http.server",
+    "inspect",
+    "ipaddress",
+    "itertools",
+    "json",
+    "logging",
+    "mailbox",
+    "multiprocessing",
+    "optparse",
+    "pathlib",
+    "pickle",
+    "pprint",
+    "random",
+    "re",
+    "shutil",
+    "socket",
+    "sqlite3",
+    "statistics",
+    "string",
+    "subprocess",
+    "tarfile",
+    "textwrap",
+    "threading",
+    "typing",
+    "unittest",
+    "urllib.parse",
+    "uuid",
+    "weakref",
+    "xml.dom.minidom",
+    "zipfile",
 )
 
 _ROLE = re.compile(r":[\w:+-]+:`~?!?([^`<]*?)(?:\s*<[^`>]*>)?`")  # :func:`name <target>` -> name
@@ -111,8 +152,9 @@ def deduplicate(texts: Iterable[str], jaccard: float) -> tuple[list[str], int, i
     try:
         from datasketch import MinHash, MinHashLSH
     except ImportError as err:
-        raise UnsupportedError("edgelm compress needs datasketch to remove near-duplicate text: "
-                               "pip install 'edgelm[compress]'") from err
+        raise UnsupportedError(
+            "edgelm compress needs datasketch to remove near-duplicate text: pip install 'edgelm[compress]'"
+        ) from err
 
     seen: set[str] = set()
     lsh = MinHashLSH(threshold=jaccard, num_perm=64)
@@ -140,7 +182,9 @@ def _docstrings(module_name: str) -> list[str]:
         return []
     docs = [inspect.getdoc(module) or ""]
     for _, member in sorted(vars(module).items()):
-        if getattr(member, "__module__", None) == module.__name__ and (inspect.isclass(member) or inspect.isfunction(member)):
+        if getattr(member, "__module__", None) == module.__name__ and (
+            inspect.isclass(member) or inspect.isfunction(member)
+        ):
             docs.append(inspect.getdoc(member) or "")
     return [d for d in docs if d]
 
@@ -153,7 +197,7 @@ def raw_documents() -> list[str]:
     joined = "\n\n".join(topics[key] for key in sorted(topics))
     if not joined.startswith(held_for_parity):
         raise AssertionError("the parity text is no longer a prefix of the sorted topics")  # parity.py changed
-    documents = [joined[len(held_for_parity):]]
+    documents = [joined[len(held_for_parity) :]]
     for name in DOCSTRING_MODULES:
         documents.extend(_docstrings(name))
     return documents
@@ -163,7 +207,9 @@ def build_corpus(settings: CorpusSettings | None = None) -> Corpus:
     """The cleaned, deduplicated train / held-out corpus (deterministic for a given Python)."""
     settings = settings or CorpusSettings()
     held_out_for_parity = frozenset(_paragraph_key(p) for p in strip_markup(parity_text()).split("\n\n") if p.strip())
-    candidates = [b for doc in raw_documents() for b in blocks(strip_markup(doc), settings.max_chars, held_out_for_parity)]
+    candidates = [
+        b for doc in raw_documents() for b in blocks(strip_markup(doc), settings.max_chars, held_out_for_parity)
+    ]
     in_window = [b for b in candidates if len(b) >= settings.min_chars]
     kept, exact, near = deduplicate(in_window, settings.near_duplicate_jaccard)
     train, heldout = [], []
@@ -171,9 +217,14 @@ def build_corpus(settings: CorpusSettings | None = None) -> Corpus:
         bucket = int(hashlib.sha256(f"{settings.seed}\0{text}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
         (heldout if bucket < settings.heldout_fraction else train).append(text)
     stats = {
-        "blocks": len(candidates), "too_short": len(candidates) - len(in_window), "exact_duplicates": exact,
-        "near_duplicates": near, "train_blocks": len(train), "heldout_blocks": len(heldout),
-        "train_chars": sum(map(len, train)), "heldout_chars": sum(map(len, heldout)),
+        "blocks": len(candidates),
+        "too_short": len(candidates) - len(in_window),
+        "exact_duplicates": exact,
+        "near_duplicates": near,
+        "train_blocks": len(train),
+        "heldout_blocks": len(heldout),
+        "train_chars": sum(map(len, train)),
+        "heldout_chars": sum(map(len, heldout)),
     }
     return Corpus(train=train, heldout=heldout, stats=stats | {"settings": asdict(settings)})  # type: ignore[dict-item]
 

@@ -91,7 +91,9 @@ def batch_rows(step: int, batch_size: int, count: int, seed: int) -> list[int]:
     for g in range(step * batch_size, (step + 1) * batch_size):
         epoch, position = divmod(g, count)
         if epoch not in orders:
-            orders[epoch] = torch.randperm(count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+            orders[epoch] = torch.randperm(
+                count, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)
+            ).tolist()
         rows.append(orders[epoch][position])
     return rows
 
@@ -116,7 +118,7 @@ def distillation_loss(student_logits: Any, teacher_logits: Any, temperature: flo
 
 
 def resolve_precision(precision: str) -> str:
-    """"auto" → bf16 where the hardware multiplies bf16 natively (AVX512-BF16/AMX, CUDA), else fp32."""
+    """ "auto" → bf16 where the hardware multiplies bf16 natively (AVX512-BF16/AMX, CUDA), else fp32."""
     import torch
 
     if precision in ("fp32", "bf16"):
@@ -129,8 +131,12 @@ def resolve_precision(precision: str) -> str:
 
 
 def _trainable(student: Any, settings: DistillSettings) -> list[Any]:
-    tables = {id(p) for m in (student.get_input_embeddings(), student.get_output_embeddings()) if m is not None
-              for p in m.parameters()}
+    tables = {
+        id(p)
+        for m in (student.get_input_embeddings(), student.get_output_embeddings())
+        if m is not None
+        for p in m.parameters()
+    }
     params = []
     for p in student.parameters():
         p.requires_grad_(settings.train_embeddings or id(p) not in tables)
@@ -139,20 +145,37 @@ def _trainable(student: Any, settings: DistillSettings) -> list[Any]:
     return params
 
 
-def _save_checkpoint(folder: Path, settings: DistillSettings, student: Any, optimizer: Any, step: int,
-                     losses: list[float]) -> None:
+def _save_checkpoint(
+    folder: Path, settings: DistillSettings, student: Any, optimizer: Any, step: int, losses: list[float]
+) -> None:
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / f".{CHECKPOINT_FILE}.tmp"
-    torch.save({"step": step, "settings": json.dumps(asdict(settings), sort_keys=True), "student": student.state_dict(), "optimizer": optimizer.state_dict(), "losses": losses}, tmp)
+    torch.save(
+        {
+            "step": step,
+            "settings": json.dumps(asdict(settings), sort_keys=True),
+            "student": student.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "losses": losses,
+        },
+        tmp,
+    )
     os.replace(tmp, folder / CHECKPOINT_FILE)  # a crash mid-write leaves the previous checkpoint whole
 
 
-def distill(teacher: Any, student: Any, train_ids: list[int], settings: DistillSettings,
-            checkpoint_dir: Path | None = None, *, masks: dict[str, Any] | None = None,
-            layer_map: list[int] | None = None,
-            on_step: Callable[[int, float, float], None] | None = None) -> DistillResult:
+def distill(
+    teacher: Any,
+    student: Any,
+    train_ids: list[int],
+    settings: DistillSettings,
+    checkpoint_dir: Path | None = None,
+    *,
+    masks: dict[str, Any] | None = None,
+    layer_map: list[int] | None = None,
+    on_step: Callable[[int, float, float], None] | None = None,
+) -> DistillResult:
     """Train `student` in place toward `teacher` for `settings.steps` optimizer steps.
 
     masks: parameter name -> 0/1 tensor (pruning) re-applied after every step, so the
@@ -181,8 +204,10 @@ def distill(teacher: Any, student: Any, train_ids: list[int], settings: DistillS
     if checkpoint_dir and (checkpoint_dir / CHECKPOINT_FILE).is_file():
         state = torch.load(checkpoint_dir / CHECKPOINT_FILE, weights_only=True)
         if state.get("settings") != json.dumps(asdict(settings), sort_keys=True):
-            raise EdgeLMError(f"{checkpoint_dir}: its checkpoint was made with other distillation settings; "
-                              "delete the folder to start over, or rerun with the settings it was made with")
+            raise EdgeLMError(
+                f"{checkpoint_dir}: its checkpoint was made with other distillation settings; "
+                "delete the folder to start over, or rerun with the settings it was made with"
+            )
         student.load_state_dict(state["student"])
         optimizer.load_state_dict(state["optimizer"])
         start, losses = int(state["step"]), list(state["losses"])
@@ -199,9 +224,13 @@ def distill(teacher: Any, student: Any, train_ids: list[int], settings: DistillS
             student_out = student(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
         loss = distillation_loss(student_out.logits, teacher_out.logits, settings.temperature)
         if settings.hidden_weight:
-            pairs = [(student_out.hidden_states[i + 1], teacher_out.hidden_states[t + 1])
-                     for i, t in enumerate(layer_map[:-1])]  # the last output is after the final norm: skipped
-            loss = loss + settings.hidden_weight * sum(torch.nn.functional.mse_loss(s.float(), t.float()) for s, t in pairs) / max(1, len(pairs))
+            pairs = [
+                (student_out.hidden_states[i + 1], teacher_out.hidden_states[t + 1])
+                for i, t in enumerate(layer_map[:-1])
+            ]  # the last output is after the final norm: skipped
+            loss = loss + settings.hidden_weight * sum(
+                torch.nn.functional.mse_loss(s.float(), t.float()) for s, t in pairs
+            ) / max(1, len(pairs))
         share = loss * (len(rows) / settings.batch_size)  # this process's part of the global-batch mean
         optimizer.zero_grad(set_to_none=False)
         share.backward()
@@ -228,9 +257,15 @@ def distill(teacher: Any, student: Any, train_ids: list[int], settings: DistillS
             if world > 1:
                 dist.barrier()
     student.eval()
-    return DistillResult(steps=settings.steps, tokens=(settings.steps - start) * settings.batch_size * settings.seq_len,
-                         seconds=round(time.perf_counter() - began, 2), losses=losses, world_size=world,
-                         resumed_from_step=start, settings=asdict(settings) | {"precision": precision})
+    return DistillResult(
+        steps=settings.steps,
+        tokens=(settings.steps - start) * settings.batch_size * settings.seq_len,
+        seconds=round(time.perf_counter() - began, 2),
+        losses=losses,
+        world_size=world,
+        resumed_from_step=start,
+        settings=asdict(settings) | {"precision": precision},
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -254,16 +289,28 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     settings = DistillSettings(**{k: getattr(args, k) for k in asdict(defaults)})
     try:
-        result = distill_folders(args.teacher, args.student, args.output, settings,
-                                 Path(args.checkpoints) if args.checkpoints else None)
+        result = distill_folders(
+            args.teacher, args.student, args.output, settings, Path(args.checkpoints) if args.checkpoints else None
+        )
     except EdgeLMError as err:  # bad input: one line, as the edgelm CLI prints it
         print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         raise SystemExit(err.exit_code) from None
     if result is not None:
         last = result["steps"][-1]
-        print(json.dumps({"output": args.output, "perplexity": result["perplexity"], "first_loss": last["first_loss"],
-                          "last_loss": last["last_loss"], "tokens": last["tokens"], "seconds": last["seconds"],
-                          "world_size": last["world_size"]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "output": args.output,
+                    "perplexity": result["perplexity"],
+                    "first_loss": last["first_loss"],
+                    "last_loss": last["last_loss"],
+                    "tokens": last["tokens"],
+                    "seconds": last["seconds"],
+                    "world_size": last["world_size"],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

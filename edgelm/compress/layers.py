@@ -33,7 +33,11 @@ def layer_list(model: Any) -> tuple[Any, str, Any]:
 
     count = model.config.num_hidden_layers
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.ModuleList) and len(module) == count and name.rsplit(".", 1)[-1] in ("layers", "layer"):
+        if (
+            isinstance(module, torch.nn.ModuleList)
+            and len(module) == count
+            and name.rsplit(".", 1)[-1] in ("layers", "layer")
+        ):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             return parent, name.rsplit(".", 1)[-1], module
     raise UnsupportedError(f"{type(model).__name__}: found no list of {count} layers to reduce")
@@ -46,7 +50,9 @@ def keeping_layers(model: Any, keep: list[int]) -> Iterator[None]:
 
     parent, attr, layers = layer_list(model)
     config = model.config
-    saved = {name: getattr(config, name) for name in PER_LAYER_CONFIG_LISTS if isinstance(getattr(config, name, None), list)}
+    saved = {
+        name: getattr(config, name) for name in PER_LAYER_CONFIG_LISTS if isinstance(getattr(config, name, None), list)
+    }
     setattr(parent, attr, torch.nn.ModuleList([layers[i] for i in keep]))
     config.num_hidden_layers = len(keep)
     for name, values in saved.items():
@@ -94,9 +100,14 @@ def _renumber(layers: Any) -> None:
                 module.layer_idx = new_index
 
 
-def choose_layers_to_drop(model: Any, count: int, method: str, batches: list[Any],
-                          loss_fn: Callable[[Any, list[Any]], float],
-                          on_score: Callable[[str], None] | None = None) -> tuple[list[int], dict[str, Any]]:
+def choose_layers_to_drop(
+    model: Any,
+    count: int,
+    method: str,
+    batches: list[Any],
+    loss_fn: Callable[[Any, list[Any]], float],
+    on_score: Callable[[str], None] | None = None,
+) -> tuple[list[int], dict[str, Any]]:
     """Pick `count` layers to drop by `method`; returns (sorted indices, the scores measured)."""
     total = layer_list(model)[2].__len__()
     if method not in IMPORTANCE_METHODS:
@@ -141,6 +152,7 @@ def block_influence(model: Any, batches: list[Any]) -> list[float]:
             hidden_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(hidden_in.float(), hidden_out.float(), dim=-1)
             sums[index] += float((1 - cos).sum())
+
         return record
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]

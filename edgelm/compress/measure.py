@@ -23,7 +23,9 @@ def mean_nll(model: Any, batches: list[Any]) -> float:
         for batch in batches:
             logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
             targets = batch[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"
+            )
             total += float(loss)
             count += targets.numel()
     if not count:

@@ -52,11 +52,15 @@ class TextSplits:
         return cls(corpus, token_stream(corpus.train, encode, eos), token_stream(corpus.heldout, encode, eos), eos)
 
     def describe(self) -> dict[str, Any]:
-        return self.corpus.describe() | {"train_tokens": len(self.train), "heldout_tokens": len(self.heldout),
-                                         "teacher_generated_tokens": self.teacher_tokens}
+        return self.corpus.describe() | {
+            "train_tokens": len(self.train),
+            "heldout_tokens": len(self.heldout),
+            "teacher_generated_tokens": self.teacher_tokens,
+        }
 
-    def add_teacher_continuations(self, teacher: Any, count: int, prompt_tokens: int = 32, new_tokens: int = 96,
-                                  seed: int = 0) -> None:
+    def add_teacher_continuations(
+        self, teacher: Any, count: int, prompt_tokens: int = 32, new_tokens: int = 96, seed: int = 0
+    ) -> None:
         """Sequence-level distillation: append `count` teacher continuations of training prompts.
 
         Prompts are `prompt_tokens`-long slices spread evenly over the training stream;
@@ -73,8 +77,14 @@ class TextSplits:
         with torch.inference_mode():
             for start in range(0, stride * count, stride)[:count]:
                 prompt = torch.tensor([self.train[start : start + prompt_tokens]])
-                out = teacher.generate(prompt, max_new_tokens=new_tokens, do_sample=True, temperature=0.8, top_p=0.95,
-                                       pad_token_id=self.eos_id if self.eos_id is not None else 0)
+                out = teacher.generate(
+                    prompt,
+                    max_new_tokens=new_tokens,
+                    do_sample=True,
+                    temperature=0.8,
+                    top_p=0.95,
+                    pad_token_id=self.eos_id if self.eos_id is not None else 0,
+                )
                 added.extend(out[0].tolist() + ([self.eos_id] if self.eos_id is not None else []))
                 self.teacher_tokens += out.shape[1] - prompt.shape[1]
         self.train = self.train + added
@@ -92,16 +102,25 @@ def count_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def load_with_tokenizer(model: str | Path | None, work: Path, allow_pickle: bool = False) -> tuple[SourceModel, Any, Tokenizer]:
+def load_with_tokenizer(
+    model: str | Path | None, work: Path, allow_pickle: bool = False
+) -> tuple[SourceModel, Any, Tokenizer]:
     """Load a model (folder, GGUF, None = default) in fp32 and its tokenizer, saved under `work`."""
     source = inspect_source(model, allow_pickle=allow_pickle)
     loaded = load_reference_model(source, work)
     return source, loaded, Tokenizer(work)
 
 
-def compress_model(model: str | Path | None, output: str | Path, recipe: CompressRecipe, *,
-                   overwrite: bool = False, allow_pickle: bool = False, step: StepHook | None = None,
-                   on_distill_step: DistillHook | None = None) -> CompressionRecord:
+def compress_model(
+    model: str | Path | None,
+    output: str | Path,
+    recipe: CompressRecipe,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    step: StepHook | None = None,
+    on_distill_step: DistillHook | None = None,
+) -> CompressionRecord:
     """Run `recipe` on `model` and write the compressed model folder to `output`."""
     step = step or (lambda _name: nullcontext())
     _set_threads()
@@ -113,7 +132,9 @@ def compress_model(model: str | Path | None, output: str | Path, recipe: Compres
             if source.task != "text-generation" and recipe.distill:
                 from edgelm.errors import UnsupportedError
 
-                raise UnsupportedError(f"distillation trains causal language models; {source.model_id} is a {source.task} model")
+                raise UnsupportedError(
+                    f"distillation trains causal language models; {source.model_id} is a {source.task} model"
+                )
         with step("Cleaning and splitting the training text"):
             text = TextSplits.build(tokenizer)
             calibration = windows(text.train, recipe.calibration_window, recipe.calibration_tokens)
@@ -130,8 +151,9 @@ def compress_model(model: str | Path | None, output: str | Path, recipe: Compres
         if recipe.drop_layers:
             spec = recipe.drop_layers
             with step(f"Scoring layers ({spec.importance}) and dropping {spec.count}"):
-                chosen, scores = choose_layers_to_drop(student, spec.count, spec.importance, calibration, mean_nll,
-                                                       on_score=getattr(step, "note", None))
+                chosen, scores = choose_layers_to_drop(
+                    student, spec.count, spec.importance, calibration, mean_nll, on_score=getattr(step, "note", None)
+                )
                 kept = drop_layers(student, chosen)
             if lm:
                 ppl["after_drop_layers"] = round(perplexity(student, heldout), 4)
@@ -148,16 +170,28 @@ def compress_model(model: str | Path | None, output: str | Path, recipe: Compres
                 text.add_teacher_continuations(teacher, recipe.teacher_continuations, seed=recipe.distill.seed)
         if recipe.distill:
             with step(f"Distilling for {recipe.distill.steps} steps"):
-                result = distill(teacher, student, text.train, recipe.distill, checkpoint_folder(output), masks=masks,
-                                 layer_map=kept, on_step=on_distill_step)
+                result = distill(
+                    teacher,
+                    student,
+                    text.train,
+                    recipe.distill,
+                    checkpoint_folder(output),
+                    masks=masks,
+                    layer_map=kept,
+                    on_step=on_distill_step,
+                )
             ppl["after_distill"] = round(perplexity(student, heldout), 4)
             record_steps.append({"step": "distill", **_distill_summary(result)})
         with step("Saving the compressed model"):
             record = CompressionRecord(
-                base_model=source.model_id, base_model_sha256=source.sha256, recipe=recipe.to_dict(),
-                corpus=text.describe(), perplexity=ppl,
+                base_model=source.model_id,
+                base_model_sha256=source.sha256,
+                recipe=recipe.to_dict(),
+                corpus=text.describe(),
+                perplexity=ppl,
                 parameters={"before": count_parameters(teacher), "after": count_parameters(student)},
-                steps=record_steps, kept_layers=kept,
+                steps=record_steps,
+                kept_layers=kept,
             )
             save_model_folder(student, work / ".tokenizer", work, record)
     shutil.rmtree(checkpoint_folder(output), ignore_errors=True)
@@ -170,8 +204,10 @@ def checkpoint_folder(output: Path) -> Path:
 
 
 def _distill_summary(result: DistillResult) -> dict[str, Any]:
-    return result.to_dict() | {"first_loss": result.losses[0] if result.losses else None,
-                               "last_loss": result.losses[-1] if result.losses else None}
+    return result.to_dict() | {
+        "first_loss": result.losses[0] if result.losses else None,
+        "last_loss": result.losses[-1] if result.losses else None,
+    }
 
 
 def save_model_folder(model: Any, tokenizer_dir: Path, folder: Path, record: CompressionRecord) -> None:
@@ -183,8 +219,13 @@ def save_model_folder(model: Any, tokenizer_dir: Path, folder: Path, record: Com
     record.write(folder)
 
 
-def distill_folders(teacher_path: str | Path | None, student_path: str | Path, output: str | Path,
-                    settings: DistillSettings, checkpoints: Path | None = None) -> dict[str, Any] | None:
+def distill_folders(
+    teacher_path: str | Path | None,
+    student_path: str | Path,
+    output: str | Path,
+    settings: DistillSettings,
+    checkpoints: Path | None = None,
+) -> dict[str, Any] | None:
     """Distill a student folder toward a teacher, on one process or under torchrun (see distill.py).
 
     Rank 0 writes the distilled folder (its compression.json extended with this step) and
@@ -213,20 +254,35 @@ def distill_folders(teacher_path: str | Path | None, student_path: str | Path, o
             before = perplexity(student, heldout) if rank == 0 else None  # other ranks wait at the first step
             progress = DistillProgress(settings.steps) if rank == 0 else None
             with progress or nullcontext():
-                result = distill(teacher, student, text.train, settings, checkpoints, masks=_sparsity_masks(student, previous),
-                                 layer_map=previous.kept_layers if previous else None,
-                                 on_step=progress.update if progress else None)
+                result = distill(
+                    teacher,
+                    student,
+                    text.train,
+                    settings,
+                    checkpoints,
+                    masks=_sparsity_masks(student, previous),
+                    layer_map=previous.kept_layers if previous else None,
+                    on_step=progress.update if progress else None,
+                )
             if rank != 0:
                 return None
             record = previous or CompressionRecord(
-                base_model=str(teacher_path or "default"), base_model_sha256="", recipe={}, corpus={}, perplexity={},
-                parameters={"before": count_parameters(teacher), "after": count_parameters(student)})
+                base_model=str(teacher_path or "default"),
+                base_model_sha256="",
+                recipe={},
+                corpus={},
+                perplexity={},
+                parameters={"before": count_parameters(teacher), "after": count_parameters(student)},
+            )
             record.corpus = text.describe()
             record.recipe = record.recipe | {"distill": asdict(settings)}
             if "base" not in record.perplexity:  # a student from `edgelm compress` already measured its teacher
                 record.perplexity = {"base": round(perplexity(teacher, heldout), 4), **record.perplexity}
-            record.perplexity = {**record.perplexity,
-                                 "before_distill": round(before, 4), "after_distill": round(perplexity(student, heldout), 4)}
+            record.perplexity = {
+                **record.perplexity,
+                "before_distill": round(before, 4),
+                "after_distill": round(perplexity(student, heldout), 4),
+            }
             record.steps = [*record.steps, {"step": "distill", **_distill_summary(result)}]
             protect = tuple(Path(p) for p in (teacher_path, student_path) if p is not None and Path(p) != output)
             with atomic_bundle_dir(output, overwrite=True, protect=protect, ours=is_compressed_model) as work:
@@ -273,9 +329,14 @@ class DistillProgress:
                 TimeRemainingColumn,
             )
 
-            self.progress = Progress(TextColumn("distilling"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("loss {task.fields[loss]:.4f} · {task.fields[tps]:.0f} tok/s"),
-                                     TimeRemainingColumn(), console=Console(stderr=True))
+            self.progress = Progress(
+                TextColumn("distilling"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]:.4f} · {task.fields[tps]:.0f} tok/s"),
+                TimeRemainingColumn(),
+                console=Console(stderr=True),
+            )
             self.progress.start()
             self.task = self.progress.add_task("distill", total=self.steps, loss=loss, tps=tokens_per_s)
         self.progress.update(self.task, completed=step, loss=loss, tps=tokens_per_s)

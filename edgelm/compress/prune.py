@@ -111,6 +111,7 @@ def _input_activation_norms(model: Any, modules: dict[str, Any], batches: list[A
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
             sums[name] = sums.get(name, 0) + x.abs().sum(0)
             counts[name] = counts.get(name, 0) + x.shape[0]
+
         return record
 
     handles = [m.register_forward_pre_hook(hook(name)) for name, m in modules.items()]
@@ -148,8 +149,10 @@ def _mlp_parts(layer: Any) -> tuple[Any, list[str], str]:
         return layer.mlp, ["gate_proj", "up_proj"], "down_proj"
     if hasattr(layer, "intermediate") and hasattr(layer, "output"):  # BERT-style encoder
         return layer, ["intermediate.dense"], "output.dense"
-    raise UnsupportedError(f"{type(layer).__name__}: structured channel pruning knows separate gate/up/down "
-                           "(Llama, Qwen2, Gemma3) or BERT MLPs; this layer fuses them")
+    raise UnsupportedError(
+        f"{type(layer).__name__}: structured channel pruning knows separate gate/up/down "
+        "(Llama, Qwen2, Gemma3) or BERT MLPs; this layer fuses them"
+    )
 
 
 def prune_channels(model: Any, fraction: float, batches: list[Any]) -> dict[str, Any]:
@@ -179,9 +182,14 @@ def prune_heads(model: Any, fraction: float, batches: list[Any]) -> dict[str, An
     config = model.config
     _, _, layers = layer_list(model)
     if not all(hasattr(layer, "self_attn") and all(hasattr(layer.self_attn, n) for n in ATTENTION) for layer in layers):
-        raise UnsupportedError("structured head pruning knows decoders with separate q/k/v/o projections "
-                               "(Llama, Qwen2, Gemma3); this model's attention is laid out differently")
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        raise UnsupportedError(
+            "structured head pruning knows decoders with separate q/k/v/o projections "
+            "(Llama, Qwen2, Gemma3); this model's attention is laid out differently"
+        )
+    heads, kv_heads = (
+        config.num_attention_heads,
+        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+    )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     group = heads // kv_heads
     keep_groups = max(1, round(kv_heads * (1 - fraction)))

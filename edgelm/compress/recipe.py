@@ -40,10 +40,14 @@ class CompressRecipe:
 
     def __post_init__(self) -> None:
         if self.drop_layers and self.drop_layers.importance not in IMPORTANCE_METHODS:
-            raise UnsupportedError(f"unknown layer importance {self.drop_layers.importance!r}; "
-                                   f"choose one of {', '.join(IMPORTANCE_METHODS)}")
+            raise UnsupportedError(
+                f"unknown layer importance {self.drop_layers.importance!r}; "
+                f"choose one of {', '.join(IMPORTANCE_METHODS)}"
+            )
         if self.prune and self.prune.method not in PRUNE_METHODS:
-            raise UnsupportedError(f"unknown pruning method {self.prune.method!r}; choose one of {', '.join(PRUNE_METHODS)}")
+            raise UnsupportedError(
+                f"unknown pruning method {self.prune.method!r}; choose one of {', '.join(PRUNE_METHODS)}"
+            )
         if not (self.drop_layers or self.prune or self.distill):
             raise UnsupportedError("the recipe does nothing: give drop_layers, prune and/or distill")
 

@@ -78,9 +78,17 @@ class VendorRuntime(Protocol):
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
         """Write the files the runtime reads beside the artifact (none for most); return them."""
 
-    def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None,
-                 ignore_eos: bool = False) -> VendorRun:
+    def generate(
+        self,
+        artifact: Path,
+        bundle_dir: Path,
+        prompt: str,
+        facts: GenerationFacts,
+        new_tokens: int,
+        threads: int | None,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> VendorRun:
         """Greedy continuation of `prompt` (text as given: a chat template is the caller's) by the
         runtime's own loop and tokenizer; each piece of text also goes to `on_text`. `ignore_eos`
         (benchmarks: a fixed token count) where the runtime's API allows it."""
@@ -143,8 +151,14 @@ class TokenClock:
             self.on_text(piece)
 
     def run(self, load_s: float, ids: list[int] | None = None, prompt_ids: list[int] | None = None) -> VendorRun:
-        return VendorRun(text="".join(self.pieces), tokens=len(self.pieces), decode_tok_s=self.decode_tok_s(),
-                         load_s=load_s, ids=ids, prompt_ids=prompt_ids)
+        return VendorRun(
+            text="".join(self.pieces),
+            tokens=len(self.pieces),
+            decode_tok_s=self.decode_tok_s(),
+            load_s=load_s,
+            ids=ids,
+            prompt_ids=prompt_ids,
+        )
 
     def decode_tok_s(self) -> float | None:
         if len(self.stamps) < 2 or self.stamps[-1] <= self.stamps[0]:
@@ -167,17 +181,24 @@ def _tokenizer_facts(tokenizer_dir: Path, extra_eos: Any = None) -> dict[str, An
     eos.update(extra_eos if isinstance(extra_eos, (list, tuple)) else [extra_eos] if extra_eos is not None else [])
     with_specials, plain = tokenizer.encode("a"), tokenizer.encode("a", add_special_tokens=False)
     bos = with_specials[0] if with_specials[1:] == plain and len(with_specials) == len(plain) + 1 else None
-    return {"tokenizer_dir": tokenizer_dir, "eos_ids": tuple(sorted(int(i) for i in eos)), "bos_id": bos,
-            "chat_template": tokenizer.chat_template, "pad_id": tokenizer.pad_token_id}
+    return {
+        "tokenizer_dir": tokenizer_dir,
+        "eos_ids": tuple(sorted(int(i) for i in eos)),
+        "bos_id": bos,
+        "chat_template": tokenizer.chat_template,
+        "pad_id": tokenizer.pad_token_id,
+    }
 
 
 def bundle_facts(bundle_dir: Path, entry: Any) -> GenerationFacts:
     """The facts of an exported bundle's artifact, read from the bundle (no model config needed):
     what running a vendor runtime on it later (`edgelm run --runtime vendor`) needs."""
     signature = entry.signature or {}
-    return GenerationFacts(**_tokenizer_facts(bundle_dir / "tokenizer"),
-                           max_context=int(signature.get("max_context", 2048)),
-                           vocab_size=int(signature.get("vocab_size", 0)))
+    return GenerationFacts(
+        **_tokenizer_facts(bundle_dir / "tokenizer"),
+        max_context=int(signature.get("max_context", 2048)),
+        vocab_size=int(signature.get("vocab_size", 0)),
+    )
 
 
 def generation_facts(tokenizer_dir: Path, config: Any) -> GenerationFacts:
@@ -185,11 +206,19 @@ def generation_facts(tokenizer_dir: Path, config: Any) -> GenerationFacts:
     from edgelm.graph import decoder_signature
 
     signature = decoder_signature(config)
-    shape = {"num_layers": signature.num_layers, "num_heads": int(config.num_attention_heads),
-             "num_kv_heads": signature.num_kv_heads, "head_dim": signature.head_dim,
-             "hidden_size": int(config.hidden_size)}
-    return GenerationFacts(**_tokenizer_facts(tokenizer_dir, getattr(config, "eos_token_id", None)),
-                           max_context=signature.max_context, vocab_size=signature.vocab_size, shape=shape)
+    shape = {
+        "num_layers": signature.num_layers,
+        "num_heads": int(config.num_attention_heads),
+        "num_kv_heads": signature.num_kv_heads,
+        "head_dim": signature.head_dim,
+        "hidden_size": int(config.hidden_size),
+    }
+    return GenerationFacts(
+        **_tokenizer_facts(tokenizer_dir, getattr(config, "eos_token_id", None)),
+        max_context=signature.max_context,
+        vocab_size=signature.vocab_size,
+        shape=shape,
+    )
 
 
 def vendor_for(bundle_dir: Path, entry: Any) -> tuple[VendorRuntime, GenerationFacts]:
@@ -201,8 +230,10 @@ def vendor_for(bundle_dir: Path, entry: Any) -> tuple[VendorRuntime, GenerationF
     vendor = get_vendor(entry.format)
     if vendor is None:
         known = ", ".join(VENDOR_MODULES)
-        raise UnsupportedError(f"{entry.name}: edgelm has no vendor LLM runtime for {entry.format} files (it has for: "
-                               f"{known}); use --runtime edgelm")
+        raise UnsupportedError(
+            f"{entry.name}: edgelm has no vendor LLM runtime for {entry.format} files (it has for: "
+            f"{known}); use --runtime edgelm"
+        )
     reason = missing(vendor)
     if reason:
         raise UnsupportedError(f"{entry.name}: {reason}")

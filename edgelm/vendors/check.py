@@ -18,8 +18,9 @@ from edgelm.vendors import (
 )
 
 
-def edgelm_continuation(session: Any, tokenizer: Any, prompt: str, facts: GenerationFacts,
-                        new_tokens: int = NEW_TOKENS) -> tuple[list[int], list[int]]:
+def edgelm_continuation(
+    session: Any, tokenizer: Any, prompt: str, facts: GenerationFacts, new_tokens: int = NEW_TOKENS
+) -> tuple[list[int], list[int]]:
     """(prompt ids, edgelm's greedy continuation of them on an open session, cut where a
     runtime's loop stops: the first stop token)."""
     prompt_ids = tokenizer.encode(prompt)
@@ -32,7 +33,7 @@ def one_line(message: str, limit: int = 400) -> str:
     """A native runtime's message on one line; a long one keeps its start and its end, where
     C++ runtimes put the actual reason ("... Missing Input: past_value_0")."""
     message = " ".join(message.split())
-    return message if len(message) <= limit else f"{message[:limit // 3]} … {message[-(limit * 2 // 3):]}"
+    return message if len(message) <= limit else f"{message[: limit // 3]} … {message[-(limit * 2 // 3) :]}"
 
 
 def shown(text: str) -> str:
@@ -43,14 +44,27 @@ def shown(text: str) -> str:
     return "".join(c for c in text if c != "\ufffd" and (c >= " " or c in "\t\n\r"))
 
 
-def check_artifact(fmt: str, artifact: Path, bundle_dir: Path, session: Any, tokenizer: Any,
-                   facts: GenerationFacts, prompt: str, threads: int | None = None) -> VendorCheck | None:
+def check_artifact(
+    fmt: str,
+    artifact: Path,
+    bundle_dir: Path,
+    session: Any,
+    tokenizer: Any,
+    facts: GenerationFacts,
+    prompt: str,
+    threads: int | None = None,
+) -> VendorCheck | None:
     """The vendor runtime's verdict on `artifact`, or None when `fmt` has no vendor LLM runtime."""
     vendor = get_vendor(fmt)
     if vendor is None:
         return None
-    check = VendorCheck(runtime=vendor.name, package=vendor.package, version=package_version(vendor.package),
-                        result="passed", prompt_chars=len(prompt))
+    check = VendorCheck(
+        runtime=vendor.name,
+        package=vendor.package,
+        version=package_version(vendor.package),
+        result="passed",
+        prompt_chars=len(prompt),
+    )
     reason = missing(vendor)
     if reason:
         check.result = f"skipped: {reason}"
@@ -79,24 +93,30 @@ def edgelm_text_as_shown_by(vendor: Any, tokenizer: Any, ids: list[int]) -> str:
     return tokenizer.decode(ids)
 
 
-def _verdict(vendor: Any, tokenizer: Any, check: VendorCheck, run: Any, prompt_ids: list[int],
-             ids: list[int]) -> str:
+def _verdict(vendor: Any, tokenizer: Any, check: VendorCheck, run: Any, prompt_ids: list[int], ids: list[int]) -> str:
     """Token ids where the runtime gives them (its text of bytes that are not valid UTF-8 is its
     own business), the text otherwise."""
     if run.prompt_ids is not None and list(run.prompt_ids) != list(prompt_ids):
         first = common_prefix(run.prompt_ids, prompt_ids)
-        return (f"failed: {vendor.name}'s tokenizer encodes the prompt differently ({len(run.prompt_ids)} tokens against "
-                f"edgelm's {len(prompt_ids)}, first difference at token {first})")
+        return (
+            f"failed: {vendor.name}'s tokenizer encodes the prompt differently ({len(run.prompt_ids)} tokens against "
+            f"edgelm's {len(prompt_ids)}, first difference at token {first})"
+        )
     if run.ids is not None:
         check.matching_tokens = common_prefix(run.ids, ids)
         if list(run.ids) != list(ids):
-            return (f"failed: {vendor.name}'s greedy tokens differ from edgelm's after {check.matching_tokens} of "
-                    f"{len(ids)}")
+            return (
+                f"failed: {vendor.name}'s greedy tokens differ from edgelm's after {check.matching_tokens} of "
+                f"{len(ids)}"
+            )
         return "passed"
     ours, theirs = shown(edgelm_text_as_shown_by(vendor, tokenizer, ids)), shown(run.text)
     check.matching_chars = common_prefix(theirs, ours)
     if theirs != ours:
-        return f"failed: {vendor.name}'s greedy text differs from edgelm's after {check.matching_chars} of {len(ours)} characters"
+        return (
+            f"failed: {vendor.name}'s greedy text differs from edgelm's after {check.matching_chars} of "
+            f"{len(ours)} characters"
+        )
     return "passed"
 
 
@@ -113,5 +133,4 @@ class VendorChecks:
         return fmt in VENDOR_MODULES
 
     def run(self, fmt: str, artifact: Path, bundle_dir: Path, session: Any) -> VendorCheck | None:
-        return check_artifact(fmt, artifact, bundle_dir, session, self.tokenizer, self.facts, self.prompt,
-                              self.threads)
+        return check_artifact(fmt, artifact, bundle_dir, session, self.tokenizer, self.facts, self.prompt, self.threads)

@@ -26,8 +26,11 @@ def runner_methods(max_context: int, facts_bos: int | None, eos_ids: tuple[int, 
     the prompt may be prefilled in one call up to the whole context (the program's token
     dimension is dynamic), the cache lives inside the program, and these tokens stop it."""
     methods: dict[str, Any] = {
-        "get_max_seq_len": max_context, "get_max_context_len": max_context, "use_kv_cache": True,
-        "use_sdpa_with_kv_cache": True, "enable_dynamic_shape": True,
+        "get_max_seq_len": max_context,
+        "get_max_context_len": max_context,
+        "use_kv_cache": True,
+        "use_sdpa_with_kv_cache": True,
+        "enable_dynamic_shape": True,
     }
     if eos_ids:
         methods["get_eos_ids"] = list(eos_ids)
@@ -45,9 +48,17 @@ class ExecuTorchRunner:
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
         return []  # everything the runner reads is inside the .pte and tokenizer.json
 
-    def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None,
-                 ignore_eos: bool = False) -> VendorRun:
+    def generate(
+        self,
+        artifact: Path,
+        bundle_dir: Path,
+        prompt: str,
+        facts: GenerationFacts,
+        new_tokens: int,
+        threads: int | None,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> VendorRun:
         from edgelm.runtimes.executorch import load_kernel_libraries
 
         load_kernel_libraries()  # the quantized and llama custom-op kernels an app links in
@@ -64,8 +75,9 @@ class ExecuTorchRunner:
             start = time.perf_counter()
             runner = TextLLMRunner(str(artifact), str(facts.tokenizer_dir / "tokenizer.json"))
             load_s = time.perf_counter() - start
-            config = GenerationConfig(echo=False, max_new_tokens=new_tokens, temperature=0.0,
-                                      num_bos=1 if facts.bos_id is not None else 0)
+            config = GenerationConfig(
+                echo=False, max_new_tokens=new_tokens, temperature=0.0, num_bos=1 if facts.bos_id is not None else 0
+            )
             runner.generate(prompt, config, stats_callback=stats.append)
         text = printed[0].rsplit(STATS_MARKER, 1)[0].decode("utf-8", errors="replace")
         if on_text:  # the runner's Python binding cannot stream a piece that is not valid UTF-8 on its own

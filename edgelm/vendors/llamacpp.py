@@ -30,14 +30,21 @@ def open_llama(artifact: Path, threads: int | None, context: int = 2048) -> Any:
         FILE_TYPE_ALL_F32,
         GGML_TYPE_F16,
         GGML_TYPE_F32,
-        _llama,
+        llama_library,
     )
 
     f32 = read_gguf_summary(artifact).integer("general.file_type", -1) == FILE_TYPE_ALL_F32
-    _llama()  # backend initialised and its log silenced once per process
-    return llama_cpp.Llama(model_path=str(artifact), n_ctx=context, n_threads=threads, n_threads_batch=threads,
-                           flash_attn=not f32, type_k=GGML_TYPE_F32 if f32 else GGML_TYPE_F16,
-                           type_v=GGML_TYPE_F32 if f32 else GGML_TYPE_F16, verbose=False)
+    llama_library()  # backend initialised and its log silenced once per process
+    return llama_cpp.Llama(
+        model_path=str(artifact),
+        n_ctx=context,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=not f32,
+        type_k=GGML_TYPE_F32 if f32 else GGML_TYPE_F16,
+        type_v=GGML_TYPE_F32 if f32 else GGML_TYPE_F16,
+        verbose=False,
+    )
 
 
 class LlamaCpp:
@@ -49,9 +56,17 @@ class LlamaCpp:
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
         return []  # the GGUF is self-contained
 
-    def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None,
-                 ignore_eos: bool = False) -> VendorRun:
+    def generate(
+        self,
+        artifact: Path,
+        bundle_dir: Path,
+        prompt: str,
+        facts: GenerationFacts,
+        new_tokens: int,
+        threads: int | None,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> VendorRun:
         """The loop under `Llama.create_completion` (`Llama.generate`, greedy), on the prompt as
         create_completion tokenizes it (BOS where the GGUF asks for it, special tokens parsed),
         so that the token ids can be compared, not only the text."""

@@ -41,18 +41,39 @@ def genai_config(model_file: str, facts: GenerationFacts) -> dict[str, Any]:
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": model_file,
-                "head_size": shape["head_dim"], "hidden_size": shape["hidden_size"],
-                "num_attention_heads": shape["num_heads"], "num_hidden_layers": shape["num_layers"],
+                "head_size": shape["head_dim"],
+                "hidden_size": shape["hidden_size"],
+                "num_attention_heads": shape["num_heads"],
+                "num_hidden_layers": shape["num_layers"],
                 "num_key_value_heads": shape["num_kv_heads"],
-                "inputs": {"input_ids": "input_ids", "past_key_names": "past_key_%d", "past_value_names": "past_value_%d"},
-                "outputs": {"logits": "logits", "present_key_names": "present_key_%d",
-                            "present_value_names": "present_value_%d"},
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "past_key_names": "past_key_%d",
+                    "past_value_names": "past_value_%d",
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": "present_key_%d",
+                    "present_value_names": "present_value_%d",
+                },
             },
         },
-        "search": {"do_sample": False, "num_beams": 1, "num_return_sequences": 1, "max_length": facts.max_context,
-                   "min_length": 0, "past_present_share_buffer": False, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
-                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
+        "search": {
+            "do_sample": False,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "max_length": facts.max_context,
+            "min_length": 0,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "no_repeat_ngram_size": 0,
+            "diversity_penalty": 0.0,
+        },
     }
 
 
@@ -61,8 +82,15 @@ def open_model(folder: Path, threads: int | None) -> Any:
 
     config = og.Config(str(folder))
     if threads:
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads,
-                                                                              "inter_op_num_threads": 1}}}}))
+        config.overlay(
+            json.dumps(
+                {
+                    "model": {
+                        "decoder": {"session_options": {"intra_op_num_threads": threads, "inter_op_num_threads": 1}}
+                    }
+                }
+            )
+        )
     return og.Model(config)
 
 
@@ -81,14 +109,23 @@ class OnnxRuntimeGenAI:
             written.append(folder / name)
         if facts.chat_template:  # the bundle keeps it in chat_template.jinja; genai reads tokenizer_config.json
             config_path = folder / "tokenizer_config.json"
-            config_path.write_text(json.dumps({**json.loads(config_path.read_text()),
-                                               "chat_template": facts.chat_template}, indent=1))
+            config_path.write_text(
+                json.dumps({**json.loads(config_path.read_text()), "chat_template": facts.chat_template}, indent=1)
+            )
         (folder / CONFIG).write_text(json.dumps(genai_config(artifact.name, facts), indent=1))
         return [*written, folder / CONFIG]
 
-    def generate(self, artifact: Path, bundle_dir: Path, prompt: str, facts: GenerationFacts,
-                 new_tokens: int, threads: int | None, on_text: Callable[[str], None] | None = None,
-                 ignore_eos: bool = False) -> VendorRun:
+    def generate(
+        self,
+        artifact: Path,
+        bundle_dir: Path,
+        prompt: str,
+        facts: GenerationFacts,
+        new_tokens: int,
+        threads: int | None,
+        on_text: Callable[[str], None] | None = None,
+        ignore_eos: bool = False,
+    ) -> VendorRun:
         import onnxruntime_genai as og
 
         start = time.perf_counter()
@@ -97,8 +134,11 @@ class OnnxRuntimeGenAI:
         load_s = time.perf_counter() - start
         ids = tokenizer.encode(prompt)
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False,
-                                  **({"min_length": len(ids) + new_tokens} if ignore_eos else {}))
+        params.set_search_options(
+            max_length=len(ids) + new_tokens,
+            do_sample=False,
+            **({"min_length": len(ids) + new_tokens} if ignore_eos else {}),
+        )
         generator = og.Generator(model, params)
         stream, clock, generated = tokenizer.create_stream(), TokenClock(on_text), []
         generator.append_tokens(ids)
