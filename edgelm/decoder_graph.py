@@ -1,0 +1,251 @@
+"""The decoder graph of edgelm.graph as torch modules: `DecoderGraph` steps the source model's
+own modules, and one `CacheLayout` object per layout owns what differs between formats — the
+state a step takes, the positions of the new tokens and of the keys they see, how a layer's
+keys and values are stored and attended over, and what the step returns:
+
+    ExplicitCache       ONNX: past in, past + new out
+    StaticCache         ExecuTorch: mutable buffers, input_pos, logits out
+    ExecuTorchOpsCache  the same through ExecuTorch's llama custom ops (update_cache, custom_sdpa)
+    HostCache           LiteRT: the caller's cache in, the new positions' keys/values out
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgelm.graph import DecoderSignature, decoder_signature
+
+
+class CacheLayout:
+    """Where one graph's keys and values live between calls. A layout owns what differs between
+    the formats: the state the step takes, the positions of the new tokens and of every key the
+    queries see, how a layer's new keys/values are stored and attended over, and what the step
+    returns. The graph itself (projections, RoPE, norms, MLP) is the same for all of them."""
+
+    def begin(self, n: int, state: tuple) -> tuple[Any, Any, tuple]:
+        """(positions of the n new tokens, positions of every key attended over, the per-layer state)."""
+        raise NotImplementedError
+
+    def attend(self, graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, i: int, state: tuple, mask: Any) -> Any:
+        """Layer i's attention output [1, n, heads * head_dim] over its cache and the new k, v."""
+        raise NotImplementedError
+
+    def outputs(self, logits: Any, presents: list[Any]) -> Any:
+        return (logits, *presents)
+
+
+def grouped_attention(graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, mask: Any) -> Any:
+    """Plain attention of q over k, v (key/value heads repeated for grouped queries)."""
+    groups = graph.num_heads // graph.signature.num_kv_heads
+    k_all, v_all = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k_all.transpose(2, 3)) * attn.scaling + mask
+    out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
+    return out.transpose(1, 2).reshape(1, q.shape[2], graph.num_heads * graph.signature.head_dim)
+
+
+class ExplicitCache(CacheLayout):
+    """ONNX: past keys/values in, past + new out; the cache grows by n per call."""
+
+    def begin(self, n: int, state: tuple) -> tuple[Any, Any, tuple]:
+        past_len = state[0].shape[2]
+        positions = torch.arange(n, dtype=torch.long) + past_len
+        return positions, torch.arange(past_len + n, dtype=torch.long), state
+
+    def attend(self, graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, i: int, state: tuple, mask: Any) -> Any:
+        k, v = torch.cat([state[2 * i], k], dim=2), torch.cat([state[2 * i + 1], v], dim=2)
+        return grouped_attention(graph, attn, q, k, v, mask), k, v
+
+
+class StaticCache(CacheLayout):
+    """ExecuTorch: the cache lives in the graph's mutable buffers of `context` positions; the
+    step takes input_pos, writes the new positions in place and returns only the logits."""
+
+    def __init__(self, context: int) -> None:
+        self.context = context
+        self.positions: Any = None
+
+    def shape(self, signature: DecoderSignature) -> tuple[int, ...]:
+        return (1, signature.num_kv_heads, self.context, signature.head_dim)
+
+    def register(self, graph: Any, dtype: Any) -> None:
+        """One key and one value buffer per layer on `graph` (an fp16 model keeps an fp16 cache)."""
+        for i in range(graph.signature.num_layers):
+            for kind in ("key", "value"):
+                graph.register_buffer(
+                    f"cache_{kind}_{i}", torch.zeros(self.shape(graph.signature), dtype=dtype), persistent=False
+                )
+
+    def begin(self, n: int, state: tuple) -> tuple[Any, Any, tuple]:
+        self.positions = torch.arange(n, dtype=torch.long) + state[0][0]
+        return self.positions, torch.arange(self.context, dtype=torch.long), ()
+
+    def attend(self, graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, i: int, state: tuple, mask: Any) -> Any:
+        cache_k, cache_v = getattr(graph, f"cache_key_{i}"), getattr(graph, f"cache_value_{i}")
+        cache_k.index_copy_(2, self.positions, k)
+        cache_v.index_copy_(2, self.positions, v)
+        return grouped_attention(graph, attn, q, cache_k, cache_v, mask), cache_k, cache_v
+
+    def outputs(self, logits: Any, presents: list[Any]) -> Any:
+        return logits
+
+
+class ExecuTorchOpsCache(StaticCache):
+    """The static cache written and attended through ExecuTorch's llama custom ops
+    (update_cache, custom_sdpa): stored [1, context, kv_heads, head_dim], grouped heads read in
+    place, causal attention stopping at the last written position. The caller imports
+    executorch.extension.llm.custom_ops first."""
+
+    def __init__(self, context: int) -> None:
+        super().__init__(context)
+        self.start: Any = None
+
+    def shape(self, signature: DecoderSignature) -> tuple[int, ...]:
+        return (1, self.context, signature.num_kv_heads, signature.head_dim)
+
+    def begin(self, n: int, state: tuple) -> tuple[Any, Any, tuple]:
+        positions, keys, rest = super().begin(n, state)
+        self.start = state[0][0].item()  # the custom ops take the start as an integer
+        torch._check_is_size(self.start)
+        torch._check(self.start + n <= self.context)
+        return positions, keys, rest
+
+    def attend(self, graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, i: int, state: tuple, mask: Any) -> Any:
+        """Causal layers pass the start position (the kernel stops there); sliding-window layers
+        pass their [n, context] additive mask instead."""
+        n = q.shape[2]
+        cache_k, cache_v = getattr(graph, f"cache_key_{i}"), getattr(graph, f"cache_value_{i}")
+        torch.ops.llama.update_cache(k.transpose(1, 2).contiguous(), cache_k, self.start)
+        torch.ops.llama.update_cache(v.transpose(1, 2).contiguous(), cache_v, self.start)
+        queries = q.transpose(1, 2).contiguous()
+        if getattr(attn, "sliding_window", graph.model_window) is None:
+            out = torch.ops.llama.custom_sdpa(queries, cache_k, cache_v, self.start, None, 0.0, True, attn.scaling)
+        else:
+            out = torch.ops.llama.custom_sdpa(queries, cache_k, cache_v, 0, mask[0, 0], 0.0, False, attn.scaling)
+        return out.reshape(1, n, graph.num_heads * graph.signature.head_dim), cache_k, cache_v
+
+
+class HostCache(CacheLayout):
+    """LiteRT: the caller's cache of `context` positions comes in as inputs (input_pos first),
+    the new positions' keys/values go out, and the caller writes them back at input_pos."""
+
+    def __init__(self, context: int) -> None:
+        self.context = context
+
+    def begin(self, n: int, state: tuple) -> tuple[Any, Any, tuple]:
+        start = state[0][0]
+        positions = torch.arange(n, dtype=torch.long) + start
+        slots = torch.arange(self.context, dtype=torch.long)
+        # a slot at or past input_pos holds nothing yet: give it a position no query reaches
+        keys = torch.cat([torch.where(slots < start, slots, self.context + n), positions])
+        return positions, keys, state[1:]
+
+    def attend(self, graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, i: int, state: tuple, mask: Any) -> Any:
+        """Attention over [cache ; new] without concatenating (copying) the cache: two score
+        blocks, one softmax. Grouped query heads are folded into rows ([1, kv_heads, groups * n,
+        head_dim]) so each cached key/value head is read once rather than repeated per query head."""
+        cache_k, cache_v = state[2 * i], state[2 * i + 1]
+        n, hd, kv_heads = q.shape[2], graph.signature.head_dim, graph.signature.num_kv_heads
+        groups = graph.num_heads // kv_heads
+        rows = q.reshape(1, kv_heads, groups * n, hd)
+        scores = torch.cat([torch.matmul(rows, cache_k.transpose(2, 3)), torch.matmul(rows, k.transpose(2, 3))], -1)
+        probs = torch.softmax(scores * attn.scaling + mask.repeat(1, 1, groups, 1), dim=-1)
+        out = torch.matmul(probs[..., : self.context], cache_v) + torch.matmul(probs[..., self.context :], v)
+        return out.reshape(1, graph.num_heads, n, hd).transpose(1, 2).reshape(1, n, graph.num_heads * hd), k, v
+
+
+def rotate(x: Any, cos: Any, sin: Any) -> Any:
+    """RoPE. Partial rotary (Phi-3's partial_rotary_factor): only the first cos.shape[-1] dims turn."""
+    dim = cos.shape[-1]
+    x_rot, x_pass = (x, None) if dim == x.shape[-1] else (x[..., :dim], x[..., dim:])
+    half = dim // 2
+    rotated = torch.cat([-x_rot[..., half:], x_rot[..., :half]], dim=-1)
+    out = x_rot * cos[:, None] + rotated * sin[:, None]
+    return out if x_pass is None else torch.cat([out, x_pass], dim=-1)
+
+
+class DecoderGraph(nn.Module):
+    """The source model's own modules stepped with one cache layout (see the module doc)."""
+
+    def __init__(self, causal_lm: Any, cache: CacheLayout, separate_head: bool = False) -> None:
+        super().__init__()
+        config = causal_lm.config
+        self.signature = decoder_signature(config)
+        self.body = causal_lm.model
+        self.lm_head = causal_lm.lm_head
+        self.cache = cache
+        if isinstance(cache, StaticCache):
+            cache.register(self, causal_lm.lm_head.weight.dtype)
+        # Tied input/output embeddings: keep ONE tensor, stored [hidden, vocab] so the output
+        # projection is a plain MatMul (quantizable by graph-level quantizers) and the input
+        # lookup a Gather on axis 1; exporting embed + lm_head separately would store the
+        # 113 MB table twice. separate_head keeps the modules instead (module-based quantizers
+        # such as torchao then see a Linear head to quantize).
+        self.tied = not separate_head and causal_lm.lm_head.weight is causal_lm.model.embed_tokens.weight
+        if self.tied:
+            self.embedding_t = nn.Parameter(causal_lm.lm_head.weight.detach().t().contiguous(), requires_grad=False)
+        self.num_heads = config.num_attention_heads
+        self.embed_scale = float(getattr(causal_lm.model.embed_tokens, "scalar_embed_scale", 1.0))
+        # per-layer-type RoPE only where the rotary module keeps one table per type (Gemma3)
+        per_type = isinstance(getattr(causal_lm.model.rotary_emb, "rope_type", None), dict)
+        self.layer_types = list(getattr(config, "layer_types", None) or []) if per_type else []
+        self.final_softcap = getattr(config, "final_logit_softcapping", None)
+        self.model_window = getattr(config, "sliding_window", None)
+
+    def _project(self, attn: Any, hidden: Any, cos: Any, sin: Any) -> tuple[Any, Any, Any]:
+        """q, k, v [1, heads, n, head_dim] of one layer, normed per head where the model does and rotated."""
+        n, hd, kv_heads = hidden.shape[1], self.signature.head_dim, self.signature.num_kv_heads
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, split q | k | v
+            qkv = attn.qkv_proj(hidden)
+            q_end, k_end = self.num_heads * hd, (self.num_heads + kv_heads) * hd
+            q_out, k_out, v_out = qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]
+        else:
+            q_out, k_out, v_out = attn.q_proj(hidden), attn.k_proj(hidden), attn.v_proj(hidden)
+        q = q_out.view(1, n, self.num_heads, hd).transpose(1, 2)
+        k = k_out.view(1, n, kv_heads, hd).transpose(1, 2)
+        v = v_out.view(1, n, kv_heads, hd).transpose(1, 2)
+        if hasattr(attn, "q_norm"):  # Gemma3: RMSNorm over each head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        return rotate(q, cos, sin), rotate(k, cos, sin), v
+
+    def _embed(self, input_ids: Any) -> Any:
+        if self.tied:
+            return self.embedding_t.index_select(1, input_ids.reshape(-1)).t()[None] * self.embed_scale
+        return self.body.embed_tokens(input_ids)  # applies its own scale where it has one
+
+    def _layer(self, i: int, layer: Any, hidden: Any, rope: tuple[Any, Any], state: tuple, mask: Any):
+        attn = layer.self_attn
+        q, k, v = self._project(attn, layer.input_layernorm(hidden), *rope)
+        out, k, v = self.cache.attend(self, attn, q, k, v, i, state, mask)
+        attn_out = attn.o_proj(out)
+        if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma3's sandwich norms
+            hidden = hidden + layer.post_attention_layernorm(attn_out)
+            return hidden + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(hidden))), k, v
+        hidden = hidden + attn_out
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden)), k, v
+
+    def forward(self, input_ids: Any, *state: Any):
+        positions, keys, state = self.cache.begin(input_ids.shape[1], state)
+        hidden = self._embed(input_ids)
+        # RoPE tables per layer type (Gemma3: local and global layers use different bases)
+        rope = {t: self.body.rotary_emb(hidden, positions[None], t) for t in dict.fromkeys(self.layer_types)}
+        default_rope = None if self.layer_types else self.body.rotary_emb(hidden, positions[None])
+        causal = keys[None, :] <= positions[:, None]
+        masks: dict[Any, Any] = {}
+        presents = []
+        for i, layer in enumerate(self.body.layers):
+            # per layer where the attention module says (Gemma3, Qwen2); else model-wide (Phi-3)
+            window = getattr(layer.self_attn, "sliding_window", self.model_window)
+            if window not in masks:
+                allowed = causal if window is None else causal & (positions[:, None] - keys[None, :] < window)
+                masks[window] = torch.where(allowed, 0.0, float("-inf")).to(hidden.dtype)[None, None]
+            layer_rope = rope[self.layer_types[i]] if self.layer_types else default_rope
+            hidden, k, v = self._layer(i, layer, hidden, layer_rope, state, masks[window])
+            presents += [k, v]
+        normed = self.body.norm(hidden)
+        logits = torch.matmul(normed, self.embedding_t) if self.tied else self.lm_head(normed)
+        if self.final_softcap:
+            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        return self.cache.outputs(logits, presents)  # host layout: presents are the new slices
