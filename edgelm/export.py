@@ -258,6 +258,50 @@ def _export_compressed(model: str | Path | None, output: Path, options: ExportOp
         return export_bundle(compressed, output, replace(options, compress=None), step)
 
 
+def _new_manifest(
+    source: SourceModel,
+    options: ExportOptions,
+    model_obj: Any,
+    tokenizer: Tokenizer,
+    evaluation: Any,
+    skipped: dict[str, str],
+    key: str,
+) -> Manifest:
+    """The manifest of a new bundle, before any artifact is in it."""
+    return Manifest(
+        edgelm_version=__version__,
+        created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        source=source.to_dict() | {"path": Path(source.path).name},
+        target=options.target,
+        tokenizer={"path": "tokenizer", "chat_template": tokenizer.chat_template is not None},
+        generation=_generation_defaults(model_obj),
+        parity_text=evaluation.describe(),
+        reference={"skipped_formats": skipped},
+        compression=_compression_record(source),
+        export_key=key,
+    )
+
+
+def _build_all(
+    builder: ArtifactBuilder, plan: list[tuple[str, str]], manifest: Manifest, options: ExportOptions
+) -> list[str]:
+    """Build every planned artifact into `manifest`; the gate failures (an artifact whose every
+    recipe missed its gate is left out and recorded, not failed)."""
+    failures = []
+    try:
+        for fmt, quant in builder.start_background_exports(plan) if options.background else plan:
+            entry, failure = builder.build(fmt, quant)
+            if entry is not None:
+                manifest.artifacts.append(entry)
+            if failure:
+                failures.append(failure)
+            elif entry is None:
+                manifest.reference.setdefault("omitted", {})[f"{fmt}-{quant}"] = builder.omitted[-1]
+    finally:
+        builder.finish_all()  # also stops a background export when another artifact failed
+    return failures
+
+
 def export_bundle(
     model: str | Path | None, output: str | Path, options: ExportOptions | None = None, step: StepHook | None = None
 ) -> Manifest:
@@ -293,19 +337,7 @@ def export_bundle(
         reference = reference_session(model_obj, source.task)
         if source.task == "text-generation":  # every artifact is scored on the same windows: compute them once
             reference = MemoizedSession(reference, work)
-        manifest = Manifest(
-            edgelm_version=__version__,
-            created=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            source=source.to_dict() | {"path": Path(source.path).name},
-            target=options.target,
-            tokenizer={"path": "tokenizer", "chat_template": tokenizer.chat_template is not None},
-            generation=_generation_defaults(model_obj),
-            parity_text=evaluation.describe(),
-            reference={"skipped_formats": skipped},
-            compression=_compression_record(source),
-            export_key=key,
-        )
-        failures = []
+        manifest = _new_manifest(source, options, model_obj, tokenizer, evaluation, skipped, key)
         builder = ArtifactBuilder(
             model_obj,
             source,
@@ -317,17 +349,7 @@ def export_bundle(
             Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating")),
             _vendor_checks(model_obj, tokenizer, evaluation, source, work, options),
         )
-        try:
-            for fmt, quant in builder.start_background_exports(plan) if options.background else plan:
-                entry, failure = builder.build(fmt, quant)
-                if entry is not None:
-                    manifest.artifacts.append(entry)
-                if failure:
-                    failures.append(failure)
-                elif entry is None:
-                    manifest.reference.setdefault("omitted", {})[f"{fmt}-{quant}"] = builder.omitted[-1]
-        finally:
-            builder.finish_all()  # also stops a background export when another artifact failed
+        failures = _build_all(builder, plan, manifest, options)
         reference.close()
         if failures and not options.allow_drift:
             raise ParityError("parity gate failed (nothing written; --allow-drift keeps it): " + "; ".join(failures))

@@ -188,6 +188,8 @@ def quantize_with_block_bias(
     import torch
     from torchao.quantization import quantize_
 
+    from edgelm.exporters.block_bias import BlockBiasCorrected, replace_module
+
     targets = [(name, module) for name, module in graph.named_modules() if filter_fn(module, name)]
     originals = {name: module.weight.detach().clone() for name, module in targets}
     inputs = {name: (hessians or {}).get((names or {}).get(id(module))) for name, module in targets}
@@ -204,12 +206,7 @@ def quantize_with_block_bias(
             offsets = _gptq_on_block_grid(module.weight, originals[name], block_mean, inputs[name])
             if offsets is not None:
                 block_mean, recoded = offsets, recoded + 1
-        parent_name, _, attribute = name.rpartition(".")
-        setattr(
-            graph.get_submodule(parent_name) if parent_name else graph,
-            attribute,
-            BlockBiasCorrected(module, block_mean),
-        )
+        replace_module(graph, name, BlockBiasCorrected(module, block_mean))
     return len(targets), recoded
 
 
@@ -226,16 +223,13 @@ def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: 
     """
     import torch
 
+    from edgelm.exporters.block_bias import spread
     from edgelm.gptq import gptq_codes, output_error, searched_grid
 
     h = inputs.hessian()
     scale, zero = searched_grid(original, torch.diag(h), GROUP_SIZE)
     codes = gptq_codes(original, inputs, scale, zero, GROUP_SIZE)
     offsets = scale * (8 - zero)
-
-    def spread(per_block: Any) -> Any:
-        return per_block.repeat_interleave(GROUP_SIZE, dim=1)
-
     gptq_weight = (codes - 8) * spread(scale) + spread(offsets)
     rtn_weight = quantized.dequantize().to(original.dtype) + spread(block_mean)
 
@@ -245,26 +239,6 @@ def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: 
     quantized.scale.copy_(scale.to(quantized.scale.dtype))
     quantized.zero_point.zero_()
     return offsets.to(block_mean.dtype)
-
-
-def _block_bias_module() -> Any:
-    import torch
-
-    class BlockBiasCorrected(torch.nn.Module):
-        def __init__(self, linear: Any, block_mean: Any):
-            super().__init__()
-            self.linear = linear
-            self.correction = torch.nn.Linear(block_mean.shape[1], block_mean.shape[0], bias=False)
-            self.correction.weight = torch.nn.Parameter(block_mean.contiguous(), requires_grad=False)
-
-        def forward(self, x: Any) -> Any:
-            return self.linear(x) + self.correction(x.unflatten(-1, (-1, GROUP_SIZE)).sum(-1))
-
-    return BlockBiasCorrected
-
-
-def BlockBiasCorrected(linear: Any, block_mean: Any) -> Any:
-    return _block_bias_module()(linear, block_mean)
 
 
 def export_pte(

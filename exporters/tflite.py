@@ -17,11 +17,10 @@ it out of their results, and the runtime keeps only the real positions' keys and
 Quant mapping (the README's recipes), applied to the float flatbuffer with ai-edge-quantizer:
   fp32 → float; fp16 → float16 weights (computed in float32: XNNPACK's default);
   int8 → dynamic range: int8 per-channel weights, activations quantized on the fly;
-  int4 → not offered yet. The planned weight-only blockwise int4 is not in this
-         ai-edge-quantizer's policy for FULLY_CONNECTED; its dynamic blockwise int4 is
-         symmetric round-to-nearest (ppl ratio 1.50 on SmolLM2 in the peer baselines) and gives an
-         all-zero row (a padding token's embedding, tied to the output projection) a zero
-         scale that XNNPACK refuses to load.
+  int4 → 4-bit blockwise (blocks of 32) weights for the transformer layers with a float offset
+         per block, int8 dynamic activations; the output projection and embedding stay int8
+         per channel (exporters/tflite_int4.py: edgelm picks the grid and, calibrated, GPTQ's
+         codes; ai-edge-quantizer stores them exactly).
 Embedding lookup and output projection share one [vocab, hidden] buffer when tied, and both
 ops are quantized with the rest.
 """
@@ -46,12 +45,21 @@ from edgelm.runtimes.litert import LOG_VARIABLE
 
 HOST_CONTEXT = 1024  # cache positions (bounded by the model's own maximum); recorded in the manifest
 PREFILL_LENGTH = 128  # tokens per prefill call; longer prompts run in chunks
-FILE_NAMES = {"fp32": "model.tflite", "fp16": "model_fp16.tflite", "int8": "model_int8.tflite"}
+FILE_NAMES = {
+    "fp32": "model.tflite",
+    "fp16": "model_fp16.tflite",
+    "int8": "model_int8.tflite",
+    "int4": "model_int4.tflite",
+}
 SIGNATURES = ("prefill", "decode")
 ENCODER_PREFIX = "encode_"  # encoders: one signature per padded input length, e.g. encode_128
 ENCODER_LENGTHS = (32, 64, 128, 256, 512)
 # What each recipe asks of ai-edge-quantizer: (mode, bits, granularity name)
-QUANT_RECIPES = {"fp16": ("float_casting", 16, "CHANNELWISE"), "int8": ("dynamic", 8, "CHANNELWISE")}
+QUANT_RECIPES = {
+    "fp16": ("float_casting", 16, "CHANNELWISE"),
+    "int8": ("dynamic", 8, "CHANNELWISE"),
+    "int4": ("dynamic", 4, "BLOCKWISE_32"),  # the block-grid layers; the rest as int8
+}
 
 
 def cache_names(num_layers: int) -> list[str]:
@@ -109,24 +117,50 @@ def convert_encoder(model: Any, task: str, path: Path) -> dict[str, Any]:
 
 
 def quantize_flatbuffer(float_path: Path, quant: str, path: Path) -> dict[str, Any]:
-    """Apply the ai-edge-quantizer recipe for `quant` to the float model; return what was done."""
+    """Apply the ai-edge-quantizer recipe for `quant` to the float model; return what was done.
+    int4: the layers exporters/tflite_int4.py put on a 4-bit grid (the inner Linear of each
+    BlockBiasCorrected, found by its module name in the op's scope) are stored blockwise int4
+    as they are (dequantized weight recovery), their float offsets stay float, every other
+    weight is int8 per channel as in the int8 recipe."""
     mode, bits, granularity = QUANT_RECIPES[quant]
     quiet_noisy_imports()
     with _quiet():
-        from ai_edge_quantizer import qtyping, quantizer
+        from ai_edge_quantizer import algorithm_manager, qtyping, quantizer
+
+        from edgelm.exporters.tflite_int4 import CORRECTION, INNER
 
         qt = quantizer.Quantizer(str(float_path))
-        op = qtyping.TFLOperationName.ALL_SUPPORTED
+        every_op, fully_connected = qtyping.TFLOperationName.ALL_SUPPORTED, qtyping.TFLOperationName.FULLY_CONNECTED
         if mode == "float_casting":
-            qt.add_weight_only_config(regex=".*", operation_name=op, num_bits=16, algorithm_key="float_casting")
+            qt.add_weight_only_config(regex=".*", operation_name=every_op, num_bits=16, algorithm_key="float_casting")
         else:
             qt.add_dynamic_config(
-                regex=".*", operation_name=op, num_bits=bits, granularity=qtyping.QuantGranularity[granularity]
+                regex=".*",
+                operation_name=every_op,
+                num_bits=8,
+                granularity=qtyping.QuantGranularity.CHANNELWISE,
+            )
+        if quant == "int4":  # later configs win where their scope matches
+            names = algorithm_manager.AlgorithmName
+            qt.add_dynamic_config(
+                regex=f"Linear_{INNER}",
+                operation_name=fully_connected,
+                num_bits=bits,
+                granularity=qtyping.QuantGranularity[granularity],
+                algorithm_key=names.DEQUANTIZED_WEIGHT_RECOVERY,
+            )
+            qt.update_quantization_recipe(
+                regex=f"Linear_{CORRECTION}", operation_name=fully_connected, algorithm_key=names.NO_QUANTIZE
             )
         qt.quantize().export_model(str(path), overwrite=True)
     described = {
         "fp16": {"weights": "float16", "compute": "float32"},
         "int8": {"weights": "int8 per channel", "activations": "int8 dynamic (quantized on the fly)"},
+        "int4": {
+            "weights": "int4 blockwise (32) with a float offset per block (block-bias correction) for the "
+            "transformer layers; output projection and embedding int8 per channel",
+            "activations": "int8 dynamic (quantized on the fly)",
+        },
     }
     return {**described[quant], "quantizer": "ai-edge-quantizer"}
 
@@ -176,16 +210,28 @@ class TFLiteExporter:
     tasks = ("text-generation", "feature-extraction", "text-classification")
     requires = ("torch", "transformers", "litert_torch", "ai_edge_litert", "ai_edge_quantizer")
     exports_in_background = True  # litert-torch's conversion is minutes of single-threaded Python (edgelm.background)
+    gptq = ("int4",)  # calibrated attempts pick 4-bit codes by GPTQ (the export's hessians)
 
-    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
+    def export(
+        self, model: Any, source: SourceModel, bundle_dir: Path, quant: str, hessians: dict[str, Any] | None = None
+    ) -> ExportedArtifact:
         folder = bundle_dir / "tflite"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / FILE_NAMES[quant]
         encoder = source.task != "text-generation"
+        grid: dict[str, Any] = {}
+        if quant == "int4":  # the layers on their 4-bit grid before conversion (a copy: the caller's model is kept)
+            import copy
+
+            from edgelm.exporters.tflite_int4 import to_block_grid
+
+            model = copy.deepcopy(model)
+            grid = {"block_grid": to_block_grid(model, hessians)}
         with tempfile.TemporaryDirectory(prefix="edgelm-tflite-") as scratch:
             float_path = path if quant == "fp32" else Path(scratch) / "float.tflite"
             layout = convert_encoder(model, source.task, float_path) if encoder else convert_decoder(model, float_path)
             recipe = {"weights": "float32"} if quant == "fp32" else quantize_flatbuffer(float_path, quant, path)
+        recipe.update(grid)
         if encoder:
             from edgelm.encoder_graph import encoder_signature
 

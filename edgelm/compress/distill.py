@@ -165,6 +165,91 @@ def _save_checkpoint(
     os.replace(tmp, folder / CHECKPOINT_FILE)  # a crash mid-write leaves the previous checkpoint whole
 
 
+def _resume(checkpoint_dir: Path | None, settings: DistillSettings, student: Any, optimizer: Any) -> tuple[int, list]:
+    """(the step to start at, the losses so far): from the folder's checkpoint if it has one made
+    with the same settings; EdgeLMError if it was made with others."""
+    import torch
+
+    if not (checkpoint_dir and (checkpoint_dir / CHECKPOINT_FILE).is_file()):
+        return 0, []
+    state = torch.load(checkpoint_dir / CHECKPOINT_FILE, weights_only=True)
+    if state.get("settings") != json.dumps(asdict(settings), sort_keys=True):
+        raise EdgeLMError(
+            f"{checkpoint_dir}: its checkpoint was made with other distillation settings; "
+            "delete the folder to start over, or rerun with the settings it was made with"
+        )
+    student.load_state_dict(state["student"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"]), list(state["losses"])
+
+
+def _loss(
+    teacher: Any, student: Any, batch: Any, settings: DistillSettings, layer_map: list[int] | None, autocast: Any
+) -> Any:
+    """The distillation loss of one batch: KL on the logits, plus the hidden-state MSE when asked."""
+    import torch
+
+    with torch.no_grad(), autocast:
+        teacher_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
+    with autocast:
+        student_out = student(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
+    loss = distillation_loss(student_out.logits, teacher_out.logits, settings.temperature)
+    if settings.hidden_weight:
+        pairs = [
+            (student_out.hidden_states[i + 1], teacher_out.hidden_states[t + 1]) for i, t in enumerate(layer_map[:-1])
+        ]  # the last output is after the final norm: skipped
+        loss = loss + settings.hidden_weight * sum(
+            torch.nn.functional.mse_loss(s.float(), t.float()) for s, t in pairs
+        ) / max(1, len(pairs))
+    return loss
+
+
+def _sum_over_processes(params: list[Any], reported: Any) -> None:
+    """All-reduce every gradient (one flat buffer) and the reported loss across processes."""
+    import torch
+    import torch.distributed as dist
+
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
+        offset += p.numel()
+    dist.all_reduce(reported)
+
+
+def _update(
+    optimizer: Any,
+    params: list[Any],
+    share: Any,
+    settings: DistillSettings,
+    world: int,
+    named_masks: dict[str, tuple[Any, Any]],
+) -> Any:
+    """One optimizer step on this process's `share` of the global-batch loss (gradients summed
+    over processes, clipped; pruned weights kept at zero). Returns the global loss."""
+    import torch
+
+    optimizer.zero_grad(set_to_none=False)
+    share.backward()
+    reported = share.detach().clone()
+    if world > 1:
+        _sum_over_processes(params, reported)
+    torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+    optimizer.step()
+    with torch.no_grad():
+        for p, mask in named_masks.values():
+            p.mul_(mask)
+    return reported
+
+
+def _check_settings(settings: DistillSettings, world: int, layer_map: list[int] | None) -> None:
+    if settings.batch_size % world:
+        raise ValueError(f"batch size {settings.batch_size} does not split evenly over {world} processes")
+    if settings.hidden_weight and layer_map is None:
+        raise ValueError("hidden_weight needs the student→teacher layer map (a layer-reduced student has one)")
+
+
 def distill(
     teacher: Any,
     student: Any,
@@ -187,10 +272,7 @@ def distill(
     import torch.distributed as dist
 
     rank, world = _world()
-    if settings.batch_size % world:
-        raise ValueError(f"batch size {settings.batch_size} does not split evenly over {world} processes")
-    if settings.hidden_weight and layer_map is None:
-        raise ValueError("hidden_weight needs the student→teacher layer map (a layer-reduced student has one)")
+    _check_settings(settings, world, layer_map)
     data = sequences(train_ids, settings.seq_len)
     teacher.eval()
     student.train()
@@ -200,17 +282,7 @@ def distill(
     device_type = "cuda" if next(student.parameters()).is_cuda else "cpu"
     autocast = torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16")
     named_masks = {name: (p, masks[name]) for name, p in student.named_parameters() if masks and name in masks}
-    start, losses = 0, []
-    if checkpoint_dir and (checkpoint_dir / CHECKPOINT_FILE).is_file():
-        state = torch.load(checkpoint_dir / CHECKPOINT_FILE, weights_only=True)
-        if state.get("settings") != json.dumps(asdict(settings), sort_keys=True):
-            raise EdgeLMError(
-                f"{checkpoint_dir}: its checkpoint was made with other distillation settings; "
-                "delete the folder to start over, or rerun with the settings it was made with"
-            )
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        start, losses = int(state["step"]), list(state["losses"])
+    start, losses = _resume(checkpoint_dir, settings, student, optimizer)
     began = time.perf_counter()
     for step in range(start, settings.steps):
         tick = time.perf_counter()
@@ -218,36 +290,8 @@ def distill(
             group["lr"] = learning_rate(step, settings)
         rows = batch_rows(step, settings.batch_size, len(data), settings.seed)[rank::world]
         batch = data[rows].to(next(student.parameters()).device)
-        with torch.no_grad(), autocast:
-            teacher_out = teacher(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
-        with autocast:
-            student_out = student(input_ids=batch, use_cache=False, output_hidden_states=bool(settings.hidden_weight))
-        loss = distillation_loss(student_out.logits, teacher_out.logits, settings.temperature)
-        if settings.hidden_weight:
-            pairs = [
-                (student_out.hidden_states[i + 1], teacher_out.hidden_states[t + 1])
-                for i, t in enumerate(layer_map[:-1])
-            ]  # the last output is after the final norm: skipped
-            loss = loss + settings.hidden_weight * sum(
-                torch.nn.functional.mse_loss(s.float(), t.float()) for s, t in pairs
-            ) / max(1, len(pairs))
-        share = loss * (len(rows) / settings.batch_size)  # this process's part of the global-batch mean
-        optimizer.zero_grad(set_to_none=False)
-        share.backward()
-        reported = share.detach().clone()
-        if world > 1:
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            dist.all_reduce(flat)
-            offset = 0
-            for p in params:
-                p.grad.copy_(flat[offset : offset + p.numel()].view_as(p.grad))
-                offset += p.numel()
-            dist.all_reduce(reported)
-        torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-        optimizer.step()
-        with torch.no_grad():
-            for p, mask in named_masks.values():
-                p.mul_(mask)
+        loss = _loss(teacher, student, batch, settings, layer_map, autocast)
+        reported = _update(optimizer, params, loss * (len(rows) / settings.batch_size), settings, world, named_masks)
         losses.append(float(reported))
         if on_step:
             on_step(step + 1, losses[-1], settings.batch_size * settings.seq_len / (time.perf_counter() - tick))

@@ -111,6 +111,40 @@ def load_with_tokenizer(
     return source, loaded, Tokenizer(work)
 
 
+def _drop_and_prune(
+    student: Any,
+    recipe: CompressRecipe,
+    calibration: list[Any],
+    heldout: list[Any] | None,
+    step: StepHook,
+    ppl: dict[str, float],
+    record_steps: list[dict[str, Any]],
+) -> tuple[list[int] | None, dict[str, Any]]:
+    """The recipe's layer dropping and pruning, in place on `student`; each step's record and
+    (with held-out windows: language models) perplexity appended. Returns (the teacher layer
+    each kept layer came from, or None when none was dropped; the pruning masks)."""
+    kept: list[int] | None = None
+    masks: dict[str, Any] = {}
+    if recipe.drop_layers:
+        spec = recipe.drop_layers
+        with step(f"Scoring layers ({spec.importance}) and dropping {spec.count}"):
+            chosen, scores = choose_layers_to_drop(
+                student, spec.count, spec.importance, calibration, mean_nll, on_score=getattr(step, "note", None)
+            )
+            kept = drop_layers(student, chosen)
+        if heldout is not None:
+            ppl["after_drop_layers"] = round(perplexity(student, heldout), 4)
+        record_steps.append({"step": "drop_layers", "dropped": chosen, "kept": kept, "scores": scores})
+    if recipe.prune:
+        spec_p = recipe.prune
+        with step(f"Pruning ({spec_p.method}, {spec_p.sparsity:.0%})"):
+            masks, change = prune(student, spec_p.method, spec_p.sparsity, calibration)
+        if heldout is not None:
+            ppl["after_prune"] = round(perplexity(student, heldout), 4)
+        record_steps.append({"step": "prune", "method": spec_p.method, "sparsity": spec_p.sparsity, **change})
+    return kept, masks
+
+
 def compress_model(
     model: str | Path | None,
     output: str | Path,
@@ -146,25 +180,7 @@ def compress_model(
                 ppl["base"] = round(perplexity(teacher, heldout), 4)
         student = copy.deepcopy(teacher)
         record_steps: list[dict[str, Any]] = []
-        kept: list[int] | None = None
-        masks: dict[str, Any] = {}
-        if recipe.drop_layers:
-            spec = recipe.drop_layers
-            with step(f"Scoring layers ({spec.importance}) and dropping {spec.count}"):
-                chosen, scores = choose_layers_to_drop(
-                    student, spec.count, spec.importance, calibration, mean_nll, on_score=getattr(step, "note", None)
-                )
-                kept = drop_layers(student, chosen)
-            if lm:
-                ppl["after_drop_layers"] = round(perplexity(student, heldout), 4)
-            record_steps.append({"step": "drop_layers", "dropped": chosen, "kept": kept, "scores": scores})
-        if recipe.prune:
-            spec_p = recipe.prune
-            with step(f"Pruning ({spec_p.method}, {spec_p.sparsity:.0%})"):
-                masks, change = prune(student, spec_p.method, spec_p.sparsity, calibration)
-            if lm:
-                ppl["after_prune"] = round(perplexity(student, heldout), 4)
-            record_steps.append({"step": "prune", "method": spec_p.method, "sparsity": spec_p.sparsity, **change})
+        kept, masks = _drop_and_prune(student, recipe, calibration, heldout if lm else None, step, ppl, record_steps)
         if recipe.distill and recipe.teacher_continuations:
             with step(f"Generating {recipe.teacher_continuations} teacher continuations for training"):
                 text.add_teacher_continuations(teacher, recipe.teacher_continuations, seed=recipe.distill.seed)
@@ -219,6 +235,39 @@ def save_model_folder(model: Any, tokenizer_dir: Path, folder: Path, record: Com
     record.write(folder)
 
 
+def _with_distillation(
+    previous: CompressionRecord | None,
+    teacher_path: str | Path | None,
+    teacher: Any,
+    student: Any,
+    text: TextSplits,
+    settings: DistillSettings,
+    heldout: list[Any],
+    before: float,
+    result: DistillResult,
+) -> CompressionRecord:
+    """The student's compression record (a new one when it has none) extended with this distillation."""
+    record = previous or CompressionRecord(
+        base_model=str(teacher_path or "default"),
+        base_model_sha256="",
+        recipe={},
+        corpus={},
+        perplexity={},
+        parameters={"before": count_parameters(teacher), "after": count_parameters(student)},
+    )
+    record.corpus = text.describe()
+    record.recipe = record.recipe | {"distill": asdict(settings)}
+    if "base" not in record.perplexity:  # a student from `edgelm compress` already measured its teacher
+        record.perplexity = {"base": round(perplexity(teacher, heldout), 4), **record.perplexity}
+    record.perplexity = {
+        **record.perplexity,
+        "before_distill": round(before, 4),
+        "after_distill": round(perplexity(student, heldout), 4),
+    }
+    record.steps = [*record.steps, {"step": "distill", **_distill_summary(result)}]
+    return record
+
+
 def distill_folders(
     teacher_path: str | Path | None,
     student_path: str | Path,
@@ -266,24 +315,9 @@ def distill_folders(
                 )
             if rank != 0:
                 return None
-            record = previous or CompressionRecord(
-                base_model=str(teacher_path or "default"),
-                base_model_sha256="",
-                recipe={},
-                corpus={},
-                perplexity={},
-                parameters={"before": count_parameters(teacher), "after": count_parameters(student)},
+            record = _with_distillation(
+                previous, teacher_path, teacher, student, text, settings, heldout, before, result
             )
-            record.corpus = text.describe()
-            record.recipe = record.recipe | {"distill": asdict(settings)}
-            if "base" not in record.perplexity:  # a student from `edgelm compress` already measured its teacher
-                record.perplexity = {"base": round(perplexity(teacher, heldout), 4), **record.perplexity}
-            record.perplexity = {
-                **record.perplexity,
-                "before_distill": round(before, 4),
-                "after_distill": round(perplexity(student, heldout), 4),
-            }
-            record.steps = [*record.steps, {"step": "distill", **_distill_summary(result)}]
             protect = tuple(Path(p) for p in (teacher_path, student_path) if p is not None and Path(p) != output)
             with atomic_bundle_dir(output, overwrite=True, protect=protect, ours=is_compressed_model) as work:
                 save_model_folder(student, Path(scratch) / "tokenizer", work, record)
