@@ -62,8 +62,8 @@ def main() -> None:
     parser.add_argument("--twins", default="default,mild,hard")
     parser.add_argument(
         "--exports",
-        default="onnx,gguf,executorch:int8,int4;tflite:int8",
-        help="exports per twin: FORMATS:QUANTS, separated by ';' (TFLite has no int4 recipe)",
+        default="onnx,gguf,executorch,tflite:int8,int4",
+        help="exports per twin: FORMATS:QUANTS, separated by ';'",
     )
     parser.add_argument("--calibration", default="on,off", help="on, off or on,off")
     parser.add_argument("--parity-tokens", type=int, default=ParitySettings().max_tokens)
