@@ -8,7 +8,7 @@ import pytest
 from conftest import fast_export_options
 
 import edgelm
-from edgelm.errors import DeviceError, InvalidModelError, UnsupportedError
+from edgelm.errors import DeviceError, InvalidModelError
 from edgelm.export import export_bundle
 
 DECODERS = ["llama", "qwen2", "gemma3", "phi3"]
@@ -46,7 +46,7 @@ pytest.importorskip("litert_torch", reason="the tflite extra is not installed")
 @pytest.fixture(scope="module")
 def tflite_bundle(tiny_llama, tmp_path_factory):
     out = tmp_path_factory.mktemp("tflite") / "bundle"
-    export_bundle(tiny_llama, out, fast_export_options(formats=("tflite",), quants=("fp32", "fp16", "int8")))
+    export_bundle(tiny_llama, out, fast_export_options(formats=("tflite",), quants=("fp32", "fp16", "int8", "int4")))
     return out
 
 
@@ -70,7 +70,9 @@ def test_recipes_load_pass_their_gates_and_describe_themselves(tflite_bundle):
         "fp32": "tflite/model.tflite",
         "fp16": "tflite/model_fp16.tflite",
         "int8": "tflite/model_int8.tflite",
+        "int4": "tflite/model_int4.tflite",
     }
+    assert by_quant["int4"].signature["quantization"]["block_grid"]["layers"] == 2 * 7  # every Linear but the head
     assert by_quant["fp32"].parity["max_abs_logit_diff_first_window"] <= 1e-4
     for entry in by_quant.values():
         assert entry.parity["passed"], entry.parity
@@ -166,6 +168,53 @@ def test_gpu_and_npu_are_refused_clearly_without_the_accelerator(tflite_bundle):
             assert np.abs(session.prefill(ids) - cpu.prefill(ids)).max() <= 1e-2
 
 
-def test_int4_is_refused_naming_the_recipes_it_has(tiny_llama, tmp_path):
-    with pytest.raises(UnsupportedError, match="fp32, fp16, int8"):
-        export_bundle(tiny_llama, tmp_path / "b", fast_export_options(formats=("tflite",), quants=("int4",)))
+def test_int4_weights_are_stored_as_int4_blocks_with_float_offsets(tflite_bundle):
+    """The int4 file holds the 14 transformer Linears as INT4 tensors (float16 block scales)
+    and their block offsets as float32; the tied embedding/head stays int8."""
+    from ai_edge_quantizer.utils import tfl_flatbuffer_utils
+
+    model = tfl_flatbuffer_utils.read_model(str(tflite_bundle / "tflite" / "model_int4.tflite"))
+
+    def constant(tensor) -> bool:
+        buffer = model.buffers[tensor.buffer] if tensor.buffer else None
+        return buffer is not None and ((buffer.data is not None and len(buffer.data) > 0) or bool(buffer.size))
+
+    constants = [t for t in model.subgraphs[0].tensors if constant(t)]
+    int4 = [t for t in constants if t.type == 17]  # TensorType.INT4
+    assert len(int4) == 14 and all(tuple(t.shape)[1] % 32 == 0 for t in int4)
+    # the offsets, [out, in / 32] (a single block folded by the converter to [out]), stay float32
+    corrections = [t for t in constants if b"Linear_correction" in (t.name or b"")]
+    assert len(corrections) == 14 and all(t.type == 0 for t in corrections)
+    assert sum(t.type == 9 for t in constants) == 1  # INT8: the one tied [vocab, hidden] table
+
+
+def test_the_quantizer_reads_edgelms_grid_back_exactly():
+    """ai-edge-quantizer recovers each block's scale as the least gap between its |values| and
+    0: on edgelm's grid (bfloat16 scales, every block readable) it gets the exact scales."""
+    import torch
+    from ai_edge_quantizer.algorithms.uniform_quantize import dequantized_weight_recovery as recovery
+
+    from edgelm.exporters.block_bias import spread
+    from edgelm.exporters.tflite_int4 import nearest_codes, recoverable
+
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)) * torch.rand(1, 256) * 3
+    codes, scale, _ = nearest_codes(weight)
+    codes, _ = recoverable(codes)
+    stored = (codes * spread(scale)).numpy()
+    _, recovered = recovery.get_zp_scale_from_dequantized_symmetric_weights(stored, 1, 32)
+    assert np.array_equal(recovered.astype(np.float16).astype(np.float32), scale.numpy())
+
+
+def test_blocks_the_quantizer_could_not_read_are_nudged_by_one_code():
+    import torch
+
+    from edgelm.exporters.tflite_int4 import recoverable
+
+    readable = torch.tensor([[3.0, -4.0] * 16])  # |3| and |4| are one apart
+    evens = torch.tensor([[2.0, -4.0, 6.0, 0.0] * 8])  # least gap 2: the scale would read double
+    zeros = torch.zeros(1, 32)  # least gap undefined: a zero scale XNNPACK refuses
+    fixed, nudged = recoverable(torch.cat([readable, evens, zeros]))
+    assert nudged == 2
+    assert torch.equal(fixed[0], readable[0])
+    assert (fixed[1] != evens[0]).sum() == 1 and fixed[1].abs().min() == 0 and (fixed[1].abs() == 1).sum() == 1
+    assert fixed[2].abs().sum() == 1
