@@ -179,10 +179,11 @@ class ArtifactBuilder:
         with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
             return {"hessians": self.calibration.hessians(recipe)}
 
-    def _attempt(
+    def _exported(
         self, exporter: Any, name: str, label: str, attempt: Attempt, recipe: str
-    ) -> tuple[ArtifactEntry, str | None, list[Path]]:
-        """Export, open and measure one attempt: (entry, gate failure or None, the files it wrote)."""
+    ) -> tuple[Any, Any, dict[str, Any]]:
+        """The attempt's artifact, from its background process or exported here now: (artifact,
+        the calibration it was made with, the exporter settings used)."""
         from edgelm.export import _export_one
 
         settings: dict[str, Any] = {}
@@ -199,6 +200,13 @@ class ArtifactBuilder:
             settings.update(self._gptq_settings(exporter, attempt, recipe))
             with self.step(f"Exporting {label}"):
                 artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
+        return artifact, calibration, settings
+
+    def _attempt(
+        self, exporter: Any, name: str, label: str, attempt: Attempt, recipe: str
+    ) -> tuple[ArtifactEntry, str | None, list[Path]]:
+        """Export, open and measure one attempt: (entry, gate failure or None, the files it wrote)."""
+        artifact, calibration, settings = self._exported(exporter, name, label, attempt, recipe)
         mark_trusted(artifact.path)  # written by this export: opened in this process for parity
         runtime = get_runtime(exporter.runtime)
         with self.step(f"Loading {name} in {runtime.name}"), self.background.paused():

@@ -358,6 +358,52 @@ def compress(
     console.print(f"Next: edgelm export {output} --target android")
 
 
+def _budget_table(result: Any, max_mb: float, max_ppl_ratio: float) -> Table:
+    table = Table(title=f"budget: ≤ {max_mb} MB, ppl ratio ≤ {max_ppl_ratio}")
+    for col in (
+        "layers dropped",
+        "MLP channels pruned",
+        "artifact",
+        "MB",
+        "ppl ratio",
+        "decode tok/s",
+        "Pareto",
+        "fits",
+    ):
+        table.add_column(col, justify="right")
+    for c in sorted(result.candidates, key=lambda c: c.megabytes):
+        chosen = "[bold green]chosen" if c is result.chosen else ("yes" if c.meets_budget else "")
+        table.add_row(
+            str(c.layers_dropped),
+            f"{c.channel_fraction:.0%}",
+            c.artifact,
+            f"{c.megabytes:.1f}",
+            f"{c.ppl_ratio:.3f}",
+            f"{c.decode_tok_s:.1f}" if c.decode_tok_s else "-",
+            "yes" if c.pareto else "",
+            chosen,
+        )
+    return table
+
+
+def _next_command(artifact: str, output: Path, model: str | None, target: str) -> str:
+    """The `edgelm export` that turns the budget search's choice into a bundle."""
+    fmt, _, recipe_quant = artifact.partition("-")
+    source = output if (output / "config.json").is_file() else model  # None: the default model, no argument
+    command = [
+        "edgelm",
+        "export",
+        *([str(source)] if source else []),
+        "--target",
+        target,
+        "--formats",
+        fmt,
+        "--quant",
+        recipe_quant,
+    ]
+    return " ".join(command)
+
+
 def _budget_search(
     model: str | None,
     output: Path,
@@ -400,31 +446,7 @@ def _budget_search(
             overwrite=overwrite,
             step=step,
         )
-    table = Table(title=f"budget: ≤ {max_mb} MB, ppl ratio ≤ {max_ppl_ratio}")
-    for col in (
-        "layers dropped",
-        "MLP channels pruned",
-        "artifact",
-        "MB",
-        "ppl ratio",
-        "decode tok/s",
-        "Pareto",
-        "fits",
-    ):
-        table.add_column(col, justify="right")
-    for c in sorted(result.candidates, key=lambda c: c.megabytes):
-        chosen = "[bold green]chosen" if c is result.chosen else ("yes" if c.meets_budget else "")
-        table.add_row(
-            str(c.layers_dropped),
-            f"{c.channel_fraction:.0%}",
-            c.artifact,
-            f"{c.megabytes:.1f}",
-            f"{c.ppl_ratio:.3f}",
-            f"{c.decode_tok_s:.1f}" if c.decode_tok_s else "-",
-            "yes" if c.pareto else "",
-            chosen,
-        )
-    console.print(table)
+    console.print(_budget_table(result, max_mb, max_ppl_ratio))
     if result.chosen is None:
         raise EdgeLMError(
             f"no candidate meets {max_mb} MB and ppl ratio {max_ppl_ratio} (the table shows the closest; "
@@ -436,20 +458,7 @@ def _budget_search(
         f"{chosen.channel_fraction:.0%} MLP channels pruned ({chosen.megabytes:.1f} MB, ppl ratio "
         f"{chosen.ppl_ratio:.3f}); written to {output}"
     )
-    fmt, _, recipe_quant = chosen.artifact.partition("-")
-    source = output if (output / "config.json").is_file() else model  # None: the default model, no argument
-    command = [
-        "edgelm",
-        "export",
-        *([str(source)] if source else []),
-        "--target",
-        target,
-        "--formats",
-        fmt,
-        "--quant",
-        recipe_quant,
-    ]
-    console.print("Next: " + " ".join(command))
+    console.print("Next: " + _next_command(chosen.artifact, output, model, target))
 
 
 @app.command()
@@ -563,6 +572,41 @@ def _run_in_vendor_runtime(
     sys.stdout.write("\n")
 
 
+def _vendor_profile_table(
+    bundle: Path, entries: list[Any], runners: dict[str, Any], rates: dict[str, Any], both: bool
+) -> tuple[Table, dict[str, Any]]:
+    """The medians of each artifact's rounds, as a table and as the --json record."""
+    import statistics
+
+    table = Table(title=f"profile in the vendors' runtimes: {bundle}")
+    columns = (
+        "artifact",
+        "vendor runtime",
+        "tokens",
+        "vendor decode tok/s",
+        *(("edgelm decode tok/s",) if both else ()),
+    )
+    for col in columns:
+        table.add_column(col, justify="right")
+    results = {}
+    for entry in entries:
+        row = rates[entry.name]
+        results[entry.name] = {
+            "runtime": runners[entry.name][0].name,
+            **row,
+            "vendor_decode_tok_s": statistics.median(row["vendor"]),
+            **({"edgelm_decode_tok_s": statistics.median(row["edgelm"])} if both else {}),
+        }
+        table.add_row(
+            entry.name,
+            runners[entry.name][0].name,
+            str(max(row["tokens"])),
+            f"{results[entry.name]['vendor_decode_tok_s']:.1f}",
+            *((f"{results[entry.name]['edgelm_decode_tok_s']:.1f}",) if both else ()),
+        )
+    return table, results
+
+
 def _profile_vendor_runtimes(
     bundle: Path,
     format: str | None,
@@ -574,7 +618,6 @@ def _profile_vendor_runtimes(
 ) -> None:
     """Decode tok/s of each artifact in its vendor's LLM runtime (and edgelm's, with `both`),
     interleaved round by round on the same prompt; medians."""
-    import statistics
 
     import edgelm
     from edgelm.bundle import read_bundle
@@ -605,34 +648,9 @@ def _profile_vendor_runtimes(
                 if both:
                     profile = sessions[entry.name].profile(max_new_tokens=new_tokens, repeats=1)
                     rates[entry.name]["edgelm"].append(profile.decode_tok_s)
-    table = Table(title=f"profile in the vendors' runtimes: {bundle}")
-    columns = (
-        "artifact",
-        "vendor runtime",
-        "tokens",
-        "vendor decode tok/s",
-        *(("edgelm decode tok/s",) if both else ()),
-    )
-    for col in columns:
-        table.add_column(col, justify="right")
-    results = {}
-    for entry in entries:
-        row = rates[entry.name]
-        results[entry.name] = {
-            "runtime": runners[entry.name][0].name,
-            **row,
-            "vendor_decode_tok_s": statistics.median(row["vendor"]),
-            **({"edgelm_decode_tok_s": statistics.median(row["edgelm"])} if both else {}),
-        }
-        table.add_row(
-            entry.name,
-            runners[entry.name][0].name,
-            str(max(row["tokens"])),
-            f"{results[entry.name]['vendor_decode_tok_s']:.1f}",
-            *((f"{results[entry.name]['edgelm_decode_tok_s']:.1f}",) if both else ()),
-        )
     for session in sessions.values():
         session.close()
+    table, results = _vendor_profile_table(bundle, entries, runners, rates, both)
     console.print(table)
     console.print(
         "vendor decode = tokens after the first ÷ time after the first, in the runtime's own loop, end-of-text "

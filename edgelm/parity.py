@@ -101,6 +101,36 @@ def greedy_continuation(session: Session, prompt: list[int], new_tokens: int = G
     return out
 
 
+@dataclass
+class _Tally:
+    """Sums over the parity windows: both sessions' NLL, KL, top-1 agreement (all positions and
+    those where the reference is confident), and the first window's largest logit difference."""
+
+    nll: float = 0.0
+    ref_nll: float = 0.0
+    kl_sum: float = 0.0
+    agree: int = 0
+    scored: int = 0
+    confident: int = 0
+    confident_agree: int = 0
+    max_diff: float | None = None
+
+    def add(self, logits: np.ndarray, ref_logits: np.ndarray, targets: np.ndarray) -> None:
+        if self.max_diff is None:
+            self.max_diff = float(np.max(np.abs(logits.astype(np.float64) - ref_logits)))
+        logp, ref_logp = _log_softmax(logits), _log_softmax(ref_logits)
+        rows = np.arange(len(targets))
+        self.nll -= float(logp[rows, targets].sum())
+        self.ref_nll -= float(ref_logp[rows, targets].sum())
+        self.kl_sum += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
+        same = logits.argmax(-1) == ref_logits.argmax(-1)
+        self.agree += int(same.sum())
+        sure = ref_logp.max(-1) >= np.log(CONFIDENT)
+        self.confident += int(sure.sum())
+        self.confident_agree += int(same[sure].sum())
+        self.scored += len(targets)
+
+
 def measure_parity(
     artifact: Session,
     reference: Session,
@@ -116,47 +146,32 @@ def measure_parity(
     whole text's logits are 4,096 × vocab floats); an export passes its reference wrapped in
     edgelm.memo_session, so the fp32 model computes each window once for all artifacts.
     """
-    nll = ref_nll = kl_sum = 0.0
-    agree = scored = confident = confident_agree = 0
-    max_diff = None
+    tally = _Tally()
     for chunk in settings.windows(ids):
-        targets = np.asarray(chunk[1:])
         artifact.reset()
         reference.reset()
         logits = artifact.prefill(np.asarray(chunk, dtype=np.int64))[:-1]
         ref_logits = reference.prefill(np.asarray(chunk, dtype=np.int64))[:-1]
-        if max_diff is None:
-            max_diff = float(np.max(np.abs(logits.astype(np.float64) - ref_logits)))
-        logp, ref_logp = _log_softmax(logits), _log_softmax(ref_logits)
-        rows = np.arange(len(targets))
-        nll -= float(logp[rows, targets].sum())
-        ref_nll -= float(ref_logp[rows, targets].sum())
-        kl_sum += float((np.exp(ref_logp) * (ref_logp - logp)).sum())
-        same = logits.argmax(-1) == ref_logits.argmax(-1)
-        agree += int(same.sum())
-        sure = ref_logp.max(-1) >= np.log(CONFIDENT)
-        confident += int(sure.sum())
-        confident_agree += int(same[sure].sum())
-        scored += len(targets)
+        tally.add(logits, ref_logits, np.asarray(chunk[1:]))
     prompt = ids[:GREEDY_PROMPT_TOKENS]
     ours, theirs = greedy_continuation(artifact, prompt), greedy_continuation(reference, prompt)
     match = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
-    ppl, ref_ppl = float(np.exp(nll / scored)), float(np.exp(ref_nll / scored))
-    ratio = ppl / ref_ppl
+    scored = tally.scored
+    ppl, ref_ppl = float(np.exp(tally.nll / scored)), float(np.exp(tally.ref_nll / scored))
     result = ParityResult(
         tokens_scored=scored,
         perplexity=ppl,
         reference_perplexity=ref_ppl,
-        ppl_ratio=ratio,
-        top1_agreement=agree / scored,
-        mean_kl=kl_sum / scored,
-        max_abs_logit_diff_first_window=float(max_diff or 0.0),
+        ppl_ratio=ppl / ref_ppl,
+        top1_agreement=tally.agree / scored,
+        mean_kl=tally.kl_sum / scored,
+        max_abs_logit_diff_first_window=float(tally.max_diff or 0.0),
         greedy_match_tokens=match,
         greedy_tokens=len(ours),
         gate=gate,
         passed=True,
-        confident_positions=confident,
-        confident_top1_agreement=confident_agree / confident if confident else 1.0,
+        confident_positions=tally.confident,
+        confident_top1_agreement=tally.confident_agree / tally.confident if tally.confident else 1.0,
         max_kl=max_kl,
         min_confident_top1=min_confident_top1,
     )

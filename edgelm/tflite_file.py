@@ -14,6 +14,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from edgelm.errors import InvalidModelError
 
@@ -87,14 +88,8 @@ class _Budget:
             raise ValueError("the flatbuffer revisits its own tables (aliased offsets) more than its size allows")
 
 
-def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
-    from ai_edge_litert import schema_py_generated as schema
-
-    budget = _Budget(size)
-
-    types, builtins = _names(schema.TensorType), _names(schema.BuiltinOperator)
-    model = schema.Model.GetRootAs(buf, 0)
-    summary = TFLiteSummary(bytes=size, version=model.Version())
+def _buffer_lengths(model: Any, size: int, budget: _Budget) -> list[int]:
+    """Each buffer's length, checked to lie inside the file."""
     buffers = []
     for b in range(model.BuffersLength()):
         budget.spend()
@@ -108,6 +103,10 @@ def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
             if length:
                 buffer.Data(length - 1)  # the last byte must be inside the file
         buffers.append(length)
+    return buffers
+
+
+def _operator_names(model: Any, builtins: dict[int, str], budget: _Budget) -> list[str]:
     codes = []
     for c in range(model.OperatorCodesLength()):
         budget.spend()
@@ -115,33 +114,57 @@ def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
         builtin = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
         custom = code.CustomCode()
         codes.append(custom.decode() if custom else builtins.get(builtin, f"builtin {builtin}"))
+    return codes
+
+
+def _count_subgraph(
+    subgraph: Any,
+    buffers: list[int],
+    codes: list[str],
+    types: dict[int, str],
+    counted: set[int],
+    summary: TFLiteSummary,
+    budget: _Budget,
+) -> None:
+    """Add one subgraph's weight tensors (each buffer once: signatures share weights) and operators."""
+    for t in range(subgraph.TensorsLength()):
+        tensor = subgraph.Tensors(t)
+        rank = tensor.ShapeLength()
+        budget.spend(1 + rank)
+        if rank > MAX_RANK:
+            raise ValueError(f"tensor {t} has {rank} dimensions")
+        [tensor.Shape(d) for d in range(rank)]
+        index = tensor.Buffer()
+        if index >= len(buffers):
+            raise ValueError(f"tensor {t} refers to buffer {index} of {len(buffers)}")
+        if buffers[index] and index not in counted:
+            counted.add(index)
+            name = types.get(tensor.Type(), f"type {tensor.Type()}")
+            summary.tensor_types[name] += 1
+            summary.weight_bytes[name] += buffers[index]
+    for o in range(subgraph.OperatorsLength()):
+        budget.spend()
+        opcode = subgraph.Operators(o).OpcodeIndex()
+        if opcode >= len(codes):
+            raise ValueError(f"operator {o} uses opcode {opcode} of {len(codes)}")
+        summary.operators[codes[opcode]] += 1
+
+
+def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
+    from ai_edge_litert import schema_py_generated as schema
+
+    budget = _Budget(size)
+    types, builtins = _names(schema.TensorType), _names(schema.BuiltinOperator)
+    model = schema.Model.GetRootAs(buf, 0)
+    summary = TFLiteSummary(bytes=size, version=model.Version())
+    buffers = _buffer_lengths(model, size, budget)
+    codes = _operator_names(model, builtins, budget)
     if not model.SubgraphsLength():
         raise ValueError("no subgraphs")
-    counted: set[int] = set()  # signatures share weight buffers: count each once
+    counted: set[int] = set()
     for s in range(model.SubgraphsLength()):
         budget.spend()
-        subgraph = model.Subgraphs(s)
-        for t in range(subgraph.TensorsLength()):
-            tensor = subgraph.Tensors(t)
-            rank = tensor.ShapeLength()
-            budget.spend(1 + rank)
-            if rank > MAX_RANK:
-                raise ValueError(f"tensor {t} has {rank} dimensions")
-            [tensor.Shape(d) for d in range(rank)]
-            index = tensor.Buffer()
-            if index >= len(buffers):
-                raise ValueError(f"tensor {t} refers to buffer {index} of {len(buffers)}")
-            if buffers[index] and index not in counted:
-                counted.add(index)
-                name = types.get(tensor.Type(), f"type {tensor.Type()}")
-                summary.tensor_types[name] += 1
-                summary.weight_bytes[name] += buffers[index]
-        for o in range(subgraph.OperatorsLength()):
-            budget.spend()
-            opcode = subgraph.Operators(o).OpcodeIndex()
-            if opcode >= len(codes):
-                raise ValueError(f"operator {o} uses opcode {opcode} of {len(codes)}")
-            summary.operators[codes[opcode]] += 1
+        _count_subgraph(model.Subgraphs(s), buffers, codes, types, counted, summary, budget)
     for g in range(model.SignatureDefsLength()):
         budget.spend()
         signature = model.SignatureDefs(g)

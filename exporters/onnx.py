@@ -33,6 +33,7 @@ SCRATCH = ".fp32-source.onnx"
 FILE_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_q8.onnx", "int4": "model_q4.onnx"}
 NBITS = {"int8": 8, "int4": 4}
 BLOCK_SIZE = 32
+HEAD_BITS = 8  # the output projection of int4 and int8 alike
 TIED_TABLE = "embedding_t"  # edgelm.graph's name for a tied embedding table
 # Above this many weight bytes a model is saved with external data (protobuf's limit is 2 GB).
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -149,6 +150,33 @@ def layer_matmuls(model: Any, layers: tuple[int, ...]) -> list[str]:
     return names
 
 
+def _integer_matmuls(
+    model: Any, quant: str, layers_8bit: tuple[int, ...], gptq: tuple[dict[str, Any], dict[str, str]] | None
+) -> tuple[Any, int, set[str]]:
+    """MatMulNBits for every weight MatMul: (the model, layers block-bias corrected, layers that
+    took GPTQ's codes). The output projection decides every token; like llama.cpp's Q4_K_M
+    (which keeps it at 6 bits), int4 keeps it at HEAD_BITS and quantizes the transformer layers to 4."""
+    from onnx import numpy_helper
+
+    from edgelm.exporters.onnx_block_bias import add_block_bias_correction
+
+    if NBITS[quant] == HEAD_BITS:
+        return _matmul_nbits(model, HEAD_BITS), 0, set()
+    head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
+    # the bias correction needs the float weights the quantizer is about to replace
+    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
+    eight = head + layer_matmuls(model, layers_8bit)
+    model = _matmul_nbits(model, NBITS[quant], exclude=eight)
+    model = _matmul_nbits(model, HEAD_BITS, include=eight)
+    recoded: set[str] = set()
+    if gptq:
+        from edgelm.exporters.onnx_gptq import apply_gptq
+
+        recoded = apply_gptq(model, weights, *gptq)
+    corrected = add_block_bias_correction(model, {k: w for k, w in weights.items() if k not in recoded})
+    return model, corrected, recoded
+
+
 def quantize_weights(
     src: Path,
     dst: Path,
@@ -173,35 +201,14 @@ def quantize_weights(
         model = convert_float_to_float16(model, keep_io_types=True)
         done = {"weights": "float16", "io": "float32"}
     else:
-        # The output projection decides every token; like llama.cpp's Q4_K_M (which keeps it
-        # at 6 bits), int4 keeps it at 8 bits and quantizes the transformer layers to 4.
-        from onnx import numpy_helper
-
-        from edgelm.exporters.onnx_block_bias import add_block_bias_correction
         from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
 
-        head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
-        bits_for_head = 8
-        corrected = 0
-        if NBITS[quant] == bits_for_head:
-            model = _matmul_nbits(model, bits_for_head)
-        else:
-            # the bias correction needs the float weights the quantizer is about to replace
-            weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
-            eight = head + layer_matmuls(model, layers_8bit)
-            model = _matmul_nbits(model, NBITS[quant], exclude=eight)
-            model = _matmul_nbits(model, bits_for_head, include=eight)
-            recoded: set[str] = set()
-            if gptq:
-                from edgelm.exporters.onnx_gptq import apply_gptq
-
-                recoded = apply_gptq(model, weights, *gptq)
-            corrected = add_block_bias_correction(model, {k: w for k, w in weights.items() if k not in recoded})
+        model, corrected, recoded = _integer_matmuls(model, quant, layers_8bit, gptq)
         shared = share_quantized_embedding(model, TIED_TABLE)
         done = {
             "op": "MatMulNBits",
             "bits": NBITS[quant],
-            "output_projection_bits": bits_for_head,
+            "output_projection_bits": HEAD_BITS,
             "block_size": BLOCK_SIZE,
             "symmetric": False,
             "accuracy_level": 4,

@@ -36,6 +36,11 @@ class SearchSpace:
     importance: str = "loss"
     distill_steps: int = 0  # distil each compressed candidate this many steps first
 
+    def grid(self) -> list[tuple[int, float]]:
+        """(layers dropped, channel fraction) of every candidate, the base model first: the denominator."""
+        grid = [(d, f) for d in self.layers_dropped for f in self.channel_fractions]
+        return [(0, 0.0)] + [key for key in dict.fromkeys(grid) if key != (0, 0.0)]
+
 
 @dataclass
 class Candidate:
@@ -86,6 +91,37 @@ def _is_budget_output(path: Path) -> bool:
     return is_compressed_model(path) or (path.is_dir() and not path.is_symlink() and (path / BUDGET_FILE).is_file())
 
 
+def _compressed(model: str | Path | None, folder: Path, dropped: int, fraction: float, space: SearchSpace) -> Path:
+    """One candidate of the grid compressed into `folder`."""
+    recipe = CompressRecipe(
+        drop_layers=LayerDrop(dropped, space.importance) if dropped else None,
+        prune=Prune("channels", fraction) if fraction else None,
+        distill=DistillSettings(steps=space.distill_steps) if space.distill_steps else None,
+    )
+    compress_model(model, folder, recipe)
+    return folder
+
+
+def _candidates(manifest: Any, dropped: int, fraction: float, base_perplexity: float) -> list[Candidate]:
+    """Every measured artifact of one candidate's bundle, its perplexity against the base model's."""
+    found = []
+    for artifact in manifest.artifacts:
+        if artifact.format == "safetensors" or not artifact.parity:
+            continue
+        profile = artifact.profile or {}
+        found.append(
+            Candidate(
+                layers_dropped=dropped,
+                channel_fraction=fraction,
+                artifact=artifact.name,
+                megabytes=round(artifact.bytes / 1e6, 2),
+                ppl_ratio=round(artifact.parity["perplexity"] / base_perplexity, 4),
+                decode_tok_s=profile.get("decode_tok_s"),
+            )
+        )
+    return found
+
+
 def search_budget(
     model: str | Path | None,
     output: str | Path,
@@ -112,43 +148,20 @@ def search_budget(
     result: BudgetResult | None = None
     with scratch_beside(output) as tmp:
         folders: dict[tuple[int, float], Path | None] = {}
-        grid = [(d, f) for d in space.layers_dropped for f in space.channel_fractions]
-        grid = [(0, 0.0)] + [
-            key for key in dict.fromkeys(grid) if key != (0, 0.0)
-        ]  # the base model first: the denominator
-        for key in grid:
+        for key in space.grid():
             dropped, fraction = key
             name = f"drop{dropped}-channels{int(fraction * 100)}"
             source: Path | str | None = model
             if dropped or fraction:
-                recipe = CompressRecipe(
-                    drop_layers=LayerDrop(dropped, space.importance) if dropped else None,
-                    prune=Prune("channels", fraction) if fraction else None,
-                    distill=DistillSettings(steps=space.distill_steps) if space.distill_steps else None,
-                )
                 with step(f"Compressing: {dropped} layers dropped, {fraction:.0%} MLP channels pruned"):
-                    compress_model(model, Path(tmp) / name, recipe)
-                source = Path(tmp) / name
+                    source = _compressed(model, Path(tmp) / name, dropped, fraction, space)
             folders[key] = source if isinstance(source, Path) else None
             with step(f"Exporting and measuring {name}"):
                 manifest = export_bundle(source, Path(tmp) / f"bundle-{name}", options)
             if result is None:  # the uncompressed model's fp32 perplexity is every ratio's denominator
                 base = next(a.parity["reference_perplexity"] for a in manifest.artifacts if a.parity)
                 result = BudgetResult(max_mb, max_ppl_ratio, base_perplexity=base)
-            for artifact in manifest.artifacts:
-                if artifact.format == "safetensors" or not artifact.parity:
-                    continue
-                profile = artifact.profile or {}
-                result.candidates.append(
-                    Candidate(
-                        layers_dropped=dropped,
-                        channel_fraction=fraction,
-                        artifact=artifact.name,
-                        megabytes=round(artifact.bytes / 1e6, 2),
-                        ppl_ratio=round(artifact.parity["perplexity"] / result.base_perplexity, 4),
-                        decode_tok_s=profile.get("decode_tok_s"),
-                    )
-                )
+            result.candidates += _candidates(manifest, dropped, fraction, result.base_perplexity)
             shutil.rmtree(Path(tmp) / f"bundle-{name}")
         assert result is not None
         pareto_front(result.candidates)

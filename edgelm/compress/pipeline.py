@@ -145,6 +145,35 @@ def _drop_and_prune(
     return kept, masks
 
 
+def _distill_step(
+    teacher: Any,
+    student: Any,
+    text: TextSplits,
+    recipe: CompressRecipe,
+    output: Path,
+    masks: dict[str, Any],
+    kept: list[int] | None,
+    step: StepHook,
+    on_distill_step: DistillHook | None,
+) -> DistillResult:
+    """The recipe's distillation (on teacher continuations too, when asked), checkpointed beside `output`."""
+    assert recipe.distill is not None
+    if recipe.teacher_continuations:
+        with step(f"Generating {recipe.teacher_continuations} teacher continuations for training"):
+            text.add_teacher_continuations(teacher, recipe.teacher_continuations, seed=recipe.distill.seed)
+    with step(f"Distilling for {recipe.distill.steps} steps"):
+        return distill(
+            teacher,
+            student,
+            text.train,
+            recipe.distill,
+            checkpoint_folder(output),
+            masks=masks,
+            layer_map=kept,
+            on_step=on_distill_step,
+        )
+
+
 def compress_model(
     model: str | Path | None,
     output: str | Path,
@@ -181,23 +210,10 @@ def compress_model(
         student = copy.deepcopy(teacher)
         record_steps: list[dict[str, Any]] = []
         kept, masks = _drop_and_prune(student, recipe, calibration, heldout if lm else None, step, ppl, record_steps)
-        if recipe.distill and recipe.teacher_continuations:
-            with step(f"Generating {recipe.teacher_continuations} teacher continuations for training"):
-                text.add_teacher_continuations(teacher, recipe.teacher_continuations, seed=recipe.distill.seed)
         if recipe.distill:
-            with step(f"Distilling for {recipe.distill.steps} steps"):
-                result = distill(
-                    teacher,
-                    student,
-                    text.train,
-                    recipe.distill,
-                    checkpoint_folder(output),
-                    masks=masks,
-                    layer_map=kept,
-                    on_step=on_distill_step,
-                )
+            distilled = _distill_step(teacher, student, text, recipe, output, masks, kept, step, on_distill_step)
             ppl["after_distill"] = round(perplexity(student, heldout), 4)
-            record_steps.append({"step": "distill", **_distill_summary(result)})
+            record_steps.append({"step": "distill", **_distill_summary(distilled)})
         with step("Saving the compressed model"):
             record = CompressionRecord(
                 base_model=source.model_id,
