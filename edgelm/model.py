@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.architectures import (
+    ARCHITECTURES,
     TASK_MODEL_CLASSES,
     Architecture,
     lookup_architecture,
@@ -35,7 +36,7 @@ DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.txt")
 # llama.cpp architecture name -> transformers model_type
-GGUF_TO_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text", "phi3": "phi3", "bert": "bert"}
+GGUF_TO_MODEL_TYPE = {a.gguf_arch: a.model_type for a in ARCHITECTURES.values()}  # llama.cpp's name → ours
 
 
 @dataclass

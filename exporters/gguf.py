@@ -46,8 +46,10 @@ def write_f32_gguf(model: Any, source: SourceModel, tokenizer_dir: Path, path: P
     import numpy as np
 
     config = model.config
+    from edgelm.architectures import ARCHITECTURES
+
     row = gguf_architecture(source.model_type)
-    arch = gguf.MODEL_ARCH[row.gguf_arch]
+    arch = gguf.MODEL_ARCH[ARCHITECTURES[source.model_type].gguf_arch.upper()]  # llama.cpp's name, as gguf's enum
     arch_name = gguf.MODEL_ARCH_NAMES[arch]
     hparams = row.hparams(config)  # raises UnsupportedError for variants llama.cpp would compute differently
     vocab = read_vocab(tokenizer_dir, int(config.vocab_size))

@@ -130,17 +130,19 @@ def _bert_hparams(config: Config) -> list[tuple[str, Any]]:
 
 @dataclass(frozen=True)
 class GGUFArchitecture:
-    gguf_arch: str  # gguf.MODEL_ARCH member name (LLAMA, QWEN2, ...)
+    """What the GGUF writer adds to an architecture's row (edgelm.architectures): llama.cpp's
+    hyperparameter keys, tensor transforms, HF tensors it does not use."""
+
     hparams: Callable[[Config], list[tuple[str, Any]]]
     transform: Transform | None = None
     skip_prefixes: tuple[str, ...] = field(default=())  # HF tensors llama.cpp does not use
 
 
 GGUF_ARCHITECTURES: dict[str, GGUFArchitecture] = {
-    "llama": GGUFArchitecture("LLAMA", _llama_hparams, llama_rope_layout),
-    "qwen2": GGUFArchitecture("QWEN2", _decoder_hparams),
-    "gemma3_text": GGUFArchitecture("GEMMA3", _gemma3_hparams, gemma_norm_offset),
-    "bert": GGUFArchitecture("BERT", _bert_hparams, skip_prefixes=("pooler.", "embeddings.position_ids")),
+    "llama": GGUFArchitecture(_llama_hparams, llama_rope_layout),
+    "qwen2": GGUFArchitecture(_decoder_hparams),
+    "gemma3_text": GGUFArchitecture(_gemma3_hparams, gemma_norm_offset),
+    "bert": GGUFArchitecture(_bert_hparams, skip_prefixes=("pooler.", "embeddings.position_ids")),
 }
 
 
