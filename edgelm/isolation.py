@@ -232,7 +232,7 @@ def open_isolated(
         sock.close()
         _raise_error(*answer["error"])
     facts = answer["capabilities"]
-    capabilities = Capabilities(**{**facts, "devices": tuple(facts["devices"])})
+    capabilities = Capabilities(**facts)
     kind = IsolatedEncoderSession if answer["kind"] == "encoder" else IsolatedSession
     return kind(sock, runtime, path, capabilities, pid)
 

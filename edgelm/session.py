@@ -23,8 +23,6 @@ from edgelm.errors import InvalidModelError, UnsupportedError
 @dataclass(frozen=True)
 class Capabilities:
     max_context: int
-    devices: tuple[str, ...] = ("cpu",)
-    returns_all_logits: bool = True  # prefill gives logits for every position (parity needs it)
     notes: dict[str, str] = field(default_factory=dict)
     vocab_size: int | None = None  # token ids a decoder takes: 0 .. vocab_size - 1 (None: the runtime checks)
 

@@ -203,7 +203,6 @@ class LiteRTSession:
         self._pos = 0
         self.capabilities = Capabilities(
             max_context=self.max_context,
-            devices=(device,),
             vocab_size=steps.vocab_size,
             notes={"kv_cache": f"host-owned, {self.max_context} positions", "prefill_length": str(self.prefill_length)},
         )

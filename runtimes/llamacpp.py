@@ -166,7 +166,6 @@ class LlamaCppSession:
         self._pos = 0
         self.capabilities = Capabilities(
             max_context=context.n_ctx,
-            devices=(device,),
             vocab_size=context.n_vocab,
             notes={"kv_cache": f"llama.cpp, {context.kv_type}, {context.n_ctx} slots"},
         )
@@ -200,7 +199,7 @@ class LlamaCppEncoderSession:
 
     def __init__(self, context: _Context, device: str):
         self._c = context
-        self.capabilities = Capabilities(max_context=context.n_ctx, devices=(device,), notes={"output": "embeddings"})
+        self.capabilities = Capabilities(max_context=context.n_ctx, notes={"output": "embeddings"})
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         lib, dim = self._c._lib, self._c._lib.llama_model_n_embd(self._c.model)

@@ -83,7 +83,6 @@ class OnnxSession:
         vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
         self.capabilities = Capabilities(
             max_context=max_context,
-            devices=("cpu",),
             vocab_size=vocab if isinstance(vocab, int) else None,
             notes={"provider": provider, "kv_cache": "OrtValues kept in onnxruntime between steps"},
         )
@@ -121,7 +120,7 @@ class OnnxEncoderSession:
         self.session = session
         self.output_names = [session.get_outputs()[0].name]
         self.capabilities = Capabilities(
-            max_context=max_length, devices=("cpu",), notes={"provider": provider, "output": self.output_names[0]}
+            max_context=max_length, notes={"provider": provider, "output": self.output_names[0]}
         )
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
