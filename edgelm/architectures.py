@@ -93,6 +93,12 @@ def task_for(arch: Architecture, config: dict[str, Any] | None = None) -> str:
     )
 
 
+def head_dim(config: Any) -> int:
+    """Width of one attention head: the config's own head_dim where it sets one (Gemma3's is not
+    hidden_size / heads), else hidden_size / heads."""
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
 def supported_model_types() -> list[str]:
     return sorted(ARCHITECTURES)
 

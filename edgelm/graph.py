@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from edgelm.architectures import head_dim
 from edgelm.errors import UnsupportedError
 
 # model_type -> family. The graph reads each model's variations off its own modules
@@ -75,7 +76,7 @@ def decoder_signature(config: Any) -> DecoderSignature:
     return DecoderSignature(
         num_layers=config.num_hidden_layers,
         num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        head_dim=head_dim(config),
         vocab_size=config.vocab_size,
         max_context=int(getattr(config, "max_position_embeddings", 2048)),
     )

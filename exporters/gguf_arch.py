@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from edgelm.architectures import head_dim
 from edgelm.errors import UnsupportedError
 
 Config = Any
@@ -43,10 +44,6 @@ def check_rope(config: Config) -> None:
         raise UnsupportedError(
             f"the GGUF writer handles plain RoPE only; this model uses {', '.join(sorted(unsupported))} RoPE scaling"
         )
-
-
-def head_dim(config: Config) -> int:
-    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
 
 
 def _permute_rope_rows(weights: np.ndarray, heads: int) -> np.ndarray:

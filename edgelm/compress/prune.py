@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from edgelm.architectures import head_dim as config_head_dim
 from edgelm.compress.layers import layer_list
 from edgelm.errors import UnsupportedError
 
@@ -190,7 +191,7 @@ def prune_heads(model: Any, fraction: float, batches: list[Any]) -> dict[str, An
         config.num_attention_heads,
         getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
     )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    head_dim = config_head_dim(config)
     group = heads // kv_heads
     keep_groups = max(1, round(kv_heads * (1 - fraction)))
     if keep_groups == kv_heads:
