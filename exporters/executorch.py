@@ -18,8 +18,9 @@ Quant mapping (the README's recipes), through torchao configs that the XNNPACK p
          stays 8da8w (it decides every token; llama.cpp's Q4_K_M keeps it at 6 bits for the
          same reason). A calibrated attempt also gets each layer's input statistics on the
          calibration text: per layer, GPTQ's codes on a searched grid replace round-to-nearest
-         when they err less on those inputs (_gptq_on_block_grid; mild off-grid twin of
-         SmolLM2: ppl ratio 1.075 → 1.043 with act-order).
+         when they err less on those inputs, and the block offsets are fitted to them
+         (_gptq_on_block_grid; mild off-grid twin of SmolLM2: ppl ratio 1.075 → 1.043 with
+         act-order).
 int8 and int4 also store the token embedding as int8 per row: the lookup is not delegated
 (XNNPACK has no gather), so it runs as ExecuTorch's quantized `embedding_byte` kernel, and
 the 113 MB fp32 table of SmolLM2 becomes 28 MB.
@@ -203,42 +204,43 @@ def quantize_with_block_bias(
         residual = originals[name] - module.weight.dequantize().to(originals[name].dtype)
         block_mean = residual.unflatten(-1, (-1, GROUP_SIZE)).mean(-1)  # [out, in / GROUP_SIZE]
         if inputs[name] is not None:
-            offsets = _gptq_on_block_grid(module.weight, originals[name], block_mean, inputs[name])
-            if offsets is not None:
-                block_mean, recoded = offsets, recoded + 1
+            block_mean, took_gptq = _gptq_on_block_grid(module.weight, originals[name], block_mean, inputs[name])
+            recoded += took_gptq
         replace_module(graph, name, BlockBiasCorrected(module, block_mean))
     return len(targets), recoded
 
 
-def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: Any) -> Any:
-    """GPTQ's codes for one layer, written into torchao's int4 tensor, when they err less on the
-    calibration text than round-to-nearest + block bias; returns the new per-block offsets
-    (or None: the layer keeps what it has — a weight already on a 4-bit grid keeps it exactly).
+def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: Any) -> tuple[Any, bool]:
+    """The layer's codes and per-block offsets chosen on its calibration inputs: GPTQ's codes
+    (written into torchao's int4 tensor) or round-to-nearest's, whichever errs less, each with
+    its offsets fitted to those inputs (block_bias.fitted_offsets; a weight already on a
+    4-bit grid gets its exact offsets back). Returns (offsets, took GPTQ's codes).
 
     Any asymmetric 4-bit grid w = s·(q − z), q ∈ 0..15, is this recipe's symmetric int4
-    k = q − 8 with scale s plus a float offset s·(8 − z) per block, which the block-bias Linear
-    adds. So the grid is edgelm.gptq's searched one (each block's range chosen by error
-    weighted by the inputs' energy), GPTQ picks the codes on it, and the error compared is
+    k = q − 8 with scale s plus a float offset per block, which the block-bias Linear adds.
+    So the grid is edgelm.gptq's searched one (each block's range chosen by error weighted by
+    the inputs' energy), GPTQ picks the codes on it, and the error compared is
     tr((W − Ŵ) H (W − Ŵ)ᵀ), the output error on the calibration inputs.
     """
     import torch
 
-    from edgelm.exporters.block_bias import spread
+    from edgelm.exporters.block_bias import fitted_offsets, spread
     from edgelm.gptq import gptq_codes, output_error, searched_grid
 
     h = inputs.hessian()
     scale, zero = searched_grid(original, torch.diag(h), GROUP_SIZE)
     codes = gptq_codes(original, inputs, scale, zero, GROUP_SIZE)
-    offsets = scale * (8 - zero)
-    gptq_weight = (codes - 8) * spread(scale) + spread(offsets)
-    rtn_weight = quantized.dequantize().to(original.dtype) + spread(block_mean)
-
-    if output_error(original - gptq_weight, h) >= output_error(original - rtn_weight, h):
-        return None
+    gptq_symmetric = (codes - 8) * spread(scale)
+    gptq_offsets = fitted_offsets(original, gptq_symmetric, h, scale * (8 - zero))
+    rtn_symmetric = quantized.dequantize().to(original.dtype)
+    rtn_offsets = fitted_offsets(original, rtn_symmetric, h, block_mean)
+    gptq_error = output_error(original - gptq_symmetric - spread(gptq_offsets), h)
+    if gptq_error >= output_error(original - rtn_symmetric - spread(rtn_offsets), h):
+        return rtn_offsets.to(block_mean.dtype), False
     quantized.qdata.copy_((codes - 8).to(quantized.qdata.dtype))
     quantized.scale.copy_(scale.to(quantized.scale.dtype))
     quantized.zero_point.zero_()
-    return offsets.to(block_mean.dtype)
+    return gptq_offsets.to(block_mean.dtype), True
 
 
 def export_pte(

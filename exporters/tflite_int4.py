@@ -8,7 +8,8 @@ the scales and codes back exactly. The grid is asymmetric through the block-bias
 (exporters/block_bias.py, as in ExecuTorch's int4): symmetric codes k ∈ −8..7 with scale s,
 plus an offset per block in a small float Linear. Calibrated attempts pick the codes by GPTQ on
 a searched grid (edgelm.gptq) where that errs less on the calibration inputs than
-round-to-nearest on the min/max grid.
+round-to-nearest on the min/max grid, and every block's offset is fitted to those inputs
+(least squares of the layer's output error, given the codes).
 
 Two constraints of the stored form shape the grid: LiteRT keeps block scales as float16
 (rounded through bfloat16), so every scale is a bfloat16 value at or above float16's smallest
@@ -23,7 +24,7 @@ from typing import Any
 
 import torch
 
-from edgelm.exporters.block_bias import GROUP_SIZE, BlockBiasCorrected, replace_module, spread
+from edgelm.exporters.block_bias import GROUP_SIZE, BlockBiasCorrected, fitted_offsets, replace_module, spread
 
 MIN_SCALE = 2.0**-14  # float16's smallest normal
 INNER, CORRECTION = "linear", "correction"  # BlockBiasCorrected's submodules: the quantizer tells them apart by name
@@ -76,20 +77,23 @@ def recoverable(codes: Any) -> tuple[Any, int]:
 
 
 def _layer_codes(weight: Any, inputs: Any | None) -> tuple[Any, Any, Any, bool]:
-    """(codes, scale, offset, took GPTQ's) for one layer: GPTQ when it errs less than round-to-nearest."""
+    """(codes, scale, offset, took GPTQ's) for one layer. With the layer's calibration inputs:
+    GPTQ on the searched grid or round-to-nearest on min/max, whichever errs less, each with
+    its offsets fitted to those inputs (block_bias.fitted_offsets); without, round-to-nearest."""
     from edgelm.gptq import output_error
 
     nearest = nearest_codes(weight)
     if inputs is None:
         return (*nearest, False)
-    searched = gptq_codes_on_searched_grid(weight, inputs)
     h = inputs.hessian()
-
-    def error(choice: tuple[Any, Any, Any]) -> float:
-        codes, scale, offset = choice
-        return output_error(weight - (codes * spread(scale) + spread(offset)), h)
-
-    return (*searched, True) if error(searched) < error(nearest) else (*nearest, False)
+    fitted, errors = [], []
+    for codes, scale, offset in (nearest, gptq_codes_on_searched_grid(weight, inputs)):
+        symmetric = codes * spread(scale)
+        offset = fitted_offsets(weight, symmetric, h, offset)
+        fitted.append((codes, scale, offset))
+        errors.append(output_error(weight - symmetric - spread(offset), h))
+    took_gptq = errors[1] < errors[0]
+    return (*fitted[int(took_gptq)], took_gptq)
 
 
 def to_block_grid(model: Any, hessians: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -189,3 +189,31 @@ def test_the_written_grid_and_codes_are_what_onnxruntime_computes_with():
         (weight - round_to_nearest_weight).T, hessian
     )
     assert helper.get_attribute_value(next(a for a in node.attribute if a.name == "block_size")) == BLOCK
+
+
+def test_fitted_block_offsets_recover_a_grid_never_lose_to_the_mean_and_keep_unseen_blocks():
+    """block_bias.fitted_offsets: least squares of the output error over one offset per block."""
+    import torch
+
+    from edgelm.exporters.block_bias import fitted_offsets, spread
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 128, generator=g) @ torch.randn(128, 128, generator=g) * 0.3 + torch.randn(128, generator=g)
+    x[:, 96:] = 0  # the last block never sees an input on the calibration text
+    h = x.T @ x / x.shape[0]
+    weight = torch.randn(16, 128, generator=g)
+    symmetric = torch.clamp(torch.round(weight / 0.3), -8, 7) * 0.3
+
+    def error(offsets):
+        e = weight - symmetric - spread(offsets)
+        return float(((e @ h) * e).sum())
+
+    mean = (weight - symmetric).unflatten(-1, (-1, 32)).mean(-1)
+    fitted = fitted_offsets(weight, symmetric, h, mean)
+    assert error(fitted) < error(mean)
+    assert torch.equal(fitted[:, 3], mean[:, 3])  # unseen: the fallback, untouched
+    true = torch.randn(16, 4, generator=g)
+    on_grid = symmetric + spread(true)
+    recovered = fitted_offsets(on_grid, symmetric, h, torch.zeros(16, 4))
+    assert torch.allclose(recovered[:, :3], true[:, :3], atol=1e-4)
+    assert torch.equal(fitted_offsets(on_grid, symmetric, h, true), true)  # already exact: kept as is
