@@ -57,9 +57,9 @@ def recipe_ladder(exporter: Any, quant: str, recipe: str, calibrate: bool) -> li
     if not Calibration.applies_to(recipe):
         return [Attempt(quant, False)]
     ladder = ([Attempt(quant, True)] if calibrate else []) + [Attempt(quant, False)]
-    if quant in getattr(exporter, "mixed_precision", ()):
+    if quant in exporter.mixed_precision:
         ladder += [Attempt(quant, calibrate, share) for share in MIXED_FRACTIONS]
-    fallbacks = getattr(exporter, "fallbacks", {}).get(quant, ())
+    fallbacks = exporter.fallbacks.get(quant, ())
     return ladder + [Attempt(f, calibrate) for f in fallbacks]
 
 
@@ -101,7 +101,7 @@ class ArtifactBuilder:
         exporter = get_exporter(fmt)
         name = f"{fmt}-{quant}" if fmt != REFERENCE_FORMAT else "reference-fp32"
         # the gate of the recipe a format-specific type stands for (GGUF Q4_0 → int4, ...)
-        recipe = getattr(exporter, "gate_recipe", lambda q: q)(quant)
+        recipe = exporter.gate_recipe(quant)
         return exporter, name, recipe, recipe_ladder(exporter, quant, recipe, self.options.calibrate)
 
     def start_background_exports(self, plan: list[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -113,11 +113,7 @@ class ArtifactBuilder:
         for fmt, quant in plan:
             exporter, name, recipe, ladder = self._ladder(fmt, quant)
             first = ladder[0]
-            if (
-                not getattr(exporter, "exports_in_background", False)
-                or len(plan) - len(started) <= 2
-                or first.eight_bit_share
-            ):
+            if not exporter.exports_in_background or len(plan) - len(started) <= 2 or first.eight_bit_share:
                 continue  # nothing to overlap with, or the recipe needs the layers' sensitivity first
             if not worth_a_second_process(self.model, workers=len(started) + 1):
                 continue
@@ -165,16 +161,15 @@ class ArtifactBuilder:
             variant = f"calibrated-{recipe}"
         else:
             model, record, variant = self.model, UNCALIBRATED, "source"
-        exporter_finish = getattr(get_exporter(fmt), "finish", None)
-        if self._variant.get(fmt, variant) != variant and exporter_finish:
-            exporter_finish(self.work)  # its scratch files were made from another variant
+        if self._variant.get(fmt, variant) != variant:
+            get_exporter(fmt).finish(self.work)  # its scratch files were made from another variant
         self._variant[fmt] = variant
         return model, record
 
     def _gptq_settings(self, exporter: Any, attempt: Attempt, recipe: str) -> dict[str, Any]:
         """The exporter's GPTQ input (the layers' input statistics on the calibration text) for a
         calibrated attempt of a recipe it picks codes for by GPTQ; else nothing."""
-        if not (attempt.calibrated and recipe in getattr(exporter, "gptq", ())):
+        if not (attempt.calibrated and recipe in exporter.gptq):
             return {}
         with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
             return {"hessians": self.calibration.hessians(recipe)}
@@ -256,6 +251,4 @@ class ArtifactBuilder:
         between their recipes."""
         self.background.close()
         for fmt in self._variant:
-            finish = getattr(get_exporter(fmt), "finish", None)
-            if finish:
-                finish(self.work)
+            get_exporter(fmt).finish(self.work)

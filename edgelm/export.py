@@ -20,7 +20,7 @@ from edgelm.calibration import Calibration
 from edgelm.encoder_eval import ENCODER_GATES
 from edgelm.errors import EdgeLMError, ExportError, ParityError, UnsupportedError
 from edgelm.evaluate import EVALUATIONS
-from edgelm.exporter import check_quant, get_exporter, missing_requirements
+from edgelm.exporter import EXPORTER_MODULES, check_quant, get_exporter, missing_requirements
 from edgelm.memo_session import MemoizedSession
 from edgelm.model import SourceModel, inspect_source, load_reference_model
 from edgelm.parity import (
@@ -106,15 +106,22 @@ def plan_artifacts(
         for quant in options.quants or preset.quants.get(fmt, exporter.quants[:1]):
             check_quant(exporter, quant)
             plan.append((fmt, quant))
-        if fmt == "gguf":
-            plan += [(fmt, exporter.check_type(name)) for name in options.gguf_types]
-    if options.gguf_types and not any(fmt == "gguf" for fmt, _ in plan):
-        raise UnsupportedError("--gguf-type needs the gguf format in --formats (or in the target preset)")
-    if options.delegate:
-        if not any(fmt == "executorch" for fmt, _ in plan):
-            raise UnsupportedError("--delegate picks the ExecuTorch backend; add executorch to --formats")
-        get_exporter("executorch").check_setting("delegate", options.delegate)
+        plan += [(fmt, quant) for quant in exporter.planned_quants(options)]
+        exporter.check_options(options)
+    _check_format_options(options, {fmt for fmt, _ in plan})
     return plan, skipped
+
+
+def _check_format_options(options: ExportOptions, planned: set[str]) -> None:
+    """A format's own option (--gguf-type, --delegate) given without that format in the plan is an error."""
+    for fmt in EXPORTER_MODULES:
+        if fmt in planned:
+            continue
+        for field_name, flag in get_exporter(fmt).own_options.items():
+            if getattr(options, field_name):
+                raise UnsupportedError(
+                    f"{flag} only applies to {fmt}; add {fmt} to --formats (or use a target that has it)"
+                )
 
 
 def _note_progress(step: StepHook, what: str) -> Callable[[int, int], None]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar
 
 from edgelm.errors import UnsupportedError
 from edgelm.model import SourceModel
@@ -25,18 +25,40 @@ class ExportedArtifact:
     extra_files: list[Path] = field(default_factory=list)  # other files that belong to it (size counted)
 
 
-class Exporter(Protocol):
+class Exporter:
+    """What every format exporter is, and the hooks the pipeline calls on it (defaults: none).
+    edgelm.export and edgelm.artifacts name no format: what differs per format lives here."""
+
     format: str  # registry key and manifest "format"
     runtime: str  # runtime registry key that opens its files
     quants: tuple[str, ...]  # --quant values it supports
     tasks: tuple[str, ...]  # model tasks it exports (keys of architectures.TASK_MODEL_CLASSES)
     requires: tuple[str, ...]  # import names it needs (edgelm doctor checks them)
+    exports_in_background: bool = False  # slow single-threaded lowering: run in a worker (edgelm.background)
+    gptq: tuple[str, ...] = ()  # recipes whose calibrated attempts take the layers' Hessians (edgelm.gptq)
+    mixed_precision: tuple[str, ...] = ()  # recipes that can keep chosen layers at 8 bits (layers_8bit)
+    fallbacks: ClassVar[dict[str, tuple[str, ...]]] = {}  # recipe -> the format's more faithful types, in order
+    own_options: ClassVar[dict[str, str]] = {}  # ExportOptions field -> its flag, meaningful for this format only
 
-    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
+    def export(
+        self, model: Any, source: SourceModel, bundle_dir: Path, quant: str, **settings: Any
+    ) -> ExportedArtifact:
         """Write the artifact under bundle_dir/<format>/ and describe it."""
+        raise NotImplementedError
 
-    # Optional: `finish(bundle_dir)` runs once after all of a format's quant recipes, for an
-    # exporter that keeps scratch files between them (the ONNX fp32 source, for one).
+    def gate_recipe(self, quant: str) -> str:
+        """The --quant recipe whose gate an artifact of `quant` is held to (a format's own type maps to one)."""
+        return quant
+
+    def planned_quants(self, options: Any) -> list[str]:
+        """Artifacts this format adds from its own options (GGUF's --gguf-type), validated."""
+        return []
+
+    def check_options(self, options: Any) -> None:
+        """Refuse this format's own options (`own_options`) before any model is loaded."""
+
+    def finish(self, bundle_dir: Path) -> None:
+        """Runs once after all of the format's recipes (drop scratch files kept between them)."""
 
 
 # format -> module defining `EXPORTER`, imported lazily (exporters pull in heavy libraries).

@@ -37,10 +37,10 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from edgelm.errors import UnsupportedError
-from edgelm.exporter import ExportedArtifact
+from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
 
@@ -369,7 +369,7 @@ def _quiet() -> Any:
             logging.getLogger("torch").setLevel(previous)
 
 
-class ExecuTorchExporter:
+class ExecuTorchExporter(Exporter):
     format = "executorch"
     runtime = "executorch"
     quants = tuple(FILE_NAMES)
@@ -378,11 +378,11 @@ class ExecuTorchExporter:
     exports_in_background = True  # the XNNPACK lowering is minutes of single-threaded Python (edgelm.background)
     gptq = ("int4",)  # calibrated attempts pick 4-bit codes by GPTQ (the export's hessians)
 
-    def check_setting(self, key: str, value: str) -> str:
-        """Format-specific export settings (`--delegate`), validated before any model is loaded."""
-        if key != "delegate":
-            raise UnsupportedError(f"the ExecuTorch exporter has no setting {key!r}")
-        return check_delegate(value)
+    own_options: ClassVar[dict[str, str]] = {"delegate": "--delegate"}
+
+    def check_options(self, options: Any) -> None:
+        if options.delegate:
+            check_delegate(options.delegate)
 
     def export(
         self, model: Any, source: SourceModel, bundle_dir: Path, quant: str, hessians: dict[str, Any] | None = None

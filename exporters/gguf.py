@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from edgelm.errors import UnsupportedError
-from edgelm.exporter import ExportedArtifact
+from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.model import SourceModel
 
 from .gguf_arch import gguf_architecture
@@ -95,7 +95,7 @@ def quantize(src: Path, dst: Path, file_type: str, threads: int | None = None) -
         raise UnsupportedError(f"llama.cpp could not quantize to {file_type} (status {status})")
 
 
-class GGUFExporter:
+class GGUFExporter(Exporter):
     format = "gguf"
     runtime = "llama.cpp"
     quants = tuple(QUANT_TYPES)
@@ -103,6 +103,7 @@ class GGUFExporter:
     fallbacks: ClassVar[dict[str, tuple[str, ...]]] = {"int4": ("Q5_K_M", "Q6_K")}
     tasks = ("text-generation", "feature-extraction")  # llama.cpp has no classification-head path for BERT
     requires = ("torch", "transformers", "gguf", "llama_cpp")
+    own_options: ClassVar[dict[str, str]] = {"gguf_types": "--gguf-type"}
 
     def __init__(self) -> None:
         self._notes: dict[Path, dict[str, Any]] = {}  # what write_f32_gguf chose, per scratch file
@@ -118,6 +119,9 @@ class GGUFExporter:
         if name not in known:
             raise UnsupportedError(f"--gguf-type {name}: not a llama.cpp file type; known: {', '.join(known)}")
         return name
+
+    def planned_quants(self, options: Any) -> list[str]:
+        return [self.check_type(name) for name in options.gguf_types]
 
     def gate_recipe(self, quant: str) -> str:
         """The parity gate a file is held to: its --quant recipe's, or the closest one for a named type."""

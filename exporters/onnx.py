@@ -25,7 +25,7 @@ from typing import Any
 
 from edgelm.architectures import TASK_MODEL_CLASSES
 from edgelm.encoder_graph import encoder_signature
-from edgelm.exporter import ExportedArtifact
+from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel
 
@@ -265,7 +265,7 @@ def optimize_offline(path: Path) -> None:
     tmp.replace(path)
 
 
-class OnnxExporter:
+class OnnxExporter(Exporter):
     format = "onnx"
     runtime = "onnxruntime"
     quants = ("fp32", "fp16", "int8", "int4")

@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.architectures import TASK_MODEL_CLASSES
-from edgelm.exporter import ExportedArtifact
+from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.model import SourceModel
 
 
-class ReferenceExporter:
+class ReferenceExporter(Exporter):
     format = "safetensors"
     runtime = "torch"
     quants = ("fp32",)

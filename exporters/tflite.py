@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import UnsupportedError
-from edgelm.exporter import ExportedArtifact
+from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
 from edgelm.native_log import quiet_native_stderr
@@ -203,7 +203,7 @@ def _quiet() -> Any:
                 os.environ["TF_CPP_MIN_LOG_LEVEL"] = previous
 
 
-class TFLiteExporter:
+class TFLiteExporter(Exporter):
     format = "tflite"
     runtime = "litert"
     quants = tuple(FILE_NAMES)

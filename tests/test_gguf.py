@@ -185,8 +185,10 @@ def test_any_llama_cpp_type_by_name_is_exported_and_gated_like_its_closest_recip
 def test_an_unknown_gguf_type_names_the_known_ones(tiny_llama, tmp_path):
     with pytest.raises(UnsupportedError, match="Q4_K_M"):
         export_bundle(tiny_llama, tmp_path / "bad", fast_export_options(formats=("gguf",), gguf_types=("Q3_X",)))
-    with pytest.raises(UnsupportedError, match="needs the gguf format"):
+    with pytest.raises(UnsupportedError, match="--gguf-type only applies to gguf"):
         export_bundle(tiny_llama, tmp_path / "bad", fast_export_options(formats=("onnx",), gguf_types=("Q4_0",)))
+    with pytest.raises(UnsupportedError, match="--delegate only applies to executorch"):
+        export_bundle(tiny_llama, tmp_path / "bad", fast_export_options(formats=("onnx",), delegate="xnnpack"))
     assert not (tmp_path / "bad").exists()
 
 
