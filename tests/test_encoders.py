@@ -157,20 +157,18 @@ def test_cli_run_and_profile_on_an_encoder_bundle(embedding_bundle, classifier_b
 
 
 def test_a_format_that_cannot_export_encoders_is_skipped_from_a_preset_but_refused_when_asked(monkeypatch):
-    import dataclasses
-
     import edgelm.export as export_module
     from edgelm.export import ExportOptions, plan_artifacts
+    from edgelm.exporter import Exporter
 
     real = export_module.get_exporter
 
-    @dataclasses.dataclass
-    class DecoderOnly:  # an exporter whose format has no encoder path
-        format: str = "onnx"
-        runtime: str = "onnxruntime"
-        quants: tuple = ("fp32",)
-        tasks: tuple = ("text-generation",)
-        requires: tuple = ()
+    class DecoderOnly(Exporter):  # an exporter whose format has no encoder path
+        format = "onnx"
+        runtime = "onnxruntime"
+        quants = ("fp32",)
+        tasks = ("text-generation",)
+        requires = ()
 
     monkeypatch.setattr(export_module, "get_exporter", lambda fmt: DecoderOnly() if fmt == "onnx" else real(fmt))
     plan, skipped = plan_artifacts(ExportOptions(target="android"), "feature-extraction")
