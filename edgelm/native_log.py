@@ -1,6 +1,9 @@
-"""Silence what native runtimes print straight to file descriptor 2.
+"""Silence what libraries print: converters' Python output (`quiet_library_output`) and what
+native runtimes write straight to file descriptors 1 and 2.
 
-ExecuTorch and LiteRT log from C++ (cpuinfo probes, accelerator registration, plugin
+Converters (torch.export, torch.onnx, litert-torch, ai-edge-quantizer) print progress and warn
+about internals a user cannot act on; the lines would tear the progress display, and an error
+still propagates. ExecuTorch and LiteRT log from C++ (cpuinfo probes, accelerator registration, plugin
 loading) where Python's logging cannot reach; edgelm reports failures itself, so those
 lines only tear the progress display. Each runtime names an environment variable that
 keeps them (EDGELM_EXECUTORCH_LOG=1, EDGELM_LITERT_LOG=1) for debugging.
@@ -9,9 +12,32 @@ keeps them (EDGELM_EXECUTORCH_LOG=1, EDGELM_LITERT_LOG=1) for debugging.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def quiet_library_output(loggers: tuple[str, ...] = ("torch",), stderr: bool = False) -> Iterator[None]:
+    """For the duration: Python's stdout (and stderr) captured, warnings ignored, the named
+    loggers raised to ERROR; all restored afterwards, also on error."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stdout(io.StringIO()),
+        contextlib.redirect_stderr(io.StringIO()) if stderr else contextlib.nullcontext(),
+    ):
+        warnings.simplefilter("ignore")
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
 
 
 @contextlib.contextmanager

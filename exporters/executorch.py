@@ -30,12 +30,8 @@ which the runtime reads instead of hard-coding them.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
-import io
-import logging
-import warnings
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -43,6 +39,7 @@ from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
+from edgelm.native_log import quiet_library_output
 
 STATIC_CONTEXT = 1024  # cache positions allocated in the program (bounded by the model's own maximum)
 FILE_NAMES = {"fp32": "model.pte", "fp16": "model_fp16.pte", "int8": "model_8da8w.pte", "int4": "model_8da4w.pte"}
@@ -275,7 +272,7 @@ def export_pte(
     )
     n = torch.export.Dim("n", min=1, max=context)
     ids, pos = torch.zeros((1, 2), dtype=torch.long), torch.zeros((1,), dtype=torch.long)
-    with _quiet():
+    with quiet_library_output(("torch",)):  # torch.export and the lowering warn about internals
         exported = torch.export.export(graph, (ids, pos), dynamic_shapes=({1: n}, (None,)), strict=False)
         program = to_edge_transform_and_lower(
             exported,
@@ -326,7 +323,7 @@ def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[st
     recipe = _quantize(graph, quant)
     batch = torch.export.Dim("batch", min=1, max=256)
     n = torch.export.Dim("n", min=1, max=graph.signature.max_length)
-    with _quiet():
+    with quiet_library_output(("torch",)):  # torch.export and the lowering warn about internals
         exported = torch.export.export(
             graph, example_encoder_inputs(), dynamic_shapes=({0: batch, 1: n}, {0: batch, 1: n}), strict=False
         )
@@ -354,19 +351,6 @@ def _backend_config() -> Any:
 
     # fuse torchao's dequantize + embedding into the runtime's quantized embedding kernel
     return ExecutorchBackendConfig(do_quant_fusion_and_const_prop=True)
-
-
-@contextlib.contextmanager
-def _quiet() -> Any:
-    """torch.export and the lowering warn about internals a user cannot act on."""
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        previous = logging.getLogger("torch").level
-        logging.getLogger("torch").setLevel(logging.ERROR)
-        try:
-            yield
-        finally:
-            logging.getLogger("torch").setLevel(previous)
 
 
 class ExecuTorchExporter(Exporter):

@@ -15,11 +15,6 @@ genai_config.json and tokenizer files onnxruntime-genai loads it with.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +23,7 @@ from edgelm.encoder_graph import encoder_signature
 from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel
+from edgelm.native_log import quiet_library_output
 
 SCRATCH = ".fp32-source.onnx"
 FILE_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_q8.onnx", "int4": "model_q4.onnx"}
@@ -39,18 +35,6 @@ TIED_TABLE = "embedding_t"  # edgelm.graph's name for a tied embedding table
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
-@contextlib.contextmanager
-def _quiet_logger(name: str, level: int) -> Iterator[None]:
-    """Raise a library logger's threshold for the duration (restored even on error)."""
-    log = logging.getLogger(name)
-    previous = log.level
-    log.setLevel(level)
-    try:
-        yield
-    finally:
-        log.setLevel(previous)
-
-
 def _export_graph(
     graph: Any, inputs: tuple, input_names: list[str], output_names: list[str], dynamic: tuple, path: Path
 ) -> None:
@@ -58,12 +42,7 @@ def _export_graph(
 
     # The exporter prints progress lines, warns about optional torchvision ops and pytree
     # deprecations; none of it is actionable for an edgelm user, and it would tear the progress display.
-    with (
-        _quiet_logger("torch.onnx", logging.ERROR),
-        contextlib.redirect_stdout(io.StringIO()),
-        warnings.catch_warnings(),
-    ):
-        warnings.simplefilter("ignore")
+    with quiet_library_output(("torch.onnx",)):
         program = torch.onnx.export(
             graph,
             inputs,
@@ -239,7 +218,7 @@ def _matmul_nbits(model: Any, bits: int, include: list[str] | None = None, exclu
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     # The quantizer logs every node it visits at INFO; that would bury edgelm's progress display.
-    with _quiet_logger("onnxruntime.quantization.matmul_nbits_quantizer", logging.WARNING):
+    with quiet_library_output(("onnxruntime.quantization.matmul_nbits_quantizer",)):
         quantizer = MatMulNBitsQuantizer(
             model,
             bits=bits,

@@ -28,11 +28,8 @@ ops are quantized with the rest.
 from __future__ import annotations
 
 import contextlib
-import io
-import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +37,7 @@ from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, quiet_noisy_imports
-from edgelm.native_log import quiet_native_stderr
+from edgelm.native_log import quiet_library_output, quiet_native_stderr
 from edgelm.runtimes.litert import LOG_VARIABLE
 
 HOST_CONTEXT = 1024  # cache positions (bounded by the model's own maximum); recorded in the manifest
@@ -182,25 +179,17 @@ def _quiet() -> Any:
     EDGELM_LITERT_LOG=1 keeps the native lines."""
     previous = os.environ.get("TF_CPP_MIN_LOG_LEVEL")
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    with (
-        warnings.catch_warnings(),
-        contextlib.redirect_stdout(io.StringIO()),
-        contextlib.redirect_stderr(io.StringIO()),
-        quiet_native_stderr(LOG_VARIABLE),
-    ):
-        warnings.simplefilter("ignore")
-        levels = {name: logging.getLogger(name).level for name in ("", "torch", "absl", "tensorflow")}
-        for name in levels:
-            logging.getLogger(name).setLevel(logging.ERROR)
-        try:
+    try:
+        with (
+            quiet_library_output(("", "torch", "absl", "tensorflow"), stderr=True),
+            quiet_native_stderr(LOG_VARIABLE),
+        ):
             yield
-        finally:
-            for name, level in levels.items():
-                logging.getLogger(name).setLevel(level)
-            if previous is None:
-                os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
-            else:
-                os.environ["TF_CPP_MIN_LOG_LEVEL"] = previous
+    finally:
+        if previous is None:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+        else:
+            os.environ["TF_CPP_MIN_LOG_LEVEL"] = previous
 
 
 class TFLiteExporter(Exporter):
