@@ -55,6 +55,8 @@ def fitted_offsets(weight: Any, symmetric: Any, hessian: Any, fallback: Any) -> 
     (TFLite's recipe): output error × 0.80 per layer, ppl ratio 1.0465 → 1.0351."""
     import torch
 
+    from edgelm.gptq import output_error
+
     h = hessian.to(torch.float64)
     columns = h.shape[0]
     blocks = columns // GROUP_SIZE
@@ -64,10 +66,23 @@ def fitted_offsets(weight: Any, symmetric: Any, hessian: Any, fallback: Any) -> 
     m = m + 1e-6 * max(float(torch.diagonal(m).mean()), 1e-30) * torch.eye(blocks, dtype=torch.float64)
     residual = (weight.to(torch.float64) - symmetric.to(torch.float64)) @ h_b  # R H Bᵀ, [out, blocks]
     fitted = torch.where(unseen[None, :], fallback.to(torch.float64), torch.linalg.solve(m, residual.T).T)
-
-    def error(offsets: Any) -> float:  # tr(E H Eᵀ)
-        e = weight.to(torch.float64) - symmetric.to(torch.float64) - spread(offsets)
-        return float(((e @ h) * e).sum())
-
+    part = weight.to(torch.float64) - symmetric.to(torch.float64)
     # the solve is damped: keep `fallback` where it is already as good (a weight on its grid)
-    return (fitted if error(fitted) < error(fallback.to(torch.float64)) else fallback).to(weight.dtype)
+    better = output_error(part - spread(fitted), h) < output_error(part - spread(fallback.to(torch.float64)), h)
+    return (fitted if better else fallback).to(weight.dtype)
+
+
+def best_fitted(weight: Any, hessian: Any, candidates: list[tuple[Any, Any]]) -> tuple[int, Any]:
+    """Of `candidates` — (symmetric part, its grid's own offsets) for the same weight — the one
+    whose fitted offsets leave the least output error on the calibration inputs (the first on a
+    tie): (its index, those offsets)."""
+    from edgelm.gptq import output_error
+
+    best: tuple[float, int, Any] | None = None
+    for index, (symmetric, fallback) in enumerate(candidates):
+        offsets = fitted_offsets(weight, symmetric, hessian, fallback)
+        error = output_error(weight - symmetric - spread(offsets), hessian)
+        if best is None or error < best[0]:
+            best = (error, index, offsets)
+    assert best is not None
+    return best[1], best[2]

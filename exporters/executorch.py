@@ -221,23 +221,20 @@ def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: 
     """
     import torch
 
-    from edgelm.exporters.block_bias import fitted_offsets, spread
-    from edgelm.gptq import gptq_codes, output_error, searched_grid
+    from edgelm.exporters.block_bias import best_fitted, spread
+    from edgelm.gptq import gptq_codes, searched_grid
 
     h = inputs.hessian()
     scale, zero = searched_grid(original, torch.diag(h), GROUP_SIZE)
     codes = gptq_codes(original, inputs, scale, zero, GROUP_SIZE)
-    gptq_symmetric = (codes - 8) * spread(scale)
-    gptq_offsets = fitted_offsets(original, gptq_symmetric, h, scale * (8 - zero))
-    rtn_symmetric = quantized.dequantize().to(original.dtype)
-    rtn_offsets = fitted_offsets(original, rtn_symmetric, h, block_mean)
-    gptq_error = output_error(original - gptq_symmetric - spread(gptq_offsets), h)
-    if gptq_error >= output_error(original - rtn_symmetric - spread(rtn_offsets), h):
-        return rtn_offsets.to(block_mean.dtype), False
+    rtn = (quantized.dequantize().to(original.dtype), block_mean)
+    choice, offsets = best_fitted(original, h, [rtn, ((codes - 8) * spread(scale), scale * (8 - zero))])
+    if choice == 0:
+        return offsets.to(block_mean.dtype), False
     quantized.qdata.copy_((codes - 8).to(quantized.qdata.dtype))
     quantized.scale.copy_(scale.to(quantized.scale.dtype))
     quantized.zero_point.zero_()
-    return gptq_offsets.to(block_mean.dtype), True
+    return offsets.to(block_mean.dtype), True
 
 
 def export_pte(

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from edgelm.exporters.block_bias import GROUP_SIZE, BlockBiasCorrected, fitted_offsets, replace_module, spread
+from edgelm.exporters.block_bias import GROUP_SIZE, BlockBiasCorrected, best_fitted, replace_module, spread
 
 MIN_SCALE = 2.0**-14  # float16's smallest normal
 INNER, CORRECTION = "linear", "correction"  # BlockBiasCorrected's submodules: the quantizer tells them apart by name
@@ -80,20 +80,13 @@ def _layer_codes(weight: Any, inputs: Any | None) -> tuple[Any, Any, Any, bool]:
     """(codes, scale, offset, took GPTQ's) for one layer. With the layer's calibration inputs:
     GPTQ on the searched grid or round-to-nearest on min/max, whichever errs less, each with
     its offsets fitted to those inputs (block_bias.fitted_offsets); without, round-to-nearest."""
-    from edgelm.gptq import output_error
-
     nearest = nearest_codes(weight)
     if inputs is None:
         return (*nearest, False)
-    h = inputs.hessian()
-    fitted, errors = [], []
-    for codes, scale, offset in (nearest, gptq_codes_on_searched_grid(weight, inputs)):
-        symmetric = codes * spread(scale)
-        offset = fitted_offsets(weight, symmetric, h, offset)
-        fitted.append((codes, scale, offset))
-        errors.append(output_error(weight - symmetric - spread(offset), h))
-    took_gptq = errors[1] < errors[0]
-    return (*fitted[int(took_gptq)], took_gptq)
+    candidates = (nearest, gptq_codes_on_searched_grid(weight, inputs))
+    choice, offset = best_fitted(weight, inputs.hessian(), [(c * spread(s), o) for c, s, o in candidates])
+    codes, scale, _ = candidates[choice]
+    return codes, scale, offset, choice == 1
 
 
 def to_block_grid(model: Any, hessians: dict[str, Any] | None = None) -> dict[str, Any]:
