@@ -6,7 +6,7 @@ keys and values are stored and attended over, and what the step returns:
     ExplicitCache       ONNX: past in, past + new out
     StaticCache         ExecuTorch: mutable buffers, input_pos, logits out
     ExecuTorchOpsCache  the same through ExecuTorch's llama custom ops (update_cache, custom_sdpa)
-    HostCache           LiteRT: the caller's cache in, the new positions' keys/values out
+    InPlaceCache        LiteRT (LiteRT-LM's convention): the whole cache in, the whole cache out
 """
 
 from __future__ import annotations
@@ -127,33 +127,43 @@ class ExecuTorchOpsCache(StaticCache):
         return out.reshape(1, n, graph.num_heads * graph.signature.head_dim), cache_k, cache_v
 
 
-class HostCache(CacheLayout):
-    """LiteRT: the caller's cache of `context` positions comes in as inputs (input_pos first),
-    the new positions' keys/values go out, and the caller writes them back at input_pos."""
+class InPlaceCache(CacheLayout):
+    """LiteRT, in LiteRT-LM's convention: every layer's whole cache of `context` positions comes
+    in (`kv_cache_k_<i>`, `kv_cache_v_<i>`) and goes out updated under the same name, so a
+    runtime that binds each output to its input's buffer (LiteRT-LM's CPU executor, edgelm's
+    session) writes only the new positions. `input_pos` holds each new token's position; the
+    new keys/values land at input_pos[0] onward (a dynamic-update-slice: a prompt chunk's
+    padding, after the real tokens, lands past them where the causal mask hides it until a
+    later token overwrites it). Slot s of the cache is position s, so the mask is slot <= position."""
 
     def __init__(self, context: int) -> None:
+        from litert_torch.generative.custom_ops.dynamic_update_slice import dynamic_update_slice
+
         self.context = context
+        self.update = dynamic_update_slice  # converts to TFLite's DYNAMIC_UPDATE_SLICE
+        self.start: Any = None
 
     def begin(self, n: int, state: tuple) -> tuple[Any, Any, tuple]:
-        start = state[0][0]
-        positions = torch.arange(n, dtype=torch.long) + start
-        slots = torch.arange(self.context, dtype=torch.long)
-        # a slot at or past input_pos holds nothing yet: give it a position no query reaches
-        keys = torch.cat([torch.where(slots < start, slots, self.context + n), positions])
-        return positions, keys, state[1:]
+        input_pos = state[0]
+        zero = torch.zeros([], dtype=torch.int32)
+        self.start = [zero, zero, input_pos.int()[0].reshape([]), zero]
+        return input_pos.long(), torch.arange(self.context, dtype=torch.long), state[1:]
 
     def attend(self, graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, i: int, state: tuple, mask: Any) -> Any:
-        """Attention over [cache ; new] without concatenating (copying) the cache: two score
-        blocks, one softmax. Grouped query heads are folded into rows ([1, kv_heads, groups * n,
-        head_dim]) so each cached key/value head is read once rather than repeated per query head."""
-        cache_k, cache_v = state[2 * i], state[2 * i + 1]
+        """Grouped query heads are folded into rows ([1, kv_heads, groups * n, head_dim]) so each
+        cached key/value head is read once rather than repeated per query head."""
+        cache_k = self.update(state[2 * i], k.to(state[2 * i].dtype), self.start)
+        cache_v = self.update(state[2 * i + 1], v.to(state[2 * i + 1].dtype), self.start)
         n, hd, kv_heads = q.shape[2], graph.signature.head_dim, graph.signature.num_kv_heads
         groups = graph.num_heads // kv_heads
         rows = q.reshape(1, kv_heads, groups * n, hd)
-        scores = torch.cat([torch.matmul(rows, cache_k.transpose(2, 3)), torch.matmul(rows, k.transpose(2, 3))], -1)
-        probs = torch.softmax(scores * attn.scaling + mask.repeat(1, 1, groups, 1), dim=-1)
-        out = torch.matmul(probs[..., : self.context], cache_v) + torch.matmul(probs[..., self.context :], v)
-        return out.reshape(1, graph.num_heads, n, hd).transpose(1, 2).reshape(1, n, graph.num_heads * hd), k, v
+        scores = torch.matmul(rows, cache_k.transpose(2, 3)) * attn.scaling + mask.repeat(1, 1, groups, 1)
+        out = torch.matmul(torch.softmax(scores, dim=-1), cache_v)
+        return (
+            out.reshape(1, graph.num_heads, n, hd).transpose(1, 2).reshape(1, n, graph.num_heads * hd),
+            cache_k,
+            cache_v,
+        )
 
 
 def rotate(x: Any, cos: Any, sin: Any) -> Any:
@@ -248,4 +258,22 @@ class DecoderGraph(nn.Module):
         logits = torch.matmul(normed, self.embedding_t) if self.tied else self.lm_head(normed)
         if self.final_softcap:
             logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
-        return self.cache.outputs(logits, presents)  # host layout: presents are the new slices
+        return self.cache.outputs(logits, presents)
+
+
+class LiteRtLmSteps(nn.Module):
+    """A DecoderGraph with an InPlaceCache under the tensor names LiteRT-LM's executor looks
+    for: inputs `tokens` [1, T], `input_pos` [T], `kv_cache_k_<i>` / `kv_cache_v_<i>`; outputs
+    `logits` and the updated caches under the inputs' names (the converter names a signature's
+    inputs after its keyword arguments, flattened, and its outputs after a returned dict's keys)."""
+
+    def __init__(self, graph: DecoderGraph) -> None:
+        super().__init__()
+        self.decoder = graph  # not `graph`: an fx GraphModule's own attribute
+
+    def forward(self, tokens: Any, input_pos: Any, kv_cache: dict[str, Any]) -> dict[str, Any]:
+        layers = range(self.decoder.signature.num_layers)
+        caches = [kv_cache[f"{kind}_{i}"] for i in layers for kind in ("k", "v")]
+        logits, *updated = self.decoder(tokens, input_pos, *caches)
+        names = [f"kv_cache_{kind}_{i}" for i in layers for kind in ("k", "v")]
+        return {"logits": logits, **dict(zip(names, updated))}

@@ -86,15 +86,15 @@ def build_decoder_graph(
     model: Any,
     static_context: int | None = None,
     separate_head: bool = False,
-    host_context: int | None = None,
+    in_place_context: int | None = None,
     executorch_ops: bool = False,
 ) -> Any:
     """Wrap a transformers causal LM as a DecoderGraph; UnsupportedError if its family isn't covered.
 
     By default an explicit cache (ONNX); static_context=N: a static cache of N positions in
     mutable buffers, stepped by input_pos (ExecuTorch; executorch_ops=True through its llama
-    custom ops, float32 activations); host_context=N: the caller's cache of N positions as
-    inputs, the new positions' keys/values as outputs (LiteRT). separate_head=True keeps the
+    custom ops, float32 activations); in_place_context=N: the whole cache of N positions in and
+    out under the same names, LiteRT-LM's convention (LiteRT). separate_head=True keeps the
     model's own Embedding and output Linear even when they are tied.
     """
     model_type = model.config.model_type
@@ -102,10 +102,10 @@ def build_decoder_graph(
         raise UnsupportedError(
             f"the exportable decoder graph covers {', '.join(GRAPH_DECODERS)}; {model_type!r} is not covered yet"
         )
-    from edgelm.decoder_graph import DecoderGraph, ExecuTorchOpsCache, ExplicitCache, HostCache, StaticCache
+    from edgelm.decoder_graph import DecoderGraph, ExecuTorchOpsCache, ExplicitCache, InPlaceCache, StaticCache
 
-    if host_context is not None:
-        cache: Any = HostCache(host_context)
+    if in_place_context is not None:
+        cache: Any = InPlaceCache(in_place_context)
     elif static_context is not None:
         cache = ExecuTorchOpsCache(static_context) if executorch_ops else StaticCache(static_context)
     else:

@@ -1,18 +1,18 @@
-"""TFLite / LiteRT exporter: the shared decoder graph in its host-cache layout → litert-torch
+"""TFLite / LiteRT exporter: the shared decoder graph in LiteRT-LM's layout → litert-torch
 → a .tflite with two signatures → ai-edge-quantizer for the integer recipes.
 
-A LiteRT signature cannot update state in place, so the cache is the caller's
-(edgelm.graph's host-cache layout): every layer's key and value cache of a fixed
-`max_context` positions go in, the new positions' keys and values come out, and the runtime
-writes them into its cache (bound to the model as host memory, so that is a slice copy).
-Two signatures share one set of weights:
+The file is what LiteRT-LM's executor runs (edgelm.vendors.litert_lm packs it into a
+.litertlm) and what edgelm's own LiteRT session runs, in the same way: every layer's whole
+key and value cache of a fixed `max_context` positions goes in and comes out updated under
+the same name (`kv_cache_k_<i>`, `kv_cache_v_<i>`), and the runtime binds each output to its
+input's buffer, so a step writes only its new positions. Two signatures share the weights:
 
-    prefill(input_ids[1, PREFILL_LENGTH], input_pos[1], cache_*)   # prompts, in chunks
-    decode(input_ids[1, 1], input_pos[1], cache_*)                 # one token per step
+    prefill(tokens[1, PREFILL_LENGTH], input_pos[PREFILL_LENGTH], kv_cache_*) -> logits, kv_cache_*
+    decode(tokens[1, 1], input_pos[1], kv_cache_*)                           -> logits, kv_cache_*
 
-Inputs are int32 (LiteRT's converter narrows 64-bit integers). A prompt chunk shorter than
-PREFILL_LENGTH is padded; the padding sits after the real tokens, so the causal mask keeps
-it out of their results, and the runtime keeps only the real positions' keys and values.
+Inputs are int32. A prompt chunk shorter than PREFILL_LENGTH is padded after the real tokens
+(LiteRT-LM pads with token 0 at position 0); the new keys/values are written from
+input_pos[0] on, so the padding lands past the real positions, masked until overwritten.
 
 Quant mapping (the README's recipes), applied to the float flatbuffer with ai-edge-quantizer:
   fp32 → float; fp16 → float16 weights (computed in float32: XNNPACK's default);
@@ -59,14 +59,12 @@ QUANT_RECIPES = {
 }
 
 
-def cache_names(num_layers: int) -> list[str]:
-    return [f"cache_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]
-
-
 def convert_decoder(model: Any, path: Path) -> dict[str, Any]:
-    """Convert `model` to a float .tflite with prefill and decode signatures at `path`."""
+    """Convert `model` to a float .tflite with prefill and decode signatures at `path`, in
+    LiteRT-LM's tensor names and cache convention (edgelm.decoder_graph.LiteRtLmSteps)."""
     import torch
 
+    from edgelm.decoder_graph import LiteRtLmSteps
     from edgelm.graph import build_decoder_graph
 
     signature = decoder_signature(model.config)
@@ -74,17 +72,22 @@ def convert_decoder(model: Any, path: Path) -> dict[str, Any]:
     # the model's own Embedding and output Linear: the converter turns them into EMBEDDING_LOOKUP and
     # FULLY_CONNECTED over one [vocab, hidden] buffer when tied (a transposed copy would be folded
     # into a separate constant per signature), and the quantizer handles both ops
-    graph = build_decoder_graph(model, host_context=context, separate_head=True)
+    steps = LiteRtLmSteps(build_decoder_graph(model, in_place_context=context, separate_head=True)).eval()
     cache_shape = (1, signature.num_kv_heads, context, signature.head_dim)
-    cache = tuple(torch.zeros(cache_shape) for _ in range(2 * signature.num_layers))
-    position = torch.zeros((1,), dtype=torch.long)
+    cache = {f"{kind}_{i}": torch.zeros(cache_shape) for i in range(signature.num_layers) for kind in ("k", "v")}
+
+    def inputs(length: int) -> dict[str, Any]:
+        return {
+            "tokens": torch.zeros((1, length), dtype=torch.int32),
+            "input_pos": torch.arange(length, dtype=torch.int32),
+            "kv_cache": cache,
+        }
+
     prefill = min(PREFILL_LENGTH, context)
     litert_torch = _litert_torch()
     with _quiet():
-        converter = litert_torch.signature(
-            "prefill", graph, (torch.zeros((1, prefill), dtype=torch.long), position, *cache)
-        )
-        converter = converter.signature("decode", graph, (torch.zeros((1, 1), dtype=torch.long), position, *cache))
+        converter = litert_torch.signature("prefill", steps, sample_kwargs=inputs(prefill))
+        converter = converter.signature("decode", steps, sample_kwargs=inputs(1))
         edge_model = converter.convert()
         edge_model.export(str(path))
     return {"max_context": context, "prefill_length": prefill}
@@ -240,16 +243,18 @@ class TFLiteExporter(Exporter):
         return ExportedArtifact(
             path=path,
             quant=quant,
-            built_by="edgelm.graph (host cache) → litert-torch" + ("" if quant == "fp32" else " → ai-edge-quantizer"),
+            built_by="edgelm.graph (in-place cache, LiteRT-LM's names) → litert-torch"
+            + ("" if quant == "fp32" else " → ai-edge-quantizer"),
             signature={
-                "signatures": {"prefill": f"input_ids[1,{layout['prefill_length']}]", "decode": "input_ids[1,1]"},
+                "signatures": {"prefill": f"tokens[1,{layout['prefill_length']}]", "decode": "tokens[1,1]"},
                 "inputs": [
-                    "input_ids int32",
-                    "input_pos[1] int32",
-                    "cache_{key,value}_i[1,kv_heads,max_context,head_dim] float32",
+                    "tokens[1,n] int32",
+                    "input_pos[n] int32",
+                    "kv_cache_{k,v}_i[1,kv_heads,max_context,head_dim] float32",
                 ],
-                "outputs": ["logits[1,n,vocab] float32", "new_{key,value}_i[1,kv_heads,n,head_dim] float32"],
-                "kv_cache": f"host-owned, {layout['max_context']} positions, new positions written back by the runtime",
+                "outputs": ["logits[1,n,vocab] float32", "kv_cache_{k,v}_i (the updated cache, same shape)"],
+                "kv_cache": f"{layout['max_context']} positions, in and out under one name: the runtime binds "
+                "each output to its input's buffer (LiteRT-LM's convention)",
                 "num_layers": signature.num_layers,
                 "max_context": layout["max_context"],
                 "prefill_length": layout["prefill_length"],

@@ -1,17 +1,15 @@
-"""LiteRT runtime (ai-edge-litert): runs edgelm's .tflite decoders.
+"""LiteRT runtime (ai-edge-litert): runs edgelm's .tflite decoders the way LiteRT-LM does.
 
 The model (exporters/tflite.py) has a `prefill` and a `decode` signature over the same
-weights; inputs are (input_ids, input_pos, cache_key_0, cache_value_0, ...) and outputs
-(logits, new_key_0, new_value_0, ...), positionally (LiteRT names them args_i / output_i).
-The max context and prefill length are read from the signatures' shapes.
-
-On CPU the session works in the interpreter's own tensors (XNNPACK delegate): the cache
-inputs of both signatures are written in place, one new position at a time, so a decode
-step moves a few kilobytes instead of the whole cache (LiteRT's signature runners copy every
-input and output on every call, the peer baselines in the README). `device="gpu"` / `"npu"` go through LiteRT's
-CompiledModel with its GPU / NPU accelerator (CPU fallback for unsupported ops), copying
-the cache per step, and fail clearly where this install or machine has no such accelerator.
-Every file is verified (edgelm.tflite_file) before LiteRT's native loader parses it.
+weights, in LiteRT-LM's names: inputs `tokens`, `input_pos`, `kv_cache_k_<i>`/`kv_cache_v_<i>`;
+outputs `logits` and the updated caches under the inputs' names. The session runs both
+through LiteRT's CompiledModel with one set of cache buffers bound as input and output of
+both signatures (LiteRT-LM's CPU executor does the same), so a step's dynamic-update-slice
+writes only the new positions and nothing crosses into Python but the token ids, their
+positions and the logits. The max context and prefill length are read from the signatures'
+shapes. `device="gpu"` / `"npu"` ask LiteRT for that accelerator and fail clearly where
+this install or machine has none. Every file is verified (edgelm.tflite_file) before
+LiteRT's native loader parses it.
 """
 
 from __future__ import annotations
@@ -31,74 +29,13 @@ from edgelm.tflite_file import read_tflite
 LOG_VARIABLE = "EDGELM_LITERT_LOG"  # set to 1 to see LiteRT's own log lines
 SIGNATURES = ("prefill", "decode")
 ENCODER_PREFIX = "encode_"  # an encoder's signatures: encode_<padded length>
+CACHE_PREFIX = "kv_cache_"  # LiteRT-LM's cache tensor names: kv_cache_k_<i>, kv_cache_v_<i>
+DECODER_INPUTS = ("tokens", "input_pos")
 
 
-class InterpreterSteps:
-    """Both signatures in one TFLite interpreter, run in its own tensor memory.
-
-    Uses the interpreter wrapper's per-subgraph calls (what SignatureRunner itself calls)
-    because SignatureRunner copies every input in and output out per call. Views into tensor
-    memory are taken per step and dropped before Invoke, as the interpreter requires.
-    """
-
-    def __init__(self, path: Path, threads: int | None):
-        from ai_edge_litert.interpreter import Interpreter
-
-        with quiet_native_stderr(LOG_VARIABLE):
-            interpreter = Interpreter(model_path=str(path), num_threads=threads or os.cpu_count() or 1)
-        self._interpreter = interpreter
-        self._wrapper = interpreter._interpreter
-        self.layout: dict[str, tuple[int, list[int], list[int]]] = {}  # signature -> (subgraph, inputs, outputs)
-        for name in SIGNATURES:
-            runner = interpreter.get_signature_runner(name)
-            inputs, outputs = runner.get_input_details(), runner.get_output_details()
-            subgraph = self._wrapper.GetSubgraphIndexFromSignature(name)
-            self.layout[name] = (
-                subgraph,
-                [d["index"] for d in _ordered(inputs, "args_")],
-                [d["index"] for d in _ordered(outputs, "output_")],
-            )
-            if not self.layout[name][2]:
-                raise InvalidModelError(
-                    f"its {name} signature has no outputs; it was not exported by edgelm's TFLite exporter"
-                )
-            with quiet_native_stderr(LOG_VARIABLE):
-                self._wrapper.AllocateTensors(subgraph)
-            for index in self.layout[name][1][2:]:
-                self._view(name, index).fill(0)  # arena memory is not zeroed; masked slots must be finite
-        self.shapes = {name: [tuple(self._view(name, i).shape) for i in self.layout[name][1]] for name in SIGNATURES}
-        self.vocab_size = int(self._view("decode", self.layout["decode"][2][0]).shape[-1])
-
-    def _view(self, name: str, index: int) -> np.ndarray:
-        try:
-            return self._wrapper.tensor(self._interpreter, index, self.layout[name][0])
-        except ValueError as err:  # "Tensor data is null": a tensor table the file describes wrongly
-            raise InvalidModelError(f"LiteRT cannot use this model's tensor {index} ({err}); re-export it") from err
-
-    def run(self, name: str, ids: np.ndarray, position: int) -> np.ndarray:
-        subgraph, inputs, outputs = self.layout[name]
-        n = len(ids)
-        view = self._view(name, inputs[0])
-        view[0, :n] = ids
-        view[0, n:] = 0  # padding after the real tokens: the causal mask keeps it out of their results
-        self._view(name, inputs[1])[0] = position
-        del view
-        with quiet_native_stderr(LOG_VARIABLE), model_failures("LiteRT"):
-            self._wrapper.Invoke(subgraph)
-        logits = self._view(name, outputs[0])[0, :n].copy()
-        for k, output in enumerate(outputs[1:]):
-            new = self._view(name, output)[:, :, :n]
-            for other in SIGNATURES:  # keep both signatures' caches identical
-                self._view(other, self.layout[other][1][2 + k])[:, :, position : position + n] = new
-        return logits
-
-    def close(self) -> None:
-        self._wrapper = self._interpreter = None
-
-
-class CompiledModelSteps:
-    """Both signatures through LiteRT's CompiledModel on an accelerator; the cache is host
-    memory written to the accelerator's buffers before each call."""
+class CompiledSteps:
+    """Both signatures in one LiteRT CompiledModel, sharing one set of cache buffers that each
+    signature takes in and gives back (aliased: the graph updates them in place)."""
 
     def __init__(self, path: Path, device: str, threads: int | None):
         from ai_edge_litert.compiled_model import CompiledModel
@@ -106,59 +43,67 @@ class CompiledModelSteps:
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator
         from ai_edge_litert.options import Options
 
-        accelerator = {"gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}[device]
+        accelerator = {"cpu": HardwareAccelerator.CPU, "gpu": HardwareAccelerator.GPU, "npu": HardwareAccelerator.NPU}
         options = Options(
-            hardware_accelerators=accelerator | HardwareAccelerator.CPU,
-            cpu_options=CpuOptions(num_threads=threads or 0),
+            hardware_accelerators=accelerator[device] | HardwareAccelerator.CPU,
+            cpu_options=CpuOptions(num_threads=threads or os.cpu_count() or 1),
         )
         try:
             with quiet_native_stderr(LOG_VARIABLE):
                 model = CompiledModel.from_file(str(path), options=options)
         except RuntimeError as err:
+            if device == "cpu":
+                raise
             raise DeviceError(
                 f"LiteRT could not set up its {device.upper()} accelerator for {path.name} ({err}); use device='cpu'"
             ) from err
-        if not model.is_fully_accelerated():
+        if device != "cpu" and not model.is_fully_accelerated():
             raise DeviceError(
                 f"LiteRT has no {device.upper()} accelerator that runs {path.name} here (its ops fell "
                 "back to the CPU); use device='cpu', or run it on a device that has one"
             )
         self._model = model
-        self.shapes, self._io = {}, {}
-        for name in SIGNATURES:
-            ins = _ordered(model.get_input_tensor_details(name), "args_")
-            outs = _ordered(model.get_output_tensor_details(name), "output_")
-            if not outs:
-                raise InvalidModelError(
-                    f"its {name} signature has no outputs; it was not exported by edgelm's TFLite exporter"
-                )
-            self.shapes[name] = [tuple(d["shape"]) for d in ins]
+        details = {
+            name: (model.get_input_tensor_details(name), model.get_output_tensor_details(name)) for name in SIGNATURES
+        }
+        decode_inputs = details["decode"][0]
+        cache_names = [key for key in decode_inputs if key.startswith(CACHE_PREFIX)]
+        self.cache_shape = tuple(decode_inputs[cache_names[0]]["shape"])
+        self.cache = {key: model.create_input_buffer_by_name("decode", key) for key in cache_names}
+        for key, buffer in self.cache.items():
+            # a buffer's memory is not zeroed; masked slots must hold finite values (0 × NaN is NaN)
+            buffer.write(np.zeros(decode_inputs[key]["shape"], np.float32))
+        self._io: dict[str, tuple] = {}
+        for name, (ins, outs) in details.items():
+            buffers = {key: model.create_input_buffer_by_name(name, key) for key in ("tokens", "input_pos")}
+            logits = model.create_output_buffer_by_name(name, "logits")
             self._io[name] = (
-                {d["key"]: model.create_input_buffer_by_name(name, d["key"]) for d in ins},
-                {d["key"]: model.create_output_buffer_by_name(name, d["key"]) for d in outs},
-                ins,
-                outs,
+                tuple(ins["tokens"]["shape"]),
+                tuple(outs["logits"]["shape"]),
+                {**buffers, **self.cache},
+                {"logits": logits, **self.cache},
             )
-        self._cache = [np.zeros(shape, np.float32) for shape in self.shapes["decode"][2:]]
-        self.vocab_size = int(self._io["decode"][3][0]["shape"][-1])
+        self.prefill_length = self._io["prefill"][0][1]
+        self.vocab_size = int(self._io["decode"][1][-1])
 
     def run(self, name: str, ids: np.ndarray, position: int) -> np.ndarray:
-        inputs, outputs, ins, outs = self._io[name]
-        n, length = len(ids), self.shapes[name][0][1]
-        padded = np.zeros((1, length), np.int32)
-        padded[0, :n] = ids
-        values = [padded, np.array([position], np.int32), *self._cache]
-        for d, value in zip(ins, values):
-            inputs[d["key"]].write(value)
+        """Logits [n, vocab] of the n tokens `ids` at positions position.. (padded as LiteRT-LM pads)."""
+        tokens_shape, logits_shape, inputs, outputs = self._io[name]
+        n = len(ids)
+        tokens = np.zeros(tokens_shape, np.int32)
+        tokens[0, :n] = ids
+        positions = np.zeros(tokens_shape[1:], np.int32)
+        positions[:n] = np.arange(position, position + n)
+        inputs["tokens"].write(tokens)
+        inputs["input_pos"].write(positions)
         with quiet_native_stderr(LOG_VARIABLE), model_failures("LiteRT"):
             self._model.run_by_name(name, inputs, outputs)
-        read = [outputs[d["key"]].read(int(np.prod(d["shape"])), np.float32).reshape(d["shape"]) for d in outs]
-        for cache, new in zip(self._cache, read[1:]):
-            cache[:, :, position : position + n] = new[:, :, :n]
-        return read[0][0, :n]
+        rows = logits_shape[1] if name == "decode" else n  # read only the real positions' rows
+        return outputs["logits"].read(rows * logits_shape[-1], np.float32).reshape(rows, -1)[:n]
 
     def close(self) -> None:
         self._io.clear()
+        self.cache.clear()
         self._model = None
 
 
@@ -196,15 +141,18 @@ class LiteRTEncoderSession:
 
 
 class LiteRTSession:
-    def __init__(self, steps: Any, device: str):
+    def __init__(self, steps: CompiledSteps, device: str):
         self._steps = steps
-        self.max_context = int(steps.shapes["decode"][2][2])
-        self.prefill_length = int(steps.shapes["prefill"][0][1])
+        self.max_context = int(steps.cache_shape[2])
+        self.prefill_length = int(steps.prefill_length)
         self._pos = 0
         self.capabilities = Capabilities(
             max_context=self.max_context,
             vocab_size=steps.vocab_size,
-            notes={"kv_cache": f"host-owned, {self.max_context} positions", "prefill_length": str(self.prefill_length)},
+            notes={
+                "kv_cache": f"{self.max_context} positions, updated in place",
+                "prefill_length": str(self.prefill_length),
+            },
         )
 
     def _check_room(self, n: int) -> None:
@@ -217,10 +165,21 @@ class LiteRTSession:
         return logits
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
+        """In chunks of the prefill signature's length; a chunk whose padding would run past the
+        cache's end goes token by token through decode (a dynamic-update-slice that does not fit
+        is moved back by the runtime, onto earlier positions)."""
         ids = token_ids(ids, self.capabilities)  # the graph takes int32 ids: a larger one would wrap silently
         self._check_room(len(ids))
-        chunks = [ids[i : i + self.prefill_length] for i in range(0, len(ids), self.prefill_length)]
-        return np.concatenate([self._run("prefill", chunk) for chunk in chunks])
+        outputs, start = [], 0
+        while start < len(ids):
+            if self._pos + self.prefill_length <= self.max_context:
+                chunk = ids[start : start + self.prefill_length]
+                outputs.append(self._run("prefill", chunk))
+            else:
+                chunk = ids[start : start + 1]
+                outputs.append(self._run("decode", chunk))
+            start += len(chunk)
+        return np.concatenate(outputs)
 
     def decode(self, token_id: int) -> np.ndarray:
         ids = token_ids([token_id], self.capabilities)
@@ -235,30 +194,25 @@ class LiteRTSession:
         self._steps.close()
 
 
-def _ordered(details: dict[str, dict], prefix: str) -> list[dict]:
-    """Signature tensors in positional order (args_0, args_1, ... / output_0, ...), each with its key."""
-    try:
-        keys = sorted(details, key=lambda key: int(key.removeprefix(prefix)))
-    except ValueError as err:
-        raise InvalidModelError(f"unexpected tensor names in the model's signature: {sorted(details)}") from err
-    return [{**details[key], "key": key} for key in keys]
-
-
 def _check_decoder_signatures(path: Path, summary: Any) -> None:
-    """edgelm's prefill/decode signatures, read from the verified flatbuffer before LiteRT sees it."""
+    """edgelm's prefill/decode signatures in LiteRT-LM's names, read from the verified flatbuffer
+    before LiteRT sees it."""
     missing = set(SIGNATURES) - set(summary.signatures)
     if missing:
         raise InvalidModelError(
             f"{path}: the model lacks the {', '.join(sorted(missing))} signature(s); it was "
             "not exported by edgelm's TFLite exporter"
         )
-    inputs = summary.signatures["decode"][0]
-    if len(inputs) < 4 or len(inputs) % 2:
-        raise InvalidModelError(f"{path}: its decode signature is not (input_ids, input_pos, cache...)")
-    if not all(summary.signatures[name][1] for name in SIGNATURES):
-        raise InvalidModelError(
-            f"{path}: a signature of it has no outputs; it was not exported by edgelm's TFLite exporter"
-        )
+    for name in SIGNATURES:
+        inputs, outputs = summary.signatures[name]
+        caches = [key for key in inputs if key.startswith(CACHE_PREFIX)]
+        if not set(DECODER_INPUTS) <= set(inputs) or not caches or "logits" not in outputs:
+            raise InvalidModelError(
+                f"{path}: its {name} signature is not (tokens, input_pos, kv_cache_*) -> (logits, kv_cache_*); "
+                "re-export it with this edgelm (earlier versions wrote a different layout)"
+            )
+        if not set(caches) <= set(outputs):
+            raise InvalidModelError(f"{path}: its {name} signature does not give back the caches it takes")
 
 
 class LiteRTAdapter:
@@ -271,6 +225,7 @@ class LiteRTAdapter:
 
     def preload(self) -> None:
         """Load LiteRT's interpreter without opening a file (edgelm.isolation's fork server)."""
+        import ai_edge_litert.compiled_model  # noqa: F401
         import ai_edge_litert.interpreter  # noqa: F401
 
     def available_devices(self) -> tuple[str, ...]:
@@ -298,7 +253,7 @@ class LiteRTAdapter:
             except (ValueError, RuntimeError) as err:
                 raise InvalidModelError(f"{path}: LiteRT could not load it ({err}); re-export it with edgelm") from err
         try:
-            steps = InterpreterSteps(path, threads) if device == "cpu" else CompiledModelSteps(path, device, threads)
+            steps = CompiledSteps(path, device, threads)
         except (ValueError, RuntimeError) as err:
             raise InvalidModelError(f"{path}: LiteRT could not load it ({err}); re-export it with edgelm") from err
         return LiteRTSession(steps, device)

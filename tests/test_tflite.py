@@ -1,4 +1,4 @@
-"""TFLite / LiteRT: the host-cache decoder graph, .tflite export (litert-torch, ai-edge-quantizer
+"""TFLite / LiteRT: the in-place-cache decoder graph, .tflite export (litert-torch, ai-edge-quantizer
 recipes), the LiteRT runtime, and files that are not (whole) TFLite models."""
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ DECODERS = ["llama", "qwen2", "gemma3", "phi3"]
 
 
 @pytest.mark.parametrize("kind", DECODERS)
-def test_host_cache_graph_matches_transformers_in_chunks_with_garbage_past_the_position(tiny_model_factory, kind):
-    """The layout LiteRT runs: the caller's cache in, new keys/values out. Slots past
-    input_pos hold large garbage (a previous, longer sequence) that must stay masked."""
+def test_in_place_cache_graph_matches_transformers_in_padded_chunks_with_garbage_past_the_position(
+    tiny_model_factory, kind
+):
+    """The layout LiteRT runs (LiteRT-LM's): the whole cache in and out, chunks padded the way
+    LiteRT-LM pads them (token 0 at position 0 after the real tokens). Slots past the position
+    hold large garbage (a previous, longer sequence, or a chunk's padding) that must stay masked."""
     import torch
     import transformers
 
     from edgelm.graph import build_decoder_graph
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_model_factory(kind)), dtype=torch.float32).eval()
-    graph = build_decoder_graph(model, host_context=64)
+    graph = build_decoder_graph(model, in_place_context=64)
     sig = graph.signature
     ids = torch.randint(0, sig.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
     cache = [torch.randn(1, sig.num_kv_heads, 64, sig.head_dim) * 100 for _ in range(2 * sig.num_layers)]
@@ -32,11 +35,15 @@ def test_host_cache_graph_matches_transformers_in_chunks_with_garbage_past_the_p
     with torch.no_grad():
         reference = model(ids).logits
         for chunk in (ids[:, :16], ids[:, 16:17], ids[:, 17:30], *[ids[:, i : i + 1] for i in range(30, 40)]):
-            logits, *new = graph(chunk, torch.tensor([pos]), *cache)
-            for slot, values in zip(cache, new):
-                slot[:, :, pos : pos + chunk.shape[1]] = values
-            outputs.append(logits)
-            pos += chunk.shape[1]
+            n = chunk.shape[1]
+            width = 16 if n > 1 else 1
+            tokens = torch.zeros((1, width), dtype=torch.long)
+            tokens[0, :n] = chunk[0]
+            positions = torch.zeros((width,), dtype=torch.long)
+            positions[:n] = torch.arange(pos, pos + n)
+            logits, *cache = graph(tokens, positions, *cache)
+            outputs.append(logits[:, :n])
+            pos += n
     assert (torch.cat(outputs, dim=1) - reference).abs().max() <= 1e-4
 
 
