@@ -11,17 +11,16 @@ positions. With a static cache (ExecuTorch) the cache lives in mutable buffers o
     (input_ids[1, n], input_pos[1]) -> logits[1, n, vocab]
 
 writing the n new keys/values at input_pos.. in place, so a decode step moves no cache
-across the runtime boundary. With a host cache (LiteRT, which has no mutable state a
-signature could update in place) the caller owns fixed-size cache tensors and the step is
+across the runtime boundary. LiteRT has no mutable state a signature could update, so its
+layout (LiteRT-LM's convention) takes every layer's whole cache and gives it back updated
+under the same name:
 
-    (input_ids[1, n], input_pos[1], cache_key_0[1, kv_heads, max_context, head_dim], ...)
-        -> (logits[1, n, vocab], new_key_0[1, kv_heads, n, head_dim], ...)
+    (tokens[1, n], input_pos[n], kv_cache_k_0[1, kv_heads, max_context, head_dim], ...)
+        -> (logits[1, n, vocab], kv_cache_k_0 (updated), ...)
 
-attending over the cache slots before input_pos plus the n new positions (two score blocks,
-one softmax, so the cache is only read, never copied); the caller writes new_* into its
-cache at input_pos, which with a runtime that binds host memory is a slice copy. In every
-layout positions and the causal mask are computed inside
-the graph, and one graph serves prefill (n tokens) and decode (n = 1), free of Python
+and the runtime binds each output to its input's buffer, so the dynamic-update-slice inside
+writes only the n new positions. In every layout positions and the causal mask are
+computed inside the graph, and one graph serves prefill (n tokens) and decode (n = 1), free of Python
 control flow on data. The wrapper reuses the source model's own modules (projections,
 norms, MLP, rotary embedding, so RoPE scaling variants come for free) and writes only the
 attention with its cache.

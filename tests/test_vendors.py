@@ -18,11 +18,12 @@ from tiny_models import build_tiny_model
 
 from edgelm.vendors.check import shown
 
-FORMATS = ("onnx", "gguf", "executorch")
+FORMATS = ("onnx", "gguf", "executorch", "tflite")
 RUNTIMES = {
     "onnx": "onnxruntime-genai Generator",
     "gguf": "llama.cpp Llama.generate",
     "executorch": "executorch TextLLMRunner",
+    "tflite": "LiteRT-LM Engine",
 }
 
 
@@ -98,6 +99,23 @@ def test_onnx_artifacts_carry_the_genai_config_and_tokenizer_listed_in_the_manif
     assert lm.generate("The class", max_new_tokens=4, temperature=0.0)
 
 
+def test_tflite_artifacts_carry_a_litertlm_that_holds_the_very_file(vendor_bundles):
+    """The .litertlm beside each .tflite packs the same bytes (no second conversion), is listed and
+    hashed in the manifest, and edgelm's own runtime still opens the .tflite."""
+    import edgelm
+
+    bundle = vendor_bundles["llama"]
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    for artifact in (a for a in manifest["artifacts"] if a["format"] == "tflite"):
+        path = Path(artifact["path"])
+        files = artifact["vendor_runtimes"][0]["files"]
+        assert files == [path.with_suffix(".litertlm").as_posix()]
+        assert files[0] in manifest["files"]
+        assert (bundle / path).read_bytes() in (bundle / files[0]).read_bytes()
+    lm = edgelm.load(bundle, format="tflite-int8")
+    assert lm.generate("The class", max_new_tokens=4, temperature=0.0)
+
+
 def test_the_pte_carries_the_llm_runner_constant_methods(vendor_bundles):
     from executorch.runtime import Runtime
 
@@ -117,7 +135,7 @@ def test_a_runtime_that_is_not_installed_is_skipped_with_its_reason(monkeypatch,
     from edgelm.export import export_bundle
     from edgelm.vendors import llamacpp
 
-    monkeypatch.setattr(llamacpp.VENDOR, "import_name", "no_such_llama_binding")
+    monkeypatch.setattr(llamacpp.VENDOR, "import_names", ("no_such_llama_binding",))
     manifest = export_bundle(
         tiny_llama, tmp_path / "b", fast_export_options(formats=("gguf",), quants=("fp32",), profile=False)
     )
@@ -235,3 +253,21 @@ def test_run_with_a_vendor_runtime_refuses_what_it_cannot_do(vendor_bundles, arg
     result = run_cli("run", str(vendor_bundles["llama"]), "--prompt", "Hi", "--runtime", "vendor", *args)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_litertlm_metadata_has_the_start_token_only_where_the_tokenizer_adds_one(tmp_path):
+    pytest.importorskip("litert_lm_builder", reason="litert-lm-builder is not installed")
+    from litert_lm_builder.runtime.proto import llm_metadata_pb2
+
+    from edgelm.vendors import GenerationFacts
+    from edgelm.vendors.litert_lm import llm_metadata
+
+    facts = GenerationFacts(
+        tokenizer_dir=tmp_path, eos_ids=(2, 7), bos_id=None, max_context=512, vocab_size=384, chat_template="{{x}}"
+    )
+    parsed = llm_metadata_pb2.LlmMetadata.FromString(llm_metadata(facts))
+    assert not parsed.HasField("start_token")
+    assert [list(t.token_ids.ids) for t in parsed.stop_tokens] == [[2], [7]]
+    assert (parsed.max_num_tokens, parsed.kv_cache_init_value, parsed.jinja_prompt_template) == (512, 0, "{{x}}")
+    with_bos = llm_metadata_pb2.LlmMetadata.FromString(llm_metadata(GenerationFacts(**{**facts.__dict__, "bos_id": 1})))
+    assert list(with_bos.start_token.token_ids.ids) == [1]

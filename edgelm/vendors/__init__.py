@@ -28,6 +28,7 @@ VENDOR_MODULES: dict[str, str] = {
     "executorch": "edgelm.vendors.executorch_runner",
     "gguf": "edgelm.vendors.llamacpp",
     "onnx": "edgelm.vendors.onnxruntime_genai",
+    "tflite": "edgelm.vendors.litert_lm",
 }
 NEW_TOKENS = 64  # the continuation compared, as in the parity report's greedy check
 
@@ -72,7 +73,7 @@ class VendorCheck:
 class VendorRuntime(Protocol):
     name: str  # "executorch TextLLMRunner"
     package: str  # the PyPI distribution that ships it
-    import_name: str  # what must import for it to run
+    import_names: tuple[str, ...]  # what must import for it to run (and to write its files)
     text_per_token: bool  # its text is each token decoded alone (ExecuTorch's runner), not the whole sequence
 
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
@@ -118,12 +119,13 @@ def missing(vendor: VendorRuntime) -> str | None:
     """Why `vendor` cannot run here, or None."""
     import importlib.util
 
-    try:
-        found = importlib.util.find_spec(vendor.import_name) is not None
-    except ModuleNotFoundError:
-        found = False
-    if not found:
-        return f"{vendor.package} is not installed (pip install 'edgelm[vendors]')"
+    for name in vendor.import_names:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"{vendor.package} is not installed (no module {name}; pip install 'edgelm[vendors]')"
     return None
 
 

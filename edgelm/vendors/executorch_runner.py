@@ -42,7 +42,7 @@ def runner_methods(max_context: int, facts_bos: int | None, eos_ids: tuple[int, 
 class ExecuTorchRunner:
     name = "executorch TextLLMRunner"
     package = "executorch"
-    import_name = "executorch.extension.llm.runner"
+    import_names = ("executorch.extension.llm.runner",)
     text_per_token = True  # it prints each token's text alone, dropping pieces that are not valid UTF-8
 
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:

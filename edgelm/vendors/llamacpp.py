@@ -50,7 +50,7 @@ def open_llama(artifact: Path, threads: int | None, context: int = 2048) -> Any:
 class LlamaCpp:
     name = "llama.cpp Llama.generate"
     package = "llama_cpp_python"
-    import_name = "llama_cpp"
+    import_names = ("llama_cpp",)
     text_per_token = False  # compared by token ids anyway
 
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:

@@ -97,7 +97,7 @@ def open_model(folder: Path, threads: int | None) -> Any:
 class OnnxRuntimeGenAI:
     name = "onnxruntime-genai Generator"
     package = "onnxruntime-genai"
-    import_name = "onnxruntime_genai"
+    import_names = ("onnxruntime_genai",)
     text_per_token = False  # compared by token ids anyway
 
     def prepare(self, artifact: Path, bundle_dir: Path, facts: GenerationFacts) -> list[Path]:
