@@ -22,7 +22,9 @@ from common import bandwidth_gb_s
 
 import edgelm
 from edgelm.bundle import read_bundle
-from edgelm.profile import DEFAULT_PROMPTS, device_record
+from edgelm.parity import GREEDY_PROMPT_TOKENS, parity_text
+from edgelm.profile import device_record
+from edgelm.tokenizer import Tokenizer
 from edgelm.vendors import bundle_facts, get_vendor
 
 
@@ -39,11 +41,14 @@ def main() -> None:
     vendor = get_vendor("tflite")
     sessions = {a.name: edgelm.load(args.bundle, format=a.name, threads=args.threads) for a in entries}
     rates: dict[str, dict[str, list[float]]] = {a.name: {"edgelm": [], "litert_lm": [], "tokens": []} for a in entries}
-    prompt = DEFAULT_PROMPTS[0]
+    # the parity prompt (real text the model continues): LiteRT-LM cannot ignore a stop token, and an
+    # instruction-tuned model stops at once after an unformatted question
+    tokenizer = Tokenizer(args.bundle / "tokenizer")
+    prompt = tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
     for _ in range(args.rounds):  # interleaved: drift in machine speed hits every row alike
         for entry in entries:
             rates[entry.name]["edgelm"].append(
-                sessions[entry.name].profile(max_new_tokens=args.new_tokens, repeats=1).decode_tok_s
+                sessions[entry.name].profile((prompt,), max_new_tokens=args.new_tokens, repeats=1).decode_tok_s
             )
             facts = bundle_facts(args.bundle, entry)
             run = vendor.generate(args.bundle / entry.path, args.bundle, prompt, facts, args.new_tokens, args.threads)
@@ -73,7 +78,8 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "threads": args.threads,
         "prompt": prompt,
-        "how": "edgelm: its profile (EOS ignored); LiteRT-LM: Engine + Session on CPU, float32 activations, "
+        "how": "the parity prompt for both; edgelm: its profile (EOS ignored); "
+        "LiteRT-LM: Engine + Session on CPU, float32 activations, "
         "greedy, its own loop and tokenizer, decode = tokens after the first / time after the first "
         "(it stops at the model's stop tokens: litert_lm_tokens says how many it made)",
         "device": device_record() | {"memory_bandwidth_gb_s": bandwidth_gb_s()},
