@@ -22,6 +22,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgelm.errors import EdgeLMError, UnsupportedError
+from edgelm.native_log import quiet_native_exit
 
 app = typer.Typer(
     name="edgelm",
@@ -903,6 +904,7 @@ def _one_line(err: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app and map errors to one line and an exit code."""
+    quiet_native_exit()
     try:
         result = app(args=argv, standalone_mode=False, prog_name="edgelm")
     except EdgeLMError as err:

@@ -89,3 +89,22 @@ def captured_native_stdout() -> Iterator[list[bytes]]:
             os.close(saved)
             sink.seek(0)
             collected.append(sink.read())
+
+
+def quiet_native_exit(keep_variable: str = "EDGELM_LITERT_LOG") -> None:
+    """Silence what native libraries print from their static destructors after Python has finished
+    (LiteRT's accelerator registry logs "DestroyAccelerator" lines to fd 2 at process exit), unless
+    the environment sets `keep_variable`. Registered first, the handler runs last: every message
+    of the program itself is already out."""
+    import atexit
+
+    def close_stderr() -> None:
+        if os.environ.get(keep_variable):
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+
+    atexit.register(close_stderr)
