@@ -196,12 +196,13 @@ def test_android_preset_tflite_int8_passes_its_gate_and_is_small(smollm2_bundle)
     assert "tflite" not in manifest.reference.get("skipped_formats", {})
 
 
-VENDOR_CHECKED = ("executorch-int4", "onnx-int4", "onnx-int8", "gguf-int4", "gguf-int8")
+VENDOR_CHECKED = ("executorch-int4", "onnx-int4", "onnx-int8", "gguf-int4", "gguf-int8", "tflite-int8")
 
 
 def test_each_artifact_runs_to_edgelms_text_in_its_vendors_llm_runtime(smollm2_bundle):
-    """ExecuTorch's TextLLMRunner, onnxruntime-genai and llama.cpp's Llama, each on the file as
-    written, continue the parity prompt (64 tokens) greedily to the text edgelm's runtime gives."""
+    """ExecuTorch's TextLLMRunner, onnxruntime-genai, llama.cpp's Llama and LiteRT-LM's Engine, each on
+    the file as written (LiteRT-LM: the .litertlm packed from it), continue the parity prompt (64
+    tokens) greedily to the text edgelm's runtime gives."""
     from edgelm.bundle import read_bundle
 
     manifest = read_bundle(smollm2_bundle)
