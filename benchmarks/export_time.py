@@ -53,11 +53,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--no-background", action="store_true", help="export every artifact in one process")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        help="write the bundle here (a new folder) and keep it, e.g. for benchmarks/vendor_runtimes.py",
+    )
     args = parser.parse_args()
     extra = ["--no-background"] if args.no_background else []
     bandwidth = bandwidth_gb_s()
     with tempfile.TemporaryDirectory() as scratch:
-        output = Path(scratch) / "smollm2"
+        output = args.keep or Path(scratch) / "smollm2"
         cold_s, _ = timed_export(output, extra)
         rerun_s, rerun_out = timed_export(output, extra)
         manifest = read_bundle(output)
@@ -68,7 +73,11 @@ def main() -> None:
         "rerun_said_up_to_date": "is up to date" in rerun_out,
         "export_steps": manifest.export_steps,
         "artifacts": {
-            a.name: {"ppl_ratio": a.parity["ppl_ratio"], "decode_tok_s": (a.profile or {}).get("decode_tok_s")}
+            a.name: {
+                "ppl_ratio": a.parity["ppl_ratio"],
+                "decode_tok_s": (a.profile or {}).get("decode_tok_s"),
+                "vendor_runtimes": [r["result"] for r in a.vendor_runtimes],
+            }
             for a in manifest.artifacts
         },
         "device": device_record(),
