@@ -230,3 +230,27 @@ def test_gguf_chat_in_llama_cpp_answers_like_edgelm_run(smollm2_bundle):
         llm.close()
         lm.close()
         assert answer == ours and len(ours.split()) >= 20, name
+
+
+def test_tflite_chat_in_litert_lm_answers_like_edgelm_run(smollm2_bundle):
+    """LiteRT-LM's own conversation API, reading the chat template, start and stop tokens from the
+    .litertlm alone, answers like `edgelm run` with greedy settings."""
+    import litert_lm
+
+    import edgelm
+
+    question = "What is a KV cache?"
+    lm = edgelm.load(smollm2_bundle, format="tflite-int8", threads=2)
+    ours = lm.generate(question, chat=True, max_new_tokens=64, temperature=0.0, repetition_penalty=1.0)
+    engine = litert_lm.Engine(
+        str((smollm2_bundle / lm.artifact.path).with_suffix(".litertlm")),
+        backend=litert_lm.interfaces.CPU(thread_count=2),
+        activation_data_type=litert_lm._ffi.ActivationDataType.FLOAT32,
+    )
+    conversation = engine.create_conversation(
+        sampler_config=litert_lm.interfaces.SamplerConfig(top_k=1), max_output_tokens=64
+    )
+    answer = str(conversation.send_message(question))
+    engine.close()
+    lm.close()
+    assert answer == ours and len(ours.split()) >= 20

@@ -271,3 +271,22 @@ def test_litertlm_metadata_has_the_start_token_only_where_the_tokenizer_adds_one
     assert (parsed.max_num_tokens, parsed.kv_cache_init_value, parsed.jinja_prompt_template) == (512, 0, "{{x}}")
     with_bos = llm_metadata_pb2.LlmMetadata.FromString(llm_metadata(GenerationFacts(**{**facts.__dict__, "bos_id": 1})))
     assert list(with_bos.start_token.token_ids.ids) == [1]
+
+
+def test_the_litertlm_chat_template_reads_content_as_a_string_or_as_litert_lms_parts():
+    """LiteRT-LM's conversation passes [{"type": "text", "text": ...}] where HF templates expect a
+    string: the packed template renders both to the model's own prompt."""
+    import jinja2
+
+    from edgelm.vendors.litert_lm import chat_template
+
+    hf = (
+        "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+        "'<|im_end|>\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    env = jinja2.Environment()
+    plain = env.from_string(hf).render(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True)
+    packed = env.from_string(chat_template(hf))
+    assert packed.render(messages=[{"role": "user", "content": "Hi"}], add_generation_prompt=True) == plain
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]}]
+    assert packed.render(messages=parts, add_generation_prompt=True) == plain

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +28,20 @@ from edgelm.vendors import GenerationFacts, TokenClock, VendorRun
 
 LOG_VARIABLE = "EDGELM_LITERT_LOG"
 SUFFIX = ".litertlm"
+
+
+# LiteRT-LM's conversation hands a template each message's content as a list of parts
+# ([{"type": "text", "text": ...}]); Hugging Face templates expect a string
+CONTENT = re.compile(r"message\[['\"]content['\"]\]|message\.content")
+CONTENT_TEXT = (
+    "(message['content'] if message['content'] is string else message['content'] | map(attribute='text') | join(''))"
+)
+
+
+def chat_template(hf_template: str) -> str:
+    """The model's own chat template, reading a message's content as a string or as LiteRT-LM's
+    list of text parts (otherwise `'...' + message['content']` fails in the engine)."""
+    return CONTENT.sub(lambda _: CONTENT_TEXT, hf_template)
 
 
 def llm_metadata(facts: GenerationFacts) -> bytes:
@@ -43,7 +58,7 @@ def llm_metadata(facts: GenerationFacts) -> bytes:
     metadata.kv_cache_init_value = 0
     metadata.llm_model_type.generic_model.SetInParent()
     if facts.chat_template:
-        metadata.jinja_prompt_template = facts.chat_template
+        metadata.jinja_prompt_template = chat_template(facts.chat_template)
     return metadata.SerializeToString()
 
 
