@@ -32,6 +32,28 @@ def bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
     return round(2 * src.nbytes / best / 1e9, 2)
 
 
+def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 5) -> float:
+    """This machine's read bandwidth now with `threads` threads: the best of `repeats` passes that
+    sum a `megabytes` array, split between the threads (numpy releases the GIL in its loops).
+    Decode of a model whose weights do not fit in cache reads every weight byte once per token,
+    so this over the bytes per token bounds tokens per second."""
+    import threading
+    import time
+
+    data = np.ones(megabytes << 18, dtype=np.float32)
+    parts = np.array_split(data, threads)
+    best = float("inf")
+    for _ in range(repeats):
+        workers = [threading.Thread(target=part.sum) for part in parts]
+        start = time.perf_counter()
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        best = min(best, time.perf_counter() - start)
+    return round(data.nbytes / best / 1e9, 2)
+
+
 # (artifact path, prompt ids, new tokens, threads) -> decode tok/s of a loop written directly against a runtime
 DirectLoop = Callable[[Path, list[int], int, int], float]
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import bandwidth_gb_s
+from common import bandwidth_gb_s, read_bandwidth_gb_s
 
 import edgelm
 from edgelm.bundle import read_bundle
@@ -196,9 +196,11 @@ def main() -> None:
             rate, _ = genai_decode(args.work / name, prompt, args.new_tokens, args.threads)
             peer["decode_tok_s_runs"].append(rate)
         print(f"round {round_ + 1}/{args.repeats} done", flush=True)
+    read_gb_s = read_bandwidth_gb_s(args.threads)
     rows = []
     for entry in entries:
         vendor, ours = runs[entry.name]["vendor"], runs[entry.name]["edgelm"]
+        bound = read_gb_s * 1e9 / entry.bytes  # tok/s if every byte of the file were read once per token
         check = checks[entry.name]
         rows.append(
             {
@@ -216,11 +218,15 @@ def main() -> None:
                 "vendor_tokens": runs[entry.name]["vendor_tokens"],
                 "edgelm_decode_tok_s_runs": ours,
                 "edgelm_decode_tok_s_median": statistics.median(ours),
+                "bandwidth_bound_tok_s": bound,
+                "vendor_fraction_of_bound": statistics.median(vendor) / bound,
+                "edgelm_fraction_of_bound": statistics.median(ours) / bound,
             }
         )
         print(json.dumps(rows[-1]), flush=True)
     for peer in peers.values():
         peer["decode_tok_s_median"] = statistics.median(peer["decode_tok_s_runs"])
+        peer["fraction_of_bound"] = peer["decode_tok_s_median"] * peer["bytes"] / (read_gb_s * 1e9)
     for session in sessions.values():
         session.close()
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -234,6 +240,10 @@ def main() -> None:
                 "threads": args.threads,
                 "repeats": args.repeats,
                 "read_write_bandwidth_gb_s": bandwidth_gb_s(),
+                "read_bandwidth_gb_s": read_gb_s,
+                "bound": "read_bandwidth_gb_s (threads as decode, measured after the rounds) / file bytes: every "
+                "weight byte read once per token (an upper estimate of the bytes: a table used only for lookup "
+                "is read one row per token)",
                 "device": device_record(),
                 "rows": rows,
                 "peers": peers,
