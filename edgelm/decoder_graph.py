@@ -3,7 +3,7 @@ own modules, and one `CacheLayout` object per layout owns what differs between f
 state a step takes, the positions of the new tokens and of the keys they see, how a layer's
 keys and values are stored and attended over, and what the step returns:
 
-    ExplicitCache       ONNX: past in, past + new out
+    GroupQueryCache     ONNX: past in, past + new out, through onnxruntime's GroupQueryAttention
     StaticCache         ExecuTorch: mutable buffers, input_pos, logits out
     ExecuTorchOpsCache  the same through ExecuTorch's llama custom ops (update_cache, custom_sdpa)
     InPlaceCache        LiteRT (LiteRT-LM's convention): the whole cache in, the whole cache out
@@ -17,6 +17,45 @@ import torch
 from torch import nn
 
 from edgelm.graph import DecoderSignature, decoder_signature
+
+
+@torch.library.custom_op("edgelm::group_query_attention", mutates_args=())
+def group_query_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    past_key: torch.Tensor,
+    past_value: torch.Tensor,
+    attention_mask: torch.Tensor,
+    num_heads: int,
+    kv_heads: int,
+    scale: float,
+    window: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query [1, n, heads * d], key/value [1, n, kv_heads * d], past [1, kv_heads, p, d] →
+    (attention output [1, n, heads * d], present key, present value [1, kv_heads, p + n, d]);
+    causal, and within `window` positions where window > 0."""
+    n, head_dim = query.shape[1], past_key.shape[3]
+    queries = query.view(1, n, num_heads, head_dim).transpose(1, 2)
+    keys = torch.cat([past_key, key.view(1, n, kv_heads, head_dim).transpose(1, 2)], 2)
+    values = torch.cat([past_value, value.view(1, n, kv_heads, head_dim).transpose(1, 2)], 2)
+    total = keys.shape[2]
+    positions = torch.arange(n) + total - n
+    slots = torch.arange(total)
+    allowed = slots[None] <= positions[:, None]
+    if window > 0:
+        allowed = allowed & (positions[:, None] - slots[None] < window)
+    groups = num_heads // kv_heads
+    scores = torch.matmul(queries, keys.repeat_interleave(groups, 1).transpose(2, 3)) * scale
+    scores = scores + torch.where(allowed, 0.0, float("-inf"))
+    out = torch.matmul(torch.softmax(scores, -1), values.repeat_interleave(groups, 1))
+    return out.transpose(1, 2).reshape(1, n, num_heads * head_dim), keys, values
+
+
+@group_query_attention.register_fake
+def _(query, key, value, past_key, past_value, attention_mask, num_heads, kv_heads, scale, window):
+    shape = (1, kv_heads, past_key.shape[2] + query.shape[1], past_key.shape[3])
+    return query.new_empty(query.shape), past_key.new_empty(shape), past_value.new_empty(shape)
 
 
 class CacheLayout:
@@ -46,17 +85,36 @@ def grouped_attention(graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, ma
     return out.transpose(1, 2).reshape(1, q.shape[2], graph.num_heads * graph.signature.head_dim)
 
 
-class ExplicitCache(CacheLayout):
-    """ONNX: past keys/values in, past + new out; the cache grows by n per call."""
+class GroupQueryCache(CacheLayout):
+    """ONNX: input_ids, attention_mask [1, past + n], each layer's past; attention through
+    onnxruntime's GroupQueryAttention (torch.ops.edgelm.group_query_attention below; the ONNX
+    translation is exporters/onnx_gqa.py), whose presents are past + new, or, in
+    onnxruntime-genai with a buffer shared between past and present, that buffer updated in place.
+    Positions follow from the mask's width, so they are right in both cases."""
+
+    def __init__(self) -> None:
+        self.mask: Any = None
 
     def begin(self, n: int, state: tuple) -> tuple[Any, Any, tuple]:
-        past_len = state[0].shape[2]
-        positions = torch.arange(n, dtype=torch.long) + past_len
-        return positions, torch.arange(past_len + n, dtype=torch.long), state
+        self.mask = state[0]
+        total = self.mask.shape[1]
+        return torch.arange(n, dtype=torch.long) + total - n, torch.arange(total, dtype=torch.long), state[1:]
 
     def attend(self, graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, i: int, state: tuple, mask: Any) -> Any:
-        k, v = torch.cat([state[2 * i], k], dim=2), torch.cat([state[2 * i + 1], v], dim=2)
-        return grouped_attention(graph, attn, q, k, v, mask), k, v
+        n, hd, kv_heads = q.shape[2], graph.signature.head_dim, graph.signature.num_kv_heads
+        window = getattr(attn, "sliding_window", graph.model_window) or 0
+        return torch.ops.edgelm.group_query_attention(
+            q.transpose(1, 2).reshape(1, n, graph.num_heads * hd),
+            k.transpose(1, 2).reshape(1, n, kv_heads * hd),
+            v.transpose(1, 2).reshape(1, n, kv_heads * hd),
+            state[2 * i],
+            state[2 * i + 1],
+            self.mask,
+            graph.num_heads,
+            kv_heads,
+            float(attn.scaling),
+            int(window),
+        )
 
 
 class StaticCache(CacheLayout):

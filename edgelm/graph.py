@@ -2,11 +2,13 @@
 
 Three cache layouts, one module. With an explicit cache (ONNX) the step is
 
-    (input_ids[1, n], past_key_0, past_value_0, ...) -> (logits[1, n, vocab], present_key_0, ...)
+    (input_ids[1, n], attention_mask[1, past_len + n], past_key_0, past_value_0, ...)
+        -> (logits[1, n, vocab], present_key_0, ...)
 
 with `past_*` of shape [1, kv_heads, past_len, head_dim] and `present_*` = past + the n new
-positions. With a static cache (ExecuTorch) the cache lives in mutable buffers of a fixed
-`max_context` and the step is
+positions, attended through onnxruntime's GroupQueryAttention, which also runs with one buffer
+shared by past and present (onnxruntime-genai). With a static cache (ExecuTorch) the cache
+lives in mutable buffers of a fixed `max_context` and the step is
 
     (input_ids[1, n], input_pos[1]) -> logits[1, n, vocab]
 
@@ -59,9 +61,14 @@ class DecoderSignature:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "inputs": ["input_ids[1,n] int64", "past_{key,value}_i[1,kv_heads,past_len,head_dim] float32"],
+            "inputs": [
+                "input_ids[1,n] int64",
+                "attention_mask[1,past_len+n] int64",
+                "past_{key,value}_i[1,kv_heads,past_len,head_dim] float32",
+            ],
             "outputs": ["logits[1,n,vocab] float32", "present_{key,value}_i[1,kv_heads,past_len+n,head_dim]"],
-            "kv_cache": "explicit inputs/outputs, grows by n per call (one graph for prefill and decode)",
+            "kv_cache": "explicit inputs/outputs through GroupQueryAttention: grows by n per call, or one buffer "
+            "shared by past and present (onnxruntime-genai's past_present_share_buffer)",
             "num_layers": self.num_layers,
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
@@ -101,22 +108,23 @@ def build_decoder_graph(
         raise UnsupportedError(
             f"the exportable decoder graph covers {', '.join(GRAPH_DECODERS)}; {model_type!r} is not covered yet"
         )
-    from edgelm.decoder_graph import DecoderGraph, ExecuTorchOpsCache, ExplicitCache, InPlaceCache, StaticCache
+    from edgelm.decoder_graph import DecoderGraph, ExecuTorchOpsCache, GroupQueryCache, InPlaceCache, StaticCache
 
     if in_place_context is not None:
         cache: Any = InPlaceCache(in_place_context)
     elif static_context is not None:
         cache = ExecuTorchOpsCache(static_context) if executorch_ops else StaticCache(static_context)
     else:
-        cache = ExplicitCache()
+        cache = GroupQueryCache()
     return DecoderGraph(model, cache, separate_head).eval()
 
 
 def example_inputs(signature: DecoderSignature, n: int = 3, past_len: int = 2) -> tuple[Any, ...]:
     """Inputs to trace with: n new tokens after past_len cached ones (both kept > 1 so that
-    torch.export treats them as dynamic rather than specialising on 0/1)."""
+    torch.export treats them as dynamic rather than specialising on 0/1), and the attention mask."""
     import torch
 
     ids = torch.zeros((1, n), dtype=torch.long)
+    mask = torch.ones((1, past_len + n), dtype=torch.long)
     shape = (1, signature.num_kv_heads, past_len, signature.head_dim)
-    return (ids, *[torch.zeros(shape) for _ in range(2 * signature.num_layers)])
+    return (ids, mask, *[torch.zeros(shape) for _ in range(2 * signature.num_layers)])

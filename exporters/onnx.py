@@ -36,7 +36,13 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 
 def _export_graph(
-    graph: Any, inputs: tuple, input_names: list[str], output_names: list[str], dynamic: tuple, path: Path
+    graph: Any,
+    inputs: tuple,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic: tuple,
+    path: Path,
+    translations: dict[Any, Any] | None = None,
 ) -> None:
     import torch
 
@@ -51,23 +57,27 @@ def _export_graph(
             dynamo=True,
             dynamic_shapes=dynamic,
             optimize=True,
+            custom_translation_table=translations,
         )
         program.save(str(path))
 
 
 def export_decoder_onnx(model: Any, path: Path) -> None:
-    """Export the fp32 decoder graph of `model` to `path`."""
+    """Export the fp32 decoder graph of `model` to `path` (attention as GroupQueryAttention)."""
     import torch
 
+    from edgelm.exporters.onnx_gqa import translation_table
     from edgelm.graph import build_decoder_graph, example_inputs
 
     graph = build_decoder_graph(model)
     sig = graph.signature
     n = torch.export.Dim("n", min=1, max=sig.max_context)
     past = torch.export.Dim("past_len", min=0, max=sig.max_context)
-    dynamic = ({1: n}, tuple({2: past} for _ in sig.past_names()))
+    total = torch.export.Dim("total_len", min=1, max=2 * sig.max_context)
+    dynamic = ({1: n}, ({1: total}, *({2: past} for _ in sig.past_names())))
+    names = ["input_ids", "attention_mask", *sig.past_names()]
     _export_graph(
-        graph, example_inputs(sig), ["input_ids", *sig.past_names()], ["logits", *sig.present_names()], dynamic, path
+        graph, example_inputs(sig), names, ["logits", *sig.present_names()], dynamic, path, translation_table()
     )
 
 

@@ -80,6 +80,8 @@ class OnnxSession:
         empty = ort.OrtValue.ortvalue_from_numpy(np.zeros((1, int(shape[1]), 0, int(shape[3])), dtype=np.float32))
         self._empty = [empty] * len(self.past_names)
         self.output_names = ["logits", *self.present_names]
+        self.takes_mask = "attention_mask" in inputs  # GroupQueryAttention graphs read positions off it
+        self._length = 0
         vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
         self.capabilities = Capabilities(
             max_context=max_context,
@@ -90,13 +92,17 @@ class OnnxSession:
 
     def _run(self, ids: np.ndarray) -> np.ndarray:
         ort_value = self._ort.OrtValue.ortvalue_from_numpy
-        feeds = {"input_ids": ort_value(np.ascontiguousarray(ids.reshape(1, -1), dtype=np.int64))}
+        ids = np.ascontiguousarray(ids.reshape(1, -1), dtype=np.int64)
+        feeds = {"input_ids": ort_value(ids)}
+        if self.takes_mask:
+            feeds["attention_mask"] = ort_value(np.ones((1, self._length + ids.shape[1]), dtype=np.int64))
         feeds.update(zip(self.past_names, self._past if self._past is not None else self._empty))
         # One call with OrtValues in and out: the cache stays in onnxruntime's memory, and no
         # per-tensor Python binding calls are made (~120 of them per token for 30 layers).
         with model_failures("onnxruntime", (Exception,)):  # its errors derive from Exception only
             outputs = self.session.run_with_ort_values(self.output_names, feeds)
         self._past = outputs[1:]
+        self._length += ids.shape[1]
         return outputs[0].numpy()[0]
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
@@ -107,6 +113,7 @@ class OnnxSession:
 
     def reset(self) -> None:
         self._past = None
+        self._length = 0
 
     def close(self) -> None:
         self._past = None
@@ -175,14 +182,14 @@ class OnnxRuntimeAdapter:
         meta = session.get_modelmeta().custom_metadata_map
         max_context = _max_context(meta.get("edgelm", "{}"), path)
         inputs = {i.name for i in session.get_inputs()}
+        if any(name.startswith("past_") for name in inputs):  # a decoder (its attention mask, if any, beside)
+            return OnnxSession(session, max_context, session.get_providers()[0])
         if "attention_mask" in inputs:
             return OnnxEncoderSession(session, max_context, session.get_providers()[0])
-        if not any(name.startswith("past_") for name in inputs):
-            raise InvalidModelError(
-                f"{path}: inputs {sorted(inputs)} are neither edgelm's decoder graph (input_ids + "
-                "past_*) nor its encoder graph (input_ids + attention_mask); export it with edgelm"
-            )
-        return OnnxSession(session, max_context, session.get_providers()[0])
+        raise InvalidModelError(
+            f"{path}: inputs {sorted(inputs)} are neither edgelm's decoder graph (input_ids + "
+            "past_*) nor its encoder graph (input_ids + attention_mask); export it with edgelm"
+        )
 
 
 ADAPTER = OnnxRuntimeAdapter()

@@ -35,8 +35,8 @@ def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, k
     empty = [torch.zeros(1, sig.num_kv_heads, 0, sig.head_dim) for _ in range(2 * sig.num_layers)]
     with torch.no_grad():
         reference = model(ids).logits
-        first = graph(ids[:, :30], *empty)
-        second = graph(ids[:, 30:], *first[1:])
+        first = graph(ids[:, :30], torch.ones((1, 30), dtype=torch.long), *empty)
+        second = graph(ids[:, 30:], torch.ones((1, 40), dtype=torch.long), *first[1:])
     assert (first[0] - reference[:, :30]).abs().max() <= 1e-4
     assert (second[0] - reference[:, 30:]).abs().max() <= 1e-4
 

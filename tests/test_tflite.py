@@ -105,6 +105,26 @@ def test_prefill_in_chunks_and_decode_match_one_long_prefill(tflite_bundle):
     session.close()
 
 
+def test_a_prefill_near_the_end_of_the_cache_keeps_every_position(tflite_bundle, tiny_llama):
+    """A prefill chunk is padded to the signature's 128 tokens and written from input_pos on; where
+    that would run past the cache's 512 positions (a dynamic-update-slice that does not fit is
+    moved back onto earlier positions), the session steps through decode instead. The logits of
+    a prompt that ends at the cache's last position match transformers'."""
+    import torch
+    import transformers
+
+    from edgelm.runtimes.litert import ADAPTER
+
+    session = ADAPTER.open(tflite_bundle / "tflite" / "model.tflite", threads=1)
+    ids = np.random.default_rng(1).integers(0, 300, 512)
+    logits = np.concatenate([session.prefill(ids[:400]), session.prefill(ids[400:])])  # 400 + 128 > 512
+    session.close()
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    with torch.no_grad():
+        reference = model(torch.tensor(ids)[None]).logits[0].numpy()
+    assert np.abs(logits - reference).max() <= 1e-4
+
+
 def test_text_matches_the_reference_through_edgelm_load(tflite_bundle):
     model = edgelm.load(tflite_bundle, format="tflite-fp32")
     reference = edgelm.load(tflite_bundle, format="reference-fp32")

@@ -94,7 +94,7 @@ def test_onnx_artifacts_carry_the_genai_config_and_tokenizer_listed_in_the_manif
         assert all(f in manifest["files"] for f in files)  # hashed like every other file
         config = json.loads((bundle / folder / "genai_config.json").read_text())
         assert config["model"]["decoder"]["filename"] == Path(artifact["path"]).name
-        assert config["search"]["past_present_share_buffer"] is False
+        assert config["search"]["past_present_share_buffer"] is True
     lm = edgelm.load(bundle, format="onnx-int4")  # edgelm's own runtime still opens the same file
     assert lm.generate("The class", max_new_tokens=4, temperature=0.0)
 

@@ -3,13 +3,15 @@
 onnxruntime-genai loads a folder: `genai_config.json` naming the model file (which must lie in
 that folder: it refuses `..`), the graph's input and output names, the stop tokens and the
 search defaults, plus the HF tokenizer files. edgelm's graph keeps its own names
-(`input_ids`, `past_key_<i>`/`past_value_<i>` → `logits`, `present_key_<i>`/...) and
-declares them in the config: the graph takes no attention mask or position ids (positions
-follow from the past length, which onnxruntime-genai handles as optional inputs), and its
-presents are past + new, so the config sets `past_present_share_buffer: false`.
-`type: "llama"` selects onnxruntime-genai's plain decoder-only state machine: edgelm's graph
-carries each architecture's own details (Gemma3 norms, sliding windows, partial rotary), so
-the runtime needs no architecture-specific handling.
+(`input_ids`, `attention_mask`, `past_key_<i>`/`past_value_<i>` → `logits`,
+`present_key_<i>`/...) and declares them in the config. Its attention is onnxruntime's
+GroupQueryAttention (exporters/onnx_gqa.py), the layout of the runtime's own model builder, so
+the config sets `past_present_share_buffer: true`: the runtime allocates each layer's cache
+once at max_length and the node writes the new positions into it, instead of a fresh present
+per step. Positions follow from the attention mask. `type: "llama"` selects
+onnxruntime-genai's plain decoder-only state machine: edgelm's graph carries each
+architecture's own details (Gemma3 norms, sliding windows, partial rotary), so the runtime
+needs no architecture-specific handling.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def genai_config(model_file: str, facts: GenerationFacts) -> dict[str, Any]:
                 "num_key_value_heads": shape["num_kv_heads"],
                 "inputs": {
                     "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
                     "past_key_names": "past_key_%d",
                     "past_value_names": "past_value_%d",
                 },
@@ -64,7 +67,7 @@ def genai_config(model_file: str, facts: GenerationFacts) -> dict[str, Any]:
             "num_return_sequences": 1,
             "max_length": facts.max_context,
             "min_length": 0,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": True,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
