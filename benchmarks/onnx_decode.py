@@ -26,11 +26,18 @@ def hand_written_decode_tok_s(path: Path, prompt_ids: list[int], new_tokens: int
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     past_inputs = [i for i in session.get_inputs() if i.name.startswith("past_")]
     empty = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in past_inputs}
-    out = session.run(None, {"input_ids": np.asarray([prompt_ids], np.int64), **empty})
+    length = len(prompt_ids)
+
+    def mask() -> dict[str, np.ndarray]:  # edgelm's GroupQueryAttention graphs read positions off it
+        return {"attention_mask": np.ones((1, length), np.int64)}
+
+    out = session.run(None, {"input_ids": np.asarray([prompt_ids], np.int64), **mask(), **empty})
     token = int(out[0][0, -1].argmax())
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        feeds = {"input_ids": np.asarray([[token]], np.int64), **{i.name: v for i, v in zip(past_inputs, out[1:])}}
+        length += 1
+        feeds = {"input_ids": np.asarray([[token]], np.int64), **mask()}
+        feeds.update({i.name: v for i, v in zip(past_inputs, out[1:])})
         out = session.run(None, feeds)
         token = int(out[0][0, -1].argmax())
     return (new_tokens - 1) / (time.perf_counter() - start)

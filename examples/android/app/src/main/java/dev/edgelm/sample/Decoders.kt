@@ -31,11 +31,16 @@ fun openDecoder(runtime: String, file: File): Decoder = when (runtime) {
     else -> throw IllegalArgumentException("this app has no $runtime runtime")
 }
 
-/** edgelm's ONNX decoder: (input_ids, past_key_i, past_value_i, ...) -> (logits, present_*). */
+/**
+ * edgelm's ONNX decoder: (input_ids, attention_mask, past_key_i, past_value_i, ...) -> (logits, present_*),
+ * attention through onnxruntime's GroupQueryAttention; presents are past + new, positions come from the mask.
+ */
 class OnnxDecoder(file: File) : Decoder {
     private val env = OrtEnvironment.getEnvironment()
     private val session = env.createSession(file.path, OrtSession.SessionOptions().apply { setIntraOpNumThreads(4) })
     private val pastNames = session.inputNames.filter { it.startsWith("past_") }
+    private val takesMask = "attention_mask" in session.inputNames
+    private var length = 0L
     private var past: Map<String, OnnxTensor> = pastNames.associateWith { name ->
         val shape = (session.inputInfo.getValue(name).info as TensorInfo).shape.copyOf()
         shape[2] = 0 // no cached positions yet
@@ -44,14 +49,19 @@ class OnnxDecoder(file: File) : Decoder {
 
     override fun prefill(ids: LongArray): FloatArray {
         val input = OnnxTensor.createTensor(env, LongBuffer.wrap(ids), longArrayOf(1, ids.size.toLong()))
-        val result = session.run(mapOf("input_ids" to input) + past)
+        val total = length + ids.size
+        val mask = OnnxTensor.createTensor(env, LongBuffer.wrap(LongArray(total.toInt()) { 1L }), longArrayOf(1, total))
+        val feeds = mapOf("input_ids" to input) + (if (takesMask) mapOf("attention_mask" to mask) else emptyMap()) + past
+        val result = session.run(feeds)
         val logits = result.get(0).value.let { (it as Array<*>)[0] as Array<*> }.last() as FloatArray
         val next = pastNames.associateWith { name ->
             result.get(name.replace("past_", "present_")).get() as OnnxTensor
         }
         past.values.forEach { it.close() }
         past = next
+        length = total
         input.close()
+        mask.close()
         return logits
     }
 
@@ -62,41 +72,34 @@ class OnnxDecoder(file: File) : Decoder {
 }
 
 /**
- * edgelm's LiteRT decoder: signatures `prefill` (fixed length, padded) and `decode`, inputs
- * (input_ids, input_pos, cache_key_0, cache_value_0, ...), outputs (logits, new_key_0, ...).
- * The cache lives here; only the new positions come back from each call.
+ * edgelm's LiteRT decoder, in LiteRT-LM's layout: signatures `prefill` (fixed length, padded) and
+ * `decode`, inputs `tokens`, `input_pos`, `kv_cache_k_<i>`/`kv_cache_v_<i>`, outputs `logits` and the
+ * updated caches under the same names. The same buffer goes in and comes back for each cache. (An app
+ * that wants LiteRT-LM's own engine loads the bundle's `.litertlm` beside this file instead.)
  */
 class LiteRtDecoder(file: File) : Decoder {
     private val interpreter = Interpreter(file, Interpreter.Options().setNumThreads(4))
-    private val decodeInputs = interpreter.getSignatureInputs("decode").sortedBy { it.removePrefix("args_").toInt() }
-    private val cacheShape = interpreter.getInputTensorFromSignature(decodeInputs[2], "decode").shape() // [1, kvh, C, hd]
-    private val prefillLength = interpreter.getInputTensorFromSignature("args_0", "prefill").shape()[1]
-    private val caches = List(decodeInputs.size - 2) { direct(cacheShape.fold(4) { a, b -> a * b }) }
+    private val cacheNames = interpreter.getSignatureInputs("decode").filter { it.startsWith("kv_cache_") }
+    private val cacheShape = interpreter.getInputTensorFromSignature(cacheNames[0], "decode").shape() // [1, kvh, C, hd]
+    private val prefillLength = interpreter.getInputTensorFromSignature("tokens", "prefill").shape()[1]
+    private val caches = cacheNames.associateWith { direct(cacheShape.fold(4) { a, b -> a * b }) }
     private var position = 0
 
     private fun direct(bytes: Int) = ByteBuffer.allocateDirect(bytes).order(ByteOrder.nativeOrder())
 
     private fun step(signature: String, ids: LongArray, width: Int): FloatArray {
-        val (kvHeads, context, headDim) = Triple(cacheShape[1], cacheShape[2], cacheShape[3])
+        val context = cacheShape[2]
         require(position + ids.size <= context) { "the model's cache holds $context positions" }
         val inputs = HashMap<String, Any>()
-        inputs["args_0"] = arrayOf(IntArray(width) { if (it < ids.size) ids[it].toInt() else 0 })
-        inputs["args_1"] = intArrayOf(position)
-        caches.forEachIndexed { i, cache -> inputs["args_${i + 2}"] = cache.rewind() }
-        val vocab = interpreter.getOutputTensorFromSignature("output_0", signature).shape()[2]
+        inputs["tokens"] = arrayOf(IntArray(width) { if (it < ids.size) ids[it].toInt() else 0 })
+        inputs["input_pos"] = IntArray(width) { if (it < ids.size) position + it else 0 }
+        caches.forEach { (name, cache) -> inputs[name] = cache.rewind() }
+        val vocab = interpreter.getOutputTensorFromSignature("logits", signature).shape()[2]
         val logits = direct(4 * width * vocab)
-        val news = caches.map { direct(4 * kvHeads * width * headDim) }
         val outputs = HashMap<String, Any>()
-        outputs["output_0"] = logits
-        news.forEachIndexed { i, buffer -> outputs["output_${i + 1}"] = buffer }
+        outputs["logits"] = logits
+        caches.forEach { (name, cache) -> outputs[name] = cache.rewind() }
         interpreter.runSignature(inputs, outputs, signature)
-        for ((cache, new) in caches.zip(news)) { // write the new positions into the cache, head by head
-            val source = new.rewind() as ByteBuffer
-            for (head in 0 until kvHeads) for (t in ids.indices) for (d in 0 until headDim) {
-                val value = source.getFloat(4 * ((head * width + t) * headDim + d))
-                cache.putFloat(4 * ((head * context + position + t) * headDim + d), value)
-            }
-        }
         position += ids.size
         val all = logits.rewind() as ByteBuffer
         return FloatArray(vocab) { all.getFloat(4 * ((ids.size - 1) * vocab + it)) }
@@ -104,8 +107,16 @@ class LiteRtDecoder(file: File) : Decoder {
 
     override fun prefill(ids: LongArray): FloatArray {
         var last = FloatArray(0)
-        for (start in ids.indices step prefillLength) {
-            last = step("prefill", ids.copyOfRange(start, minOf(ids.size, start + prefillLength)), prefillLength)
+        var start = 0
+        while (start < ids.size) { // a padded chunk that would run past the cache's end goes token by token
+            if (position + prefillLength <= cacheShape[2]) {
+                val end = minOf(ids.size, start + prefillLength)
+                last = step("prefill", ids.copyOfRange(start, end), prefillLength)
+                start = end
+            } else {
+                last = decode(ids[start])
+                start += 1
+            }
         }
         return last
     }
