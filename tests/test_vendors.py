@@ -166,7 +166,7 @@ def test_a_vendor_refusal_fails_the_export_with_the_runtimes_message(monkeypatch
     with pytest.raises(VendorMismatchError, match="onnx-fp32: onnxruntime-genai Generator refused the file") as err:
         export_bundle(tiny_llama, tmp_path / "b", options)
     assert err.value.exit_code == 1
-    assert "Missing Input: past_value_0" in str(err.value)  # the runtime's own words
+    assert "Missing Input: past_key_0" in str(err.value)  # the runtime's own words
     assert "\n" not in str(err.value)
     assert not (tmp_path / "b").exists()
 
