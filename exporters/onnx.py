@@ -10,7 +10,9 @@ The stored file is already graph-optimized (basic level, portable across CPUs), 
 does not re-optimize. Models over 1.8 GB of weights keep them in `<file>.data` beside the
 graph (ONNX external data; the runtime refuses any location outside the model's folder).
 Each artifact has its own folder (`onnx/int4/model_q4.onnx`), where a decoder's also gets the
-genai_config.json and tokenizer files onnxruntime-genai loads it with.
+genai_config.json and tokenizer files onnxruntime-genai loads it with. A decoder's attention is
+onnxruntime's GroupQueryAttention (exporters/onnx_gqa.py), so onnxruntime-genai runs it with one
+KV buffer shared by past and present, as it runs its own model builder's files.
 """
 
 from __future__ import annotations
