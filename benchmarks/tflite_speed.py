@@ -40,6 +40,7 @@ def main() -> None:
     entries = [a for a in manifest.artifacts if a.format == "tflite"]
     vendor = get_vendor("tflite")
     sessions = {a.name: edgelm.load(args.bundle, format=a.name, threads=args.threads) for a in entries}
+    facts = {a.name: bundle_facts(args.bundle, a) for a in entries}
     rates: dict[str, dict[str, list[float]]] = {a.name: {"edgelm": [], "litert_lm": [], "tokens": []} for a in entries}
     # the parity prompt (real text the model continues): LiteRT-LM cannot ignore a stop token, and an
     # instruction-tuned model stops at once after an unformatted question
@@ -50,8 +51,9 @@ def main() -> None:
             rates[entry.name]["edgelm"].append(
                 sessions[entry.name].profile((prompt,), max_new_tokens=args.new_tokens, repeats=1).decode_tok_s
             )
-            facts = bundle_facts(args.bundle, entry)
-            run = vendor.generate(args.bundle / entry.path, args.bundle, prompt, facts, args.new_tokens, args.threads)
+            run = vendor.generate(
+                args.bundle / entry.path, args.bundle, prompt, facts[entry.name], args.new_tokens, args.threads
+            )
             rates[entry.name]["litert_lm"].append(run.decode_tok_s or 0.0)
             rates[entry.name]["tokens"].append(run.tokens)
     rows = []

@@ -19,6 +19,16 @@ from torch import nn
 from edgelm.graph import DecoderSignature, decoder_signature
 
 
+def masked_attention(q: Any, k: Any, v: Any, scale: float, mask: Any) -> Any:
+    """Plain attention of q [1, heads, n, d] over k, v [1, kv_heads, total, d] (key/value heads
+    repeated for grouped queries) under an additive mask; [1, n, heads * d]."""
+    groups = q.shape[1] // k.shape[1]
+    k_all, v_all = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k_all.transpose(2, 3)) * scale + mask
+    out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
+    return out.transpose(1, 2).reshape(1, q.shape[2], q.shape[1] * q.shape[3])
+
+
 @torch.library.custom_op("edgelm::group_query_attention", mutates_args=())
 def group_query_attention(
     query: torch.Tensor,
@@ -45,11 +55,8 @@ def group_query_attention(
     allowed = slots[None] <= positions[:, None]
     if window > 0:
         allowed = allowed & (positions[:, None] - slots[None] < window)
-    groups = num_heads // kv_heads
-    scores = torch.matmul(queries, keys.repeat_interleave(groups, 1).transpose(2, 3)) * scale
-    scores = scores + torch.where(allowed, 0.0, float("-inf"))
-    out = torch.matmul(torch.softmax(scores, -1), values.repeat_interleave(groups, 1))
-    return out.transpose(1, 2).reshape(1, n, num_heads * head_dim), keys, values
+    out = masked_attention(queries, keys, values, scale, torch.where(allowed, 0.0, float("-inf")))
+    return out, keys, values
 
 
 @group_query_attention.register_fake
@@ -74,15 +81,6 @@ class CacheLayout:
 
     def outputs(self, logits: Any, presents: list[Any]) -> Any:
         return (logits, *presents)
-
-
-def grouped_attention(graph: DecoderGraph, attn: Any, q: Any, k: Any, v: Any, mask: Any) -> Any:
-    """Plain attention of q over k, v (key/value heads repeated for grouped queries)."""
-    groups = graph.num_heads // graph.signature.num_kv_heads
-    k_all, v_all = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.matmul(q, k_all.transpose(2, 3)) * attn.scaling + mask
-    out = torch.matmul(torch.softmax(scores, dim=-1), v_all)
-    return out.transpose(1, 2).reshape(1, q.shape[2], graph.num_heads * graph.signature.head_dim)
 
 
 class GroupQueryCache(CacheLayout):
@@ -144,7 +142,7 @@ class StaticCache(CacheLayout):
         cache_k, cache_v = getattr(graph, f"cache_key_{i}"), getattr(graph, f"cache_value_{i}")
         cache_k.index_copy_(2, self.positions, k)
         cache_v.index_copy_(2, self.positions, v)
-        return grouped_attention(graph, attn, q, cache_k, cache_v, mask), cache_k, cache_v
+        return masked_attention(q, cache_k, cache_v, attn.scaling, mask), cache_k, cache_v
 
     def outputs(self, logits: Any, presents: list[Any]) -> Any:
         return logits

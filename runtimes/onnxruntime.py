@@ -81,7 +81,6 @@ class OnnxSession:
         self._empty = [empty] * len(self.past_names)
         self.output_names = ["logits", *self.present_names]
         self.takes_mask = "attention_mask" in inputs  # GroupQueryAttention graphs read positions off it
-        self._length = 0
         vocab = next((o.shape[-1] for o in session.get_outputs() if o.name == "logits"), None)
         self.capabilities = Capabilities(
             max_context=max_context,
@@ -94,15 +93,15 @@ class OnnxSession:
         ort_value = self._ort.OrtValue.ortvalue_from_numpy
         ids = np.ascontiguousarray(ids.reshape(1, -1), dtype=np.int64)
         feeds = {"input_ids": ort_value(ids)}
-        if self.takes_mask:
-            feeds["attention_mask"] = ort_value(np.ones((1, self._length + ids.shape[1]), dtype=np.int64))
+        if self.takes_mask:  # past + new positions; the past length is the cached keys' own
+            cached = self._past[0].shape()[2] if self._past is not None else 0
+            feeds["attention_mask"] = ort_value(np.ones((1, cached + ids.shape[1]), dtype=np.int64))
         feeds.update(zip(self.past_names, self._past if self._past is not None else self._empty))
         # One call with OrtValues in and out: the cache stays in onnxruntime's memory, and no
         # per-tensor Python binding calls are made (~120 of them per token for 30 layers).
         with model_failures("onnxruntime", (Exception,)):  # its errors derive from Exception only
             outputs = self.session.run_with_ort_values(self.output_names, feeds)
         self._past = outputs[1:]
-        self._length += ids.shape[1]
         return outputs[0].numpy()[0]
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
@@ -113,7 +112,6 @@ class OnnxSession:
 
     def reset(self) -> None:
         self._past = None
-        self._length = 0
 
     def close(self) -> None:
         self._past = None
