@@ -245,6 +245,7 @@ def test_tflite_chat_in_litert_lm_answers_like_edgelm_run(smollm2_bundle):
     engine = litert_lm.Engine(
         str((smollm2_bundle / lm.artifact.path).with_suffix(".litertlm")),
         backend=litert_lm.interfaces.CPU(thread_count=2),
+        cache_dir=":nocache",  # else LiteRT-LM writes a weight cache beside the model, inside the bundle
         activation_data_type=litert_lm._ffi.ActivationDataType.FLOAT32,
     )
     conversation = engine.create_conversation(

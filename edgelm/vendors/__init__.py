@@ -43,6 +43,7 @@ class VendorRun:
     load_s: float
     ids: list[int] | None = None  # the generated token ids, where the runtime's API gives them
     prompt_ids: list[int] | None = None  # how its own tokenizer encoded the prompt, where it shows that
+    ttft_s: float | None = None  # from handing the prompt to the runtime to its first token
 
 
 @dataclass
@@ -139,9 +140,11 @@ def package_version(package: str) -> str | None:
 class TokenClock:
     """The text pieces a runtime streams and their arrival times (passed on to `on_text`, for a
     CLI that prints them); the decode rate is tokens after the first ÷ the time since the first
-    (the first token's wait is prefill)."""
+    (the first token's wait is prefill). Made just before the prompt goes in: the wait for the
+    first piece is the time to first token."""
 
     def __init__(self, on_text: Callable[[str], None] | None = None) -> None:
+        self.started = time.perf_counter()
         self.stamps: list[float] = []
         self.pieces: list[str] = []
         self.on_text = on_text
@@ -160,6 +163,7 @@ class TokenClock:
             load_s=load_s,
             ids=ids,
             prompt_ids=prompt_ids,
+            ttft_s=self.stamps[0] - self.started if self.stamps else None,
         )
 
     def decode_tok_s(self) -> float | None:

