@@ -51,6 +51,11 @@ def test_onnx_fp32_matches_torch_within_1e_4(tiny_model_factory, tmp_path, kind)
     onnx_entry = manifest.artifact("onnx")
     assert onnx_entry.parity["max_abs_logit_diff_first_window"] <= 1e-4
     assert onnx_entry.parity["greedy_match_tokens"] == 64
+    # every RMSNorm is onnxruntime's fused op (the first layer's input norm has no residual add before it)
+    fused = onnx_entry.signature["fused_ops"]
+    layers = 2  # tiny_models' configs
+    assert fused["GroupQueryAttention"] == layers
+    assert fused.get("SimplifiedLayerNormalization", 0) + fused.get("SkipSimplifiedLayerNormalization", 0) >= 2 * layers
 
 
 def test_every_quant_recipe_loads_and_passes_its_gate(onnx_bundle):

@@ -53,8 +53,11 @@ def check_artifact(
     facts: GenerationFacts,
     prompt: str,
     threads: int | None = None,
+    write_files: bool = True,
 ) -> VendorCheck | None:
-    """The vendor runtime's verdict on `artifact`, or None when `fmt` has no vendor LLM runtime."""
+    """The vendor runtime's verdict on `artifact`, or None when `fmt` has no vendor LLM runtime.
+    `write_files=False` checks a finished bundle as it is (its sidecar files are in its manifest:
+    writing them again would change what the manifest's digests describe)."""
     vendor = get_vendor(fmt)
     if vendor is None:
         return None
@@ -72,7 +75,8 @@ def check_artifact(
     prompt_ids, ids = edgelm_continuation(session, tokenizer, prompt, facts)
     check.edgelm_text = tokenizer.decode(ids)
     try:
-        check.files = [p.relative_to(bundle_dir).as_posix() for p in vendor.prepare(artifact, bundle_dir, facts)]
+        if write_files:
+            check.files = [p.relative_to(bundle_dir).as_posix() for p in vendor.prepare(artifact, bundle_dir, facts)]
         run = vendor.generate(artifact, bundle_dir, prompt, facts, NEW_TOKENS, threads)
     except (TypeError, AttributeError, NameError):
         raise  # a bug in edgelm's adapter, not the runtime's verdict on the file
