@@ -225,6 +225,13 @@ PEERS_BY_NAME = {peer.name: peer for peer in PEERS}
 MEASURED_ONLY_AS_SOURCE = {"llama.cpp-F16"}  # the quantizer's input, not a phone artifact
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children: a build's wall time depends on what
+    else the machine runs, its CPU time much less."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def built(work: Workspace, peer: Peer) -> Path:
     """The peer's artifact, built now unless the cache has it (with its build record)."""
     folder = work.cache / peer.name
@@ -232,10 +239,12 @@ def built(work: Workspace, peer: Peer) -> Path:
     if not record.exists():
         shutil.rmtree(folder, ignore_errors=True)
         print(f"building {peer.name} ...", flush=True)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds()
         command = peer.build(work, folder)
-        seconds = time.perf_counter() - start
-        record.write_text(json.dumps({"command": command, "build_s": round(seconds, 1), "tool": peer.tool}))
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
+        record.write_text(
+            json.dumps({"command": command, "build_s": round(seconds, 1), "cpu_s": round(cpu, 1), "tool": peer.tool})
+        )
     return folder / peer.file
 
 
@@ -291,8 +300,7 @@ def perplexity_genai(path: Path, ids: list[int], threads: int) -> float:
 
 
 def perplexity_session(open_session: Callable[[], Any], ids: list[int]) -> float:
-    """Through a runtime's session (prefill gives every position's logits): llama.cpp for GGUF,
-    ExecuTorch's runtime for a .pte."""
+    """Through edgelm's llama.cpp session (prefill gives every position's logits), which opens any GGUF."""
     session = open_session()
     nll, scored = 0.0, 0
     for chunk in windows(ids):
@@ -333,15 +341,37 @@ def perplexity_litert_lm(path: Path, ids: list[int], threads: int, facts: Any) -
     return float(np.exp(nll / scored))
 
 
+def perplexity_executorch(path: Path, ids: list[int], threads: int) -> float:
+    """Through ExecuTorch's runtime, `forward(tokens[1, n], positions)` from position 0 per window:
+    edgelm's programs take the start position ([1]), optimum-executorch's every position ([n])."""
+    import torch
+    from executorch.extension.pybindings import portable_lib
+
+    from edgelm.runtimes.executorch import load_program
+
+    program = load_program(path)
+    portable_lib._unsafe_reset_threadpool(threads)
+    method = program.load_method("forward")
+    per_token = tuple(method.metadata.input_tensor_meta(1).sizes()) != (1,)
+    nll, scored = 0.0, 0
+    for chunk in windows(ids):
+        positions = torch.arange(len(chunk)) if per_token else torch.tensor([0])
+        logits = method.execute([torch.tensor([chunk]), positions])[0][0].float().numpy()
+        nll += nll_of(logits, chunk)
+        scored += len(chunk) - 1
+    return float(np.exp(nll / scored))
+
+
 def vendor_perplexity(work: Workspace, fmt: str, path: Path, ids: list[int]) -> float:
+    if fmt == "executorch":
+        return perplexity_executorch(path, ids, work.threads)
     if fmt == "onnx":
         return perplexity_genai(path, ids, work.threads)
     if fmt == "tflite":
         return perplexity_litert_lm(path, ids, work.threads, format_facts(work, fmt))
     from edgelm.session import get_runtime
 
-    runtime = {"gguf": "llama.cpp", "executorch": "executorch"}[fmt]
-    return perplexity_session(lambda: get_runtime(runtime).open(path, "cpu", work.threads), ids)
+    return perplexity_session(lambda: get_runtime("llama.cpp").open(path, "cpu", work.threads), ids)
 
 
 # ---- one measurement, in its own process ----------------------------------------------------------
@@ -421,6 +451,7 @@ def peer_rows(work: Workspace) -> list[dict[str, Any]]:
         if peer.source:
             source = json.loads((work.cache / peer.source / "build.json").read_text())
             record["build_s"] += source["build_s"]
+            record["cpu_s"] = record.get("cpu_s", 0) + source.get("cpu_s", 0)
             record["command"] = [*source["command"], "&&", *record["command"]]
         files = [p for p in path.parent.iterdir() if p.suffix in (".onnx", ".data", ".pte", ".gguf", ".tflite")]
         rows.append(
@@ -433,7 +464,9 @@ def peer_rows(work: Workspace) -> list[dict[str, Any]]:
                 "path": str(path),
                 "bytes": sum(p.stat().st_size for p in files),
                 "export_s": record["build_s"],
+                "export_cpu_s": record.get("cpu_s"),
                 "export_command": record["command"],
+                **({"export_note": record["note"]} if "note" in record else {}),
             }
         )
     return rows

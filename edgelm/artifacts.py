@@ -34,6 +34,7 @@ from edgelm.session import get_runtime
 from edgelm.vendors.check import VendorChecks
 
 REFERENCE_FORMAT = "safetensors"
+CHOICE_WINDOWS = 4  # calibration windows (of 512 tokens) an exporter's measured choice is made on
 PARITY_SUMMARY = ("ppl_ratio", "top1_agreement", "mean_kl", "min_cosine")  # kept per attempt in the manifest
 UNCALIBRATED = "none: round-to-nearest from the fp32 weights"
 MIXED_FRACTIONS = (0.25, 0.5)  # mixed-precision rungs: this share of the most sensitive layers at 8 bits
@@ -193,6 +194,8 @@ class ArtifactBuilder:
             if attempt.eight_bit_share:
                 settings["layers_8bit"] = self.calibration.sensitive_layers(recipe, attempt.eight_bit_share)
             settings.update(self._gptq_settings(exporter, attempt, recipe))
+            if attempt.calibrated and attempt.quant in exporter.measured_choice:
+                settings["calibration_windows"] = self.calibration.batches()[:CHOICE_WINDOWS]
             with self.step(f"Exporting {label}"):
                 artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
         return artifact, calibration, settings

@@ -37,6 +37,9 @@ class Exporter:
     exports_in_background: bool = False  # slow single-threaded lowering: run in a worker (edgelm.background)
     gptq: tuple[str, ...] = ()  # recipes whose calibrated attempts take the layers' Hessians (edgelm.gptq)
     mixed_precision: tuple[str, ...] = ()  # recipes that can keep chosen layers at 8 bits (layers_8bit)
+    # recipes whose file type the exporter picks by measured error on calibration token windows
+    # (calibration_windows), when the export calibrates
+    measured_choice: tuple[str, ...] = ()
     fallbacks: ClassVar[dict[str, tuple[str, ...]]] = {}  # recipe -> the format's more faithful types, in order
     own_options: ClassVar[dict[str, str]] = {}  # ExportOptions field -> its flag, meaningful for this format only
 

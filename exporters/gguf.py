@@ -1,8 +1,11 @@
 """GGUF exporter: the source state dict → an F32 GGUF (gguf package) → llama.cpp's quantizer.
 
-Quant mapping (the README's recipes): fp32 → F32, fp16 → F16, int8 → Q8_0, int4 → Q4_K_M. Every
-recipe starts from one F32 file written from the fp32 source model, so the k-quants are
-llama.cpp's own (`llama_model_quantize`, via llama-cpp-python), not a re-implementation.
+Quant mapping (the README's recipes): fp32 → F32, fp16 → F16, int8 → Q8_0, int4 → Q4_K_M or
+Q4_1, whichever stays closer to the source on the calibration text (INT4_TYPES: a model whose weights came from a
+Q4_1 file, like the default one, is exactly representable in Q4_1 and loses 7% perplexity in
+Q4_K_M; a float model usually does better in Q4_K_M). Every recipe starts from one F32 file
+written from the fp32 source model, so the k-quants are llama.cpp's own
+(`llama_model_quantize`, via llama-cpp-python), not a re-implementation.
 Architecture specifics live in gguf_arch.py (one row each), tokenizer metadata in
 gguf_vocab.py (checked against llama.cpp's own tokenization before anything is written).
 """
@@ -25,6 +28,9 @@ from .gguf_vocab import choose_pre_tokenizer, read_vocab
 # --quant -> llama.cpp file type (llama_cpp.LLAMA_FTYPE_<name>)
 QUANT_TYPES = {"fp32": "ALL_F32", "fp16": "MOSTLY_F16", "int8": "MOSTLY_Q8_0", "int4": "MOSTLY_Q4_K_M"}
 SCRATCH = ".f32-source.gguf"
+# int4: llama.cpp's 4-bit types of about the same size (4.5–5 bits per weight), tried in this order;
+# the one whose logits stay closest to the source's on the calibration windows is kept
+INT4_TYPES = ("MOSTLY_Q4_K_M", "MOSTLY_Q4_1")
 
 
 # llama.cpp type name prefix -> the --quant recipe whose parity gate it is held to
@@ -37,7 +43,62 @@ def file_type(quant: str) -> str:
 
 
 def file_name(quant: str) -> str:
-    return f"model-{file_type(quant).removeprefix('MOSTLY_').removeprefix('ALL_')}.gguf"
+    return type_file_name(file_type(quant))
+
+
+def type_file_name(llama_type: str) -> str:
+    return f"model-{llama_type.removeprefix('MOSTLY_').removeprefix('ALL_')}.gguf"
+
+
+def _log_softmax(logits: Any) -> Any:
+    import numpy as np
+
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def quantize_best(
+    model: Any, scratch: Path, folder: Path, types: tuple[str, ...], windows: list[Any]
+) -> tuple[Path, str, dict[str, float]]:
+    """Each of `types` made from the F32 `scratch`, run by llama.cpp on the calibration `windows`
+    ([1, n] token ids) and scored by its mean KL divergence from `model` (the torch model the
+    F32 file was written from); the closest kept in `folder` under its own name, the others
+    removed. Returns (path, type, scores). KL from the source, not perplexity: a perturbed
+    model can score a lower perplexity on a text by chance; only the exact one has KL 0."""
+    import numpy as np
+    import torch
+
+    from edgelm.isolation import mark_trusted
+    from edgelm.runtimes.llamacpp import ADAPTER
+
+    candidates = {t: folder / f".candidate-{type_file_name(t)}" for t in types}
+    sessions = {}
+    try:
+        for llama_type, candidate in candidates.items():
+            quantize(scratch, candidate, llama_type)
+            mark_trusted(candidate)  # written by this process a moment ago
+            sessions[llama_type] = ADAPTER.open(candidate, "cpu")
+        totals, count = dict.fromkeys(types, 0.0), 0
+        for window in windows:
+            ids = np.asarray(window, dtype=np.int64).reshape(-1)
+            with torch.no_grad():
+                source = _log_softmax(model(torch.from_numpy(ids)[None]).logits[0].float().numpy())
+            for llama_type, session in sessions.items():
+                session.reset()
+                theirs = _log_softmax(session.prefill(ids))
+                totals[llama_type] += float((np.exp(source) * (source - theirs)).sum())
+            count += len(ids)
+    finally:
+        for session in sessions.values():
+            session.close()
+    scores = {t: totals[t] / count for t in types}
+    best = min(types, key=lambda t: scores[t])  # the first on a tie
+    path = folder / type_file_name(best)
+    candidates[best].replace(path)
+    for candidate in candidates.values():
+        candidate.unlink(missing_ok=True)
+    return path, best, {t.removeprefix("MOSTLY_"): float(f"{v:.4g}") for t, v in scores.items()}
 
 
 def write_f32_gguf(model: Any, source: SourceModel, tokenizer_dir: Path, path: Path) -> dict[str, Any]:
@@ -101,6 +162,7 @@ class GGUFExporter(Exporter):
     quants = tuple(QUANT_TYPES)
     # more faithful llama.cpp types tried, in order, when a recipe misses its gate (all smaller than Q8_0)
     fallbacks: ClassVar[dict[str, tuple[str, ...]]] = {"int4": ("Q5_K_M", "Q6_K")}
+    measured_choice = ("int4",)  # recipes whose llama.cpp type is chosen on the calibration text
     tasks = ("text-generation", "feature-extraction")  # llama.cpp has no classification-head path for BERT
     requires = ("torch", "transformers", "gguf", "llama_cpp")
     own_options: ClassVar[dict[str, str]] = {"gguf_types": "--gguf-type"}
@@ -129,24 +191,33 @@ class GGUFExporter(Exporter):
             return quant
         return next((g for prefix, g in GATE_BY_TYPE_PREFIX.items() if quant.startswith(prefix)), "int4")
 
-    def export(self, model: Any, source: SourceModel, bundle_dir: Path, quant: str) -> ExportedArtifact:
+    def export(
+        self, model: Any, source: SourceModel, bundle_dir: Path, quant: str, calibration_windows: Any = None
+    ) -> ExportedArtifact:
+        """`calibration_windows` (token ids, for int4): chooses among INT4_TYPES by measured error."""
+        import numpy as np
+
         folder = bundle_dir / "gguf"
         folder.mkdir(parents=True, exist_ok=True)
         scratch = folder / SCRATCH
         if not scratch.exists():  # one F32 file per bundle; every quant recipe starts from it
             self._notes[scratch] = write_f32_gguf(model, source, bundle_dir / "tokenizer", scratch)
         notes = self._notes[scratch]
-        path = folder / file_name(quant)
+        path, llama_type, chosen = folder / file_name(quant), file_type(quant), {}
         if quant == "fp32":
             shutil.copyfile(scratch, path)
+        elif quant == "int4" and calibration_windows and source.task == "text-generation":
+            path, llama_type, scores = quantize_best(model, scratch, folder, INT4_TYPES, calibration_windows)
+            tokens = sum(int(np.asarray(window).size) for window in calibration_windows)
+            chosen = {"chosen_by": {"mean_kl_from_source_on_calibration_text": scores, "calibration_tokens": tokens}}
         else:
-            quantize(scratch, path, file_type(quant))
+            quantize(scratch, path, llama_type)
         signature = {
             "kind": "decoder" if source.task == "text-generation" else "encoder",
             "inputs": ["tokens"],
             "outputs": ["logits" if source.task == "text-generation" else "embeddings"],
             "kv_cache": "inside llama.cpp",
-            "quantization": {"llama_cpp_file_type": file_type(quant), "gate_recipe": self.gate_recipe(quant)},
+            "quantization": {"llama_cpp_file_type": llama_type, "gate_recipe": self.gate_recipe(quant), **chosen},
             **notes,
         }
         return ExportedArtifact(

@@ -71,8 +71,11 @@ def test_quant_recipes_map_to_llama_cpp_types_and_pass_their_gates(gguf_bundle):
         "fp32": "model-F32.gguf",
         "fp16": "model-F16.gguf",
         "int8": "model-Q8_0.gguf",
-        "int4": "model-Q4_K_M.gguf",
+        "int4": "model-Q4_K_M.gguf",  # a random float model: Q4_K_M stays closer to it than Q4_1
     }
+    int4 = next(a for a in manifest.artifacts if a.quant == "int4").signature["quantization"]
+    scores = int4["chosen_by"]["mean_kl_from_source_on_calibration_text"]
+    assert set(scores) == {"Q4_K_M", "Q4_1"} and 0 < scores["Q4_K_M"] < scores["Q4_1"]
     # general.file_type: 0 all F32, 1 F16, 7 Q8_0, 15 Q4_K_M (llama_ftype)
     file_types = {q: read_gguf_summary(p).metadata["general.file_type"] for q, p in files.items()}
     assert file_types == {"fp32": 0, "fp16": 1, "int8": 7, "int4": 15}
@@ -80,6 +83,42 @@ def test_quant_recipes_map_to_llama_cpp_types_and_pass_their_gates(gguf_bundle):
     assert 8 in q8_types  # GGML_TYPE_Q8_0
     assert all(a.parity["passed"] for a in manifest.artifacts)
     assert not list((gguf_bundle / "gguf").glob(".*"))  # the F32 scratch file is gone
+
+
+def test_int4_of_weights_on_a_q4_1_grid_is_written_as_q4_1_exactly(tiny_model_factory, tmp_path):
+    """The default model's weights came from a Q4_1 file: int4 keeps whichever of llama.cpp's
+    4-bit types stays closer to the source on the calibration text, for such weights Q4_1, lossless."""
+    import shutil
+
+    import torch
+    import transformers
+
+    source = tmp_path / "on-grid"
+    shutil.copytree(tiny_model_factory("llama"), source)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:  # blocks of 32 along the input dimension, as GGUF stores rows
+                parameter.copy_(_on_q4_1_grid(parameter))
+    model.save_pretrained(str(source))
+    manifest = export_bundle(source, tmp_path / "bundle", fast_export_options(formats=("gguf",), quants=("int4",)))
+    entry = manifest.artifact("gguf")
+    scores = entry.signature["quantization"]["chosen_by"]["mean_kl_from_source_on_calibration_text"]
+    assert entry.path == "gguf/model-Q4_1.gguf" and scores["Q4_1"] < scores["Q4_K_M"] / 10
+    assert entry.parity["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
+
+
+def _on_q4_1_grid(weight):
+    """`weight` moved onto a Q4_1 grid: per block of 32, minimum m and step d (both float16), every
+    value m + d·q with q in 0..15, and both ends used (so llama.cpp's Q4_1 finds m and d again)."""
+
+    blocks = weight.reshape(-1, 32)
+    low, high = blocks.min(dim=1, keepdim=True).values, blocks.max(dim=1, keepdim=True).values
+    step = ((high - low) / 15).half().float()
+    low = low.half().float()
+    codes = ((blocks - low) / step.clamp(min=1e-8)).round().clamp(0, 15)  # a block of zeros (padding) stays zero
+    codes[:, 0], codes[:, 1] = 0, 15
+    return (low + step * codes).reshape(weight.shape)
 
 
 def test_llama_cpp_tokenizes_the_parity_text_exactly_like_the_source_tokenizer(gguf_bundle):
