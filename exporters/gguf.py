@@ -1,9 +1,9 @@
 """GGUF exporter: the source state dict → an F32 GGUF (gguf package) → llama.cpp's quantizer.
 
 Quant mapping (the README's recipes): fp32 → F32, fp16 → F16, int8 → Q8_0, int4 → Q4_K_M or
-Q4_1, whichever stays closer to the source on the calibration text (INT4_TYPES: a model whose weights came from a
-Q4_1 file, like the default one, is exactly representable in Q4_1 and loses 7% perplexity in
-Q4_K_M; a float model usually does better in Q4_K_M). Every recipe starts from one F32 file
+Q4_1, whichever stays closer to the source on the calibration text (INT4_TYPES: a model whose
+weights came from a Q4_1 file, like the default one, is exactly representable in Q4_1 and loses
+7% perplexity in Q4_K_M; a float model usually does better in Q4_K_M). Every recipe starts from one F32 file
 written from the fp32 source model, so the k-quants are llama.cpp's own
 (`llama_model_quantize`, via llama-cpp-python), not a re-implementation.
 Architecture specifics live in gguf_arch.py (one row each), tokenizer metadata in
@@ -50,14 +50,6 @@ def type_file_name(llama_type: str) -> str:
     return f"model-{llama_type.removeprefix('MOSTLY_').removeprefix('ALL_')}.gguf"
 
 
-def _log_softmax(logits: Any) -> Any:
-    import numpy as np
-
-    logits = np.asarray(logits, dtype=np.float64)
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def quantize_best(
     model: Any, scratch: Path, folder: Path, types: tuple[str, ...], windows: list[Any]
 ) -> tuple[Path, str, dict[str, float]]:
@@ -70,6 +62,7 @@ def quantize_best(
     import torch
 
     from edgelm.isolation import mark_trusted
+    from edgelm.parity import _log_softmax
     from edgelm.runtimes.llamacpp import ADAPTER
 
     candidates = {t: folder / f".candidate-{type_file_name(t)}" for t in types}
