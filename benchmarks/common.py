@@ -145,6 +145,17 @@ def compare_decode(args: argparse.Namespace, fmt: str, loops: dict[str, DirectLo
     print(json.dumps(summary))
 
 
+def parity_prompt(tokenizer_dir: Path) -> str:
+    """The export's greedy-check prompt: the parity text's first GREEDY_PROMPT_TOKENS tokens, as
+    text (real text the model continues; an instruction-tuned model stops at once after an
+    unformatted question, and LiteRT-LM's runner cannot ignore a stop token)."""
+    from edgelm.parity import GREEDY_PROMPT_TOKENS, parity_text
+    from edgelm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(tokenizer_dir)
+    return tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
+
+
 def write_result(args: argparse.Namespace, manifest: Any, record: dict[str, Any]) -> None:
     """args.out (JSON): what every decode benchmark records first (the bundle, model, token
     counts, threads, rounds), then `record`."""

@@ -294,11 +294,18 @@ def windows(ids: list[int]) -> list[list[int]]:
     return list(ParitySettings().windows(ids))
 
 
-def nll_of(logits: np.ndarray, chunk: list[int]) -> float:
+def windowed_perplexity(logits_of: Callable[[list[int]], np.ndarray], ids: list[int], skip: int = 0) -> float:
+    """exp of the mean next-token loss over the parity windows, from each window's logits at every
+    position (`logits_of(window)`, the runtime's cache empty), leaving out each window's first
+    `skip` targets."""
     from edgelm.parity import _log_softmax
 
-    logp = _log_softmax(logits[: len(chunk) - 1])
-    return -float(logp[np.arange(len(chunk) - 1), chunk[1:]].sum())
+    nll, scored = 0.0, 0
+    for chunk in windows(ids):
+        logp = _log_softmax(logits_of(chunk)[: len(chunk) - 1])[skip:]
+        nll -= float(logp[np.arange(len(logp)), chunk[1 + skip :]].sum())
+        scored += len(logp)
+    return float(np.exp(nll / scored))
 
 
 def perplexity_genai(path: Path, ids: list[int], threads: int) -> float:
@@ -307,28 +314,31 @@ def perplexity_genai(path: Path, ids: list[int], threads: int) -> float:
     from edgelm.vendors.onnxruntime_genai import open_model
 
     model = open_model(path.parent, threads)
-    nll, scored = 0.0, 0
-    for chunk in windows(ids):
+
+    def logits_of(chunk: list[int]) -> np.ndarray:
         params = og.GeneratorParams(model)
         params.set_search_options(max_length=len(chunk) + 1)
         generator = og.Generator(model, params)
         generator.append_tokens(np.asarray(chunk, dtype=np.int32))
-        nll += nll_of(generator.get_output("logits")[0], chunk)
-        scored += len(chunk) - 1
-        del generator
-    return float(np.exp(nll / scored))
+        return generator.get_output("logits")[0]
+
+    return windowed_perplexity(logits_of, ids)
 
 
-def perplexity_session(open_session: Callable[[], Any], ids: list[int]) -> float:
+def perplexity_llama_cpp(path: Path, ids: list[int], threads: int) -> float:
     """Through edgelm's llama.cpp session (prefill gives every position's logits), which opens any GGUF."""
-    session = open_session()
-    nll, scored = 0.0, 0
-    for chunk in windows(ids):
+    from edgelm.session import get_runtime
+
+    session = get_runtime("llama.cpp").open(path, "cpu", threads)
+
+    def logits_of(chunk: list[int]) -> np.ndarray:
         session.reset()
-        nll += nll_of(session.prefill(np.asarray(chunk, dtype=np.int64)), chunk)
-        scored += len(chunk) - 1
-    session.close()
-    return float(np.exp(nll / scored))
+        return session.prefill(np.asarray(chunk, dtype=np.int64))
+
+    try:
+        return windowed_perplexity(logits_of, ids)
+    finally:
+        session.close()
 
 
 def perplexity_litert_lm(path: Path, ids: list[int], threads: int, facts: Any) -> float:
@@ -378,13 +388,12 @@ def perplexity_executorch(path: Path, ids: list[int], threads: int) -> float:
     portable_lib._unsafe_reset_threadpool(threads)
     method = program.load_method("forward")
     per_token = tuple(method.metadata.input_tensor_meta(1).sizes()) != (1,)
-    nll, scored = 0.0, 0
-    for chunk in windows(ids):
+
+    def logits_of(chunk: list[int]) -> np.ndarray:
         positions = torch.arange(len(chunk)) if per_token else torch.tensor([0])
-        logits = method.execute([torch.tensor([chunk]), positions])[0][0].float().numpy()
-        nll += nll_of(logits, chunk)
-        scored += len(chunk) - 1
-    return float(np.exp(nll / scored))
+        return method.execute([torch.tensor([chunk]), positions])[0][0].float().numpy()
+
+    return windowed_perplexity(logits_of, ids)
 
 
 def reference_perplexity(work: Workspace, ids: list[int], fmt: str) -> float:
@@ -395,18 +404,13 @@ def reference_perplexity(work: Workspace, ids: list[int], fmt: str) -> float:
     import torch
     import transformers
 
-    from edgelm.parity import _log_softmax
-
     model = transformers.AutoModelForCausalLM.from_pretrained(work.hf, dtype=torch.float32).eval()
-    skip = 1 if fmt == "tflite" else 0
-    nll, scored = 0.0, 0
-    for chunk in windows(ids):
+
+    def logits_of(chunk: list[int]) -> np.ndarray:
         with torch.no_grad():
-            logits = model(torch.tensor([chunk])).logits[0].numpy()
-        logp = _log_softmax(logits[: len(chunk) - 1])[skip:]
-        nll -= float(logp[np.arange(len(logp)), chunk[1 + skip :]].sum())
-        scored += len(logp)
-    return float(np.exp(nll / scored))
+            return model(torch.tensor([chunk])).logits[0].numpy()
+
+    return windowed_perplexity(logits_of, ids, skip=1 if fmt == "tflite" else 0)
 
 
 def vendor_perplexity(work: Workspace, fmt: str, path: Path, ids: list[int]) -> float:
@@ -416,12 +420,7 @@ def vendor_perplexity(work: Workspace, fmt: str, path: Path, ids: list[int]) -> 
         return perplexity_genai(path, ids, work.threads)
     if fmt == "tflite":
         return perplexity_litert_lm(path, ids, work.threads, format_facts(work, fmt))
-    from edgelm.session import get_runtime
-
-    return perplexity_session(lambda: get_runtime("llama.cpp").open(path, "cpu", work.threads), ids)
-
-
-# ---- one measurement, in its own process ----------------------------------------------------------
+    return perplexity_llama_cpp(path, ids, work.threads)
 
 
 def ratios(work: Workspace, rows: list[dict[str, Any]], ids: list[int]) -> dict[str, float]:
@@ -433,6 +432,9 @@ def ratios(work: Workspace, rows: list[dict[str, Any]], ids: list[int]) -> dict[
         row["ppl"] = twin["ppl"]
         row["ppl_ratio"] = row["ppl"] / references[row["format"]]
     return references
+
+
+# ---- one measurement, in its own process ----------------------------------------------------------
 
 
 def measure(spec: dict[str, Any]) -> dict[str, Any]:
@@ -545,12 +547,11 @@ def peer_rows(work: Workspace) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    from common import read_bandwidth_gb_s, write_result
+    from common import parity_prompt, read_bandwidth_gb_s, write_result
 
     from edgelm.bundle import read_bundle
-    from edgelm.parity import GREEDY_PROMPT_TOKENS, parity_text
+    from edgelm.parity import GREEDY_PROMPT_TOKENS
     from edgelm.profile import device_record
-    from edgelm.tokenizer import Tokenizer
 
     work = Workspace(args.bundle.resolve(), args.cache.resolve(), args.threads)
     if not (work.hf / "config.json").exists():
@@ -566,8 +567,7 @@ def run(args: argparse.Namespace) -> None:
             row["ppl"] = vendor_perplexity(work, row["format"], Path(row["path"]), ids)
             print(row["row"], "ppl", round(row["ppl"], 4), flush=True)
     references = ratios(work, rows, ids)
-    tokenizer = Tokenizer(work.bundle / "tokenizer")
-    prompt = tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
+    prompt = parity_prompt(work.bundle / "tokenizer")
     common_spec = {"bundle": str(work.bundle), "cache": str(work.cache), "prompt": prompt}
     common_spec |= {"new_tokens": args.new_tokens, "threads": args.threads}
     for row in rows:
@@ -612,21 +612,15 @@ def compare(rows: list[dict[str, Any]], faithful: float = 1.05) -> dict[str, Any
     peers = [r for r in rows if r["maker"] != "edgelm" and r["decode_tok_s_median"]]
     formats: dict[str, Any] = {}
     for fmt in sorted({r["format"] for r in peers}):
-        pairs = []
-        ours_faithful = fastest(
-            r for r in ours_all if r["format"] == fmt and r["runner"] == "vendor" and r["ppl_ratio"] <= faithful
-        )
-        theirs_faithful = fastest(p for p in peers if p["format"] == fmt and p["ppl_ratio"] <= faithful)
-        for peer in (p for p in peers if p["format"] == fmt):
-            ours = fastest(
-                r
-                for r in ours_all
-                if r["format"] == fmt and r["runner"] == "vendor" and r["ppl_ratio"] <= peer["ppl_ratio"]
-            )
-            pairs.append(pair(ours, peer))
+        ours = [r for r in ours_all if r["format"] == fmt and r["runner"] == "vendor"]
+        theirs = [p for p in peers if p["format"] == fmt]
+        pairs = [pair(fastest(r for r in ours if r["ppl_ratio"] <= p["ppl_ratio"]), p) for p in theirs]
         formats[fmt] = {
             "worst": min(pairs, key=lambda p: p.get("speed_ratio", 0.0)),
-            f"fastest_within_{faithful}": pair(ours_faithful, theirs_faithful),
+            f"fastest_within_{faithful}": pair(
+                fastest(r for r in ours if r["ppl_ratio"] <= faithful),
+                fastest(p for p in theirs if p["ppl_ratio"] <= faithful),
+            ),
             "pairs": pairs,
         }
     best_ours = fastest(r for r in ours_all if r["ppl_ratio"] <= faithful)
@@ -657,12 +651,18 @@ def pair(ours: dict[str, Any] | None, peer: dict[str, Any] | None) -> dict[str, 
     return entry
 
 
+def result_workspace(result: dict[str, Any]) -> Workspace:
+    """The bundle and cache a stored peers.json was measured with (a result written before it
+    recorded its cache folder: the folder above a peer's artifact folder)."""
+    cache = result.get("cache") or Path(next(r["path"] for r in result["rows"] if r["maker"] != "edgelm")).parents[1]
+    return Workspace(Path(result["bundle"]).resolve(), Path(cache), result["threads"])
+
+
 def rescore(path: Path) -> None:
     """The ratios (ratios()) and the summary of a peers.json again, without measuring anything
     else: for a result whose perplexities were divided by a reference on other tokens."""
     result = json.loads(path.read_text())
-    cache = result.get("cache") or Path(next(r["path"] for r in result["rows"] if r["maker"] != "edgelm")).parents[1]
-    work = Workspace(Path(result["bundle"]).resolve(), Path(cache), result["threads"])
+    work = result_workspace(result)
     result["reference_perplexity_on_the_scored_tokens"] = ratios(work, result["rows"], parity_ids(work))
     result["summary"] = compare(result["rows"])
     path.write_text(json.dumps(result, indent=2) + "\n")
@@ -672,14 +672,11 @@ def rescore(path: Path) -> None:
 def remeasure_rss(path: Path) -> None:
     """One more round of every row of a peers.json for its peak RSS (VmHWM), replacing the
     stored figures: for a result measured with ru_maxrss, which a child inherits (peak_rss_mb)."""
-    from edgelm.parity import GREEDY_PROMPT_TOKENS, parity_text
-    from edgelm.tokenizer import Tokenizer
+    from common import parity_prompt
 
     result = json.loads(path.read_text())
-    tokenizer = Tokenizer(Path(result["bundle"]) / "tokenizer")
-    prompt = tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
-    cache = result.get("cache") or Path(next(r["path"] for r in result["rows"] if r["maker"] != "edgelm")).parents[1]
-    spec = {"bundle": result["bundle"], "cache": str(cache), "prompt": prompt}
+    work = result_workspace(result)
+    spec = {"bundle": result["bundle"], "cache": str(work.cache), "prompt": parity_prompt(work.bundle / "tokenizer")}
     spec |= {"new_tokens": result["new_tokens"], "threads": result["threads"]}
     for row in result["rows"]:
         row["peak_rss_mb_median"] = measure_in_child(spec | row)["peak_rss_mb"]

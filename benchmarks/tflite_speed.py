@@ -18,13 +18,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bandwidth_gb_s
+from common import bandwidth_gb_s, parity_prompt
 
 import edgelm
 from edgelm.bundle import read_bundle
-from edgelm.parity import GREEDY_PROMPT_TOKENS, parity_text
 from edgelm.profile import device_record
-from edgelm.tokenizer import Tokenizer
 from edgelm.vendors import bundle_facts, get_vendor
 
 
@@ -42,10 +40,7 @@ def main() -> None:
     sessions = {a.name: edgelm.load(args.bundle, format=a.name, threads=args.threads) for a in entries}
     facts = {a.name: bundle_facts(args.bundle, a) for a in entries}
     rates: dict[str, dict[str, list[float]]] = {a.name: {"edgelm": [], "litert_lm": [], "tokens": []} for a in entries}
-    # the parity prompt (real text the model continues): LiteRT-LM cannot ignore a stop token, and an
-    # instruction-tuned model stops at once after an unformatted question
-    tokenizer = Tokenizer(args.bundle / "tokenizer")
-    prompt = tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
+    prompt = parity_prompt(args.bundle / "tokenizer")
     for _ in range(args.rounds):  # interleaved: drift in machine speed hits every row alike
         for entry in entries:
             rates[entry.name]["edgelm"].append(

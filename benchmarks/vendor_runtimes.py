@@ -16,14 +16,10 @@ import json
 import statistics
 from pathlib import Path
 
-from common import bandwidth_gb_s, read_bandwidth_gb_s, write_result
+from common import bandwidth_gb_s, parity_prompt, read_bandwidth_gb_s, write_result
 
 import edgelm
 from edgelm.bundle import read_bundle
-from edgelm.parity import (
-    GREEDY_PROMPT_TOKENS,
-    parity_text,
-)
 from edgelm.profile import device_record
 from edgelm.tokenizer import Tokenizer
 from edgelm.vendors import generation_facts, get_vendor
@@ -47,10 +43,7 @@ def main() -> None:
     sessions = {a.name: edgelm.load(args.bundle, format=a.name, threads=args.threads, verify=False) for a in entries}
     # the export's check, repeated here with this code: the parity prompt, 64 greedy tokens
     tokenizer = Tokenizer(args.bundle / "tokenizer")
-    parity_prompt = tokenizer.decode(tokenizer.encode(parity_text())[:GREEDY_PROMPT_TOKENS])
-    # speed on the same prompt: real text the model continues (LiteRT-LM cannot ignore a stop token, and an
-    # instruction-tuned model stops at once after an unformatted question)
-    prompt = parity_prompt
+    prompt = parity_prompt(args.bundle / "tokenizer")  # speed on the same prompt (common.parity_prompt says why)
     checks = {
         a.name: check_artifact(
             a.format,
@@ -59,7 +52,7 @@ def main() -> None:
             sessions[a.name].session(),
             tokenizer,
             facts,
-            parity_prompt,
+            prompt,
             args.threads,
             write_files=False,
         )
