@@ -81,7 +81,7 @@ def venv_python(work: Workspace, name: str) -> Path:
     folder = work.cache / "venvs" / name
     python = folder / "bin" / "python"
     if not (folder / "ready").exists():
-        shutil.rmtree(folder, ignore_errors=True)
+        fresh_folder(folder)
         base = Path(sys.base_prefix) / "bin" / "python3"
         subprocess.run([str(base), "-m", "venv", str(folder)], check=True)
         site = Path(
@@ -243,6 +243,20 @@ PEERS_BY_NAME = {peer.name: peer for peer in PEERS}
 MEASURED_ONLY_AS_SOURCE = {"llama.cpp-F16"}  # the quantizer's input, not a phone artifact
 
 
+MARKER = ".made-by-edgelm-peers"  # in every folder this script makes, and may therefore empty again
+
+
+def fresh_folder(folder: Path) -> None:
+    """`folder` empty and marked as this script's: an unfinished one of ours is emptied, one it did
+    not make is refused (the cache folder is the user's; nothing else in it is deleted)."""
+    if folder.exists():
+        if not (folder / MARKER).exists():
+            raise SystemExit(f"{folder} exists and was not made by this script; move it away or choose another --cache")
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    (folder / MARKER).touch()
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and its finished children: a build's wall time depends on what
     else the machine runs, its CPU time much less."""
@@ -255,7 +269,7 @@ def built(work: Workspace, peer: Peer) -> Path:
     folder = work.cache / peer.name
     record = folder / "build.json"
     if not record.exists():
-        shutil.rmtree(folder, ignore_errors=True)
+        fresh_folder(folder)
         print(f"building {peer.name} ...", flush=True)
         if peer.venv:
             venv_python(work, peer.venv)
@@ -555,7 +569,7 @@ def run(args: argparse.Namespace) -> None:
 
     work = Workspace(args.bundle.resolve(), args.cache.resolve(), args.threads)
     if not (work.hf / "config.json").exists():
-        work.hf.mkdir(parents=True, exist_ok=True)
+        fresh_folder(work.hf)
         for source in [*(work.bundle / "reference").iterdir(), *(work.bundle / "tokenizer").iterdir()]:
             shutil.copyfile(source, work.hf / source.name)
     rows = edgelm_rows(work) + peer_rows(work)
