@@ -187,8 +187,10 @@ class ArtifactBuilder:
         if pending is not None:
             calibration = self._background_calibration.pop((exporter.format, attempt))
             with self.step(f"Waiting for {label}'s export in its background process"):
-                artifact, seconds = pending.result()
-            getattr(self.step, "record_background", lambda *_: None)(f"Exporting {label} (background process)", seconds)
+                artifact, seconds, peak = pending.result()
+            getattr(self.step, "record_background", lambda *_: None)(
+                f"Exporting {label} (background process)", seconds, peak
+            )
         else:
             model, calibration = self._model_for(exporter.format, attempt, recipe)
             if attempt.eight_bit_share:

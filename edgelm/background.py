@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgeLMError, ExportError
+from edgelm.steps import peak_rss_mb
 
 # the worker holds its own copy of the model plus the lowering's graphs: ask for this many times
 # the fp32 weights of free memory (plus headroom) before running it beside the main process
@@ -82,9 +83,9 @@ def _work(job_file: Path) -> None:
             job["name"],
             **job["settings"],
         )
-        outcome: tuple[str, Any, float] = ("ok", artifact, time.perf_counter() - start)
+        outcome: tuple[str, Any, float, float | None] = ("ok", artifact, time.perf_counter() - start, peak_rss_mb())
     except EdgeLMError as err:
-        outcome = ("error", err, 0.0)
+        outcome = ("error", err, 0.0, None)
     torch.save(outcome, job_file.with_suffix(".result"))
 
 
@@ -138,8 +139,9 @@ class BackgroundExport:
         # nice would only rank it against itself and it would take a full core from the export
         self._paused = False
 
-    def result(self) -> tuple[Any, float]:
-        """Wait for the worker: (the ExportedArtifact, the worker's seconds). Re-raises its EdgeLMError."""
+    def result(self) -> tuple[Any, float, float | None]:
+        """Wait for the worker: (the ExportedArtifact, the worker's seconds, its peak resident
+        memory in MB). Re-raises its EdgeLMError."""
         import torch
 
         self.resume()
@@ -155,12 +157,12 @@ class BackgroundExport:
                     "a negative code is the signal that killed it, e.g. 9 when memory ran out); "
                     "--no-background exports it in this process"
                 )
-            status, value, seconds = torch.load(self._result, weights_only=False)  # written by our worker
+            status, value, seconds, peak = torch.load(self._result, weights_only=False)  # written by our worker
         finally:
             self.close()
         if status == "error":
             raise value
-        return value, seconds
+        return value, seconds, peak
 
     def pause(self) -> None:
         if self._process.poll() is None and not self._paused:

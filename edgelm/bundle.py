@@ -151,7 +151,7 @@ class Manifest:
     reference: dict[str, Any] = field(default_factory=dict)  # the fp32 source model's own parity/profile row
     device_profiles: list[dict[str, Any]] = field(default_factory=list)  # {device, profiles: {artifact: profile}}
     compression: dict[str, Any] | None = None  # how the source came from its base model (edgelm compress)
-    export_steps: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds, depth}: where the time went
+    export_steps: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds, depth, peak_rss_mb}
     export_key: str | None = None  # edgelm.up_to_date: re-running an unchanged export keeps this bundle
     created: str = ""
     schema_version: int = SCHEMA_VERSION

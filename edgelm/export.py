@@ -69,9 +69,10 @@ class ExportOptions:
 
 
 def plan_artifacts(
-    options: ExportOptions, task: str = "text-generation"
+    options: ExportOptions, task: str = "text-generation", parameters: int = 0
 ) -> tuple[list[tuple[str, str]], dict[str, str]]:
-    """(format, quant) pairs to build for a model serving `task`, and formats skipped with why.
+    """(format, quant) pairs to build for a model of `parameters` serving `task`, and what was
+    skipped with why (a format, or a format-quant the preset leaves out for a large model).
 
     The fp32 reference always comes first. A requested quant or task a format cannot do is
     an error; a preset format this edgelm cannot export (yet, or for this task) is skipped
@@ -103,7 +104,10 @@ def plan_artifacts(
                 raise UnsupportedError(reason)
             skipped[fmt] = reason
             continue
-        for quant in options.quants or preset.quants.get(fmt, exporter.quants[:1]):
+        preset_quants, left_out = preset.quants_for(fmt, parameters)
+        if not options.quants:
+            skipped.update({f"{fmt}-{quant}": preset.large_model_reason for quant in left_out})
+        for quant in options.quants or preset_quants or exporter.quants[:1]:
             check_quant(exporter, quant)
             plan.append((fmt, quant))
         plan += [(fmt, quant) for quant in exporter.planned_quants(options)]
@@ -327,7 +331,7 @@ def export_bundle(
         return _export_compressed(model, output, options, step)
     with step("Inspecting the source model"):
         source = inspect_source(model, allow_pickle=options.allow_pickle)
-        plan, skipped = plan_artifacts(options, source.task)
+        plan, skipped = plan_artifacts(options, source.task, source.num_parameters)
         key = export_key(source, options)
     if options.reuse:
         with step(f"Checking the bundle already at {output}"):

@@ -234,22 +234,27 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
 
 
 def _step_lines(manifest: Manifest) -> list[str]:
-    """Where the export's wall time went, step by step (the report itself is written after)."""
+    """Where the export's wall time and memory went, step by step (the report itself is written
+    after). Peak RSS is the process's (or the background worker's) high-water mark in the step."""
     steps = manifest.export_steps
     if not steps:
         return []
     total = sum(s["seconds"] for s in steps if s.get("depth", 0) == 0 and not s.get("background"))
+    peaks = [s["peak_rss_mb"] for s in steps if s.get("peak_rss_mb") is not None]
+    slowest = max((s for s in steps if s.get("depth", 0) == 0), key=lambda s: s["seconds"])
     lines = [
         "",
-        f"Export steps ({total:.0f} s of wall time before this report):",
+        f"Export steps ({total:.0f} s of wall time before this report; slowest: {slowest['step']}, "
+        f"{slowest['seconds']:.0f} s" + (f"; highest peak RSS {max(peaks):,.0f} MB" if peaks else "") + "):",
         "",
-        "| step | seconds | share |",
-        "|---|---|---|",
+        "| step | seconds | share | peak RSS (MB) |",
+        "|---|---|---|---|",
     ]
     for s in steps:
         indent = "↳ " * s.get("depth", 0)
         share = "beside the others" if s.get("background") else f"{s['seconds'] / max(total, 1e-9):.0%}"
-        lines.append(f"| {indent}{s['step']} | {s['seconds']:.1f} | {share} |")
+        peak = "" if s.get("peak_rss_mb") is None else f"{s['peak_rss_mb']:,.0f}"
+        lines.append(f"| {indent}{s['step']} | {s['seconds']:.1f} | {share} | {peak} |")
     return lines
 
 

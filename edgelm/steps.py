@@ -7,6 +7,8 @@ says what took long without anyone re-running it under a profiler.
 
 from __future__ import annotations
 
+import resource
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
@@ -22,9 +24,36 @@ class StepTime:
     seconds: float
     depth: int = 0  # 1 for a step run inside another (its time is also in the outer step's)
     background: bool = False  # ran in a second process beside the other steps (not in the total)
+    peak_rss_mb: float | None = None  # this process's (or the background worker's) peak while the step ran
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def reset_peak_rss() -> bool:
+    """Start a new high-water mark of this process's resident memory (Linux's clear_refs "5").
+    False where the kernel offers no reset: then peak_rss_mb() is the peak since the process began."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since the last reset_peak_rss (or since it began), MB.
+    VmHWM, not getrusage: ru_maxrss is inherited across fork+exec, so a worker started by a big
+    parent would report the parent's peak."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1024), 1)
 
 
 class StepClock:
@@ -36,6 +65,7 @@ class StepClock:
     def __init__(self, hook: StepHook | None = None) -> None:
         self._hook = hook or (lambda _name: nullcontext())
         self._open = 0
+        self._inner_peaks: list[float] = []  # per open step: its peak before its latest inner step's reset
         self.times: list[StepTime] = []
         if hasattr(hook, "note"):
             self.note = hook.note  # type: ignore[union-attr]
@@ -44,16 +74,28 @@ class StepClock:
     def __call__(self, name: str) -> Iterator[None]:
         start, depth = time.perf_counter(), self._open
         self._open += 1
+        if self._inner_peaks:  # the reset below forgets the outer step's peak so far: keep it
+            self._inner_peaks[-1] = max(self._inner_peaks[-1], peak_rss_mb())
+        self._inner_peaks.append(0.0)
+        reset_peak_rss()
         try:
             with self._hook(name):
                 yield
         finally:
             self._open -= 1
-            self.times.append(StepTime(name, round(time.perf_counter() - start, 2), depth))
+            peak = max(peak_rss_mb(), self._inner_peaks.pop())
+            if self._inner_peaks:
+                self._inner_peaks[-1] = max(self._inner_peaks[-1], peak)
+            self.times.append(StepTime(name, round(time.perf_counter() - start, 2), depth, peak_rss_mb=peak))
 
-    def record_background(self, name: str, seconds: float) -> None:
+    def record_background(self, name: str, seconds: float, peak_rss: float | None = None) -> None:
         """A step that ran in another process (edgelm.background), beside the steps timed here."""
-        self.times.append(StepTime(name, round(seconds, 2), background=True))
+        self.times.append(StepTime(name, round(seconds, 2), background=True, peak_rss_mb=peak_rss))
+
+    def peak_rss_mb(self) -> float | None:
+        """The highest peak of any step recorded (this process's or a background worker's)."""
+        peaks = [t.peak_rss_mb for t in self.times if t.peak_rss_mb is not None]
+        return max(peaks) if peaks else None
 
     def total_s(self) -> float:
         return round(sum(t.seconds for t in self.times if t.depth == 0 and not t.background), 2)

@@ -10,7 +10,7 @@ import pytest
 from edgelm.memo_session import MemoizedSession
 from edgelm.parity import ParitySettings, measure_parity
 from edgelm.session import Capabilities
-from edgelm.steps import StepClock
+from edgelm.steps import StepClock, reset_peak_rss
 
 
 class CountingSession:
@@ -89,3 +89,43 @@ def test_step_clock_times_nested_steps_and_forwards_notes():
     assert [(t.step, t.depth) for t in clock.times] == [("inner", 1), ("outer", 0), ("failing", 0)]
     assert all(t.seconds >= 0 for t in clock.times)
     assert not hasattr(StepClock(), "note")  # no hook, no live detail
+
+
+@pytest.mark.skipif(not reset_peak_rss(), reason="this kernel offers no reset of the peak RSS (Linux clear_refs)")
+def test_each_step_records_its_own_peak_memory():
+    clock = StepClock()
+    with clock("outer"):
+        big = np.ones(300 << 17)  # 300 MB touched
+        del big
+        with clock("inner (small)"):
+            small = np.ones(1 << 17)
+            del small
+    with clock("after (small)"):
+        pass
+    peaks = {t.step: t.peak_rss_mb for t in clock.times}
+    # the outer step keeps the peak it reached before its inner step reset the high-water mark
+    assert peaks["outer"] >= peaks["inner (small)"] + 250
+    assert peaks["after (small)"] < peaks["outer"] - 250
+    assert clock.peak_rss_mb() == peaks["outer"]
+    clock.record_background("worker", 10.0, 12345.0)
+    assert clock.peak_rss_mb() == 12345.0
+
+
+def test_a_large_model_gets_the_presets_smaller_plan_and_the_report_says_what_was_left_out():
+    from edgelm.export import ExportOptions, plan_artifacts
+    from edgelm.targets import LARGE_MODEL_PARAMETERS
+
+    small, skipped_small = plan_artifacts(ExportOptions(target="android"), parameters=494_000_000)
+    large, skipped_large = plan_artifacts(ExportOptions(target="android"), parameters=LARGE_MODEL_PARAMETERS)
+    assert ("gguf", "int8") in small and ("onnx", "int8") in small and not skipped_small
+    assert set(small) - set(large) == {("gguf", "int8"), ("onnx", "int8")}
+    assert {("gguf", "int4"), ("executorch", "int4"), ("tflite", "int8"), ("onnx", "int4")} <= set(large)
+    assert set(skipped_large) == {"gguf-int8", "onnx-int8"}
+    assert all("--quant int8" in why for why in skipped_large.values())
+    # asked for explicitly, a large model gets exactly what was asked
+    asked, skipped = plan_artifacts(
+        ExportOptions(target="android", quants=("int8",), formats=("onnx",)), parameters=1_240_000_000
+    )
+    assert asked == [("safetensors", "fp32"), ("onnx", "int8")] and not skipped
+    desktop, skipped = plan_artifacts(ExportOptions(target="linux-x86_64"), parameters=1_240_000_000)
+    assert ("onnx", "fp32") not in desktop and ("onnx", "int8") in desktop and "onnx-fp32" in skipped
