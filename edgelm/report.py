@@ -255,6 +255,14 @@ def _step_lines(manifest: Manifest) -> list[str]:
         share = "beside the others" if s.get("background") else f"{s['seconds'] / max(total, 1e-9):.0%}"
         peak = "" if s.get("peak_rss_mb") is None else f"{s['peak_rss_mb']:,.0f}"
         lines.append(f"| {indent}{s['step']} | {s['seconds']:.1f} | {share} | {peak} |")
+    per_artifact = []
+    for name in [a.name for a in manifest.artifacts]:
+        own = [s for s in steps if f" {name} " in f" {s['step']} " or f" {name}'s " in f" {s['step']} "]
+        if own:
+            worst = max(own, key=lambda s: s["seconds"])
+            per_artifact.append(f"{name}: {worst['step']} ({worst['seconds']:.0f} s)")
+    if per_artifact:
+        lines += ["", "Slowest step per artifact: " + "; ".join(per_artifact) + "."]
     return lines
 
 

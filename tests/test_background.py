@@ -42,10 +42,16 @@ def test_an_export_lowers_executorch_in_the_background_and_leaves_no_scratch(tin
     steps = {s["step"]: s for s in manifest.export_steps}
     background = steps["Exporting executorch-int8 (background process)"]
     assert background["background"] and background["seconds"] > 0
+    # the worker's own peak memory (it holds a copy of the model and the lowering), and every step's
+    assert background["peak_rss_mb"] > 100
+    assert all(s["peak_rss_mb"] > 0 for s in manifest.export_steps)
     assert "Waiting for executorch-int8's export in its background process" in steps
     assert not list((tmp_path / "bundle").rglob(".background-*"))
     report = (tmp_path / "bundle" / "report" / "report.md").read_text()
     assert "| Exporting executorch-int8 (background process) |" in report and "beside the others" in report
+    assert "| step | seconds | share | peak RSS (MB) |" in report
+    slowest = report.split("Slowest step per artifact: ")[1]
+    assert "executorch-int8: " in slowest and "gguf-int8: " in slowest
 
 
 def test_a_small_model_or_a_lone_artifact_is_exported_in_this_process(tmp_path, monkeypatch):
