@@ -269,6 +269,22 @@ def _export_compressed(model: str | Path | None, output: Path, options: ExportOp
         return export_bundle(compressed, output, replace(options, compress=None), step)
 
 
+def _app_chat_facts(model: Any, tokenizer: Tokenizer) -> dict[str, Any]:
+    """What an app whose runtime takes raw text needs to chat (the Android sample reads it):
+    stop tokens, the BOS the tokenizer adds itself, the template rendered into turn strings."""
+    if not getattr(model, "can_generate", lambda: False)():
+        return {}
+    from edgelm.chat_turns import chat_turns
+    from edgelm.vendors import tokenizer_facts
+
+    facts = tokenizer_facts(tokenizer.folder, getattr(model.generation_config, "eos_token_id", None))
+    return {
+        "eos_token_ids": list(facts["eos_ids"]),
+        "tokenizer_adds_bos_id": facts["bos_id"],
+        "chat": chat_turns(tokenizer),
+    }
+
+
 def _new_manifest(
     source: SourceModel,
     options: ExportOptions,
@@ -285,7 +301,7 @@ def _new_manifest(
         source=source.to_dict() | {"path": Path(source.path).name},
         target=options.target,
         tokenizer={"path": "tokenizer", "chat_template": tokenizer.chat_template is not None},
-        generation=_generation_defaults(model_obj),
+        generation=_generation_defaults(model_obj) | _app_chat_facts(model_obj, tokenizer),
         parity_text=evaluation.describe(),
         reference={"skipped_formats": skipped},
         compression=_compression_record(source),

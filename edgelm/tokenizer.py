@@ -29,6 +29,7 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         folder = Path(folder)
+        self.folder = folder
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(

@@ -177,7 +177,7 @@ def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def _tokenizer_facts(tokenizer_dir: Path, extra_eos: Any = None) -> dict[str, Any]:
+def tokenizer_facts(tokenizer_dir: Path, extra_eos: Any = None) -> dict[str, Any]:
     """Stop tokens (the tokenizer's EOS and `extra_eos`, e.g. the model config's), the BOS the
     tokenizer puts in front of a text, the pad token and the chat template."""
     from edgelm.tokenizer import Tokenizer
@@ -201,7 +201,7 @@ def bundle_facts(bundle_dir: Path, entry: Any) -> GenerationFacts:
     what running a vendor runtime on it later (`edgelm run --runtime vendor`) needs."""
     signature = entry.signature or {}
     return GenerationFacts(
-        **_tokenizer_facts(bundle_dir / "tokenizer"),
+        **tokenizer_facts(bundle_dir / "tokenizer"),
         max_context=int(signature.get("max_context", 2048)),
         vocab_size=int(signature.get("vocab_size", 0)),
     )
@@ -220,7 +220,7 @@ def generation_facts(tokenizer_dir: Path, config: Any) -> GenerationFacts:
         "hidden_size": int(config.hidden_size),
     }
     return GenerationFacts(
-        **_tokenizer_facts(tokenizer_dir, getattr(config, "eos_token_id", None)),
+        **tokenizer_facts(tokenizer_dir, getattr(config, "eos_token_id", None)),
         max_context=signature.max_context,
         vocab_size=signature.vocab_size,
         shape=shape,

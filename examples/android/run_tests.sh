@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Compile the app's plain-JVM module (bundle/) and run its JUnit tests with the JDK and
 # Debian's jars (apt-get install default-jdk-headless junit4 libgoogle-gson-java), no Gradle
-# or Android SDK needed. Usage: run_tests.sh BUNDLE_DIR (a bundle from `edgelm export`).
+# or Android SDK needed. Usage: run_tests.sh BUNDLE_DIR [RUNTIMES] (a bundle from `edgelm export`;
+# RUNTIMES such as EXECUTORCH=1.5.1,LITERT_LM=0.18.1,ORT_GENAI=0.18.0: the versions the app is built with).
 set -euo pipefail
 cd "$(dirname "$0")/bundle"
 JARS=/usr/share/java
@@ -13,5 +14,5 @@ OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 javac -Xlint:all -Werror -d "$OUT/main" -cp "$CP" $(find src/main/java -name '*.java')
 javac -d "$OUT/test" -cp "$CP:$OUT/main" $(find src/test/java -name '*.java')
-java -Dedgelm.bundle="${1:-}" -cp "$CP:$OUT/main:$OUT/test" org.junit.runner.JUnitCore \
+java -Dedgelm.bundle="${1:-}" -Dedgelm.runtimes="${2:-}" -cp "$CP:$OUT/main:$OUT/test" org.junit.runner.JUnitCore \
     dev.edgelm.bundle.ManifestTest dev.edgelm.bundle.RealManifestContractTest

@@ -1,5 +1,6 @@
 package dev.edgelm.bundle;
 
+import com.google.gson.JsonArray;
 import com.google.gson.JsonElement;
 import com.google.gson.JsonObject;
 import com.google.gson.JsonParseException;
@@ -30,17 +31,26 @@ public final class BundleManifest {
     public final String tokenizerPath;
     public final boolean hasChatTemplate;
     public final SamplingSettings sampling;
+    /** Stop tokens, for runtimes that are told them (ExecuTorch's .pte carries its own). */
+    public final int[] eosTokenIds;
+    /** The BOS id the tokenizer puts in front of every text itself, or null. */
+    public final Integer tokenizerAddsBosId;
+    public final ChatTurns chat;
     public final List<Artifact> artifacts;
     /** Relative path (POSIX) to sha256, for every file of the bundle but manifest.json. */
     public final Map<String, String> files;
 
     private BundleManifest(String modelId, String target, String tokenizerPath, boolean hasChatTemplate,
-                           SamplingSettings sampling, List<Artifact> artifacts, Map<String, String> files) {
+                           SamplingSettings sampling, int[] eosTokenIds, Integer tokenizerAddsBosId, ChatTurns chat,
+                           List<Artifact> artifacts, Map<String, String> files) {
         this.modelId = modelId;
         this.target = target;
         this.tokenizerPath = tokenizerPath;
         this.hasChatTemplate = hasChatTemplate;
         this.sampling = sampling;
+        this.eosTokenIds = eosTokenIds.clone();
+        this.tokenizerAddsBosId = tokenizerAddsBosId;
+        this.chat = chat;
         this.artifacts = Collections.unmodifiableList(artifacts);
         this.files = Collections.unmodifiableMap(files);
     }
@@ -66,68 +76,69 @@ public final class BundleManifest {
     }
 
     private static BundleManifest parse(JsonElement root) throws BundleException {
-        if (!root.isJsonObject()) throw new BundleException("manifest.json: expected a JSON object");
-        JsonObject m = root.getAsJsonObject();
-        int version = integer(m, "schema_version");
+        JsonObject m = Json.object(root, "the manifest");
+        int version = Json.integer(m, "schema_version");
         if (version != SCHEMA_VERSION) {
             throw new BundleException("manifest.json has schema version " + version + "; this app reads version "
                     + SCHEMA_VERSION + " — update the app or re-export with a matching edgelm");
         }
-        JsonObject source = object(m, "source");
-        JsonObject tokenizer = object(m, "tokenizer");
-        JsonObject generation = object(m, "generation");
+        JsonObject source = Json.object(m, "source");
+        JsonObject tokenizer = Json.object(m, "tokenizer");
+        JsonObject generation = Json.object(m, "generation");
         SamplingSettings sampling;
         try {
             sampling = new SamplingSettings(
-                    number(generation, "temperature", 0.0), (int) number(generation, "max_new_tokens", 256),
-                    number(generation, "repetition_penalty", 1.0), number(generation, "top_p", 1.0),
-                    (int) number(generation, "top_k", 0));
+                    Json.number(generation, "temperature", 0.0), (int) Json.number(generation, "max_new_tokens", 256),
+                    Json.number(generation, "repetition_penalty", 1.0), Json.number(generation, "top_p", 1.0),
+                    (int) Json.number(generation, "top_k", 0));
         } catch (IllegalArgumentException e) {
             throw new BundleException("manifest.json generation defaults: " + e.getMessage(), e);
         }
         List<Artifact> artifacts = new ArrayList<>();
-        if (!m.has("artifacts") || !m.get("artifacts").isJsonArray()) throw new BundleException("manifest.json: no artifacts list");
-        for (JsonElement element : m.getAsJsonArray("artifacts")) {
-            JsonObject a = element.getAsJsonObject();
-            JsonObject signature = a.has("signature") && a.get("signature").isJsonObject() ? a.getAsJsonObject("signature") : new JsonObject();
-            JsonObject parity = a.has("parity") && a.get("parity").isJsonObject() ? a.getAsJsonObject("parity") : null;
-            JsonObject profile = a.has("profile") && a.get("profile").isJsonObject() ? a.getAsJsonObject("profile") : null;
-            artifacts.add(new Artifact(
-                    string(a, "name"), string(a, "format"), string(a, "path"), string(a, "sha256"),
-                    (long) number(a, "bytes", -1), string(a, "quant"), string(a, "runtime"),
-                    (int) number(signature, "max_context", 0),
-                    parity == null || !parity.has("passed") ? null : parity.get("passed").getAsBoolean(),
-                    profile == null ? 0.0 : number(profile, "decode_tok_s", 0.0)));
+        for (JsonElement element : Json.array(m, "artifacts")) {
+            artifacts.add(artifact(Json.object(element, "an entry of 'artifacts'")));
         }
         Map<String, String> files = new LinkedHashMap<>();
-        for (Map.Entry<String, JsonElement> entry : object(m, "files").entrySet()) {
-            files.put(entry.getKey(), entry.getValue().getAsString());
+        JsonObject fileList = Json.object(m, "files");
+        for (String path : fileList.keySet()) {
+            files.put(path, Json.string(fileList, path));
         }
         for (Artifact a : artifacts) {
             if (!files.containsKey(a.path)) {
                 throw new BundleException("manifest.json: artifact " + a.name + " (" + a.path + ") is not in its files list");
             }
+            if (a.vendorCheck != null) {
+                for (String extra : a.vendorCheck.files) {
+                    if (!files.containsKey(extra)) {
+                        throw new BundleException("manifest.json: " + a.name + "'s runtime file " + extra + " is not in its files list");
+                    }
+                }
+            }
         }
-        return new BundleManifest(string(source, "model_id"), string(m, "target"), string(tokenizer, "path"),
-                tokenizer.has("chat_template") && tokenizer.get("chat_template").getAsBoolean(), sampling, artifacts, files);
+        Boolean chatTemplate = Json.optionalBoolean(tokenizer, "chat_template");
+        return new BundleManifest(Json.string(source, "model_id"), Json.string(m, "target"), Json.string(tokenizer, "path"),
+                Boolean.TRUE.equals(chatTemplate), sampling, Json.integers(generation, "eos_token_ids"),
+                Json.optionalInteger(generation, "tokenizer_adds_bos_id"),
+                ChatTurns.parse(Json.optionalObject(generation, "chat")), artifacts, files);
     }
 
-    private static JsonObject object(JsonObject parent, String key) throws BundleException {
-        if (!parent.has(key) || !parent.get(key).isJsonObject()) throw new BundleException("manifest.json: missing object '" + key + "'");
-        return parent.getAsJsonObject(key);
-    }
-
-    private static String string(JsonObject parent, String key) throws BundleException {
-        if (!parent.has(key) || !parent.get(key).isJsonPrimitive()) throw new BundleException("manifest.json: missing '" + key + "'");
-        return parent.get(key).getAsString();
-    }
-
-    private static int integer(JsonObject parent, String key) throws BundleException {
-        if (!parent.has(key) || !parent.get(key).isJsonPrimitive()) throw new BundleException("manifest.json: missing '" + key + "'");
-        return parent.get(key).getAsInt();
-    }
-
-    private static double number(JsonObject parent, String key, double fallback) {
-        return parent.has(key) && parent.get(key).isJsonPrimitive() ? parent.get(key).getAsDouble() : fallback;
+    private static Artifact artifact(JsonObject a) throws BundleException {
+        JsonObject signature = Json.optionalObject(a, "signature");
+        JsonObject parity = Json.optionalObject(a, "parity");
+        JsonObject profile = Json.optionalObject(a, "profile");
+        Artifact.VendorCheck check = null;
+        JsonArray vendors = a.has("vendor_runtimes") ? Json.array(a, "vendor_runtimes") : new JsonArray();
+        if (vendors.size() > 0) {
+            JsonObject v = Json.object(vendors.get(0), "an entry of 'vendor_runtimes'");
+            check = new Artifact.VendorCheck(Json.string(v, "package"), Json.string(v, "version"),
+                    Json.string(v, "result"), Json.strings(v, "files"));
+        }
+        double bytes = Json.number(a, "bytes", -1);
+        return new Artifact(
+                Json.string(a, "name"), Json.string(a, "format"), Json.string(a, "path"), Json.string(a, "sha256"),
+                (long) bytes, Json.string(a, "quant"), Json.string(a, "runtime"),
+                signature == null ? 0 : (int) Json.number(signature, "max_context", 0),
+                parity == null ? null : Json.optionalBoolean(parity, "passed"),
+                profile == null ? 0.0 : Json.number(profile, "decode_tok_s", 0.0), check);
     }
 }

@@ -31,15 +31,20 @@ public final class IntegrityCheck {
         return hex.toString();
     }
 
-    /** Verify the files the app will open (those of one artifact and the tokenizer); throw on the first problems. */
+    /** Verify the files the app will open (the artifact, its vendor runtime's files, the tokenizer); throw listing the problems. */
     public static void verify(Path bundle, BundleManifest manifest, Artifact artifact) throws BundleException {
         List<String> problems = new ArrayList<>();
         for (Map.Entry<String, String> entry : manifest.files.entrySet()) {
             String rel = entry.getKey();
             boolean needed = rel.startsWith(manifest.tokenizerPath + "/") || rel.equals(artifact.path)
-                    || rel.startsWith(artifact.path + ".");
+                    || rel.startsWith(artifact.path + ".")
+                    || (artifact.vendorCheck != null && artifact.vendorCheck.files.contains(rel));
             if (!needed) continue;
-            Path file = bundle.resolve(rel);
+            Path file = bundle.resolve(rel).normalize();
+            if (!file.startsWith(bundle.normalize())) {
+                problems.add(rel + " points outside the bundle");
+                continue;
+            }
             try {
                 if (!Files.isRegularFile(file)) problems.add(rel + " is missing");
                 else if (!sha256(file).equals(entry.getValue())) problems.add(rel + " does not match its sha256");
