@@ -12,7 +12,7 @@ for jar in gson.jar junit4.jar hamcrest-core.jar; do
 done
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-javac -Xlint:all -Werror -d "$OUT/main" -cp "$CP" $(find src/main/java -name '*.java')
-javac -d "$OUT/test" -cp "$CP:$OUT/main" $(find src/test/java -name '*.java')
+javac --release 11 -Xlint:all -Werror -d "$OUT/main" -cp "$CP" $(find src/main/java -name '*.java')
+javac --release 11 -d "$OUT/test" -cp "$CP:$OUT/main" $(find src/test/java -name '*.java')
 java -Dedgelm.bundle="${1:-}" -Dedgelm.runtimes="${2:-}" -cp "$CP:$OUT/main:$OUT/test" org.junit.runner.JUnitCore \
     dev.edgelm.bundle.ManifestTest dev.edgelm.bundle.RealManifestContractTest
