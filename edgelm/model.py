@@ -52,6 +52,7 @@ class SourceModel:
     num_parameters: int
     sha256: str
     weight_files: list[str] = field(default_factory=list)
+    random_shape: str | None = None  # random weights at a published model's shape (edgelm.shapes' shape.json)
 
     @property
     def architecture(self) -> Architecture:
@@ -223,7 +224,18 @@ def _inspect_hf_folder(folder: Path, *, allow_pickle: bool) -> SourceModel:
         num_parameters=num_parameters,
         sha256=digest.hexdigest(),
         weight_files=[f.name for f in files],
+        random_shape=_random_shape(folder),
     )
+
+
+def _random_shape(folder: Path) -> str | None:
+    """The shape's name when edgelm.shapes wrote this folder (random weights), else None."""
+    marker = folder / "shape.json"
+    if not marker.is_file():
+        return None
+    record = read_json_object(marker, InvalidModelError, "remove it or write it again with edgelm.shapes")
+    name = record.get("shape")
+    return name if isinstance(name, str) else None
 
 
 def _inspect_gguf(path: Path, *, model_id: str) -> SourceModel:

@@ -211,6 +211,13 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
             "Peak RSS: " + "; ".join(sorted(scopes)) + ". `edgelm profile BUNDLE` measures a process that "
             "runs the artifact alone.",
         ]
+    if manifest.source.get("random_shape"):
+        lines += [
+            "",
+            f"Random weights at {manifest.source['random_shape']}'s shape (edgelm.shapes): judge parity by mean KL, "
+            "top-1 agreement and max |logit diff| against the source; a random model's perplexity on English is "
+            "near its vocabulary size and its ratio says little.",
+        ]
     skipped = manifest.reference.get("skipped_formats")
     if skipped:
         lines += ["", "Skipped: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())]

@@ -29,3 +29,19 @@ def test_unknown_shapes_and_existing_folders_are_refused(tmp_path):
     (tmp_path / "taken").mkdir()
     with pytest.raises(EdgeLMError, match="already exists"):
         write_shape("qwen2.5-0.5b", tmp_path / "taken", tmp_path)
+
+
+def test_a_folder_written_by_shapes_is_known_as_random_weights(tiny_llama, tmp_path):
+    import json
+    import shutil
+
+    from edgelm.model import inspect_source
+
+    assert inspect_source(tiny_llama).random_shape is None
+    folder = tmp_path / "shaped"
+    shutil.copytree(tiny_llama, folder)
+    (folder / "shape.json").write_text(json.dumps({"shape": "qwen2.5-0.5b"}))
+    assert inspect_source(folder).random_shape == "qwen2.5-0.5b"
+    (folder / "shape.json").write_text("[not an object")
+    with pytest.raises(EdgeLMError, match="shape.json"):
+        inspect_source(folder)
