@@ -39,6 +39,9 @@ def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, k
         second = graph(ids[:, 30:], torch.ones((1, 40), dtype=torch.long), *first[1:])
     assert (first[0] - reference[:, :30]).abs().max() <= 1e-4
     assert (second[0] - reference[:, 30:]).abs().max() <= 1e-4
+    # full-width rotate-half RoPE on 16-wide heads is left to the attention node (do_rotary); Phi-3's
+    # partial RoPE and the tiny Llama's 8-wide heads keep it in the graph
+    assert graph.cache.rotates_inside == (kind in ("qwen2", "gemma3"))
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "phi3"])
@@ -55,6 +58,15 @@ def test_onnx_fp32_matches_torch_within_1e_4(tiny_model_factory, tmp_path, kind)
     fused = onnx_entry.signature["fused_ops"]
     layers = 2  # tiny_models' configs
     assert fused["GroupQueryAttention"] == layers
+    import onnx
+
+    proto = onnx.load(str(tmp_path / kind / onnx_entry.path), load_external_data=False)
+    rotary = [
+        next((a.i for a in node.attribute if a.name == "do_rotary"), 0)
+        for node in proto.graph.node
+        if node.op_type == "GroupQueryAttention"
+    ]
+    assert rotary == [int(kind in ("qwen2", "gemma3"))] * layers  # RoPE inside the node where it can be
     assert fused.get("SimplifiedLayerNormalization", 0) + fused.get("SkipSimplifiedLayerNormalization", 0) >= 2 * layers
 
 
