@@ -20,7 +20,7 @@ def onnx_bundle(tiny_llama, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "phi3", "llama-h16", "gemma3-h16"])
 def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, kind):
     import torch
     import transformers
@@ -40,11 +40,11 @@ def test_graph_matches_transformers_with_and_without_cache(tiny_model_factory, k
     assert (first[0] - reference[:, :30]).abs().max() <= 1e-4
     assert (second[0] - reference[:, 30:]).abs().max() <= 1e-4
     # full-width rotate-half RoPE on 16-wide heads is left to the attention node (do_rotary); Phi-3's
-    # partial RoPE and the tiny Llama's 8-wide heads keep it in the graph
-    assert graph.cache.rotates_inside == (kind in ("qwen2", "gemma3"))
+    # partial RoPE and 8-wide heads keep it in the graph
+    assert graph.cache.rotates_inside == kind.endswith("-h16")
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "phi3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3", "phi3", "llama-h16", "gemma3-h16"])
 def test_onnx_fp32_matches_torch_within_1e_4(tiny_model_factory, tmp_path, kind):
     manifest = export_bundle(
         tiny_model_factory(kind),
@@ -66,7 +66,7 @@ def test_onnx_fp32_matches_torch_within_1e_4(tiny_model_factory, tmp_path, kind)
         for node in proto.graph.node
         if node.op_type == "GroupQueryAttention"
     ]
-    assert rotary == [int(kind in ("qwen2", "gemma3"))] * layers  # RoPE inside the node where it can be
+    assert rotary == [int(kind.endswith("-h16"))] * layers  # RoPE inside the node where it can be
     assert fused.get("SimplifiedLayerNormalization", 0) + fused.get("SkipSimplifiedLayerNormalization", 0) >= 2 * layers
 
 

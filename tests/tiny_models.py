@@ -133,9 +133,16 @@ def tiny_config(kind: str):
         return transformers.LlamaConfig(**_decoder_common(), tie_word_embeddings=True)
     if kind == "llama-spm":  # with a SentencePiece-style (byte-fallback BPE) vocabulary
         return transformers.LlamaConfig(**{**_decoder_common(), "vocab_size": SPM_VOCAB_SIZE, "bos_token_id": 1})
-    if kind == "qwen2":  # 16-wide heads: onnxruntime's attention node can apply RoPE itself
-        return transformers.Qwen2Config(**_decoder_common(), head_dim=16, tie_word_embeddings=False)
+    if kind == "qwen2":
+        return transformers.Qwen2Config(**_decoder_common(), tie_word_embeddings=False)
     if kind == "gemma3":
+        return transformers.Gemma3TextConfig(
+            **_decoder_common(), head_dim=8, sliding_window=16, query_pre_attn_scalar=8
+        )
+    # 16-wide heads, as onnxruntime's attention node needs to apply RoPE itself (real models' are 64-256)
+    if kind == "llama-h16":
+        return transformers.LlamaConfig(**{**_decoder_common(), "hidden_size": 64}, tie_word_embeddings=True)
+    if kind == "gemma3-h16":  # head_dim other than hidden / heads, as in Gemma 3 1B (256 against 1152 / 4 = 288)
         return transformers.Gemma3TextConfig(
             **_decoder_common(), head_dim=16, sliding_window=16, query_pre_attn_scalar=16
         )
