@@ -59,6 +59,11 @@ def export(work: Path, name: str, extra: list[str]) -> dict[str, Any]:
     bundle = work / f"{name}-android"
     command = [sys.executable, "-m", "edgelm", "export", *([str(folder)] if folder else []), "--target", "android"]
     command += ["-o", str(bundle), "--repeats", "1", "--new-tokens", "64", *extra]
+    if folder:
+        # Random weights give near-uniform logits, where two runtimes' greedy picks part on a
+        # rounding-level tie (a 0.5B export was lost to that after 71 minutes): the vendor
+        # runtimes' verdicts stay in the manifest instead of failing the export.
+        command.append("--allow-vendor-mismatch")
     print(" ".join(command[1:]), flush=True)
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, check=False)
