@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -160,7 +159,6 @@ def main() -> None:
         print(json.dumps({k: v for k, v in models[-1].items() if k not in ("export_steps", "artifacts")}), flush=True)
     record = {
         "models": models,
-        "largest_child_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
         "read_bandwidth_gb_s": read_bandwidth_gb_s(args.threads),
         "threads": args.threads,
         "device": device_record(),

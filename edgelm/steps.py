@@ -44,7 +44,8 @@ def reset_peak_rss() -> bool:
 def peak_rss_mb() -> float:
     """This process's peak resident memory since the last reset_peak_rss (or since it began), MB.
     VmHWM, not getrusage: ru_maxrss is inherited across fork+exec, so a worker started by a big
-    parent would report the parent's peak."""
+    parent would report the parent's peak. (The reset also lowers what getrusage and
+    `/usr/bin/time` report afterwards: read an export's peaks from its step table.)"""
     try:
         with open("/proc/self/status") as status:
             for line in status:
