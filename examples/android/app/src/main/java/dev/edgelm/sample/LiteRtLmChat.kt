@@ -5,6 +5,7 @@ import com.google.ai.edge.litertlm.Conversation
 import com.google.ai.edge.litertlm.Engine
 import com.google.ai.edge.litertlm.EngineConfig
 import kotlinx.coroutines.Job
+import kotlinx.coroutines.launch
 import kotlinx.coroutines.runBlocking
 
 /**
@@ -25,9 +26,10 @@ class LiteRtLmChat(litertlm: String, cacheDir: String) : ChatEngine {
     override val label = "LiteRT-LM Engine (com.google.ai.edge.litertlm:litertlm-android ${BuildConfig.LITERT_LM_VERSION})"
 
     override fun send(user: String, onText: (String) -> Unit) = runBlocking {
-        running = coroutineContext[Job]
+        val job = launch { conversation.sendMessageAsync(user).collect { message -> onText(message.toString()) } }
+        running = job
         try {
-            conversation.sendMessageAsync(user).collect { message -> onText(message.toString()) }
+            job.join() // returns normally when stop() cancels the collection
         } finally {
             running = null
         }
