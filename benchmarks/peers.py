@@ -473,17 +473,9 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             Path(spec["path"]), bundle, prompt, format_facts(work, spec["format"]), new_tokens, threads, ignore_eos=True
         )
         result = {"ttft_s": run.ttft_s, "decode_tok_s": run.decode_tok_s, "tokens": run.tokens, "load_s": run.load_s}
+    from edgelm.steps import peak_rss_mb  # VmHWM: ru_maxrss would carry the parent's peak across exec
+
     return result | {"peak_rss_mb": peak_rss_mb()}
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM). Not getrusage's ru_maxrss: Linux carries a
-    forked parent's high-water mark into the child across exec, so every child of a big parent
-    would report the parent's."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def measure_in_child(spec: dict[str, Any]) -> dict[str, Any]:
