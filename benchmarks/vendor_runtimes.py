@@ -49,7 +49,7 @@ def main() -> None:
             a.format,
             args.bundle / a.path,
             args.bundle,
-            sessions[a.name].session(),
+            lambda a=a: edgelm.load(args.bundle, format=a.name, threads=args.threads, verify=False).session(),
             tokenizer,
             facts,
             prompt,

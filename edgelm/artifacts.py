@@ -218,11 +218,12 @@ class ArtifactBuilder:
             measured = self.evaluation.measure(
                 session, self.reference, recipe, load_s, file_bytes, quiet=self.background.paused
             )
+        session.close()  # before the vendor runtime loads its own copy of the weights
         vendor = None
         if measured.failure is None and self.vendors is not None and self.vendors.covers(exporter.format):
             with self.step(f"Running {name} in its vendor's LLM runtime"), self.background.paused():
-                vendor = self.vendors.run(exporter.format, artifact.path, self.work, session)
-        session.close()
+                reopen = lambda: runtime.open(artifact.path, threads=self.options.threads)  # noqa: E731
+                vendor = self.vendors.run(exporter.format, artifact.path, self.work, reopen)
         if vendor is not None and vendor.failed and not self.options.allow_vendor_mismatch:
             raise VendorMismatchError(
                 f"{name}: {vendor.result[len('failed: ') :]} (nothing written; --allow-vendor-mismatch keeps it)"

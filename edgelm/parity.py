@@ -27,6 +27,7 @@ CONFIDENT_TOP1_GATES = {"fp32": 0.99, "fp16": 0.98, "int8": 0.93, "int4": 0.85}
 CONFIDENT = 0.5
 GREEDY_PROMPT_TOKENS = 64
 GREEDY_NEW_TOKENS = 64
+ROWS = 32  # positions scored at once
 
 
 def parity_text() -> str:
@@ -115,9 +116,19 @@ class _Tally:
     confident_agree: int = 0
     max_diff: float | None = None
 
-    def add(self, logits: np.ndarray, ref_logits: np.ndarray, targets: np.ndarray) -> None:
-        if self.max_diff is None:
-            self.max_diff = float(np.max(np.abs(logits.astype(np.float64) - ref_logits)))
+    def add_window(self, logits: np.ndarray, ref_logits: np.ndarray, targets: np.ndarray) -> None:
+        """One window, ROWS positions at a time: a window's float64 log-probabilities at a
+        128k–262k vocabulary are gigabytes (the export's peak memory at 1B), a block of rows is
+        tens of megabytes."""
+        first = self.max_diff is None
+        for start in range(0, len(targets), ROWS):
+            block = slice(start, start + ROWS)
+            self._add(np.asarray(logits[block]), np.asarray(ref_logits[block]), targets[block], first)
+
+    def _add(self, logits: np.ndarray, ref_logits: np.ndarray, targets: np.ndarray, first_window: bool) -> None:
+        if first_window:
+            diff = float(np.max(np.abs(logits.astype(np.float64) - ref_logits)))
+            self.max_diff = max(self.max_diff or 0.0, diff)
         logp, ref_logp = _log_softmax(logits), _log_softmax(ref_logits)
         rows = np.arange(len(targets))
         self.nll -= float(logp[rows, targets].sum())
@@ -152,7 +163,7 @@ def measure_parity(
         reference.reset()
         logits = artifact.prefill(np.asarray(chunk, dtype=np.int64))[:-1]
         ref_logits = reference.prefill(np.asarray(chunk, dtype=np.int64))[:-1]
-        tally.add(logits, ref_logits, np.asarray(chunk[1:]))
+        tally.add_window(logits, ref_logits, np.asarray(chunk[1:]))
     prompt = ids[:GREEDY_PROMPT_TOKENS]
     ours, theirs = greedy_continuation(artifact, prompt), greedy_continuation(reference, prompt)
     match = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))

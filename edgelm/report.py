@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.bundle import Manifest
+from edgelm.vendors.near_ties import TIE_MARGIN
 
 
 @dataclass(frozen=True)
@@ -287,8 +288,12 @@ def _vendor_lines(manifest: Manifest) -> list[str]:
     ]
     for artifact, vendor in rows:
         ours = (artifact.profile or {}).get("decode_tok_s")
+        result = vendor["result"]
+        if vendor.get("tie_breaks"):  # edgelm.vendors.near_ties: the runtimes took different near-tied tokens
+            steps = ", ".join(str(step) for step in vendor["tie_breaks"])
+            result += f" (took a token within {TIE_MARGIN} logits of edgelm's at step {steps})"
         lines.append(
-            f"| {artifact.name} | {vendor['runtime']} | {vendor.get('version') or '-'} | {vendor['result']} | "
+            f"| {artifact.name} | {vendor['runtime']} | {vendor.get('version') or '-'} | {result} | "
             f"{format_cell(vendor.get('vendor_decode_tok_s'))} | {format_cell(ours)} |"
         )
     return lines

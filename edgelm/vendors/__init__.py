@@ -62,6 +62,7 @@ class VendorCheck:
     vendor_decode_tok_s: float | None = None
     vendor_load_s: float | None = None
     files: list[str] = field(default_factory=list)  # sidecar files written for the runtime (bundle-relative)
+    tie_breaks: list[int] = field(default_factory=list)  # steps where the vendor took a near-tied token (near_ties)
 
     @property
     def failed(self) -> bool:
