@@ -522,6 +522,63 @@ def run(
     sys.stdout.write("\n")
 
 
+@app.command()
+def serve(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `edgelm export`.")],
+    format: Annotated[
+        str | None, typer.Option("--format", "-f", help="Artifact name or format to serve (default: the first).")
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 127.0.0.1 keeps it to this machine (0.0.0.0: every interface).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="A file holding the API key: every route but /health then needs Authorization: Bearer <key>."
+        ),
+    ] = None,
+    threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
+    max_body_kb: Annotated[int, typer.Option(help="Largest request body accepted (413 above it).")] = 1024,
+) -> None:
+    """Serve a bundle over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/embeddings,
+    /v1/models, /health, /metrics), for the official openai client and anything that speaks it.
+
+    One request generates at a time, in arrival order; a chat that resends its history reuses
+    the KV cache of the shared prefix. Structured output: response_format json_schema or
+    json_object, or the regex / grammar extensions (extra_body).
+    """
+    try:
+        import uvicorn
+
+        from edgelm.serve.app import create_app
+        from edgelm.serve.engine import ServedModel
+        from edgelm.serve.metrics import ServerMetrics
+    except ImportError as err:
+        raise UnsupportedError(
+            f"edgelm serve needs its extra: pip install 'edgelm[serve]' ({err.name} is missing)"
+        ) from None
+    key = _read_api_key(api_key_file) if api_key_file else None
+    if not 0 < port < 65536:
+        raise UnsupportedError(f"--port must be between 1 and 65535, not {port}")
+    served = ServedModel(bundle, format, threads, ServerMetrics())
+    where = f"http://{host}:{port}/v1"
+    console.print(
+        f"serving {served.id} ({served.model.artifact.name}) at {where}" + (" (API key required)" if key else "")
+    )
+    uvicorn.run(create_app(served, api_key=key, max_body=max_body_kb * 1024), host=host, port=port, log_level="warning")
+
+
+def _read_api_key(path: Path) -> str:
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UnsupportedError(f"--api-key-file {path}: cannot read it ({err})") from None
+    if not key or any(c.isspace() for c in key):
+        raise UnsupportedError(f"--api-key-file {path}: expected one key on one line")
+    return key
+
+
 RUNTIME_CHOICES = ("edgelm", "vendor")
 
 

@@ -198,6 +198,9 @@ class IsolatedSession(_IsolatedBase):
     def reset(self) -> None:
         self._call({"call": "reset"})
 
+    def truncate(self, length: int) -> None:
+        self._call({"call": "truncate", "length": int(length)})
+
 
 class IsolatedEncoderSession(_IsolatedBase):
     """An encoder session whose runtime runs in a child process (edgelm.session.EncoderSession)."""
@@ -387,6 +390,7 @@ def _serve_session(sock: socket.socket, case: dict) -> None:
         "prefill": lambda h, a: (session.prefill(a[0]),),
         "decode": lambda h, a: (session.decode(h["token"]),),
         "reset": lambda h, a: session.reset() or (),
+        "truncate": lambda h, a: session.truncate(int(h["length"])) or (),
         "run": lambda h, a: (session.run(a[0], a[1]),),
     }
     while True:

@@ -59,6 +59,10 @@ class Session(Protocol):
     def reset(self) -> None:
         """Forget the cache (start a new sequence)."""
 
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` cached positions and forget the rest: the next prefill
+        continues from there (edgelm.prefix_cache reuses a shared prompt prefix this way)."""
+
     def close(self) -> None:
         """Release the runtime's memory."""
 

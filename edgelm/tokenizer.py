@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from edgelm.errors import TokenizerError
+from edgelm.errors import TokenizerError, UnsupportedError
 from edgelm.model import read_json_object, require_regular_file
 
 
@@ -101,17 +101,41 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """Render `messages` with the model's template; TokenizerError if it has none or it
-        runs past its bounds (see BoundedTemplate)."""
+        runs past its bounds (see BoundedTemplate). `tools` (OpenAI function definitions) are
+        passed to a template that reads them; UnsupportedError for one that does not (they
+        would be dropped without a word)."""
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat template; pass raw text (chat=False)")
+        extra: dict[str, Any] = {}
+        if tools:
+            if not self.template_reads("tools"):
+                raise UnsupportedError("this model's chat template has no tool support: it would drop the tools")
+            extra["tools"] = tools
         return BoundedTemplate(self.chat_template).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
+            **extra,
         )
+
+    def template_reads(self, name: str) -> bool:
+        """Whether the chat template reads the variable `name` (e.g. "tools")."""
+        if not self.chat_template:
+            return False
+        from jinja2 import Environment, meta
+
+        try:
+            return name in meta.find_undeclared_variables(Environment().parse(self.chat_template))
+        except Exception:  # noqa: BLE001 — a template jinja cannot parse reads nothing we can tell
+            return False
 
 
 MAX_TEMPLATE_BYTES = 256 << 10  # real chat templates are a few KB

@@ -121,6 +121,9 @@ class ExecuTorchSession:
         # so starting again at 0 overwrites the old sequence as it goes
         self._pos = 0
 
+    def truncate(self, length: int) -> None:
+        self._pos = min(self._pos, max(0, length))  # as reset: later slots are masked, then overwritten
+
     def close(self) -> None:
         self._method = self._program = None
 

@@ -190,6 +190,9 @@ class LiteRTSession:
         # slots at or past the position are masked in the graph, so old entries are never read
         self._pos = 0
 
+    def truncate(self, length: int) -> None:
+        self._pos = min(self._pos, max(0, length))  # as reset: later slots are masked, then overwritten
+
     def close(self) -> None:
         self._steps.close()
 

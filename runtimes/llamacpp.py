@@ -150,6 +150,12 @@ class _Context:
     def clear(self) -> None:
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
 
+    def forget_from(self, position: int) -> None:
+        """Drop sequence 0's cache cells at `position` and after (llama.cpp attends to every
+        cell of the sequence, so stale ones must go, not just be overwritten)."""
+        if not self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), 0, position, -1):
+            raise InvalidModelError(f"llama.cpp could not drop its cache from position {position}")
+
     def free(self) -> None:
         if self.ctx:
             self._lib.llama_batch_free(self.batch)
@@ -188,6 +194,11 @@ class LlamaCppSession:
     def reset(self) -> None:
         self._c.clear()
         self._pos = 0
+
+    def truncate(self, length: int) -> None:
+        length = min(self._pos, max(0, length))
+        self._c.forget_from(length)
+        self._pos = length
 
     def close(self) -> None:
         self._c.free()

@@ -113,6 +113,16 @@ class OnnxSession:
     def reset(self) -> None:
         self._past = None
 
+    def truncate(self, length: int) -> None:
+        """The cached keys and values cut to `length` positions (one copy of the cache)."""
+        if self._past is None or length >= self._past[0].shape()[2]:
+            return
+        if length <= 0:
+            self._past = None
+            return
+        ort_value = self._ort.OrtValue.ortvalue_from_numpy
+        self._past = [ort_value(np.ascontiguousarray(past.numpy()[:, :, :length])) for past in self._past]
+
     def close(self) -> None:
         self._past = None
         self.session = None

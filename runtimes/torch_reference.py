@@ -52,6 +52,13 @@ class TorchSession:
     def reset(self) -> None:
         self._cache = None
 
+    def truncate(self, length: int) -> None:
+        if self._cache is None:
+            return
+        extra = self._cache.get_seq_length() - max(0, length)
+        if extra > 0:
+            self._cache.crop(-extra)  # transformers 5: a negative count removes that many from the end
+
     def close(self) -> None:
         self._cache = None
         self.model = None

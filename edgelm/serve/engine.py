@@ -1,0 +1,164 @@
+"""The served artifact and its worker.
+
+A session holds one sequence's KV cache, so requests run one at a time on one worker thread,
+in arrival order (fair: first come, first served). Each request's tokens are handed to the
+event loop as they are made; a client that goes away sets its job's `cancelled`, and the worker
+stops at the next token (or skips the job if it is still queued), so the slot frees at once.
+The session's cache is kept between requests (edgelm.prefix_cache): a chat that resends its
+history continues from the shared prefix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgelm.api import LanguageModel, TextEncoder, load
+from edgelm.constrained import GrammarConstraint
+from edgelm.generate import stream_tokens
+from edgelm.prefix_cache import CachedPrefix
+from edgelm.sampling import SamplingConfig
+from edgelm.serve.metrics import ServerMetrics
+
+
+@dataclass
+class Job:
+    """One generation request on its way through the worker."""
+
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    constraint: GrammarConstraint | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Piece:
+    text: str
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" or "length" (OpenAI's finish_reason)
+    prompt_tokens: int
+    completion_tokens: int
+    reused_tokens: int  # prompt tokens taken from the KV cache
+    ttft_s: float
+    decode_tok_s: float | None
+
+
+class ServedModel:
+    """One artifact of a bundle, loaded once, generating for one request at a time."""
+
+    def __init__(self, bundle: Path, format: str | None, threads: int | None, metrics: ServerMetrics) -> None:
+        self.bundle = Path(bundle)
+        self.model = load(self.bundle, format=format, threads=threads)
+        self.id = self.bundle.resolve().name
+        self.metrics = metrics
+        self.created = int(self.bundle.joinpath("manifest.json").stat().st_mtime)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-serve")
+        self._cache = CachedPrefix(self.model.session()) if isinstance(self.model, LanguageModel) else None
+
+    @property
+    def is_decoder(self) -> bool:
+        return isinstance(self.model, LanguageModel)
+
+    @property
+    def is_encoder(self) -> bool:
+        return isinstance(self.model, TextEncoder)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.model.tokenizer
+
+    def sampling(self, settings: dict[str, Any]) -> SamplingConfig:
+        return SamplingConfig.from_dict({**self.model.manifest.generation, **settings})
+
+    def constraint(self, kind: str, spec: Any) -> GrammarConstraint:
+        """A grammar over this model's vocabulary: kind is json_schema, json_object, regex or lark."""
+        vocab = self.model.session().capabilities.vocab_size or self.tokenizer.vocab_size
+        folder = self.bundle / self.model.manifest.tokenizer["path"]
+        eos = self.tokenizer.eos_token_ids
+        if kind == "json_object":
+            return GrammarConstraint.json_object(folder, vocab, eos)
+        return getattr(GrammarConstraint, kind)(spec, folder, vocab, eos)
+
+    async def stream(self, job: Job) -> AsyncIterator[Piece | Finished]:
+        """The job's pieces of text, then how it finished; exceptions from the worker are raised here."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        self.metrics.queue_depth.inc()
+        loop.run_in_executor(self._worker, self._generate, job, loop, queue)  # _generate raises nothing
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    break
+        finally:
+            job.cancelled.set()  # the client went away (or we are done): the worker stops at the next token
+
+    def _generate(self, job: Job, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
+        """On the worker thread: run the job, handing each piece to the event loop."""
+        self.metrics.queue_depth.dec()
+        if job.cancelled.is_set():
+            return
+        put = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)  # noqa: E731
+        self.metrics.active.inc()
+        try:
+            put(self._run(job, put))
+        except BaseException as err:  # noqa: BLE001 — raised again on the event loop, where the request is
+            put(err)
+        finally:
+            self.metrics.active.dec()
+
+    def _run(self, job: Job, put: Any) -> Finished:
+        model = self.model
+        generated, times = 0, []
+        started = time.perf_counter()
+        for token in stream_tokens(
+            model.session(), model.tokenizer, job.prompt_ids, job.sampling, cache=self._cache, constraint=job.constraint
+        ):
+            if job.cancelled.is_set():
+                break
+            if token.token_id >= 0:
+                generated += 1
+                times.append(token.seconds)
+            if token.text:
+                put(Piece(token.text))
+        ttft = times[0] if times else time.perf_counter() - started
+        decode = float(np.sum(times[1:])) if len(times) > 1 else 0.0
+        self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+        self.metrics.reused_tokens.inc(self._cache.reused)
+        self.metrics.completion_tokens.inc(generated)
+        if times:
+            self.metrics.ttft.observe(ttft)
+        for seconds in times[1:]:
+            self.metrics.token_latency.observe(seconds)
+        room = model.session().capabilities.max_context - len(job.prompt_ids)
+        full = generated >= min(job.sampling.max_new_tokens, room)
+        return Finished(
+            reason="length" if full else "stop",
+            prompt_tokens=len(job.prompt_ids),
+            completion_tokens=generated,
+            reused_tokens=self._cache.reused,
+            ttft_s=ttft,
+            decode_tok_s=(len(times) - 1) / decode if decode > 0 else None,
+        )
+
+    async def embed(self, texts: list[str]) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._worker, self.model.embed, texts)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True)
+        self.model.close()
