@@ -12,6 +12,7 @@ conversion error and still fails the export (unless --allow-drift keeps it).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -154,6 +155,13 @@ class ArtifactBuilder:
         _remove(files, self.work)
         self.omitted.append({"reason": f"every recipe missed the {recipe} gate", "attempts": tried})
         return None, None
+
+    def release_unneeded(self, rest: list[tuple[str, str]]) -> None:
+        """Free the calibration state (scaled copies of the model, GPTQ statistics) that none of
+        the artifacts still to build in `rest` will use."""
+        keep = {self._ladder(fmt, quant)[2] for fmt, quant in rest} if self.options.calibrate else set()
+        self.calibration.release(keep)
+        gc.collect()
 
     def _model_for(self, fmt: str, attempt: Attempt, recipe: str) -> tuple[Any, dict[str, Any] | str]:
         if attempt.calibrated:

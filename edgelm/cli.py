@@ -540,6 +540,9 @@ def serve(
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
     max_body_kb: Annotated[int, typer.Option(help="Largest request body accepted (413 above it).")] = 1024,
+    prefix_cache: Annotated[
+        bool, typer.Option(help="Continue from the KV cache where a prompt starts like the previous one.")
+    ] = True,
 ) -> None:
     """Serve a bundle over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/embeddings,
     /v1/models, /health, /metrics), for the official openai client and anything that speaks it.
@@ -561,7 +564,7 @@ def serve(
     key = _read_api_key(api_key_file) if api_key_file else None
     if not 0 < port < 65536:
         raise UnsupportedError(f"--port must be between 1 and 65535, not {port}")
-    served = ServedModel(bundle, format, threads, ServerMetrics())
+    served = ServedModel(bundle, format, threads, ServerMetrics(), prefix_cache=prefix_cache)
     where = f"http://{host}:{port}/v1"
     console.print(
         f"serving {served.id} ({served.model.artifact.name}) at {where}" + (" (API key required)" if key else "")

@@ -316,8 +316,10 @@ def _build_all(
     recipe missed its gate is left out and recorded, not failed)."""
     failures = []
     try:
-        for fmt, quant in builder.start_background_exports(plan) if options.background else plan:
+        order = builder.start_background_exports(plan) if options.background else plan
+        for index, (fmt, quant) in enumerate(order):
             entry, failure = builder.build(fmt, quant)
+            builder.release_unneeded(order[index + 1 :])
             if entry is not None:
                 manifest.artifacts.append(entry)
             if failure:

@@ -57,14 +57,17 @@ class Finished:
 class ServedModel:
     """One artifact of a bundle, loaded once, generating for one request at a time."""
 
-    def __init__(self, bundle: Path, format: str | None, threads: int | None, metrics: ServerMetrics) -> None:
+    def __init__(
+        self, bundle: Path, format: str | None, threads: int | None, metrics: ServerMetrics, prefix_cache: bool = True
+    ) -> None:
         self.bundle = Path(bundle)
         self.model = load(self.bundle, format=format, threads=threads)
         self.id = self.bundle.resolve().name
         self.metrics = metrics
         self.created = int(self.bundle.joinpath("manifest.json").stat().st_mtime)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgelm-serve")
-        self._cache = CachedPrefix(self.model.session()) if isinstance(self.model, LanguageModel) else None
+        decoder = isinstance(self.model, LanguageModel)
+        self._cache = CachedPrefix(self.model.session(), reuse=prefix_cache) if decoder else None
 
     @property
     def is_decoder(self) -> bool:

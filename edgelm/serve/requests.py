@@ -82,6 +82,7 @@ class _Sampling(_Body):
     # extensions (as vLLM and llama-server accept them through the client's extra_body)
     top_k: int | None = Field(None, ge=0)
     repetition_penalty: float | None = Field(None, gt=0)
+    ignore_eos: bool | None = None  # generate max_tokens whatever the model says (benchmarks)
     regex: str | None = None  # the output must match this regular expression
     grammar: str | None = None  # the output must follow this Lark grammar (llguidance's dialect)
 
@@ -106,6 +107,7 @@ class _Sampling(_Body):
             "top_k": self.top_k,
             "repetition_penalty": self.repetition_penalty,
             "seed": self.seed,
+            "ignore_eos": self.ignore_eos,
         }
         settings.update({k: v for k, v in chosen.items() if v is not None})
         if self.stop is not None:
