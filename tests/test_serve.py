@@ -392,3 +392,38 @@ def test_embeddings_from_an_encoder_bundle_match_the_python_api(tiny_model_facto
             client.chat.completions.create(model=_model(running), messages=[{"role": "user", "content": "hi"}])
     finally:
         running.stop()
+
+
+def test_the_cli_serves_a_bundle_and_refuses_bad_options_with_exit_2(tiny_bundle, tmp_path):
+    import subprocess
+    import sys
+
+    refused = subprocess.run(
+        [sys.executable, "-m", "edgelm", "serve", str(tiny_bundle), "--api-key-file", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        refused.returncode == 2 and "--api-key-file" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    )
+    key = tmp_path / "key"
+    key.write_text("k-123\n")
+    port = _free_port()
+    command = [sys.executable, "-m", "edgelm", "serve", str(tiny_bundle), "-f", "gguf", "--port", str(port)]
+    process = subprocess.Popen([*command, "--api-key-file", str(key)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k-123", max_retries=0)
+        deadline = time.time() + 120
+        while True:
+            try:
+                models = client.models.list().data
+                break
+            except openai.APIConnectionError:
+                assert process.poll() is None and time.time() < deadline, process.stderr.read()
+                time.sleep(0.3)
+        answer = client.completions.create(model=models[0].id, prompt="Hello", max_tokens=3)
+        assert answer.usage.completion_tokens <= 3
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -139,6 +139,13 @@ def create_app(served: ServedModel, api_key: str | None = None, max_body: int = 
 
     app = FastAPI(title="edgelm", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.add_middleware(Gate, api_key=api_key, max_body=max_body, metrics=metrics)
+    _error_handlers(app)
+    _routes(app, served)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape, with the status a client expects; no traces."""
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
@@ -160,6 +167,10 @@ def create_app(served: ServedModel, api_key: str | None = None, max_body: int = 
         log.exception("edgelm serve: unexpected error")  # the trace stays in the server's log
         message = f"internal error ({type(err).__name__}); this is a bug in edgelm — the server log has the details"
         return JSONResponse(_error_body(500, message, "server_error"), status_code=500)
+
+
+def _routes(app: FastAPI, served: ServedModel) -> None:
+    metrics = served.metrics
 
     @app.get("/health")
     def health() -> dict[str, Any]:
