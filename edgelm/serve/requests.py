@@ -20,7 +20,10 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")  # an unknown parameter is refused, not dropped
 
 
-class Message(_Body):
+class Message(BaseModel):
+    # a previous answer's message sent back as is carries refusal/annotations/audio: accepted, unused
+    model_config = ConfigDict(extra="ignore")
+
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
