@@ -55,6 +55,9 @@ def test_files_not_written_here_run_in_a_child_with_the_same_logits(tiny_bundle,
             there.reset()
             here.reset()
             np.testing.assert_array_equal(there.prefill(ids[:2]), here.prefill(ids[:2]))
+            there.truncate(1)  # the prefix cache's cut, carried to the child
+            here.truncate(1)
+            np.testing.assert_array_equal(there.prefill(ids[1:3]), here.prefill(ids[1:3]))
             with pytest.raises(EdgeLMError) as in_process:
                 here.decode(1 << 40)
             with pytest.raises(in_process.type, match=str(in_process.value)[:40]):  # raised there, same class here
