@@ -29,9 +29,15 @@ from typing import Any
 from edgelm.errors import EdgeLMError, ExportError
 from edgelm.steps import peak_rss_mb
 
-# the worker holds its own copy of the model plus the lowering's graphs: ask for this many times
-# the fp32 weights of free memory (plus headroom) before running it beside the main process
-MEMORY_FACTOR = 4
+# The worker holds its own copy of the model plus the lowering's graphs, and the export process
+# itself grows while the worker runs (calibrated copies, GPTQ statistics, the other formats'
+# sessions): measured on Qwen2.5-0.5B (1.98 GB of fp32 weights), the ExecuTorch worker peaked at
+# 9.6 GB (4.8x), the TFLite one at 6.2 GB (3.1x), and the export process grew from 2.2 to
+# 12.8 GB (5.4x more). A worker is started only when the memory available now holds all of
+# that for every worker; otherwise the artifact is exported in the export process, in turn (the
+# kernel killed an ExecuTorch worker of that run when both workers ran).
+MEMORY_FACTOR = 5
+EXPORT_GROWTH = 5.5
 MEMORY_HEADROOM = 1.5 * 2**30
 # below this size the worker's start (saving the model, importing torch and the exporter: ~15 s
 # on 2 cores) costs more than the overlap saves (a tiny test model lowers in ~20 s)
@@ -46,8 +52,19 @@ def worth_a_second_process(model: Any, workers: int = 1) -> bool:
     parameters = list(model.parameters())
     count = sum(p.numel() for p in parameters)
     weights = sum(p.numel() * p.element_size() for p in parameters)
-    needed = workers * MEMORY_FACTOR * weights + MEMORY_HEADROOM
+    needed = (workers * MEMORY_FACTOR + EXPORT_GROWTH) * weights + MEMORY_HEADROOM
     return count >= MIN_PARAMETERS and psutil.virtual_memory().available > needed
+
+
+def _killed_by(number: int) -> str:
+    """What ended a worker killed by signal `number`, in words."""
+    try:
+        name = signal.Signals(number).name
+    except ValueError:
+        name = f"signal {number}"
+    if number == signal.SIGKILL:
+        return f"killed ({name}; most often the kernel's out-of-memory killer: the machine ran out of memory)"
+    return f"ended by {name}"
 
 
 def die_with_parent() -> None:
@@ -139,6 +156,12 @@ class BackgroundExport:
         # nice would only rank it against itself and it would take a full core from the export
         self._paused = False
 
+    def _last_error(self) -> str:
+        """The worker's last log line that is not a warning (torch prints many), as ": line"."""
+        lines = self._log.read_text(errors="replace").strip().splitlines() if self._log.is_file() else []
+        lines = [line for line in lines if line.strip() and "Warning" not in line and not line.startswith("W1")]
+        return f": {lines[-1][:300]}" if lines else ""
+
     def result(self) -> tuple[Any, float, float | None]:
         """Wait for the worker: (the ExportedArtifact, the worker's seconds, its peak resident
         memory in MB). Re-raises its EdgeLMError."""
@@ -148,13 +171,12 @@ class BackgroundExport:
         try:
             code = self._process.wait()
             if not self._result.is_file():
-                tail = self._log.read_text(errors="replace").strip().splitlines()[-1:] if self._log.is_file() else []
-                last = f": {tail[0][:300]}" if tail else ""
                 if code > 0:  # a Python exception escaped the worker: a bug of edgelm's (exit 3), not of the input
-                    raise RuntimeError(f"{self.name}: the background export process failed (exit code {code}{last})")
+                    raise RuntimeError(
+                        f"{self.name}: the background export process failed (exit code {code}{self._last_error()})"
+                    )
                 raise ExportError(
-                    f"{self.name}: the background export process ended (exit code {code}{last}; "
-                    "a negative code is the signal that killed it, e.g. 9 when memory ran out); "
+                    f"{self.name}: the background export process was {_killed_by(-code)}; "
                     "--no-background exports it in this process"
                 )
             status, value, seconds, peak = torch.load(self._result, weights_only=False)  # written by our worker

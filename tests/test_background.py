@@ -143,3 +143,32 @@ def test_the_worker_dies_with_a_killed_export(tiny_llama, tmp_path):
     while _alive(worker) and time.time() < deadline:
         time.sleep(0.2)
     assert not _alive(worker)
+
+
+def test_a_worker_starts_only_when_memory_holds_it_and_what_the_export_itself_grows_by(monkeypatch):
+    import types
+
+    import psutil
+
+    import edgelm.background as background
+
+    model = torch.nn.Linear(256, 256, bias=False)
+    weights = 256 * 256 * 4
+    monkeypatch.setattr(background, "MIN_PARAMETERS", 0)
+
+    def available(bytes_free):
+        monkeypatch.setattr(psutil, "virtual_memory", lambda: types.SimpleNamespace(available=bytes_free))
+
+    one_worker = (background.MEMORY_FACTOR + background.EXPORT_GROWTH) * weights + background.MEMORY_HEADROOM
+    available(one_worker + 1)
+    assert background.worth_a_second_process(model)
+    assert not background.worth_a_second_process(model, workers=2)
+    available(background.MEMORY_FACTOR * weights + background.MEMORY_HEADROOM + 1)  # the worker alone would fit
+    assert not background.worth_a_second_process(model)
+
+
+def test_a_worker_killed_for_memory_says_so():
+    from edgelm.background import _killed_by
+
+    assert "out-of-memory" in _killed_by(9) and "SIGKILL" in _killed_by(9)
+    assert _killed_by(15) == "ended by SIGTERM"
