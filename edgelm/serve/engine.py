@@ -100,8 +100,16 @@ class ServedModel:
         self.metrics.queue_depth.inc()
         loop.run_in_executor(self._worker, self._generate, job, loop, queue)  # _generate raises nothing
         try:
+            pending = None
             while True:
-                item = await queue.get()
+                item, pending = pending or await queue.get(), None
+                while isinstance(item, Piece) and not queue.empty():  # pieces queued while the loop was busy: one chunk
+                    following = queue.get_nowait()
+                    if isinstance(following, Piece):
+                        item = Piece(item.text + following.text)
+                    else:
+                        pending = following
+                        break
                 if isinstance(item, BaseException):
                     raise item
                 yield item
