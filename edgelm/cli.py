@@ -534,9 +534,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     api_key_file: Annotated[
         Path | None,
-        typer.Option(
-            help="A file holding the API key: every route but /health then needs Authorization: Bearer <key>."
-        ),
+        typer.Option(help="A file holding the API key; every route but /health then needs Authorization: Bearer KEY."),
     ] = None,
     threads: Annotated[int | None, typer.Option(help="Runtime threads.")] = None,
     max_body_kb: Annotated[int, typer.Option(help="Largest request body accepted (413 above it).")] = 1024,
@@ -544,12 +542,12 @@ def serve(
         bool, typer.Option(help="Continue from the KV cache where a prompt starts like the previous one.")
     ] = True,
 ) -> None:
-    """Serve a bundle over the OpenAI API (/v1/chat/completions, /v1/completions, /v1/embeddings,
-    /v1/models, /health, /metrics), for the official openai client and anything that speaks it.
+    """Serve a bundle over the OpenAI API, for the openai client and anything that speaks it.
 
-    One request generates at a time, in arrival order; a chat that resends its history reuses
-    the KV cache of the shared prefix. Structured output: response_format json_schema or
-    json_object, or the regex / grammar extensions (extra_body).
+    Routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health, /metrics.
+    One request generates at a time, in arrival order.
+    A chat that resends its history continues from the KV cache of the shared prefix.
+    Structured output: response_format json_schema or json_object, or regex / grammar (extra_body).
     """
     try:
         import uvicorn
