@@ -163,3 +163,11 @@ def write_result(args: argparse.Namespace, manifest: Any, record: dict[str, Any]
     header = {"bundle": str(args.bundle), "model": manifest.source["model_id"], "new_tokens": args.new_tokens}
     header |= {"threads": args.threads, "repeats": args.repeats}
     args.out.write_text(json.dumps(header | record, indent=2) + "\n")
+
+
+def print_and_save(report: dict[str, Any], out: Path | None) -> None:
+    """Print a benchmark's JSON and write it to `out` when given."""
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")

@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import read_bandwidth_gb_s
+from common import print_and_save, read_bandwidth_gb_s
 
 from edgelm.profile import device_record
 
@@ -284,10 +284,7 @@ def main() -> None:
         "constrained": constrained_overhead(args.bundle, args.format),
         "device": device_record(),
     }
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    print_and_save(report, args.out)
 
 
 if __name__ == "__main__":
