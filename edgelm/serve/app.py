@@ -188,7 +188,7 @@ def _routes(app: FastAPI, served: ServedModel) -> None:
     async def chat(body: ChatRequest) -> Any:
         _check_model(served, body.model, decoder=True)
         body.refuse_unsupported()
-        prompt, job, call_format = _chat_job(served, body)
+        job, call_format = _chat_job(served, body)
         return await _answer(served, body, job, "chat.completion", call_format)
 
     @app.post("/v1/completions")
@@ -279,7 +279,7 @@ def _response_format_constraint(served: ServedModel, body: ChatRequest) -> Any:
     )
 
 
-def _chat_job(served: ServedModel, body: ChatRequest) -> tuple[str, Job, ToolCallFormat | None]:
+def _chat_job(served: ServedModel, body: ChatRequest) -> tuple[Job, ToolCallFormat | None]:
     tokenizer = served.tokenizer
     if not tokenizer.chat_template:
         raise ApiError(400, f"{served.id} has no chat template; use /v1/completions with raw text")
@@ -302,7 +302,7 @@ def _chat_job(served: ServedModel, body: ChatRequest) -> tuple[str, Job, ToolCal
     job = Job(
         ids, served.sampling(body.sampling(served.model.manifest.generation)), constraints[0] if constraints else None
     )
-    return prompt, job, call_format
+    return job, call_format
 
 
 async def _answer(served: ServedModel, body: Any, job: Job, kind: str, call_format: ToolCallFormat | None) -> Any:
