@@ -55,7 +55,10 @@ class Finished:
 
 
 class ServedModel:
-    """One artifact of a bundle, loaded once, generating for one request at a time."""
+    """One artifact of a bundle, loaded once, generating for one request at a time.
+
+    Its session belongs to the worker thread: the prefix cache records what that session holds,
+    so anything else that ran it (e.g. `self.model.generate`) would leave the record wrong."""
 
     def __init__(
         self, bundle: Path, format: str | None, threads: int | None, metrics: ServerMetrics, prefix_cache: bool = True
