@@ -10,14 +10,17 @@ cropping its DynamicCache.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 from edgelm.session import Session
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
+def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items (token ids, characters) two sequences share."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 class CachedPrefix:
@@ -33,7 +36,7 @@ class CachedPrefix:
         """Bring the cache to `prompt_ids` and return the last position's logits [vocab]. At least
         one token is prefilled (its logits are the answer), so a prompt equal to the cached ids
         re-runs its last token."""
-        keep = min(common_prefix_length(self.ids, prompt_ids), len(prompt_ids) - 1) if self.reuse else 0
+        keep = min(common_prefix(self.ids, prompt_ids), len(prompt_ids) - 1) if self.reuse else 0
         self.ids = []  # unknown until the prefill below returns (it may raise)
         if keep > 0:
             self.session.truncate(keep)

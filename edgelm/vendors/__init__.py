@@ -18,10 +18,12 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from edgelm.prefix_cache import common_prefix  # noqa: F401 — re-exported for the vendor checks
 
 # format -> module defining `VENDOR`; imported lazily (each pulls in a native library).
 VENDOR_MODULES: dict[str, str] = {
@@ -171,11 +173,6 @@ class TokenClock:
         if len(self.stamps) < 2 or self.stamps[-1] <= self.stamps[0]:
             return None
         return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
-
-
-def common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """How many leading items (characters, token ids) two sequences share."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def tokenizer_facts(tokenizer_dir: Path, extra_eos: Any = None) -> dict[str, Any]:
