@@ -24,16 +24,19 @@ KILLS = int(os.environ.get("EDGELM_KILLS", "12"))
 EDGELM = [sys.executable, "-m", "edgelm"]
 
 
-def _kill_at(argv: list[str], delay: float) -> bool:
-    """Start argv, SIGKILL it after `delay` s; True when it was still running then."""
+def _kill_at(argv: list[str], delay: float) -> float | None:
+    """Start argv, SIGKILL it after `delay` s; None when it was still running then (killed),
+    else how long it took: the machine may have sped up since the first run was timed (the
+    other test worker finished), and the caller shortens its delays to match."""
+    started = time.monotonic()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         proc.wait(timeout=delay)
-        return False
+        return time.monotonic() - started
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        return True
+        return None
 
 
 def _timed(argv: list[str]) -> float:
@@ -72,9 +75,10 @@ def test_sigkill_during_export_leaves_old_or_new_bundle(tiny_llama, tmp_path):
         old_created = read_bundle(out).created if out.exists() else None
         # half the kills anywhere, half near the end, where the swap happens
         delay = full * (rng.uniform(0.03, 1.0) if i % 4 < 2 else rng.uniform(0.8, 1.02))
-        killed = _kill_at([*argv, *(["--overwrite"] if overwrite else [])], delay)
+        finished_in = _kill_at([*argv, *(["--overwrite"] if overwrite else [])], delay)
         state = _state(out, old_created, allow_absent=not overwrite)
-        seen["finished" if not killed else state] += 1
+        seen["finished" if finished_in is not None else state] += 1
+        full = min(full, finished_in or full)
         time.sleep(0.05)
         clean_stale(out)  # what the next run does first
         assert _leftovers(tmp_path, "bundle") == [], f"kill {i}: left {_leftovers(tmp_path, 'bundle')}"
@@ -101,10 +105,11 @@ def test_sigkill_during_push_leaves_old_or_new_bundle(tiny_llama, tmp_path):
         old_created = None
         if dest.exists():  # mark the earlier copy so a replaced one is told apart
             old_created = read_bundle(dest).created
-        killed = _kill_at(argv, rng.uniform(0.05, full))
+        finished_in = _kill_at(argv, rng.uniform(0.05, full))
         time.sleep(0.3)  # a device-side `sh` started before the kill finishes its rename
         state = _state(dest, old_created, allow_absent=old_created is None)
-        seen["finished" if not killed else state] += 1
+        seen["finished" if finished_in is not None else state] += 1
+        full = min(full, finished_in or full)
         subprocess.run(argv, check=True, capture_output=True, timeout=300)  # the next run cleans up
         assert _leftovers(device, "b") == [], f"kill {i}: left {_leftovers(device, 'b')}"
         assert read_bundle(dest)
