@@ -9,8 +9,9 @@ fastest faithful artifact of the peers run). Servers run as `python -m edgelm se
 - single stream: TTFT (client-side, request sent → first content chunk) and decode tok/s of a
   128-token answer (EOS ignored), through the server with the prefix cache off, against
   `edgelm.load(...).stream` in this process; 5 interleaved rounds, medians;
-- 8 concurrent clients: aggregate tok/s and p50/p90 TTFT (requests are served one at a time,
-  first come first served, so TTFT grows with the queue);
+- 8 concurrent clients: aggregate tok/s and p50/p90 TTFT, with `--parallel 1` (one request at
+  a time, first come first served, so TTFT grows with the queue) and with 4 and 8 requests
+  batched into each llama.cpp step;
 - multi-turn: TTFT of each of 10 turns of one chat that resends its history, with the prefix
   cache on and off;
 - constrained decoding: llguidance's mask + accept per token on this vocabulary, and the decode
@@ -52,12 +53,13 @@ def _free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, bundle: Path, fmt: str, prefix_cache: bool) -> None:
+    def __init__(self, bundle: Path, fmt: str, prefix_cache: bool, parallel: int = 4) -> None:
         import openai
 
         self.port = _free_port()
         command = [sys.executable, "-m", "edgelm", "serve", str(bundle), "--format", fmt, "--port", str(self.port)]
         command += ["--threads", str(THREADS), "--prefix-cache" if prefix_cache else "--no-prefix-cache"]
+        command += ["--parallel", str(parallel)]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.client = openai.OpenAI(
             base_url=f"http://127.0.0.1:{self.port}/v1", api_key="none", max_retries=0, timeout=600
@@ -172,8 +174,13 @@ def single_stream(bundle: Path, fmt: str, rounds: int) -> dict[str, Any]:
     for name in ("server_raw_sse", "server_openai_client"):
         result[name]["decode_overhead"] = 1 - result[name]["decode_tok_s"] / api["decode_tok_s"]
         result[name]["ttft_added_s"] = result[name]["ttft_s"] - api["ttft_s"]
-    result["concurrent"] = concurrent(server, 8)
     server.stop()
+    result["concurrent"] = {}
+    for parallel in (1, 4, 8):
+        server = ServerProcess(bundle, fmt, prefix_cache=False, parallel=parallel)
+        server.chat(messages, 8, ignore_eos=True)  # warm-up
+        result["concurrent"][f"parallel_{parallel}"] = concurrent(server, 8)
+        server.stop()
     return result
 
 

@@ -541,11 +541,18 @@ def serve(
     prefix_cache: Annotated[
         bool, typer.Option(help="Continue from the KV cache where a prompt starts like the previous one.")
     ] = True,
+    parallel: Annotated[
+        int,
+        typer.Option(
+            help="Requests generated at once, batched into one step, where the runtime can (llama.cpp: GGUF "
+            "artifacts); each has its own KV cache. Other runtimes generate one request at a time."
+        ),
+    ] = 4,
 ) -> None:
     """Serve a bundle over the OpenAI API, for the openai client and anything that speaks it.
 
     Routes: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/models, /health, /metrics.
-    One request generates at a time, in arrival order.
+    Requests beyond those generating wait in arrival order (GGUF: --parallel at once, batched).
     A chat that resends its history continues from the KV cache of the shared prefix.
     Structured output: response_format json_schema or json_object, or regex / grammar (extra_body).
     """
@@ -562,12 +569,19 @@ def serve(
     key = _read_api_key(api_key_file) if api_key_file else None
     if not 0 < port < 65536:
         raise UnsupportedError(f"--port must be between 1 and 65535, not {port}")
-    served = ServedModel(bundle, format, threads, ServerMetrics(), prefix_cache=prefix_cache)
+    if not 1 <= parallel <= MAX_PARALLEL:
+        raise UnsupportedError(f"--parallel must be between 1 and {MAX_PARALLEL}, not {parallel}")
+    served = ServedModel(bundle, format, threads, ServerMetrics(), prefix_cache=prefix_cache, parallel=parallel)
     where = f"http://{host}:{port}/v1"
+    at_once = f", {served.batched} requests at once" if served.batched > 1 else ""
     console.print(
-        f"serving {served.id} ({served.model.artifact.name}) at {where}" + (" (API key required)" if key else "")
+        f"serving {served.id} ({served.model.artifact.name}{at_once}) at {where}"
+        + (" (API key required)" if key else "")
     )
     uvicorn.run(create_app(served, api_key=key, max_body=max_body_kb * 1024), host=host, port=port, log_level="warning")
+
+
+MAX_PARALLEL = 64  # each sequence holds a KV cache of the artifact's full context
 
 
 def _read_api_key(path: Path) -> str:

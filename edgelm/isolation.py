@@ -211,12 +211,38 @@ class IsolatedEncoderSession(_IsolatedBase):
         )[0]
 
 
+class IsolatedBatch(_IsolatedBase):
+    """Several sequences advanced together (e.g. edgelm.runtimes.llamacpp.LlamaCppBatch) in a child process."""
+
+    def __init__(self, *args: Any, sequences: int, n_batch: int) -> None:
+        super().__init__(*args)
+        self.sequences, self.n_batch = sequences, n_batch
+
+    def step(self, work: list[tuple[int, np.ndarray]]) -> np.ndarray:
+        ids = [np.asarray(chunk, dtype=np.int64).reshape(-1) for _, chunk in work]
+        plan = [[int(sequence), len(chunk)] for (sequence, _), chunk in zip(work, ids)]
+        return self._call({"call": "step", "plan": plan}, np.concatenate(ids))[0]
+
+    def truncate(self, sequence: int, length: int) -> None:
+        self._call({"call": "truncate", "sequence": int(sequence), "length": int(length)})
+
+
+def _step(batch: Any, plan: list[list[int]], ids: np.ndarray) -> np.ndarray:
+    """The child's end of IsolatedBatch.step: the concatenated ids cut back into the plan's chunks."""
+    ends = np.cumsum([n for _, n in plan])
+    if not plan or ends[-1] != len(ids):
+        raise ValueError("a step's plan does not match its ids")
+    return batch.step([(int(seq), chunk) for (seq, _), chunk in zip(plan, np.split(ids, ends[:-1]))])
+
+
 def open_isolated(
-    runtime: str, path: Path, device: str = "cpu", threads: int | None = None
-) -> IsolatedSession | IsolatedEncoderSession:
-    """Open `path` with `runtime` in a fresh child process; its errors are raised here as they were there."""
+    runtime: str, path: Path, device: str = "cpu", threads: int | None = None, sequences: int | None = None
+) -> IsolatedSession | IsolatedEncoderSession | IsolatedBatch:
+    """Open `path` with `runtime` in a fresh child process; its errors are raised here as they were there.
+    `sequences`: a batch of that many sequences (the runtime's open_batch) instead of a session."""
     path = Path(path)
-    sock = _SERVER.fork_session({"runtime": runtime, "path": str(path.resolve()), "device": device, "threads": threads})
+    case = {"runtime": runtime, "path": str(path.resolve()), "device": device, "threads": threads}
+    sock = _SERVER.fork_session({**case, "sequences": sequences})
     pid = None
     try:
         pid = int(_receive(sock, CALL_TIMEOUT_S)[0]["pid"])  # the child's first word, before it reads the file
@@ -236,6 +262,8 @@ def open_isolated(
         _raise_error(*answer["error"])
     facts = answer["capabilities"]
     capabilities = Capabilities(**facts)
+    if answer["kind"] == "batch":
+        return IsolatedBatch(sock, runtime, path, capabilities, pid, sequences=sequences, n_batch=answer["n_batch"])
     kind = IsolatedEncoderSession if answer["kind"] == "encoder" else IsolatedSession
     return kind(sock, runtime, path, capabilities, pid)
 
@@ -380,19 +408,42 @@ def _serve_session(sock: socket.socket, case: dict) -> None:
 
     _send(sock, {"pid": os.getpid()})
     try:
-        session = get_runtime(case["runtime"]).open(Path(case["path"]), case["device"], case["threads"])
+        runtime, where = get_runtime(case["runtime"]), Path(case["path"])
+        if case.get("sequences") is not None:
+            session = runtime.open_batch(where, case["sequences"], case["device"], case["threads"])
+        else:
+            session = runtime.open(where, case["device"], case["threads"])
     except BaseException as err:  # noqa: BLE001  sent back, raised again in the caller
         _send(sock, _error_header(err))
         return
-    encoder = not hasattr(session, "prefill")
-    _send(sock, {"kind": "encoder" if encoder else "decoder", "capabilities": asdict(session.capabilities)})
-    calls = {
+    kind = "batch" if hasattr(session, "step") else "decoder" if hasattr(session, "prefill") else "encoder"
+    facts = {"kind": kind, "capabilities": asdict(session.capabilities)}
+    _send(sock, {**facts, "n_batch": session.n_batch} if kind == "batch" else facts)
+    if kind == "batch":
+        _serve_calls(sock, _batch_calls(session))
+    else:
+        _serve_calls(sock, _session_calls(session))
+
+
+def _batch_calls(batch: Any) -> dict[str, Any]:
+    return {
+        "step": lambda h, a: (_step(batch, h["plan"], a[0]),),
+        "truncate": lambda h, a: batch.truncate(int(h["sequence"]), int(h["length"])) or (),
+    }
+
+
+def _session_calls(session: Any) -> dict[str, Any]:
+    return {
         "prefill": lambda h, a: (session.prefill(a[0]),),
         "decode": lambda h, a: (session.decode(h["token"]),),
         "reset": lambda h, a: session.reset() or (),
         "truncate": lambda h, a: session.truncate(int(h["length"])) or (),
         "run": lambda h, a: (session.run(a[0], a[1]),),
     }
+
+
+def _serve_calls(sock: socket.socket, calls: dict[str, Any]) -> None:
+    """Answer the caller's calls until it closes its end."""
     while True:
         try:
             header, arrays = _receive(sock)

@@ -31,6 +31,7 @@ class CachedPrefix:
         self.reuse = reuse
         self.ids: list[int] = []
         self.reused = 0  # prompt tokens the last start() took from the cache
+        self.prompt_length = 0  # the last start()'s prompt (a chat's next turn resends all of it)
 
     def start(self, prompt_ids: list[int]) -> np.ndarray:
         """Bring the cache to `prompt_ids` and return the last position's logits [vocab]. At least
@@ -43,7 +44,7 @@ class CachedPrefix:
         else:
             self.session.reset()
         logits = self.session.prefill(np.asarray(prompt_ids[keep:], dtype=np.int64))[-1]
-        self.ids, self.reused = list(prompt_ids), keep
+        self.ids, self.reused, self.prompt_length = list(prompt_ids), keep, len(prompt_ids)
         return logits
 
     def feed(self, token_id: int) -> np.ndarray:

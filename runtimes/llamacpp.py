@@ -16,11 +16,12 @@ import ctypes
 import os
 import threading
 from pathlib import Path
+from typing import Any
 
 import llama_cpp  # at module level, so that the runtime registry reports it when missing
 import numpy as np
 
-from edgelm.errors import DeviceError, InvalidModelError
+from edgelm.errors import DeviceError, InvalidModelError, UnsupportedError
 from edgelm.gguf_header import GGUFSummary, read_gguf_summary
 from edgelm.isolation import open_isolated, runs_here
 from edgelm.session import Capabilities, token_ids
@@ -104,6 +105,7 @@ class _Context:
         threads: int,
         gpu_layers: int,
         embeddings: bool,
+        sequences: int = 1,
     ):
         self._lib = llama_library()
         self.model = _load_model(path, gpu_layers=gpu_layers, checked=True)
@@ -111,7 +113,8 @@ class _Context:
         params = llama_cpp.llama_context_default_params()
         train = llama_cpp.llama_model_n_ctx_train(self.model)
         self.n_ctx = min(n_ctx, train) if train > 0 else n_ctx
-        params.n_ctx = self.n_ctx
+        params.n_ctx = self.n_ctx * sequences  # each sequence gets n_ctx cells of its own (kv_unified off)
+        params.n_seq_max = sequences
         params.n_batch = params.n_ubatch = min(n_batch, self.n_ctx)
         params.n_threads = params.n_threads_batch = threads
         params.type_k = params.type_v = GGML_TYPE_F32 if f32 else GGML_TYPE_F16
@@ -124,6 +127,7 @@ class _Context:
             llama_cpp.llama_model_free(self.model)
             raise InvalidModelError(f"{path}: llama.cpp could not create a context (n_ctx {self.n_ctx})")
         self.n_batch = params.n_batch
+        self.sequences = sequences
         self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
@@ -143,6 +147,28 @@ class _Context:
         if status != 0:
             raise InvalidModelError(f"llama_decode failed with status {status} (context {self.n_ctx} tokens)")
 
+    def decode_sequences(self, work: list[tuple[int, np.ndarray, int]]) -> np.ndarray:
+        """One llama_decode over several sequences: (sequence, ids, start position) each, ids of
+        all together <= n_batch; the logits [len(work), vocab] of each one's last position."""
+        batch, i, last = self.batch, 0, []
+        for sequence, ids, start in work:
+            for offset, token in enumerate(ids):
+                batch.token[i], batch.pos[i] = int(token), start + offset
+                batch.n_seq_id[i], batch.seq_id[i][0] = 1, sequence
+                batch.logits[i] = offset == len(ids) - 1
+                i += 1
+            last.append(i - 1)
+        batch.n_tokens = i
+        status = self._lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise InvalidModelError(f"llama_decode failed with status {status} ({len(work)} sequences, {i} tokens)")
+        return np.stack(
+            [
+                np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
+                for index in last  # llama.cpp indexes outputs by their token's place in the batch
+            ]
+        )
+
     def logits(self, rows: int) -> np.ndarray:
         pointer = self._lib.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(pointer, shape=(rows, self.n_vocab)).copy()
@@ -150,10 +176,10 @@ class _Context:
     def clear(self) -> None:
         self._lib.llama_memory_clear(self._lib.llama_get_memory(self.ctx), True)
 
-    def forget_from(self, position: int) -> None:
-        """Drop sequence 0's cache cells at `position` and after (llama.cpp attends to every
+    def forget_from(self, position: int, sequence: int = 0) -> None:
+        """Drop a sequence's cache cells at `position` and after (llama.cpp attends to every
         cell of the sequence, so stale ones must go, not just be overwritten)."""
-        if not self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), 0, position, -1):
+        if not self._lib.llama_memory_seq_rm(self._lib.llama_get_memory(self.ctx), sequence, position, -1):
             raise InvalidModelError(f"llama.cpp could not drop its cache from position {position}")
 
     def free(self) -> None:
@@ -204,6 +230,48 @@ class LlamaCppSession:
         self._c.free()
 
 
+class LlamaCppBatch:
+    """Several sequences in one llama.cpp context, advanced together: one `step` runs every
+    sequence's next tokens (a prompt chunk or one generated token) in one llama_decode, so the
+    weights are read once per step for all of them (what a server with concurrent clients
+    wants; edgelm.serve.batching schedules it). Each sequence has `capabilities.max_context`
+    cells of its own."""
+
+    def __init__(self, context: _Context, device: str):
+        self._c = context
+        self.sequences = context.sequences
+        self.n_batch = context.n_batch
+        self._pos = [0] * self.sequences
+        self.capabilities = Capabilities(
+            max_context=context.n_ctx,
+            vocab_size=context.n_vocab,
+            notes={"kv_cache": f"llama.cpp, {context.kv_type}, {self.sequences} × {context.n_ctx} slots"},
+        )
+
+    def step(self, work: list[tuple[int, np.ndarray]]) -> np.ndarray:
+        """(sequence, ids) each, ids of all together <= n_batch; the logits [len(work), vocab]
+        of each one's last new position."""
+        checked = [(sequence, token_ids(ids, self.capabilities)) for sequence, ids in work]
+        for sequence, ids in checked:
+            if not 0 <= sequence < self.sequences or not len(ids):
+                raise ValueError(f"sequence {sequence} with {len(ids)} ids is not a step of this batch")
+            if self._pos[sequence] + len(ids) > self._c.n_ctx:
+                raise InvalidModelError(f"sequence {sequence} would pass its {self._c.n_ctx} cache slots")
+        logits = self._c.decode_sequences([(seq, ids, self._pos[seq]) for seq, ids in checked])
+        for sequence, ids in checked:
+            self._pos[sequence] += len(ids)
+        return logits
+
+    def truncate(self, sequence: int, length: int) -> None:
+        """Keep a sequence's first `length` positions (0: start it afresh)."""
+        length = min(self._pos[sequence], max(0, length))
+        self._c.forget_from(length, sequence)
+        self._pos[sequence] = length
+
+    def close(self) -> None:
+        self._c.free()
+
+
 class LlamaCppEncoderSession:
     """An embedding model (BERT-style, mean pooling in llama.cpp), L2-normalised like every
     edgelm encoder. Rows run one at a time: a non-causal model sees its whole input at once."""
@@ -244,18 +312,29 @@ class LlamaCppAdapter:
     def open(
         self, path: Path, device: str = "cpu", threads: int | None = None
     ) -> LlamaCppSession | LlamaCppEncoderSession:
+        return self._open(Path(path), device, threads, sequences=None)
+
+    def open_batch(self, path: Path, sequences: int, device: str = "cpu", threads: int | None = None) -> LlamaCppBatch:
+        """A decoder with `sequences` sequences advanced together (LlamaCppBatch)."""
+        if sequences < 1:
+            raise ValueError(f"a batch needs at least one sequence, not {sequences}")
+        return self._open(Path(path), device, threads, sequences=sequences)
+
+    def _open(self, path: Path, device: str, threads: int | None, sequences: int | None) -> Any:
+        """A session (`sequences` None) or a batch of that many sequences."""
         if device not in self.available_devices():
             raise DeviceError(
                 f"this llama-cpp-python build cannot use {device!r} (it was built without GPU offload); "
                 f"available: {', '.join(self.available_devices())}. Rebuild it with CMAKE_ARGS="
                 '"-DGGML_CUDA=on" (or Vulkan/Metal) for a GPU'
             )
-        path = Path(path)
         summary = read_gguf_summary(path)
         if not runs_here(path):  # its native code can end the process on a damaged file
-            return open_isolated(self.name, path, device, threads)
+            return open_isolated(self.name, path, device, threads, sequences=sequences)
         arch = str(summary.metadata.get("general.architecture"))
         embeddings = summary.metadata.get(f"{arch}.pooling_type") is not None
+        if embeddings and sequences is not None:
+            raise UnsupportedError(f"{path} is an encoder: there are no sequences to batch")
         n_ctx = (
             min(summary.integer(f"{arch}.context_length", DEFAULT_CONTEXT), 1 << 20) if embeddings else DEFAULT_CONTEXT
         )
@@ -269,7 +348,10 @@ class LlamaCppAdapter:
             threads=threads or os.cpu_count() or 1,
             gpu_layers=-1 if device == "gpu" else 0,
             embeddings=embeddings,
+            sequences=sequences or 1,
         )
+        if sequences is not None:
+            return LlamaCppBatch(context, device)
         return LlamaCppEncoderSession(context, device) if embeddings else LlamaCppSession(context, device)
 
 

@@ -18,6 +18,8 @@ import pytest
 from conftest import fast_export_options
 from tiny_models import build_tiny_model
 
+from edgelm.errors import PromptError
+
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
@@ -86,14 +88,21 @@ def _free_port() -> int:
 class Server:
     """`edgelm serve` in this process: the app the CLI builds, on uvicorn, on a real port."""
 
-    def __init__(self, bundle: Path, fmt: str | None = None, api_key: str | None = None, max_body: int = 1 << 20):
+    def __init__(
+        self,
+        bundle: Path,
+        fmt: str | None = None,
+        api_key: str | None = None,
+        max_body: int = 1 << 20,
+        parallel: int = 1,
+    ):
         import uvicorn
 
         from edgelm.serve.app import create_app
         from edgelm.serve.engine import ServedModel
         from edgelm.serve.metrics import ServerMetrics
 
-        self.served = ServedModel(bundle, fmt, 1, ServerMetrics())
+        self.served = ServedModel(bundle, fmt, 1, ServerMetrics(), parallel=parallel)
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         config = uvicorn.Config(
@@ -334,6 +343,106 @@ def test_every_runtime_can_cut_its_cache_back_to_a_prefix(tiny_bundle):
         cut = session.prefill(ids[20:])
         assert np.abs(cut[-1] - whole[-1]).max() <= 1e-3 * max(1.0, np.abs(whole[-1]).max()), entry.name
         session.close()
+
+
+def _gguf_artifact(bundle: Path) -> Path:
+    from edgelm.bundle import read_bundle
+
+    entry = next(e for e in read_bundle(bundle).artifacts if e.format == "gguf")
+    return bundle / entry.path
+
+
+@pytest.mark.parametrize("isolated", [False, True])
+def test_a_llamacpp_batch_steps_sequences_together_as_separate_sessions_would(tiny_bundle, isolated):
+    from edgelm.isolation import mark_trusted, open_isolated
+    from edgelm.runtimes.llamacpp import ADAPTER
+
+    path = _gguf_artifact(tiny_bundle)
+    mark_trusted(path)  # the single session and the in-process batch open it here
+    single = ADAPTER.open(path, threads=1)
+    if isolated:
+        batch = open_isolated("llama.cpp", path, threads=1, sequences=3)
+    else:
+        batch = ADAPTER.open_batch(path, 3, threads=1)
+    assert type(batch).__name__ == ("IsolatedBatch" if isolated else "LlamaCppBatch")
+    prompts = [np.arange(3, 3 + n, dtype=np.int64) * (k + 1) % 200 for k, n in enumerate((17, 5, 30))]
+    steps = [[7, 11, 13], [5, 9, 2], [1, 4, 8]]  # each sequence's next three tokens
+
+    def alone(prompt, tokens):
+        single.reset()
+        out = [single.prefill(prompt)[-1]]
+        return out + [single.decode(t) for t in tokens]
+
+    expected = [alone(p, t) for p, t in zip(prompts, steps)]
+    got = [[row] for row in batch.step(list(enumerate(prompts)))]
+    for i in range(3):
+        for seq, row in enumerate(batch.step([(seq, np.array([steps[seq][i]])) for seq in range(3)])):
+            got[seq].append(row)
+    for seq in range(3):
+        for want, have in zip(expected[seq], got[seq]):
+            assert np.abs(have - want).max() <= 1e-3 * max(1.0, np.abs(want).max()), seq
+    batch.truncate(2, 10)  # one sequence cut back and continued; the others are untouched
+    cut = batch.step([(2, prompts[2][10:]), (0, np.array([3]))])
+    single.reset()
+    assert np.abs(cut[0] - single.prefill(prompts[2])[-1]).max() <= 1e-3 * max(1.0, np.abs(cut[0]).max())
+    single.reset()
+    single.prefill(prompts[0])
+    for token in [*steps[0], 3]:
+        reference = single.decode(token)
+    assert np.abs(cut[1] - reference).max() <= 1e-3 * max(1.0, np.abs(reference).max())
+    with pytest.raises(PromptError):
+        batch.step([(0, np.array([10**6]))])
+    single.close()
+    batch.close()
+
+
+def test_concurrent_requests_on_a_gguf_are_batched_and_each_gets_its_own_text(tiny_bundle):
+    running = Server(tiny_bundle, "gguf", parallel=3)
+    try:
+        client, model = running.client(), _model(running)
+        prompts = ["Tell me a story.", "Count to ten.", "What is a cache?"]
+
+        def ask(prompt):
+            stream = client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0, stream=True
+            )
+            return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
+
+        alone = [ask(p) for p in prompts]  # one at a time: nothing to batch
+        steps_alone = running.served.scheduler.steps
+        results: dict[int, str] = {}
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(prompts[i]))) for i in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        assert [results[i] for i in range(3)] == alone  # greedy: the same text, batched or not
+        scheduler = running.served.scheduler
+        together = scheduler.steps - steps_alone
+        assert together < 0.7 * steps_alone, (together, steps_alone)  # most steps carried several sequences
+        assert running.metric("edgelm_active_sessions") == 0
+    finally:
+        running.stop()
+
+
+def test_a_batched_server_keeps_each_conversation_in_its_own_slot(tiny_bundle):
+    running = Server(tiny_bundle, "gguf", parallel=2)
+    try:
+        client, model = running.client(), _model(running)
+        chats = {name: [{"role": "user", "content": f"Hello, I am {name}."}] for name in ("ann", "bob")}
+        prompt_tokens = {}
+        for turn in range(3):
+            for name, history in chats.items():  # two conversations, turn by turn
+                answer = client.chat.completions.create(model=model, messages=history, max_tokens=5, temperature=0)
+                if turn:
+                    assert answer.usage.prompt_tokens_details.cached_tokens >= prompt_tokens[name], (name, turn)
+                prompt_tokens[name] = answer.usage.prompt_tokens
+                history += [
+                    {"role": "assistant", "content": answer.choices[0].message.content},
+                    {"role": "user", "content": "Go on."},
+                ]
+    finally:
+        running.stop()
 
 
 def test_an_api_key_guards_every_route_but_health(tiny_bundle, tmp_path):
