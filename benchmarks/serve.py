@@ -12,6 +12,8 @@ fastest faithful artifact of the peers run). Servers run as `python -m edgelm se
 - 8 concurrent clients: aggregate tok/s and p50/p90 TTFT, with `--parallel 1` (one request at
   a time, first come first served, so TTFT grows with the queue) and with 4 and 8 requests
   batched into each llama.cpp step;
+- the runtime alone: decode tok/s of llama.cpp stepping 1, 4 and 8 sequences together
+  (`open_batch`, no server), the ceiling batching can reach on this machine;
 - multi-turn: TTFT of each of 10 turns of one chat that resends its history, with the prefix
   cache on and off;
 - constrained decoding: llguidance's mask + accept per token on this vocabulary, and the decode
@@ -210,6 +212,27 @@ def concurrent(server: ServerProcess, clients: int) -> dict[str, Any]:
     }
 
 
+def runtime_batch(bundle: Path, fmt: str, steps: int = 40) -> dict[str, Any]:
+    """llama.cpp alone, every sequence one token per step after a 30-token prompt each."""
+    import edgelm
+    from edgelm.session import get_runtime
+
+    lm = edgelm.load(bundle, format=fmt, threads=THREADS)
+    path, runtime = bundle / lm.artifact.path, get_runtime(lm.artifact.runtime)
+    lm.close()
+    result = {}
+    for sequences in (1, 4, 8):
+        batch = runtime.open_batch(path, sequences, threads=THREADS)
+        batch.step([(s, np.arange(100, 130)) for s in range(sequences)])
+        started = time.perf_counter()
+        for i in range(steps):
+            batch.step([(s, np.array([200 + i])) for s in range(sequences)])
+        elapsed = time.perf_counter() - started
+        batch.close()
+        result[f"sequences_{sequences}"] = {"step_ms": 1000 * elapsed / steps, "tok_s": sequences * steps / elapsed}
+    return result
+
+
 def multi_turn(bundle: Path, fmt: str, turns: int) -> dict[str, Any]:
     result = {}
     for cached in (True, False):
@@ -287,6 +310,7 @@ def main() -> None:
         "new_tokens": NEW_TOKENS,
         "read_bandwidth_gb_s": read_bandwidth_gb_s(THREADS),
         "single_stream": single_stream(args.bundle, args.format, args.rounds),
+        "runtime_batch": runtime_batch(args.bundle, args.format),
         "multi_turn": multi_turn(args.bundle, args.format, args.turns),
         "constrained": constrained_overhead(args.bundle, args.format),
         "device": device_record(),
