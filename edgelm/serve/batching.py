@@ -22,7 +22,11 @@ import numpy as np
 from edgelm.errors import PromptError
 from edgelm.session import Capabilities, token_ids
 
-GATHER_S = 0.003  # how long a step waits for running requests that have not asked yet (sampling, detokenizing)
+# How long a step waits for running requests that have not asked yet (sampling, detokenizing):
+# at least GATHER_S, and up to half the last step's time on a slow or busy machine, where a
+# request left out would wait a whole step and the requests drift apart into smaller steps.
+GATHER_S = 0.003
+GATHER_SHARE = 0.5
 
 
 @dataclass
@@ -47,6 +51,7 @@ class StepScheduler:
         self.gather_s = gather_s
         self.steps = 0  # runtime steps run, and the sequences they carried (for tests and metrics)
         self.stepped_sequences = 0
+        self._last_step_s = 0.0
         self._cond = threading.Condition()
         self._asks: dict[int, _Ask] = {}
         self._running = 0
@@ -73,13 +78,25 @@ class StepScheduler:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the batch is closed")
-            self._asks[sequence] = ask
-            self._cond.notify_all()
+            alone = self._running <= 1 and not self._asks
+            if not alone:
+                self._asks[sequence] = ask
+                self._cond.notify_all()
+        if alone:  # the only request: step on this thread, without two thread hand-offs per token
+            return self._step_alone(ask)
         ask.answered.wait()
         if ask.error is not None:
             raise ask.error
         assert ask.logits is not None
         return ask.logits
+
+    def _step_alone(self, ask: _Ask) -> np.ndarray:
+        with self._runtime:  # a request that starts meanwhile waits here in the scheduler's step
+            for start in range(0, len(ask.ids), self.batch.n_batch):
+                logits = self.batch.step([(ask.sequence, ask.ids[start : start + self.batch.n_batch])])
+                self.steps += 1
+                self.stepped_sequences += 1
+        return np.array(logits[0])
 
     def truncate(self, sequence: int, length: int) -> None:
         with self._runtime:
@@ -101,7 +118,7 @@ class StepScheduler:
                         ask.error = RuntimeError("the batch was closed")
                         ask.answered.set()
                     return
-                deadline = time.monotonic() + self.gather_s
+                deadline = time.monotonic() + max(self.gather_s, GATHER_SHARE * self._last_step_s)
                 while len(self._asks) < self._running and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._cond.wait(left):
@@ -124,7 +141,9 @@ class StepScheduler:
     def _step(self, work: list[tuple[_Ask, np.ndarray]]) -> None:
         try:
             with self._runtime:
+                started = time.monotonic()
                 logits = self.batch.step([(ask.sequence, chunk) for ask, chunk in work])
+                self._last_step_s = time.monotonic() - started
         except BaseException as err:  # noqa: BLE001 — raised again in each waiting request
             with self._cond:
                 for ask, _ in work:
