@@ -4,8 +4,8 @@ A session holds one sequence's KV cache. Where the runtime can advance several s
 step (llama.cpp), `parallel` requests generate at once, batched by edgelm.serve.batching; else
 requests run one at a time. Either way each request has a slot (a sequence and the ids its cache
 holds), requests beyond the slots wait in arrival order (fair: first come, first served), and a
-request takes the free slot whose cache shares the longest prefix with its prompt
-(edgelm.prefix_cache): a chat that resends its history continues from where it was. Each
+request takes the free slot whose conversation it continues (edgelm.prefix_cache): a chat that
+resends its history continues from where it was. Each
 request's tokens are handed to the event loop as they are made; a client that goes away sets
 its job's `cancelled`, and the worker stops at the next token (or skips the job if it is still
 queued), so the slot frees at once.
