@@ -21,7 +21,7 @@ from typing import Any
 import llama_cpp  # at module level, so that the runtime registry reports it when missing
 import numpy as np
 
-from edgelm.errors import DeviceError, InvalidModelError, UnsupportedError
+from edgelm.errors import DeviceError, InvalidModelError, PromptError, UnsupportedError
 from edgelm.gguf_header import GGUFSummary, read_gguf_summary
 from edgelm.isolation import open_isolated, runs_here
 from edgelm.session import Capabilities, token_ids
@@ -251,12 +251,15 @@ class LlamaCppBatch:
     def step(self, work: list[tuple[int, np.ndarray]]) -> np.ndarray:
         """(sequence, ids) each, ids of all together <= n_batch; the logits [len(work), vocab]
         of each one's last new position."""
-        checked = [(sequence, token_ids(ids, self.capabilities)) for sequence, ids in work]
+        checked = [(int(sequence), token_ids(ids, self.capabilities)) for sequence, ids in work]
+        sequences = [sequence for sequence, _ in checked]
+        if len(set(sequences)) != len(sequences) or sum(len(ids) for _, ids in checked) > self.n_batch:
+            raise ValueError(f"a step takes each sequence once and at most {self.n_batch} ids in all")
         for sequence, ids in checked:
             if not 0 <= sequence < self.sequences or not len(ids):
                 raise ValueError(f"sequence {sequence} with {len(ids)} ids is not a step of this batch")
             if self._pos[sequence] + len(ids) > self._c.n_ctx:
-                raise InvalidModelError(f"sequence {sequence} would pass its {self._c.n_ctx} cache slots")
+                raise PromptError(f"sequence {sequence} would pass its {self._c.n_ctx} cache slots")
         logits = self._c.decode_sequences([(seq, ids, self._pos[seq]) for seq, ids in checked])
         for sequence, ids in checked:
             self._pos[sequence] += len(ids)

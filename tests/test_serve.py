@@ -392,6 +392,10 @@ def test_a_llamacpp_batch_steps_sequences_together_as_separate_sessions_would(ti
     assert np.abs(cut[1] - reference).max() <= 1e-3 * max(1.0, np.abs(reference).max())
     with pytest.raises(PromptError):
         batch.step([(0, np.array([10**6]))])
+    with pytest.raises(ValueError):  # more ids than one llama_decode takes: refused, not written past the batch
+        batch.step([(0, np.ones(batch.n_batch, dtype=np.int64)), (1, np.array([3]))])
+    with pytest.raises(ValueError):
+        batch.step([(0, np.array([3])), (0, np.array([4]))])
     single.close()
     batch.close()
 
