@@ -406,16 +406,29 @@ def test_concurrent_requests_on_a_gguf_are_batched_and_each_gets_its_own_text(ti
         client, model = running.client(), _model(running)
         prompts = ["Tell me a story.", "Count to ten.", "What is a cache?"]
 
-        def ask(prompt):
+        start = threading.Barrier(3)
+
+        def ask(prompt, together=False):
+            if together:  # the tiny model answers in milliseconds: start the three at once
+                start.wait(timeout=60)
             stream = client.chat.completions.create(
-                model=model, messages=[{"role": "user", "content": prompt}], max_tokens=24, temperature=0, stream=True
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=64,
+                temperature=0,
+                stream=True,
+                extra_body={"ignore_eos": True},
             )
             return "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
 
         alone = [ask(p) for p in prompts]  # one at a time: nothing to batch
         steps_alone = running.served.scheduler.steps
         results: dict[int, str] = {}
-        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, ask(prompts[i]))) for i in range(3)]
+
+        def ask_together(i):
+            results[i] = ask(prompts[i], together=True)
+
+        threads = [threading.Thread(target=ask_together, args=(i,)) for i in range(3)]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -424,6 +437,7 @@ def test_concurrent_requests_on_a_gguf_are_batched_and_each_gets_its_own_text(ti
         scheduler = running.served.scheduler
         together = scheduler.steps - steps_alone
         assert together < 0.7 * steps_alone, (together, steps_alone)  # most steps carried several sequences
+        assert running.metric("edgelm_batch_sequences_sum") == scheduler.stepped_sequences
         assert running.metric("edgelm_active_sessions") == 0
     finally:
         running.stop()

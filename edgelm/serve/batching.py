@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,8 +46,9 @@ class StepScheduler:
     """Owns a batch runtime (`step(work)`, `truncate(sequence, length)`, `sequences`, `n_batch`,
     `capabilities`) and the thread that steps it."""
 
-    def __init__(self, batch: Any, gather_s: float = GATHER_S) -> None:
+    def __init__(self, batch: Any, gather_s: float = GATHER_S, on_step: Callable[[int], None] | None = None) -> None:
         self.batch = batch
+        self._on_step = on_step or (lambda sequences: None)  # told how many sequences each step carried
         self.capabilities: Capabilities = batch.capabilities
         self.gather_s = gather_s
         self.steps = 0  # runtime steps run, and the sequences they carried (for tests and metrics)
@@ -94,9 +96,13 @@ class StepScheduler:
         with self._runtime:  # a request that starts meanwhile waits here in the scheduler's step
             for start in range(0, len(ask.ids), self.batch.n_batch):
                 logits = self.batch.step([(ask.sequence, ask.ids[start : start + self.batch.n_batch])])
-                self.steps += 1
-                self.stepped_sequences += 1
+                self._count(1)
         return np.array(logits[0])
+
+    def _count(self, sequences: int) -> None:
+        self.steps += 1
+        self.stepped_sequences += sequences
+        self._on_step(sequences)
 
     def truncate(self, sequence: int, length: int) -> None:
         with self._runtime:
@@ -151,8 +157,7 @@ class StepScheduler:
                     self._asks.pop(ask.sequence, None)
                     ask.answered.set()
             return
-        self.steps += 1
-        self.stepped_sequences += len(work)
+        self._count(len(work))
         with self._cond:
             for row, (ask, chunk) in enumerate(work):
                 ask.done_tokens += len(chunk)

@@ -98,7 +98,12 @@ class ServedModel:
         if parallel <= 1 or not hasattr(runtime, "open_batch"):
             return None
         path = self.bundle / self.model.artifact.path
-        return StepScheduler(runtime.open_batch(path, parallel, threads=threads))
+        scheduler = StepScheduler(runtime.open_batch(path, parallel, threads=threads), on_step=self._counted)
+        self.model.session().close()  # the batch's sequences serve every request: free the idle cache (and process)
+        return scheduler
+
+    def _counted(self, sequences: int) -> None:
+        self.metrics.batch_sequences.observe(sequences)
 
     @property
     def batched(self) -> int:

@@ -34,6 +34,12 @@ class ServerMetrics:
         self.completion_tokens = Counter("edgelm_completion_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("edgelm_queue_depth", "Requests waiting for the model", registry=r)
         self.active = Gauge("edgelm_active_sessions", "Requests being generated now", registry=r)
+        self.batch_sequences = Histogram(
+            "edgelm_batch_sequences",
+            "Requests each batched runtime step carried (GGUF with --parallel above 1)",
+            buckets=(1, 2, 4, 8, 16, 32, 64),
+            registry=r,
+        )
         rss = Gauge("edgelm_resident_memory_bytes", "The server process's resident memory", registry=r)
         process = psutil.Process(os.getpid())
         rss.set_function(lambda: process.memory_info().rss)
