@@ -214,12 +214,11 @@ def concurrent(server: ServerProcess, clients: int) -> dict[str, Any]:
 
 def runtime_batch(bundle: Path, fmt: str, steps: int = 40) -> dict[str, Any]:
     """llama.cpp alone, every sequence one token per step after a 30-token prompt each."""
-    import edgelm
+    from edgelm.bundle import read_bundle
     from edgelm.session import get_runtime
 
-    lm = edgelm.load(bundle, format=fmt, threads=THREADS)
-    path, runtime = bundle / lm.artifact.path, get_runtime(lm.artifact.runtime)
-    lm.close()
+    entry = read_bundle(bundle).artifact(fmt)
+    path, runtime = bundle / entry.path, get_runtime(entry.runtime)
     result = {}
     for sequences in (1, 4, 8):
         batch = runtime.open_batch(path, sequences, threads=THREADS)

@@ -133,41 +133,40 @@ class _Context:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.kv_type = "F32" if f32 else "F16"
 
-    def decode(self, ids: np.ndarray, start: int, want_logits: bool) -> None:
-        """Run ids (<= n_batch) at positions start.. in sequence 0; logits for every position if asked."""
-        batch = self.batch
-        batch.n_tokens = len(ids)
-        for i, token in enumerate(ids):
-            batch.token[i] = int(token)
-            batch.pos[i] = start + i
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
-            batch.logits[i] = want_logits
-        status = self._lib.llama_decode(self.ctx, batch)
-        if status != 0:
-            raise InvalidModelError(f"llama_decode failed with status {status} (context {self.n_ctx} tokens)")
+    def decode(self, ids: np.ndarray, start: int) -> None:
+        """Run ids (<= n_batch) at positions start.. in sequence 0, with logits for every position."""
+        self._run([(0, ids, start)], every_position=True)
 
     def decode_sequences(self, work: list[tuple[int, np.ndarray, int]]) -> np.ndarray:
         """One llama_decode over several sequences: (sequence, ids, start position) each, ids of
         all together <= n_batch; the logits [len(work), vocab] of each one's last position."""
-        batch, i, last = self.batch, 0, []
-        for sequence, ids, start in work:
-            for offset, token in enumerate(ids):
-                batch.token[i], batch.pos[i] = int(token), start + offset
-                batch.n_seq_id[i], batch.seq_id[i][0] = 1, sequence
-                batch.logits[i] = offset == len(ids) - 1
-                i += 1
-            last.append(i - 1)
-        batch.n_tokens = i
-        status = self._lib.llama_decode(self.ctx, batch)
-        if status != 0:
-            raise InvalidModelError(f"llama_decode failed with status {status} ({len(work)} sequences, {i} tokens)")
+        last = self._run(work, every_position=False)
         return np.stack(
             [
                 np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx, index), shape=(self.n_vocab,))
                 for index in last  # llama.cpp indexes outputs by their token's place in the batch
             ]
         )
+
+    def _run(self, work: list[tuple[int, np.ndarray, int]], every_position: bool) -> list[int]:
+        """Fill the batch with each (sequence, ids, start) and decode it; logits for every
+        position, or only each sequence's last. Returns the batch index of each one's last token."""
+        batch, i, last = self.batch, 0, []
+        for sequence, ids, start in work:
+            for offset, token in enumerate(ids):
+                batch.token[i], batch.pos[i] = int(token), start + offset
+                batch.n_seq_id[i], batch.seq_id[i][0] = 1, sequence
+                batch.logits[i] = every_position or offset == len(ids) - 1
+                i += 1
+            last.append(i - 1)
+        batch.n_tokens = i
+        status = self._lib.llama_decode(self.ctx, batch)
+        if status != 0:
+            raise InvalidModelError(
+                f"llama_decode failed with status {status} ({len(work)} sequences, {i} tokens, "
+                f"context {self.n_ctx} tokens each)"
+            )
+        return last
 
     def logits(self, rows: int) -> np.ndarray:
         pointer = self._lib.llama_get_logits(self.ctx)
@@ -207,13 +206,13 @@ class LlamaCppSession:
         out = []
         for start in range(0, len(ids), self._c.n_batch):
             chunk = ids[start : start + self._c.n_batch]
-            self._c.decode(chunk, self._pos, True)
+            self._c.decode(chunk, self._pos)
             self._pos += len(chunk)
             out.append(self._c.logits(len(chunk)))
         return np.concatenate(out)
 
     def decode(self, token_id: int) -> np.ndarray:
-        self._c.decode(token_ids([token_id], self.capabilities), self._pos, True)
+        self._c.decode(token_ids([token_id], self.capabilities), self._pos)
         self._pos += 1
         return self._c.logits(1)[0]
 
@@ -288,7 +287,7 @@ class LlamaCppEncoderSession:
         out = np.zeros((len(input_ids), dim), dtype=np.float32)
         for row, (ids, mask) in enumerate(zip(input_ids, attention_mask)):
             self._c.clear()
-            self._c.decode(np.asarray(ids)[np.asarray(mask) > 0], 0, True)
+            self._c.decode(np.asarray(ids)[np.asarray(mask) > 0], 0)
             vector = np.ctypeslib.as_array(lib.llama_get_embeddings_seq(self._c.ctx, 0), shape=(dim,))
             out[row] = vector / max(float(np.linalg.norm(vector)), 1e-12)
         return out

@@ -51,8 +51,6 @@ class StepScheduler:
         self._on_step = on_step or (lambda sequences: None)  # told how many sequences each step carried
         self.capabilities: Capabilities = batch.capabilities
         self.gather_s = gather_s
-        self.steps = 0  # runtime steps run, and the sequences they carried (for tests and metrics)
-        self.stepped_sequences = 0
         self._last_step_s = 0.0
         self._cond = threading.Condition()
         self._asks: dict[int, _Ask] = {}
@@ -96,13 +94,8 @@ class StepScheduler:
         with self._runtime:  # a request that starts meanwhile waits here in the scheduler's step
             for start in range(0, len(ask.ids), self.batch.n_batch):
                 logits = self.batch.step([(ask.sequence, ask.ids[start : start + self.batch.n_batch])])
-                self._count(1)
+                self._on_step(1)
         return np.array(logits[0])
-
-    def _count(self, sequences: int) -> None:
-        self.steps += 1
-        self.stepped_sequences += sequences
-        self._on_step(sequences)
 
     def truncate(self, sequence: int, length: int) -> None:
         with self._runtime:
@@ -157,7 +150,7 @@ class StepScheduler:
                     self._asks.pop(ask.sequence, None)
                     ask.answered.set()
             return
-        self._count(len(work))
+        self._on_step(len(work))
         with self._cond:
             for row, (ask, chunk) in enumerate(work):
                 ask.done_tokens += len(chunk)
