@@ -264,5 +264,6 @@ class ArtifactBuilder:
         """Stop any background export still running; drop the scratch files exporters kept
         between their recipes."""
         self.background.close()
+        self.calibration.release(set())  # its files in the work folder go before the bundle is sealed
         for fmt in self._variant:
             get_exporter(fmt).finish(self.work)

@@ -4,13 +4,16 @@ The calibration text is the training split of `edgelm compress`'s cleaned corpus
 own documentation, with the parity text removed before anything else), so no artifact is
 calibrated on the text its parity is measured on. One `Calibration` per export owns the
 token windows and, per quantization recipe (int4, int8), the activation-aware scaled copy
-of the model (edgelm.scaling), each made on first use.
+of the model (edgelm.scaling) and its layers' GPTQ statistics, each made on first use. The
+statistics live in files under the export's own work folder (`statistics`), not in memory.
 """
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgelm.scaling import PROXIES, capture_inputs, scale_for_quantization
@@ -49,8 +52,10 @@ class Calibration:
         tokenizer: Any,
         settings: CalibrationSettings | None = None,
         progress: Callable[[int, int], None] | None = None,
+        statistics: Path | None = None,
     ) -> None:
         self.model = model
+        self.statistics = statistics  # a folder for GPTQ statistics (None: kept in memory), made and removed here
         self.tokenizer = tokenizer
         self.settings = settings or CalibrationSettings()
         self.progress = progress
@@ -85,11 +90,18 @@ class Calibration:
 
     def hessians(self, recipe: str) -> dict[str, Any]:
         """Per Linear of the scaled model for `recipe`, its inputs' Σ xxᵀ on the calibration text
-        (edgelm.gptq), for exporters that pick their 4-bit codes by GPTQ."""
+        (edgelm.gptq), for exporters that pick their 4-bit codes by GPTQ; stored in files under
+        `statistics` when given."""
         if recipe not in self._hessians:
             from edgelm.gptq import collect_hessians
 
-            self._hessians[recipe] = collect_hessians(self.scaled_model(recipe)[0], self.batches())
+            sums = collect_hessians(self.scaled_model(recipe)[0], self.batches())
+            if self.statistics is not None:
+                folder = self.statistics / recipe
+                folder.mkdir(parents=True, exist_ok=True)
+                for number, accumulator in enumerate({id(a): a for a in sums.values()}.values()):
+                    accumulator.store(folder / f"{number}.npy")  # shared by the Linears that read one input
+            self._hessians[recipe] = sums
         return self._hessians[recipe]
 
     def release(self, keep: set[str]) -> None:
@@ -99,8 +111,12 @@ class Calibration:
         for recipe in [r for r in self._scaled if r not in keep]:
             del self._scaled[recipe]
             self._hessians.pop(recipe, None)
+            if self.statistics is not None:
+                shutil.rmtree(self.statistics / recipe, ignore_errors=True)
         if not keep:
             self._inputs = None
+            if self.statistics is not None and self.statistics.is_dir() and not any(self.statistics.iterdir()):
+                self.statistics.rmdir()
 
     def sensitive_layers(self, recipe: str, fraction: float) -> tuple[int, ...]:
         """The `fraction` of layers whose simulated `recipe` quantization errs most on the

@@ -39,6 +39,7 @@ from edgelm.vendors import generation_facts
 from edgelm.vendors.check import VendorChecks
 
 QUANT_RECIPES = ("fp32", "fp16", "int8", "int4")  # the README's recipes; each format maps them to its own types
+CALIBRATION_STATISTICS = ".calibration-statistics"  # GPTQ statistics, in the work folder while the export runs
 
 
 @dataclass
@@ -375,7 +376,12 @@ def export_bundle(
             evaluation,
             reference,
             step,
-            Calibration(model_obj, tokenizer, progress=_note_progress(step, "calibrating")),
+            Calibration(
+                model_obj,
+                tokenizer,
+                progress=_note_progress(step, "calibrating"),
+                statistics=work / CALIBRATION_STATISTICS,
+            ),
             _vendor_checks(model_obj, tokenizer, evaluation, source, work, options),
         )
         failures = _build_all(builder, plan, manifest, options)

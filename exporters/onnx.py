@@ -158,30 +158,62 @@ def layer_matmuls(model: Any, layers: tuple[int, ...]) -> list[str]:
 
 
 def _integer_matmuls(
-    model: Any, quant: str, layers_8bit: tuple[int, ...], gptq: tuple[dict[str, Any], dict[str, str]] | None
+    model: Any,
+    quant: str,
+    layers_8bit: tuple[int, ...],
+    source: Any | None,
+    hessians: dict[str, Any] | None,
 ) -> tuple[Any, int, set[str]]:
     """MatMulNBits for every weight MatMul: (the model, layers block-bias corrected, layers that
     took GPTQ's codes). The output projection decides every token; like llama.cpp's Q4_K_M
     (which keeps it at 6 bits), int4 keeps it at HEAD_BITS and quantizes the transformer layers to 4."""
-    from onnx import numpy_helper
-
     from edgelm.exporters.onnx_block_bias import add_block_bias_correction
 
     if NBITS[quant] == HEAD_BITS:
         return _matmul_nbits(model, HEAD_BITS), 0, set()
     head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
-    # the bias correction needs the float weights the quantizer is about to replace
-    weights = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer if len(t.dims) == 2}
+    # the bias correction and GPTQ need the float weights the quantizer is about to replace
+    weights, modules = source_weights(model, source)
     eight = head + layer_matmuls(model, layers_8bit)
     model = _matmul_nbits(model, NBITS[quant], exclude=eight)
     model = _matmul_nbits(model, HEAD_BITS, include=eight)
     recoded: set[str] = set()
-    if gptq:
+    if hessians:
         from edgelm.exporters.onnx_gptq import apply_gptq
 
-        recoded = apply_gptq(model, weights, *gptq)
+        recoded = apply_gptq(model, weights, hessians, modules)
     corrected = add_block_bias_correction(model, {k: w for k, w in weights.items() if k not in recoded})
     return model, corrected, recoded
+
+
+def source_weights(model: Any, source: Any | None) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the fp32 [K, N] weight of every MatMul of `model` by initializer name, the torch Linear
+    of `source` each one is, by the same name).
+
+    A weight found in `source` (the torch model the graph was exported from, matched by its
+    bytes) is a view of that Linear's weight, not a copy: copied, a 1B model's weights were a
+    second 5 GB beside the graph being quantized. Others are copied from the graph."""
+    import torch
+    from onnx import numpy_helper
+
+    from edgelm.gptq import weight_fingerprint
+
+    linears = {
+        weight_fingerprint(module.weight.detach().T.numpy()): (name, module.weight.detach().numpy().T)
+        for name, module in (source.named_modules() if source is not None else ())
+        if isinstance(module, torch.nn.Linear)
+    }
+    inits = {t.name: t for t in model.graph.initializer if len(t.dims) == 2}
+    weights: dict[str, Any] = {}
+    modules: dict[str, str] = {}
+    for name in {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits}:
+        graph_weight = numpy_helper.to_array(inits[name])
+        found = linears.get(weight_fingerprint(graph_weight))
+        if found is None:
+            weights[name] = graph_weight
+        else:
+            modules[name], weights[name] = found
+    return weights, modules
 
 
 def quantize_weights(
@@ -189,13 +221,15 @@ def quantize_weights(
     dst: Path,
     quant: str,
     layers_8bit: tuple[int, ...] = (),
-    gptq: tuple[dict[str, Any], dict[str, str]] | None = None,
+    source: Any | None = None,
+    hessians: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write `src` quantized per `quant` to `dst`; return what was done (for the manifest).
 
-    `layers_8bit` (int4 only): layers whose matrices stay 8-bit (mixed precision). `gptq` (int4
-    only): (Hessians by module name, weight fingerprint → module name) of the torch model `src`
-    was exported from; each 4-bit layer then keeps GPTQ's codes on onnxruntime's own grid or
+    `layers_8bit` (int4 only): layers whose matrices stay 8-bit (mixed precision). `source`:
+    the torch model `src` was exported from (its weights are read instead of copies of the
+    graph's). `hessians` (int4 only, with `source`): the Hessians of its Linears by module
+    name; each 4-bit layer then keeps GPTQ's codes on onnxruntime's own grid or
     round-to-nearest with the block-bias correction, whichever errs less on the calibration
     inputs (exporters/onnx_gptq.py); the two are not combined (the block bias undoes part of
     GPTQ's compensation: simulated on the mild off-grid twin, 1.0765 with it, 1.0652 without)."""
@@ -210,7 +244,7 @@ def quantize_weights(
     else:
         from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
 
-        model, corrected, recoded = _integer_matmuls(model, quant, layers_8bit, gptq)
+        model, corrected, recoded = _integer_matmuls(model, quant, layers_8bit, source, hessians)
         shared = share_quantized_embedding(model, TIED_TABLE)
         done = {
             "op": "MatMulNBits",
@@ -222,24 +256,10 @@ def quantize_weights(
             "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
             "block_bias_correction": corrected,
             **({"layers_at_8_bits": list(layers_8bit)} if layers_8bit else {}),
-            **({"gptq_layers": len(recoded)} if NBITS[quant] == 4 and gptq else {}),
+            **({"gptq_layers": len(recoded)} if NBITS[quant] == 4 and hessians else {}),
         }
     done["external_data"] = bool(save_model(model, dst))
     return done
-
-
-def linear_fingerprints(model: Any) -> dict[str, str]:
-    """weight_fingerprint → module name of every Linear of `model`, as its weight appears in the
-    exported graph ([in, out]): how a MatMul initializer finds its torch layer's Hessian."""
-    import torch
-
-    from edgelm.gptq import weight_fingerprint
-
-    return {
-        weight_fingerprint(module.weight.detach().T.numpy()): name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    }
 
 
 def _matmul_nbits(model: Any, bits: int, include: list[str] | None = None, exclude: list[str] | None = None) -> Any:
@@ -312,8 +332,8 @@ class OnnxExporter(Exporter):
                 "external_data": bool(save_model(onnx.load(str(scratch)), path)),
             }
         else:
-            gptq = (hessians, linear_fingerprints(model)) if hessians and quant == "int4" else None
-            recipe = quantize_weights(scratch, path, quant, layers_8bit, gptq)
+            gptq = hessians if quant == "int4" else None
+            recipe = quantize_weights(scratch, path, quant, layers_8bit, model, gptq)
         # onnxruntime cannot write a >2 GB optimized model in place; such models are optimized at load.
         recipe["optimized_offline"] = not recipe["external_data"]
         if recipe["optimized_offline"]:

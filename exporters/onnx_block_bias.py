@@ -77,7 +77,8 @@ def add_block_bias_correction(model: Any, original_weights: dict[str, np.ndarray
             n,
             block,
         )
-        residual = original_weights[source_name].astype(np.float32) - dequantized
+        # contiguous [K, N] like the graph's own copy (a transposed view sums in another order)
+        residual = np.ascontiguousarray(original_weights[source_name], dtype=np.float32) - dequantized
         delta = residual.reshape(k // block, block, n).mean(axis=1)  # [K/block, N]
         prefix = node.name or node.output[0]
         graph.initializer.extend(

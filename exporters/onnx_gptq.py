@@ -26,7 +26,6 @@ from edgelm.gptq import (
     gptq_codes,
     output_error,
     searched_grid,
-    weight_fingerprint,
 )
 
 
@@ -34,13 +33,13 @@ def apply_gptq(
     model: Any,
     original_weights: dict[str, np.ndarray],
     hessians: dict[str, HessianAccumulator],
-    fingerprints: dict[str, str],
+    modules: dict[str, str],
 ) -> set[str]:
     """Re-pick the grid and codes of every 4-bit MatMulNBits whose float weight has a Hessian.
 
     `original_weights`: the fp32 MatMul weights ([K, N]) by initializer name, read before
-    quantization; `fingerprints`: weight_fingerprint → module name of the torch model the
-    graph was exported from; `hessians`: module name → its inputs' accumulator. Returns the
+    quantization; `modules`: initializer name → the torch Linear it was exported from
+    (exporters.onnx.source_weights); `hessians`: module name → its inputs' accumulator. Returns the
     float weight names whose nodes got GPTQ codes. Modifies `model` in place.
     """
     import torch
@@ -57,7 +56,7 @@ def apply_gptq(
         weight = original_weights.get(source_name)
         if attrs.get("bits") != 4 or len(node.input) < 4 or weight is None or k % block or block % 2:
             continue
-        module = fingerprints.get(weight_fingerprint(weight))
+        module = modules.get(source_name)
         if module is None or module not in hessians:
             continue
         blocks = k // block

@@ -106,6 +106,7 @@ def test_quantized_artifacts_record_their_calibration(tiny_llama, tmp_path):
     assert quantization["gptq_layers"] + quantization["block_bias_correction"] == 7 * 2
     written = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert {a["name"]: a["recipe"]["chosen"] for a in written["artifacts"]}["onnx-int4"] == "int4"
+    assert not (tmp_path / "b" / ".calibration-statistics").exists()  # GPTQ's files went with the export
 
 
 def test_a_quantization_no_recipe_makes_faithful_is_left_out_not_the_export(tiny_llama, tmp_path):
@@ -198,3 +199,23 @@ def test_onnx_mixed_precision_keeps_the_chosen_layers_at_8_bits(tiny_llama, tmp_
     }
     assert {bits[f"{name}_Q8"] for name in layer1} == {8}
     assert sum(1 for b in bits.values() if b == 4) == 7 * (model.config.num_hidden_layers - 1)
+
+
+def test_onnx_quantization_reads_the_torch_weights_instead_of_copying_the_graphs(tiny_llama, tmp_path):
+    """source_weights hands the quantizer views of the torch Linears the graph was exported from;
+    the file it writes is the one the graph's own copies give."""
+    import numpy as np
+    import onnx
+
+    from edgelm.exporters.onnx import export_decoder_onnx, quantize_weights, source_weights
+
+    model = _load(tiny_llama)
+    export_decoder_onnx(model, tmp_path / "fp32.onnx")
+    weights, modules = source_weights(onnx.load(str(tmp_path / "fp32.onnx")), model)
+    assert len(modules) == 7 * model.config.num_hidden_layers + 1  # every layer's Linears and the head
+    for name, module in modules.items():
+        torch_weight = model.get_submodule(module).weight.detach().numpy()
+        assert np.shares_memory(weights[name], torch_weight) and weights[name].shape == torch_weight.T.shape
+    quantize_weights(tmp_path / "fp32.onnx", tmp_path / "copies.onnx", "int4")
+    quantize_weights(tmp_path / "fp32.onnx", tmp_path / "views.onnx", "int4", source=model)
+    assert (tmp_path / "copies.onnx").read_bytes() == (tmp_path / "views.onnx").read_bytes()

@@ -109,7 +109,6 @@ def test_each_layer_keeps_gptq_or_the_block_bias_whichever_errs_less():
     from onnx import numpy_helper
 
     from edgelm.exporters.onnx_gptq import apply_gptq
-    from edgelm.gptq import weight_fingerprint
 
     rng = np.random.default_rng(0)
     k, n = 128, 48
@@ -132,7 +131,7 @@ def test_each_layer_keeps_gptq_or_the_block_bias_whichever_errs_less():
             model,
             {"w": weight.astype(np.float32)},
             {"layer": accumulator},
-            {weight_fingerprint(weight.astype(np.float32)): "layer"},
+            {"w": "layer"},
         )
         assert done == recoded
         after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -165,7 +164,7 @@ def test_the_written_grid_and_codes_are_what_onnxruntime_computes_with():
 
     from edgelm.exporters.onnx_block_bias import dequantize_matmul_nbits
     from edgelm.exporters.onnx_gptq import apply_gptq
-    from edgelm.gptq import output_error, weight_fingerprint
+    from edgelm.gptq import output_error
 
     rng = np.random.default_rng(1)
     k, n = 96, 40
@@ -177,7 +176,7 @@ def test_the_written_grid_and_codes_are_what_onnxruntime_computes_with():
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     node = next(node for node in model.graph.node if node.op_type == "MatMulNBits")
     round_to_nearest_weight = dequantize_matmul_nbits(*(inits[name] for name in node.input[1:4]), k, n, BLOCK)
-    assert apply_gptq(model, {"w": weight}, {"layer": accumulator}, {weight_fingerprint(weight): "layer"}) == {"w"}
+    assert apply_gptq(model, {"w": weight}, {"layer": accumulator}, {"w": "layer"}) == {"w"}
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     written = dequantize_matmul_nbits(*(inits[name] for name in node.input[1:4]), k, n, BLOCK)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -217,3 +216,38 @@ def test_fitted_block_offsets_recover_a_grid_never_lose_to_the_mean_and_keep_uns
     recovered = fitted_offsets(on_grid, symmetric, h, torch.zeros(16, 4))
     assert torch.allclose(recovered[:, :3], true[:, :3], atol=1e-4)
     assert torch.equal(fitted_offsets(on_grid, symmetric, h, true), true)  # already exact: kept as is
+
+
+def test_stored_sums_pick_the_same_codes_and_leave_memory(tmp_path):
+    """A stored accumulator holds no sum in memory and gives GPTQ exactly what it gave before."""
+    torch.manual_seed(0)
+    accumulator = HessianAccumulator(64)
+    accumulator.add(torch.randn(512, 64) @ (torch.randn(64, 64) + 3 * torch.eye(64)))
+    weight = torch.randn(24, 64)
+    scale, zero = asymmetric_grid(weight)
+    in_memory = gptq_codes(weight, accumulator, scale, zero, BLOCK)
+    hessian = accumulator.hessian()
+    accumulator.store(tmp_path / "sums.npy")
+    assert accumulator.total is None and (tmp_path / "sums.npy").stat().st_size >= 64 * 64 * 4
+    assert torch.equal(accumulator.hessian(), hessian)
+    assert torch.equal(gptq_codes(weight, accumulator, scale, zero, BLOCK), in_memory)
+
+
+def test_calibration_statistics_live_in_their_folder_until_released(tiny_llama, tmp_path):
+    from edgelm.calibration import Calibration, CalibrationSettings
+    from edgelm.model import inspect_source, load_reference_model
+    from edgelm.tokenizer import Tokenizer
+
+    model = load_reference_model(inspect_source(tiny_llama), tmp_path / "tokenizer")
+    folder = tmp_path / "statistics"
+    calibration = Calibration(
+        model, Tokenizer(tmp_path / "tokenizer"), CalibrationSettings(tokens=256, window=64), statistics=folder
+    )
+    sums = calibration.hessians("int4")
+    distinct = {id(a): a for a in sums.values()}.values()
+    assert all(a.total is None and a.file.parent == folder / "int4" for a in distinct)
+    assert len(list((folder / "int4").iterdir())) == len(distinct) == 4 * model.config.num_hidden_layers
+    calibration.release({"int4"})
+    assert (folder / "int4").is_dir()
+    calibration.release(set())
+    assert not folder.exists()
