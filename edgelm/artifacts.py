@@ -106,6 +106,15 @@ class ArtifactBuilder:
         recipe = exporter.gate_recipe(quant)
         return exporter, name, recipe, recipe_ladder(exporter, quant, recipe, self.options.calibrate)
 
+    def grouped_by_recipe(self, plan: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """`plan` with the artifacts of one calibration recipe next to each other (every int4,
+        then every int8, in plan order otherwise): a recipe's scaled copy of the model is freed
+        once its last artifact is built, so only one copy is held at a time instead of two for
+        most of the export (2 GB at 0.5B parameters, 5 GB at 1.24B)."""
+        recipes = [self._ladder(fmt, quant)[2] for fmt, quant in plan]
+        first = {recipe: recipes.index(recipe) for recipe in recipes}
+        return [item for _, item in sorted(zip(recipes, plan, strict=True), key=lambda pair: first[pair[0]])]
+
     def start_background_exports(self, plan: list[tuple[str, str]]) -> list[tuple[str, str]]:
         """Start the first recipe of each artifact whose exporter is slow single-threaded Python
         (`exports_in_background`) in a worker process, when there is other work to overlap it

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgelm import __version__
 from edgelm.artifacts import REFERENCE_FORMAT, ArtifactBuilder
-from edgelm.bundle import Manifest, atomic_bundle_dir, write_manifest
+from edgelm.bundle import ArtifactEntry, Manifest, atomic_bundle_dir, write_manifest
 from edgelm.calibration import Calibration
 from edgelm.encoder_eval import ENCODER_GATES
 from edgelm.errors import EdgeLMError, ExportError, ParityError, UnsupportedError
@@ -316,19 +316,22 @@ def _build_all(
     """Build every planned artifact into `manifest`; the gate failures (an artifact whose every
     recipe missed its gate is left out and recorded, not failed)."""
     failures = []
+    built: dict[tuple[str, str], ArtifactEntry] = {}
     try:
-        order = builder.start_background_exports(plan) if options.background else plan
+        order = builder.grouped_by_recipe(plan)
+        order = builder.start_background_exports(order) if options.background else order
         for index, (fmt, quant) in enumerate(order):
             entry, failure = builder.build(fmt, quant)
             builder.release_unneeded(order[index + 1 :])
             if entry is not None:
-                manifest.artifacts.append(entry)
+                built[(fmt, quant)] = entry
             if failure:
                 failures.append(failure)
             elif entry is None:
                 manifest.reference.setdefault("omitted", {})[f"{fmt}-{quant}"] = builder.omitted[-1]
     finally:
         builder.finish_all()  # also stops a background export when another artifact failed
+    manifest.artifacts += [built[item] for item in plan if item in built]  # the preset's order of preference
     return failures
 
 

@@ -36,7 +36,11 @@ def test_an_export_lowers_executorch_in_the_background_and_leaves_no_scratch(tin
         tiny_llama, tmp_path / "bundle", fast_export_options(formats=("executorch", "gguf"), quants=("int8",))
     )
     names = [a.name for a in manifest.artifacts]
-    assert names == ["reference-fp32", "gguf-int8", "executorch-int8"]  # the background artifact comes last
+    assert names == ["reference-fp32", "executorch-int8", "gguf-int8"]  # the plan's order of preference
+    order = [s["step"] for s in manifest.export_steps]
+    assert order.index("Exporting gguf-int8") < order.index(
+        "Waiting for executorch-int8's export in its background process"
+    )
     executorch = manifest.artifact("executorch")
     assert executorch.parity["passed"] and executorch.parity["ppl_ratio"] < 1.01
     steps = {s["step"]: s for s in manifest.export_steps}

@@ -219,3 +219,30 @@ def test_onnx_quantization_reads_the_torch_weights_instead_of_copying_the_graphs
     quantize_weights(tmp_path / "fp32.onnx", tmp_path / "copies.onnx", "int4")
     quantize_weights(tmp_path / "fp32.onnx", tmp_path / "views.onnx", "int4", source=model)
     assert (tmp_path / "copies.onnx").read_bytes() == (tmp_path / "views.onnx").read_bytes()
+
+
+def test_artifacts_are_built_one_recipe_at_a_time_and_listed_in_the_plans_order(tiny_llama, tmp_path):
+    """Every int4 artifact, then every int8 one (one scaled copy of the model held at a time);
+    the manifest keeps the preset's order of preference."""
+    from edgelm.artifacts import ArtifactBuilder
+
+    plan = [("safetensors", "fp32"), ("gguf", "int4"), ("gguf", "int8"), ("onnx", "int4"), ("onnx", "int8")]
+    builder = ArtifactBuilder.__new__(ArtifactBuilder)
+    builder.options = fast_export_options()
+    assert builder.grouped_by_recipe(plan) == [plan[0], plan[1], plan[3], plan[2], plan[4]]
+    manifest = export_bundle(
+        tiny_llama,
+        tmp_path / "b",
+        fast_export_options(profile=False, formats=("gguf", "onnx"), quants=("int4", "int8")),
+    )
+    assert [a.name for a in manifest.artifacts] == [
+        "reference-fp32",
+        "gguf-int4",
+        "gguf-int8",
+        "onnx-int4",
+        "onnx-int8",
+    ]
+    exports = [s["step"] for s in manifest.export_steps if s["step"].startswith("Exporting ")]
+    assert exports == [
+        f"Exporting {name}" for name in ("reference-fp32", "gguf-int4", "onnx-int4", "gguf-int8", "onnx-int8")
+    ]
