@@ -11,7 +11,10 @@ file size, parity (ppl ratio; for random weights the logit measures — mean KL,
 agreement — are what count), decode tok/s from the export's profile and its fraction of the
 bandwidth bound (read bandwidth measured in the same run ÷ file bytes: decode reads every
 weight once per token). `--work` keeps models and bundles: a re-run reads an unchanged bundle
-back in seconds, so a long run can be extended one shape at a time.
+back in seconds. Each model's row carries the read bandwidth measured right after its own
+export, and a run merges its rows into the `--out` file already there (a model's row is
+replaced), so a table too long for one sitting is filled one shape at a time, each row beside
+the bandwidth of its own run.
 """
 
 from __future__ import annotations
@@ -105,23 +108,23 @@ def export(work: Path, name: str, extra: list[str]) -> dict[str, Any]:
 
 def table(record: dict[str, Any]) -> str:
     """The README's table: decode and size per format and model, with the share of the bound."""
-    bandwidth = record["read_bandwidth_gb_s"]
     lines = [
-        f"Read bandwidth measured in the same run: {bandwidth} GB/s ({record['threads']} threads); "
-        "bound = bandwidth ÷ file bytes.",
+        f"Read bandwidth ({record['threads']} threads) measured right after each model's export, in the same "
+        "run; bound = bandwidth ÷ file bytes (decode reads every weight once per token).",
         "",
-        "| model | artifact | MB | decode tok/s | share of bound | ppl ratio | mean KL |",
-        "|---|---|---|---|---|---|---|",
+        "| model | artifact | MB | decode tok/s | read GB/s | share of bound | ppl ratio | mean KL |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for model in record["models"]:
         if "failed" in model:
-            lines.append(f"| {model['model']} | export failed: {' '.join(model['failed'])[:120]} | | | | | |")
+            lines.append(f"| {model['model']} | export failed: {' '.join(model['failed'])[:120]} | | | | | | |")
             continue
+        bandwidth = model["read_bandwidth_gb_s"]
         for a in model["artifacts"]:
             speed = a["decode_tok_s"] or 0.0
             share = speed / (bandwidth * 1e9 / (a["mb"] * 1e6))
             lines.append(
-                f"| {model['model']} | {a['artifact']} | {a['mb']:.0f} | {speed:.1f} | {share:.0%} "
+                f"| {model['model']} | {a['artifact']} | {a['mb']:.0f} | {speed:.1f} | {bandwidth} | {share:.0%} "
                 f"| {a['ppl_ratio']:.4f} | {a['mean_kl']:.4f} |"
             )
     lines += ["", "| model | parameters | export wall | peak RSS (budget 2.5× fp32) | slowest step | left out |"]
@@ -153,18 +156,17 @@ def main() -> None:
     if not (args.work and args.out):
         parser.error("--work and --out are needed to run")
     args.work.mkdir(parents=True, exist_ok=True)
-    models = []
+    record = json.loads(args.out.read_text()) if args.out.exists() else {"models": [], "threads": args.threads}
+    if record["threads"] != args.threads:
+        parser.error(f"{args.out} was measured with {record['threads']} threads; write another file")
     for name in args.models.split(","):
-        models.append(export(args.work, name, extra))
-        print(json.dumps({k: v for k, v in models[-1].items() if k not in ("export_steps", "artifacts")}), flush=True)
-    record = {
-        "models": models,
-        "read_bandwidth_gb_s": read_bandwidth_gb_s(args.threads),
-        "threads": args.threads,
-        "device": device_record(),
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+        model = export(args.work, name, extra)
+        model["read_bandwidth_gb_s"] = read_bandwidth_gb_s(args.threads)  # this machine, now
+        model["device"] = device_record()
+        print(json.dumps({k: v for k, v in model.items() if k not in ("export_steps", "artifacts")}), flush=True)
+        record["models"] = [m for m in record["models"] if m["model"] != name] + [model]
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")  # after each model: a long run keeps what it did
     print(table(record))
 
 
