@@ -106,6 +106,14 @@ def export(work: Path, name: str, extra: list[str]) -> dict[str, Any]:
     }
 
 
+def commit() -> str:
+    """The edgelm commit this run measured (and whether files had changed since)."""
+    here = Path(__file__).resolve().parent
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here, capture_output=True)
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
 def table(record: dict[str, Any]) -> str:
     """The README's table: decode and size per format and model, with the share of the bound."""
     lines = [
@@ -163,6 +171,7 @@ def main() -> None:
         model = export(args.work, name, extra)
         model["read_bandwidth_gb_s"] = read_bandwidth_gb_s(args.threads)  # this machine, now
         model["device"] = device_record()
+        model["commit"] = commit()  # rows of one file can come from different runs
         print(json.dumps({k: v for k, v in model.items() if k not in ("export_steps", "artifacts")}), flush=True)
         record["models"] = [m for m in record["models"] if m["model"] != name] + [model]
         args.out.parent.mkdir(parents=True, exist_ok=True)
