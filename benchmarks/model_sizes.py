@@ -115,7 +115,8 @@ def commit() -> str:
 
 
 def table(record: dict[str, Any]) -> str:
-    """The README's table: decode and size per format and model, with the share of the bound."""
+    """The README's table: decode and size per format and model (smallest first), with the share of the bound."""
+    models = sorted(record["models"], key=lambda m: m.get("parameters") or 0)
     lines = [
         f"Read bandwidth ({record['threads']} threads) measured right after each model's export, in the same "
         "run; bound = bandwidth ÷ file bytes (decode reads every weight once per token).",
@@ -123,7 +124,7 @@ def table(record: dict[str, Any]) -> str:
         "| model | artifact | MB | decode tok/s | read GB/s | share of bound | ppl ratio | mean KL |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for model in record["models"]:
+    for model in models:
         if "failed" in model:
             lines.append(f"| {model['model']} | export failed: {' '.join(model['failed'])[:120]} | | | | | | |")
             continue
@@ -137,7 +138,7 @@ def table(record: dict[str, Any]) -> str:
             )
     lines += ["", "| model | parameters | export wall | peak RSS (budget 2.5× fp32) | slowest step | left out |"]
     lines.append("|---|---|---|---|---|---|")
-    for model in record["models"]:
+    for model in models:
         if "failed" in model:
             continue
         peak, budget = model["export_peak_rss_mb"] or 0, model["rss_budget_mb"]

@@ -163,6 +163,13 @@ def _vendor_checks(
     return VendorChecks(tokenizer, generation_facts(work / "tokenizer", model.config), prompt, options.threads)
 
 
+def _calibration(model: Any, tokenizer: Tokenizer, work: Path, step: StepHook) -> Calibration:
+    """The export's calibration: progress on the step display, GPTQ statistics in files in the work folder."""
+    return Calibration(
+        model, tokenizer, progress=_note_progress(step, "calibrating"), statistics=work / CALIBRATION_STATISTICS
+    )
+
+
 def _generation_defaults(model: Any) -> dict[str, Any]:
     """Sampling defaults from the model's generation_config (greedy when it doesn't sample);
     empty for an encoder, which generates nothing."""
@@ -379,12 +386,7 @@ def export_bundle(
             evaluation,
             reference,
             step,
-            Calibration(
-                model_obj,
-                tokenizer,
-                progress=_note_progress(step, "calibrating"),
-                statistics=work / CALIBRATION_STATISTICS,
-            ),
+            _calibration(model_obj, tokenizer, work, step),
             _vendor_checks(model_obj, tokenizer, evaluation, source, work, options),
         )
         failures = _build_all(builder, plan, manifest, options)
