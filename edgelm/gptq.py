@@ -31,8 +31,9 @@ class HessianAccumulator:
     Every layer's sum is held in memory only while the calibration text runs through the model;
     `store` then moves it to a file, read back (and freed again) each time a layer's codes are
     picked. Held in memory for the whole export, a 0.5B model's sums were 2.5 GB beside the two
-    copies of its weights and the ONNX graph being quantized (its int4 export peaked at 13.5 GB
-    with them, 5.9 GB less without). The inverse factor GPTQ needs is likewise made when asked."""
+    copies of its weights and the ONNX graph being quantized (its int4 ONNX export step peaked at
+    13.5 GB with them and a copy of the graph's weights, 7.4 GB without either). The inverse
+    factor GPTQ needs is likewise made when asked."""
 
     features: int
     tokens: int = 0
