@@ -39,6 +39,7 @@ class HessianAccumulator:
     tokens: int = 0
     total: Any = None  # the running sum while collecting; None once stored
     file: Path | None = None  # where `store` put it (float32 .npy)
+    stored_diagonal: Any = None  # diag Σ xxᵀ, kept in memory when the sum is stored (dead inputs, act-order)
 
     def add(self, inputs: Any) -> None:
         import torch
@@ -52,6 +53,7 @@ class HessianAccumulator:
         import numpy as np
 
         np.save(path, self.total.numpy())
+        self.stored_diagonal = self.total.diagonal().clone()
         self.file, self.total = path, None
 
     def sums(self) -> Any:
@@ -66,11 +68,13 @@ class HessianAccumulator:
     def hessian(self) -> Any:
         return self.sums() / max(self.tokens, 1)
 
+    def diagonal(self) -> Any:
+        """diag Σ xxᵀ, without reading a stored sum back (it is [in] where the sum is [in, in])."""
+        return self.total.diagonal() if self.file is None else self.stored_diagonal
+
     def dead(self) -> Any:
         """Input channels that were zero on every calibration token."""
-        import torch
-
-        return torch.diag(self.sums()) == 0
+        return self.diagonal() == 0
 
     def inverse_factor(self) -> Any:
         """Upper Cholesky factor of the damped H⁻¹ (float64 to factor, float32 to use)."""
@@ -81,7 +85,7 @@ class HessianAccumulator:
         the output most quantized first, while the most columns are left to absorb their error."""
         import torch
 
-        return torch.argsort(torch.diag(self.sums()), descending=True)
+        return torch.argsort(self.diagonal(), descending=True)
 
     def permuted_factor(self, order: Any) -> Any:
         """The upper Cholesky factor of the damped H⁻¹ with rows and columns in `order` (None: as is)."""

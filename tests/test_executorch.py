@@ -278,6 +278,36 @@ def test_gptq_codes_in_the_block_bias_recipe_cut_the_output_error_on_correlated_
     assert gptq < 0.8 * rtn, (rtn, gptq)
 
 
+
+@pytest.mark.parametrize("quant", ["int4", "fp16"])
+def test_the_working_copy_shares_the_weights_and_leaves_the_reference_as_it_was(tiny_llama, quant):
+    """The exporter quantizes (or casts) a copy of the modules whose tensors are the caller's own
+    storage, so a 1B export holds one copy of the weights; the caller's model — the parity
+    reference — comes out bit for bit as it went in."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from edgelm.exporters.executorch import _quantize, _working_copy
+    from edgelm.graph import build_decoder_graph
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    work = _working_copy(model, quant)
+    if quant == "int4":
+        shared = [
+            np.shares_memory(a.detach().numpy(), b.detach().numpy())
+            for a, b in zip(model.parameters(), work.parameters(), strict=True)
+        ]
+        assert all(shared) and work.model.layers[0].mlp.up_proj is not model.model.layers[0].mlp.up_proj
+        graph = build_decoder_graph(work, static_context=32, separate_head=True)
+        recipe = _quantize(graph, quant)
+        assert recipe["block_bias_correction"] > 0
+    else:
+        assert all(p.dtype == torch.float16 for p in work.parameters())
+    for name, tensor in model.state_dict().items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, before[name]), name
+
 @pytest.mark.parametrize(
     ("delegate", "message"),
     [

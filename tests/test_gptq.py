@@ -231,6 +231,13 @@ def test_stored_sums_pick_the_same_codes_and_leave_memory(tmp_path):
     assert accumulator.total is None and (tmp_path / "sums.npy").stat().st_size >= 64 * 64 * 4
     assert torch.equal(accumulator.hessian(), hessian)
     assert torch.equal(gptq_codes(weight, accumulator, scale, zero, BLOCK), in_memory)
+    # one layer's codes read the stored sum once (the factor); the diagonal stays in memory
+    reads = []
+    original_sums = HessianAccumulator.sums
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(HessianAccumulator, "sums", lambda self: reads.append(1) or original_sums(self))
+        assert torch.equal(gptq_codes(weight, accumulator, scale, zero, BLOCK), in_memory)
+    assert len(reads) == 1
 
 
 def test_calibration_statistics_live_in_their_folder_until_released(tiny_llama, tmp_path):
