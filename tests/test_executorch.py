@@ -278,7 +278,6 @@ def test_gptq_codes_in_the_block_bias_recipe_cut_the_output_error_on_correlated_
     assert gptq < 0.8 * rtn, (rtn, gptq)
 
 
-
 @pytest.mark.parametrize("quant", ["int4", "fp16"])
 def test_the_working_copy_shares_the_weights_and_leaves_the_reference_as_it_was(tiny_llama, quant):
     """The exporter quantizes (or casts) a copy of the modules whose tensors are the caller's own
@@ -307,6 +306,7 @@ def test_the_working_copy_shares_the_weights_and_leaves_the_reference_as_it_was(
         assert all(p.dtype == torch.float16 for p in work.parameters())
     for name, tensor in model.state_dict().items():
         assert tensor.dtype == torch.float32 and torch.equal(tensor, before[name]), name
+
 
 @pytest.mark.parametrize(
     ("delegate", "message"),
