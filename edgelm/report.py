@@ -243,7 +243,9 @@ def _markdown(rows: list[dict[str, Any]], manifest: Manifest) -> str:
 
 def _step_lines(manifest: Manifest) -> list[str]:
     """Where the export's wall time and memory went, step by step (the report itself is written
-    after). Peak RSS is the process's (or the background worker's) high-water mark in the step."""
+    after). Peak RSS is the process's (or the background worker's) high-water mark in the step;
+    file-backed is how much of the resident memory at the step's end was mapped files (the
+    source's safetensors weights: resident, but pages the kernel can drop and read again)."""
     steps = manifest.export_steps
     if not steps:
         return []
@@ -255,14 +257,14 @@ def _step_lines(manifest: Manifest) -> list[str]:
         f"Export steps ({total:.0f} s of wall time before this report; slowest: {slowest['step']}, "
         f"{slowest['seconds']:.0f} s" + (f"; highest peak RSS {max(peaks):,.0f} MB" if peaks else "") + "):",
         "",
-        "| step | seconds | share | peak RSS (MB) |",
-        "|---|---|---|---|",
+        "| step | seconds | share | peak RSS (MB) | file-backed at end (MB) |",
+        "|---|---|---|---|---|",
     ]
     for s in steps:
         indent = "↳ " * s.get("depth", 0)
         share = "beside the others" if s.get("background") else f"{s['seconds'] / max(total, 1e-9):.0%}"
-        peak = "" if s.get("peak_rss_mb") is None else f"{s['peak_rss_mb']:,.0f}"
-        lines.append(f"| {indent}{s['step']} | {s['seconds']:.1f} | {share} | {peak} |")
+        peak, mapped = ("" if s.get(key) is None else f"{s[key]:,.0f}" for key in ("peak_rss_mb", "file_backed_mb"))
+        lines.append(f"| {indent}{s['step']} | {s['seconds']:.1f} | {share} | {peak} | {mapped} |")
     per_artifact = []
     for name in [a.name for a in manifest.artifacts]:
         own = [s for s in steps if f" {name} " in f" {s['step']} " or f" {name}'s " in f" {s['step']} "]

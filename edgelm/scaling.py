@@ -19,7 +19,6 @@ and llama.cpp's k-quants get the equivalent of an importance matrix in their inp
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from edgelm.architectures import ScaleGroup, lookup_architecture
+from edgelm.model import copy_sharing_weights
 
 SEARCH_POINTS = 20  # a = 0, 1/20, ..., 19/20
 MAX_SAMPLE_ROWS = 512  # calibration tokens kept per group to score candidate scales
@@ -140,23 +140,30 @@ def applicable_groups(model: Any) -> list[ScaleGroup]:
 
 def fold_scales(layer: Any, group: ScaleGroup, scales: Any) -> None:
     """Multiply the consumers' input channels by `scales` and divide the producer's output by
-    them: the layer computes the same function (up to float rounding)."""
+    them: the layer computes the same function (up to float rounding).
+
+    Each changed weight is a new tensor assigned to its module, never written in place: a
+    scaled copy (scale_for_quantization) shares every tensor it does not change with the
+    model it was made from (edgelm.model.copy_sharing_weights), the export's parity reference."""
     import torch
+
+    def assign(module: Any, attribute: str, value: Any) -> None:
+        setattr(module, attribute, torch.nn.Parameter(value, requires_grad=getattr(module, attribute).requires_grad))
 
     with torch.no_grad():
         for name in group.consumers:
-            weight = layer.get_submodule(name).weight
-            weight.mul_(scales.to(weight.dtype)[None, :])
+            consumer = layer.get_submodule(name)
+            assign(consumer, "weight", consumer.weight * scales.to(consumer.weight.dtype)[None, :])
         producer = layer.get_submodule(group.producer)
         s = scales.to(producer.weight.dtype)
         if group.fold == "rmsnorm":
-            producer.weight.div_(s)
+            assign(producer, "weight", producer.weight / s)
         elif group.fold == "rmsnorm+1":
-            producer.weight.copy_((1 + producer.weight) / s - 1)
+            assign(producer, "weight", (1 + producer.weight) / s - 1)
         elif group.fold == "linear":
-            producer.weight.div_(s[:, None])
+            assign(producer, "weight", producer.weight / s[:, None])
             if getattr(producer, "bias", None) is not None:
-                producer.bias.div_(s)
+                assign(producer, "bias", producer.bias / s)
         else:
             raise ValueError(f"unknown fold {group.fold!r}")
 
@@ -267,7 +274,7 @@ def scale_for_quantization(
     if not groups:
         return model, result
     stats = stats if stats is not None else capture_inputs(model, batches)
-    scaled = copy.deepcopy(model)
+    scaled = copy_sharing_weights(model)  # fold_scales assigns what it changes; the rest stays shared
     layers = layers_of(scaled)
     total = len(layers) * len(groups)
     with torch.no_grad():

@@ -26,6 +26,10 @@ class StepTime:
     depth: int = 0  # 1 for a step run inside another (its time is also in the outer step's)
     background: bool = False  # ran in a second process beside the other steps (not in the total)
     peak_rss_mb: float | None = None  # this process's (or the background worker's) peak while the step ran
+    # of the resident memory at the step's end, how much was memory-mapped files (the safetensors
+    # source weights, a GGUF being measured): counted in RSS, but pages the kernel can drop and
+    # read again, unlike the copies edgelm makes
+    file_backed_mb: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -52,6 +56,18 @@ def release_freed_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def file_backed_mb() -> float | None:
+    """This process's resident memory that is mapped from files (Linux RssFile), MB; None elsewhere."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssFile:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
 
 
 def peak_rss_mb() -> float:
@@ -101,7 +117,8 @@ class StepClock:
             peak = max(peak_rss_mb(), self._inner_peaks.pop())
             if self._inner_peaks:
                 self._inner_peaks[-1] = max(self._inner_peaks[-1], peak)
-            self.times.append(StepTime(name, round(time.perf_counter() - start, 2), depth, peak_rss_mb=peak))
+            seconds = round(time.perf_counter() - start, 2)
+            self.times.append(StepTime(name, seconds, depth, peak_rss_mb=peak, file_backed_mb=file_backed_mb()))
 
     def record_background(self, name: str, seconds: float, peak_rss: float | None = None) -> None:
         """A step that ran in another process (edgelm.background), beside the steps timed here."""

@@ -30,7 +30,6 @@ which the runtime reads instead of hard-coding them.
 
 from __future__ import annotations
 
-import copy
 import importlib
 from pathlib import Path
 from typing import Any, ClassVar
@@ -38,7 +37,7 @@ from typing import Any, ClassVar
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
-from edgelm.model import SourceModel, quiet_noisy_imports
+from edgelm.model import SourceModel, copy_sharing_weights, quiet_noisy_imports
 from edgelm.native_log import quiet_library_output
 
 STATIC_CONTEXT = 1024  # cache positions allocated in the program (bounded by the model's own maximum)
@@ -293,22 +292,15 @@ def export_pte(
 
 
 def _working_copy(model: Any, quant: str) -> Any:
-    """The model to lower: the caller's own for fp32; otherwise a copy of its modules whose
-    parameters and buffers share the caller's storage. Every later change replaces a tensor
-    (quantization sets module.weight, the fp16 cast assigns new data to the copy's own
-    Parameter objects) and none writes into one, so the caller's model — the parity reference —
-    is left as it was, and the export holds one copy of the weights instead of two (a deep copy
-    was 4.9 GB more at 1.24B, the step that did not fit in 23 GB)."""
+    """The model to lower: the caller's own for fp32; otherwise a copy that shares its weights
+    (edgelm.model.copy_sharing_weights): quantization assigns each Linear a new weight and the
+    fp16 cast gives the copy's Parameters new data, so the caller's model — the parity
+    reference — is left as it was."""
     if quant == "fp32":
         return model
     import torch
 
-    shared: dict[int, Any] = {}
-    for tensor in model.parameters():
-        shared[id(tensor)] = torch.nn.Parameter(tensor.detach(), requires_grad=tensor.requires_grad)
-    for tensor in model.buffers():
-        shared[id(tensor)] = tensor.detach()
-    work = copy.deepcopy(model, memo=shared)
+    work = copy_sharing_weights(model)
     return work.to(torch.float16) if quant == "fp16" else work
 
 

@@ -36,7 +36,7 @@ from typing import Any
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
-from edgelm.model import SourceModel, quiet_noisy_imports
+from edgelm.model import SourceModel, copy_sharing_weights, quiet_noisy_imports
 from edgelm.native_log import quiet_library_output, quiet_native_stderr
 from edgelm.runtimes.litert import LOG_VARIABLE
 
@@ -88,7 +88,12 @@ def convert_decoder(model: Any, path: Path) -> dict[str, Any]:
     with _quiet():
         converter = litert_torch.signature("prefill", steps, sample_kwargs=inputs(prefill))
         converter = converter.signature("decode", steps, sample_kwargs=inputs(1))
-        edge_model = converter.convert()
+        # litert-torch's lightweight conversion hands the weights to the converter lazily instead of
+        # copying them into the graph first: the default model's conversion peaked 1.0 GB above the
+        # loaded model instead of 2.0 GB, in 54 s instead of 58 s, with logits bit-identical in prefill
+        # and decode (its constant folding runs in the LiteRT runtime instead). At 1.24B parameters the
+        # default conversion's ~9 GB above the model was the step the kernel killed on a 23 GB machine.
+        edge_model = converter.convert(lightweight_conversion=True)
         edge_model.export(str(path))
     return {"max_context": context, "prefill_length": prefill}
 
@@ -112,7 +117,7 @@ def convert_encoder(model: Any, task: str, path: Path) -> dict[str, Any]:
         for length in lengths:
             ids = torch.ones((1, length), dtype=torch.long)
             converter = converter.signature(f"{ENCODER_PREFIX}{length}", graph, (ids, torch.ones_like(ids)))
-        converter.convert().export(str(path))
+        converter.convert(lightweight_conversion=True).export(str(path))  # see convert_decoder
     return {"max_context": lengths[-1], "lengths": lengths}
 
 
@@ -212,12 +217,10 @@ class TFLiteExporter(Exporter):
         path = folder / FILE_NAMES[quant]
         encoder = source.task != "text-generation"
         grid: dict[str, Any] = {}
-        if quant == "int4":  # the layers on their 4-bit grid before conversion (a copy: the caller's model is kept)
-            import copy
-
+        if quant == "int4":  # the layers on their 4-bit grid before conversion (the caller's model is kept)
             from edgelm.exporters.tflite_int4 import to_block_grid
 
-            model = copy.deepcopy(model)
+            model = copy_sharing_weights(model)  # to_block_grid assigns new weights, never writes into one
             grid = {"block_grid": to_block_grid(model, hessians)}
         with tempfile.TemporaryDirectory(prefix="edgelm-tflite-") as scratch:
             float_path = path if quant == "fp32" else Path(scratch) / "float.tflite"

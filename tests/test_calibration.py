@@ -60,8 +60,19 @@ def test_scaling_undoes_a_rescaled_twin_and_keeps_the_function(tiny_model_factor
     model = _load(tiny_model_factory("llama"))
     rescale_randomly(model, 0.25, 4.0, seed=1)
     batches = [torch.randint(3, 200, (1, 64)) for _ in range(4)]
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     scaled, result = scale_for_quantization(model, batches, PROXIES[recipe])
     assert scaled is not model
+    # the reference is untouched; what scaling left alone (the embedding) is the same storage, not a copy
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    embedding = model.get_input_embeddings().weight
+    assert scaled.get_input_embeddings().weight.data_ptr() == embedding.data_ptr()
+    rescaled = [g for g in result.groups if g.ratio is not None]
+    assert rescaled and not any(
+        scaled.model.layers[g.layer].get_submodule(g.group.producer).weight.data_ptr()
+        == model.model.layers[g.layer].get_submodule(g.group.producer).weight.data_ptr()
+        for g in rescaled
+    )
     # never worse than s = 1 on the calibration inputs, and better where the twin broke the grid
     assert all(g.error_after <= g.error_before for g in result.groups)
     assert sum(g.error_after for g in result.groups) < 0.8 * sum(g.error_before for g in result.groups)
