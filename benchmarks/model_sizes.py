@@ -71,8 +71,7 @@ def export(work: Path, name: str, extra: list[str]) -> dict[str, Any]:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     wall = time.perf_counter() - start
     if result.returncode != 0:
-        failure = result.stderr.strip().splitlines()[-1:]
-        return {"model": name, "command": " ".join(command[3:]), "failed": failure, "wall_s": round(wall, 1)}
+        return {"model": name, "command": " ".join(command[3:]), "failed": _failure(result), "wall_s": round(wall, 1)}
     manifest = read_bundle(bundle)
     reference = next(a for a in manifest.artifacts if a.name == "reference-fp32")
     steps = manifest.export_steps
@@ -103,6 +102,21 @@ def export(work: Path, name: str, extra: list[str]) -> dict[str, Any]:
             }
             for a in manifest.artifacts
         ],
+    }
+
+
+def _failure(result: subprocess.CompletedProcess) -> dict[str, Any]:
+    """How an export ended that did not finish: its exit status or signal (SIGKILL is most often
+    the kernel's out-of-memory killer), the last steps it finished and its last error line."""
+    import signal
+
+    steps = [line.strip() for line in (result.stdout + result.stderr).splitlines() if line.lstrip().startswith("✓")]
+    errors = [line.strip() for line in result.stderr.splitlines() if "Error" in line or "error:" in line]
+    code = result.returncode
+    return {
+        "exit": signal.Signals(-code).name if code < 0 else code,
+        "last_finished_steps": steps[-3:],
+        "last_error_line": errors[-1] if errors else None,
     }
 
 
