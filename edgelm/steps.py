@@ -58,16 +58,21 @@ def release_freed_memory() -> None:
         pass
 
 
-def file_backed_mb() -> float | None:
-    """This process's resident memory that is mapped from files (Linux RssFile), MB; None elsewhere."""
+def _status_mb(field: str) -> float | None:
+    """One memory field of this process's /proc/self/status (e.g. "VmHWM"), in MB; None off Linux."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
-                if line.startswith("RssFile:"):
+                if line.startswith(f"{field}:"):
                     return round(int(line.split()[1]) / 1024, 1)
     except OSError:
         pass
     return None
+
+
+def file_backed_mb() -> float | None:
+    """This process's resident memory that is mapped from files (Linux RssFile), MB; None elsewhere."""
+    return _status_mb("RssFile")
 
 
 def peak_rss_mb() -> float:
@@ -75,13 +80,9 @@ def peak_rss_mb() -> float:
     VmHWM, not getrusage: ru_maxrss is inherited across fork+exec, so a worker started by a big
     parent would report the parent's peak. (The reset also lowers what getrusage and
     `/usr/bin/time` report afterwards: read an export's peaks from its step table.)"""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KB on Linux, bytes on macOS
     return round(peak / (1 << 20 if sys.platform == "darwin" else 1024), 1)
 
