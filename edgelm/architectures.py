@@ -57,14 +57,17 @@ class Architecture:
     kind: str  # "decoder" (causal LM) or "encoder"
     gguf_arch: str  # llama.cpp's architecture name
     scale_groups: tuple[ScaleGroup, ...] = ()  # what activation-aware scaling may rescale (edgelm.scaling)
+    # q/k/v and gate/up are separate Linears over one input each, which edgelm.fusion can fuse
+    # (Phi-3's checkpoints come fused already)
+    separate_projections: bool = False
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.model_type: a
     for a in [
-        Architecture("llama", "Llama", "decoder", "llama", LLAMA_GROUPS),
-        Architecture("qwen2", "Qwen2", "decoder", "qwen2", LLAMA_GROUPS),
-        Architecture("gemma3_text", "Gemma3", "decoder", "gemma3", GEMMA3_GROUPS),
+        Architecture("llama", "Llama", "decoder", "llama", LLAMA_GROUPS, separate_projections=True),
+        Architecture("qwen2", "Qwen2", "decoder", "qwen2", LLAMA_GROUPS, separate_projections=True),
+        Architecture("gemma3_text", "Gemma3", "decoder", "gemma3", GEMMA3_GROUPS, separate_projections=True),
         Architecture("phi3", "Phi-3", "decoder", "phi3", PHI3_GROUPS),
         Architecture("bert", "BERT-style encoder", "encoder", "bert", BERT_GROUPS),
     ]

@@ -99,6 +99,9 @@ def test_llama_recipes_load_pass_their_gates_and_describe_themselves(pte_bundle)
         assert entry.profile["decode_tok_s"] > 0
     assert "int4" in by_quant["int4"].signature["quantization"]["weights"]
     assert by_quant["int4"].signature["quantization"]["embedding"] == "int8 per row"
+    for quant in ("int8", "int4"):  # fused projections: q|k|v, o, gate|up, down per layer
+        assert by_quant[quant].signature["quantization"]["fused_projections"]
+    assert by_quant["int4"].signature["quantization"]["block_bias_correction"] == 4 * 2
     assert by_quant["int4"].bytes < by_quant["fp32"].bytes
 
 
@@ -215,16 +218,15 @@ def test_block_bias_correction_restores_offsets_that_integer_zero_points_cannot_
     weight = (levels * scale + offset).reshape(out_features, in_features)
     x = torch.randn(8, in_features)
     expected = x @ weight.t()
-    pick = lambda module, fqn: isinstance(module, torch.nn.Linear)  # noqa: E731
 
     def error(mapping: MappingType, correct: bool) -> float:
         model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
         model[0].weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
         config = IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(GROUP_SIZE), mapping_type=mapping)
         if correct:
-            assert quantize_with_block_bias(model, config, pick) == (1, 0)
+            assert quantize_with_block_bias(model, config, [("0", model[0])]) == (1, 0)
         else:
-            quantize_(model, config, filter_fn=pick)
+            quantize_(model, config)
         with torch.no_grad():
             return float((model(x) - expected).abs().mean())
 
@@ -253,7 +255,6 @@ def test_gptq_codes_in_the_block_bias_recipe_cut_the_output_error_on_correlated_
     statistics = HessianAccumulator(in_features)
     statistics.add(x[:2048])
     held_out = x[2048:]
-    pick = lambda module, fqn: isinstance(module, torch.nn.Linear)  # noqa: E731
 
     def quantized(with_gptq: bool) -> tuple[float, tuple[int, int]]:
         model = torch.nn.Sequential(torch.nn.Linear(in_features, out_features, bias=False))
@@ -265,7 +266,7 @@ def test_gptq_codes_in_the_block_bias_recipe_cut_the_output_error_on_correlated_
         )
         names = {id(model[0]): "layer"}
         counts = quantize_with_block_bias(
-            model, config, pick, hessians={"layer": statistics} if with_gptq else None, names=names
+            model, config, [("0", model[0])], hessians={"layer": statistics} if with_gptq else None, names=names
         )
         if with_gptq:
             assert model[0].linear.weight.qdata.min() >= -8 and model[0].linear.weight.qdata.max() <= 7
@@ -324,3 +325,35 @@ def test_a_delegate_this_install_cannot_lower_and_run_is_refused_before_loading_
     with pytest.raises(UnsupportedError, match=message):
         export_bundle(tiny_llama, tmp_path / "out", fast_export_options(formats=("executorch",), delegate=delegate))
     assert not (tmp_path / "out").exists()
+
+
+def test_fused_layers_find_the_calibration_statistics_of_the_linears_they_replace(tiny_llama):
+    """GPTQ's input statistics are stored by source Linear name; after fusion every 4-bit Linear
+    still finds its own (q|k|v under q_proj, gate|up under gate_proj), layer by layer."""
+    import torch
+    import transformers
+
+    from edgelm.exporters.executorch import _quantize, _working_copy
+    from edgelm.gptq import collect_hessians
+    from edgelm.graph import build_decoder_graph
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    statistics = collect_hessians(model, [torch.randint(0, 100, (1, 64), generator=torch.Generator().manual_seed(0))])
+
+    class Recorded(dict):
+        asked: list[str] = []
+
+        def get(self, key, default=None):
+            self.asked.append(key)
+            return super().get(key, default)
+
+    hessians = Recorded(statistics)
+    work = _working_copy(model, "int4")
+    graph = build_decoder_graph(work, static_context=32, separate_head=True)
+    names = {id(module): name for name, module in work.named_modules()}
+    recipe = _quantize(graph, "int4", hessians, names, fuse=True)
+    per_layer = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+    expected = [f"model.layers.{i}.{name}" for i in range(2) for name in per_layer]
+    assert sorted(hessians.asked) == sorted(expected) and all(name in statistics for name in expected)
+    assert recipe["block_bias_correction"] == 8 and recipe["fused_projections"]
+    assert hasattr(graph.body.layers[1].self_attn, "qkv_proj")
