@@ -132,7 +132,10 @@ class ArtifactBuilder:
             settings = self._gptq_settings(exporter, first, recipe)
             with self.step(f"Starting {name}'s export in a background process"):
                 self.background.start(
-                    (fmt, first), BackgroundExport(model, fmt, self.source, self.work, first.quant, name, settings)
+                    (fmt, first),
+                    BackgroundExport(
+                        model, fmt, self.source, self.work, first.quant, name, settings, exporter.background_nice
+                    ),
                 )
             self._background_calibration[(fmt, first)] = calibration
             started.append((fmt, quant))

@@ -83,12 +83,9 @@ def _work(job_file: Path) -> None:
     from edgelm.exporter import get_exporter
 
     torch.set_num_threads(1)  # the lowering is single-threaded; the other core is the export's
-    # Lowest priority: the export's own multithreaded steps (calibration, parity) stall on any
-    # thread that loses its core, so the worker takes what they leave (measured on 2 cores:
-    # at equal priority, calibration and the reference's parity took 2.5x as long).
-    os.nice(19)
     job = torch.load(job_file, weights_only=False)  # written by our parent a moment ago
     job_file.unlink()
+    os.nice(job["nice"])
     start = time.perf_counter()
     try:
         artifact = _export_one(
@@ -123,8 +120,10 @@ class BackgroundExport:
         quant: str,
         name: str,
         settings: dict[str, Any] | None = None,
+        nice: int = 19,
     ) -> None:
-        """`settings`: the exporter's keyword arguments (GPTQ's layer statistics, ...)."""
+        """`settings`: the exporter's keyword arguments (GPTQ's layer statistics, ...); `nice`: the
+        worker's niceness (the exporter's `background_nice`)."""
         import torch
 
         self.name = name
@@ -140,6 +139,7 @@ class BackgroundExport:
                 "quant": quant,
                 "name": name,
                 "settings": settings or {},
+                "nice": nice,
             },
             self._job,
         )

@@ -35,6 +35,12 @@ class Exporter:
     tasks: tuple[str, ...]  # model tasks it exports (keys of architectures.TASK_MODEL_CLASSES)
     requires: tuple[str, ...]  # import names it needs (edgelm doctor checks them)
     exports_in_background: bool = False  # slow single-threaded lowering: run in a worker (edgelm.background)
+    # The worker's niceness. 19 by default: the export's own multithreaded steps (calibration,
+    # parity) stall on any thread that loses its core, so a worker takes what they leave
+    # (measured on 2 cores: at equal priority, calibration and the reference's parity took 2.5x
+    # as long). The longest lowering takes less (see ExecuTorch's) so that, of two workers, it
+    # gets the spare core first: the export waits for the last worker to finish.
+    background_nice: int = 19
     gptq: tuple[str, ...] = ()  # recipes whose calibrated attempts take the layers' Hessians (edgelm.gptq)
     mixed_precision: tuple[str, ...] = ()  # recipes that can keep chosen layers at 8 bits (layers_8bit)
     # recipes whose file type the exporter picks by measured error on calibration token windows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -110,6 +111,25 @@ def test_a_python_error_in_the_worker_is_a_bug_not_bad_input(tmp_path):
     with pytest.raises(RuntimeError, match="broken: the background export process failed .*exit code 1"):
         export.result()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_worker_runs_at_its_exporters_niceness(tmp_path):
+    """ExecuTorch's worker (the export's longest step) is less nice than TFLite's, so it gets the
+    spare core first; each worker takes the niceness it was started with."""
+    from edgelm.exporter import get_exporter
+
+    assert get_exporter("executorch").background_nice < get_exporter("tflite").background_nice == 19
+    export = BackgroundExport(torch.nn.Linear(4, 4), "executorch", None, tmp_path, "int8", "executorch-int8", nice=7)
+    try:
+        seen = set()
+        deadline = time.time() + 60
+        while 7 not in seen and export._process.poll() is None and time.time() < deadline:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                seen.add(psutil.Process(export._process.pid).nice())
+            time.sleep(0.01)
+        assert 7 in seen, seen
+    finally:
+        export.close()
 
 
 def test_paused_stops_the_worker_while_something_is_timed(tmp_path):
