@@ -1,6 +1,7 @@
 """Re-running an unchanged export keeps the bundle instead of rebuilding it (as make would).
 
-An export is determined by the source model's bytes, the export options, edgelm's and the
+An export is determined by the source model's bytes, the export options, edgelm's code (its
+version and the digest of its own source files, so a changed checkout exports again), the
 runtimes' versions, and the machine its profiles were measured on. The manifest records one
 digest of all of them (`export_key`). When the output folder already holds a bundle with the
 same key whose every file still matches its sha256, `export_bundle` returns that bundle's
@@ -11,8 +12,10 @@ manifest in seconds instead of spending half an hour re-exporting the same files
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,10 +42,32 @@ def export_key(source: SourceModel, options: ExportOptions) -> str:
         "source_files": _side_files(source),
         "options": {k: v for k, v in dataclasses.asdict(options).items() if k not in NOT_IN_KEY},
         "edgelm": __version__,
+        "edgelm_code": edgelm_code_digest(),
         "versions": machine["versions"],
         "machine": [machine["cpu"], machine["cores"], machine["python"]],
     }
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_digest(folders: Iterable[Path]) -> str:
+    """sha256 over the Python files under `folders` (relative paths and bytes, in sorted order)."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for path in sorted(folder.rglob("*.py")):
+            digest.update(f"{folder.name}/{path.relative_to(folder)}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def edgelm_code_digest() -> str:
+    """The digest of edgelm's own code as installed: the version alone stays the same across
+    every change made in a development checkout, where a kept bundle would then be stale."""
+    import edgelm
+    import edgelm.exporters
+    import edgelm.runtimes
+
+    return code_digest(Path(p) for package in (edgelm, edgelm.exporters, edgelm.runtimes) for p in package.__path__)
 
 
 def _side_files(source: SourceModel) -> dict[str, str]:

@@ -52,6 +52,28 @@ def test_a_changed_option_or_source_file_means_a_new_export(tiny_llama, gguf_bun
     assert export_key(inspect_source(tiny_llama), fast_export_options(**OPTIONS, overwrite=True)) == first.export_key
 
 
+def test_a_change_to_edgelms_own_code_means_a_new_export(tiny_llama, gguf_bundle, tmp_path, monkeypatch):
+    """A development checkout keeps its version number across changes: the key also digests
+    edgelm's source files, so a bundle made by other code is not kept."""
+    from edgelm import up_to_date
+    from edgelm.model import inspect_source
+
+    package = tmp_path / "package"
+    (package / "sub").mkdir(parents=True)
+    (package / "sub" / "module.py").write_text("X = 1\n")
+    (package / "notes.txt").write_text("not code")
+    before = up_to_date.code_digest([package])
+    (package / "notes.txt").write_text("still not code")
+    assert up_to_date.code_digest([package]) == before
+    (package / "sub" / "module.py").write_text("X = 2\n")
+    assert up_to_date.code_digest([package]) != before
+
+    _, first = gguf_bundle
+    assert up_to_date.export_key(inspect_source(tiny_llama), fast_export_options(**OPTIONS)) == first.export_key
+    monkeypatch.setattr(up_to_date, "edgelm_code_digest", lambda: "other code")
+    assert up_to_date.export_key(inspect_source(tiny_llama), fast_export_options(**OPTIONS)) != first.export_key
+
+
 def test_a_damaged_bundle_or_rebuild_is_exported_again(tiny_llama, gguf_bundle, tmp_path):
     out, first = gguf_bundle
     copy = tmp_path / "bundle"
