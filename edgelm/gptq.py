@@ -76,10 +76,6 @@ class HessianAccumulator:
         """Input channels that were zero on every calibration token."""
         return self.diagonal() == 0
 
-    def inverse_factor(self) -> Any:
-        """Upper Cholesky factor of the damped H⁻¹ (float64 to factor, float32 to use)."""
-        return self.permuted_factor(None)
-
     def activation_order(self) -> Any:
         """Input columns by decreasing energy (diag H): GPTQ's act-order, the columns that move
         the output most quantized first, while the most columns are left to absorb their error."""
@@ -87,11 +83,13 @@ class HessianAccumulator:
 
         return torch.argsort(self.diagonal(), descending=True)
 
-    def permuted_factor(self, order: Any) -> Any:
-        """The upper Cholesky factor of the damped H⁻¹ with rows and columns in `order` (None: as is)."""
+    def permuted_factor(self, order: Any, hessian: Any = None) -> Any:
+        """The upper Cholesky factor of the damped H⁻¹ (float64 to factor, float32 to use) with rows
+        and columns in `order` (None: as is). `hessian`: this accumulator's hessian() where the
+        caller holds it already (left unchanged)."""
         import torch
 
-        h = self.hessian().to(torch.float64)
+        h = (self.hessian() if hessian is None else hessian).to(torch.float64, copy=True)
         dead = self.dead()
         h[dead, dead] = 1
         h += DAMPING * torch.mean(torch.diag(h)) * torch.eye(self.features, dtype=torch.float64)
@@ -134,6 +132,7 @@ def gptq_codes(
     block_size: int,
     max_code: int = 15,
     act_order: bool = True,
+    hessian: Any = None,
 ) -> Any:
     """Integer codes in [0, max_code] for `weight` [out, in] on the grid w = scale · (code − zero_point).
 
@@ -142,7 +141,8 @@ def gptq_codes(
     quantized by decreasing diag H, the ones that move the output most first, while the most
     columns are left to absorb their error) keeps every block's grid. Simulated on the mild
     off-grid twin, ExecuTorch's int4 recipe: 1.062 in column order, 1.045 with act-order.
-    Returns codes [out, in] (int64), in the weight's own column order.
+    `hessian`: inputs.hessian() where the caller holds it already, so a stored sum is not read
+    from its file a second time. Returns codes [out, in] (int64), in the weight's own column order.
     """
     import torch
 
@@ -154,7 +154,7 @@ def gptq_codes(
     order = inputs.activation_order() if act_order else None
     if order is not None:
         w, scale, zero = w[:, order], scale[:, order], zero[:, order]
-    upper = inputs.inverse_factor() if order is None else inputs.permuted_factor(order)
+    upper = inputs.permuted_factor(order, hessian)
     divisor = torch.where(scale == 0, torch.ones_like(scale), scale)  # an all-zero block: every code is its zero point
     codes = torch.empty_like(w, dtype=torch.int64)
     for start in range(0, columns, COLUMN_BLOCK):

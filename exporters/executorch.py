@@ -276,7 +276,7 @@ def _gptq_on_block_grid(quantized: Any, original: Any, block_mean: Any, inputs: 
 
     h = inputs.hessian()
     scale, zero = searched_grid(original, torch.diag(h), GROUP_SIZE)
-    codes = gptq_codes(original, inputs, scale, zero, GROUP_SIZE)
+    codes = gptq_codes(original, inputs, scale, zero, GROUP_SIZE, hessian=h)
     rtn = (quantized.dequantize().to(original.dtype), block_mean)
     choice, offsets = best_fitted(original, h, [rtn, ((codes - 8) * spread(scale), scale * (8 - zero))])
     if choice == 0:

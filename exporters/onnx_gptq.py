@@ -65,7 +65,7 @@ def apply_gptq(
         hessian = hessians[module].hessian().to(torch.float64)
         float_weight = torch.from_numpy(np.ascontiguousarray(weight.T, dtype=np.float64))  # [N, K]
         scales, zero_points = searched_grid(float_weight, torch.diagonal(hessian), block)
-        codes = gptq_codes(float_weight, hessians[module], scales, zero_points, block).numpy()
+        codes = gptq_codes(float_weight, hessians[module], scales, zero_points, block, hessian=hessian).numpy()
         scales, zero_points = scales.numpy(), zero_points.numpy().astype(np.uint8)
         gptq = (codes - np.repeat(zero_points, block, axis=1)) * np.repeat(scales, block, axis=1)
         rounded = dequantize_matmul_nbits(

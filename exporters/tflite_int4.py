@@ -49,9 +49,10 @@ def gptq_codes_on_searched_grid(weight: Any, inputs: Any) -> tuple[Any, Any, Any
     """GPTQ's codes on edgelm.gptq's searched grid, in the same (codes, scale, offset) form."""
     from edgelm.gptq import gptq_codes, searched_grid
 
-    scale, zero = searched_grid(weight, torch.diag(inputs.hessian()), GROUP_SIZE)
+    hessian = inputs.hessian()
+    scale, zero = searched_grid(weight, torch.diag(hessian), GROUP_SIZE)
     scale = storable(scale)
-    codes = gptq_codes(weight, inputs, scale, zero, GROUP_SIZE)
+    codes = gptq_codes(weight, inputs, scale, zero, GROUP_SIZE, hessian=hessian)
     return (codes - 8).to(torch.float32), scale, scale * (8 - zero)
 
 

@@ -237,7 +237,11 @@ def test_stored_sums_pick_the_same_codes_and_leave_memory(tmp_path):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(HessianAccumulator, "sums", lambda self: reads.append(1) or original_sums(self))
         assert torch.equal(gptq_codes(weight, accumulator, scale, zero, BLOCK), in_memory)
-    assert len(reads) == 1
+        assert len(reads) == 1
+        # a caller that read the hessian already (to search its grid) hands it over: no second read
+        held = accumulator.hessian()
+        assert torch.equal(gptq_codes(weight, accumulator, scale, zero, BLOCK, hessian=held), in_memory)
+        assert len(reads) == 2 and torch.equal(held, hessian)  # the one read for `held`; held unchanged
 
 
 def test_calibration_statistics_live_in_their_folder_until_released(tiny_llama, tmp_path):
