@@ -207,9 +207,9 @@ class ArtifactBuilder:
         if pending is not None:
             calibration = self._background_calibration.pop((exporter.format, attempt))
             with self.step(f"Waiting for {label}'s export in its background process"):
-                artifact, seconds, peak = pending.result()
+                artifact, seconds, peak, phases = pending.result()
             getattr(self.step, "record_background", lambda *_: None)(
-                f"Exporting {label} (background process)", seconds, peak
+                f"Exporting {label} (background process)", seconds, peak, phases
             )
         else:
             model, calibration = self._model_for(exporter.format, attempt, recipe)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.errors import EdgeLMError, ExportError
-from edgelm.steps import peak_rss_mb
+from edgelm.steps import StepClock, active_steps, peak_rss_mb
 
 # The worker holds its own copy of the model plus the lowering's graphs, and the export process
 # itself grows while the worker runs (calibrated copies, GPTQ statistics, the other formats'
@@ -87,19 +87,27 @@ def _work(job_file: Path) -> None:
     job_file.unlink()
     os.nice(job["nice"])
     start = time.perf_counter()
+    clock = StepClock()  # the exporter's phases, timed here and handed back with the file
     try:
-        artifact = _export_one(
-            get_exporter(job["format"]),
-            job["model"],
-            job["source"],
-            Path(job["work"]),
-            job["quant"],
-            job["name"],
-            **job["settings"],
+        with active_steps(clock):
+            artifact = _export_one(
+                get_exporter(job["format"]),
+                job["model"],
+                job["source"],
+                Path(job["work"]),
+                job["quant"],
+                job["name"],
+                **job["settings"],
+            )
+        outcome: tuple[str, Any, float, float | None, list[Any]] = (
+            "ok",
+            artifact,
+            time.perf_counter() - start,
+            peak_rss_mb(),
+            clock.times,
         )
-        outcome: tuple[str, Any, float, float | None] = ("ok", artifact, time.perf_counter() - start, peak_rss_mb())
     except EdgeLMError as err:
-        outcome = ("error", err, 0.0, None)
+        outcome = ("error", err, 0.0, None, [])
     torch.save(outcome, job_file.with_suffix(".result"))
 
 
@@ -162,9 +170,9 @@ class BackgroundExport:
         lines = [line for line in lines if line.strip() and "Warning" not in line and not line.startswith("W1")]
         return f": {lines[-1][:300]}" if lines else ""
 
-    def result(self) -> tuple[Any, float, float | None]:
+    def result(self) -> tuple[Any, float, float | None, list[Any]]:
         """Wait for the worker: (the ExportedArtifact, the worker's seconds, its peak resident
-        memory in MB). Re-raises its EdgeLMError."""
+        memory in MB, the phases it timed as StepTimes). Re-raises its EdgeLMError."""
         import torch
 
         self.resume()
@@ -179,12 +187,12 @@ class BackgroundExport:
                     f"{self.name}: the background export process was {_killed_by(-code)}; "
                     "--no-background exports it in this process"
                 )
-            status, value, seconds, peak = torch.load(self._result, weights_only=False)  # written by our worker
+            status, value, seconds, peak, phases = torch.load(self._result, weights_only=False)  # our worker's
         finally:
             self.close()
         if status == "error":
             raise value
-        return value, seconds, peak
+        return value, seconds, peak, phases
 
     def pause(self) -> None:
         if self._process.poll() is None and not self._paused:

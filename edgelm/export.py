@@ -31,7 +31,7 @@ from edgelm.parity import (
     ParitySettings,
 )
 from edgelm.report import card_rows, write_report
-from edgelm.steps import StepClock, StepHook
+from edgelm.steps import StepClock, StepHook, active_steps
 from edgelm.targets import get_target
 from edgelm.tokenizer import Tokenizer
 from edgelm.up_to_date import current_bundle, export_key
@@ -389,7 +389,8 @@ def export_bundle(
             _calibration(model_obj, tokenizer, work, step),
             _vendor_checks(model_obj, tokenizer, evaluation, source, work, options),
         )
-        failures = _build_all(builder, plan, manifest, options)
+        with active_steps(step):  # exporters' phases become nested steps
+            failures = _build_all(builder, plan, manifest, options)
         reference.close()
         if failures and not options.allow_drift:
             raise ParityError("parity gate failed (nothing written; --allow-drift keeps it): " + "; ".join(failures))

@@ -13,10 +13,31 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 StepHook = Callable[[str], AbstractContextManager[Any]]
+_ACTIVE: ContextVar[StepHook | None] = ContextVar("edgelm_active_steps", default=None)
+
+
+@contextmanager
+def active_steps(hook: StepHook) -> Iterator[None]:
+    """Make `hook` the one `phase` reports to while the block runs (an export's StepClock)."""
+    token = _ACTIVE.set(hook)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def phase(name: str) -> AbstractContextManager[Any]:
+    """A named part of a long step — an exporter's quantization, graph capture, lowering,
+    serialization — as a step nested in the one that runs it: a row of the report's step table
+    and a line of the CLI's progress. Exporters call it without knowing who listens; outside an
+    export (a direct exporter call) it does nothing."""
+    hook = _ACTIVE.get()
+    return nullcontext() if hook is None else hook(name)
 
 
 @dataclass(frozen=True)
@@ -121,8 +142,13 @@ class StepClock:
             seconds = round(time.perf_counter() - start, 2)
             self.times.append(StepTime(name, seconds, depth, peak_rss_mb=peak, file_backed_mb=file_backed_mb()))
 
-    def record_background(self, name: str, seconds: float, peak_rss: float | None = None) -> None:
-        """A step that ran in another process (edgelm.background), beside the steps timed here."""
+    def record_background(
+        self, name: str, seconds: float, peak_rss: float | None = None, phases: list[StepTime] | None = None
+    ) -> None:
+        """A step that ran in another process (edgelm.background), beside the steps timed here,
+        after the phases that process timed inside it (one level deeper; as with steps timed
+        here, an inner step is listed before the step it ran in)."""
+        self.times += [replace(inner, depth=inner.depth + 1, background=True) for inner in phases or []]
         self.times.append(StepTime(name, round(seconds, 2), background=True, peak_rss_mb=peak_rss))
 
     def peak_rss_mb(self) -> float | None:

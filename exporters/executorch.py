@@ -44,6 +44,7 @@ from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, copy_sharing_weights, quiet_noisy_imports
 from edgelm.native_log import quiet_library_output
+from edgelm.steps import phase
 
 STATIC_CONTEXT = 1024  # cache positions allocated in the program (bounded by the model's own maximum)
 FILE_NAMES = {"fp32": "model.pte", "fp16": "model_fp16.pte", "int8": "model_8da8w.pte", "int4": "model_8da4w.pte"}
@@ -296,11 +297,6 @@ def export_pte(
     import torch
 
     quiet_noisy_imports()
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackPartitioner,
-    )
-    from executorch.exir import to_edge_transform_and_lower
-
     from edgelm.graph import build_decoder_graph
 
     signature = decoder_signature(model.config)
@@ -314,35 +310,48 @@ def export_pte(
     graph = build_decoder_graph(work, static_context=context, separate_head=quant != "fp32", executorch_ops=custom_ops)
     for parameter in graph.parameters():
         parameter.requires_grad_(False)  # in-place cache writes on tensors that need grad cannot be exported
-    recipe = _quantize(
-        graph,
-        quant,
-        hessians if quant == "int4" else None,
-        {id(module): name for name, module in work.named_modules()},
-        fuse=lookup_architecture(model.config.model_type, "executorch").separate_projections,
-    )
+    with phase(f"Quantizing the layers ({quant}{', GPTQ' if hessians and quant == 'int4' else ''})"):
+        recipe = _quantize(
+            graph,
+            quant,
+            hessians if quant == "int4" else None,
+            {id(module): name for name, module in work.named_modules()},
+            fuse=lookup_architecture(model.config.model_type, "executorch").separate_projections,
+        )
     n = torch.export.Dim("n", min=1, max=context)
     ids, pos = torch.zeros((1, 2), dtype=torch.long), torch.zeros((1,), dtype=torch.long)
-    with quiet_library_output(("torch",)):  # torch.export and the lowering warn about internals
-        exported = torch.export.export(graph, (ids, pos), dynamic_shapes=({1: n}, (None,)), strict=False)
-        program = to_edge_transform_and_lower(
-            exported,
-            partitioner=[XnnpackPartitioner()],
-            compile_config=_edge_config(),
-            constant_methods={
-                "get_max_context": context,
-                "get_vocab_size": signature.vocab_size,
-                "get_num_layers": signature.num_layers,
-                "is_encoder": False,
-                **(runner or {}),
-            },
-        ).to_executorch(_backend_config())
-    path.write_bytes(program.buffer)
+    constants = {
+        "get_max_context": context,
+        "get_vocab_size": signature.vocab_size,
+        "get_num_layers": signature.num_layers,
+        "is_encoder": False,
+        **(runner or {}),
+    }
+    path.write_bytes(_lowered(graph, (ids, pos), ({1: n}, (None,)), constants))
     return {
         **recipe,
         "max_context": context,
         "attention": "executorch llama custom ops (update_cache, custom_sdpa)" if custom_ops else "aten ops",
     }
+
+
+def _lowered(graph: Any, example: tuple[Any, ...], dynamic_shapes: tuple[Any, ...], constants: dict[str, Any]) -> bytes:
+    """The .pte bytes of `graph`: torch.export → to_edge_transform_and_lower (XNNPACK) →
+    to_executorch, each a phase of the export step (the lowering is the long one)."""
+    import torch
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with quiet_library_output(("torch",)):  # torch.export and the lowering warn about internals
+        with phase("Capturing the graph (torch.export)"):
+            exported = torch.export.export(graph, example, dynamic_shapes=dynamic_shapes, strict=False)
+        with phase("Lowering to XNNPACK (to_edge_transform_and_lower)"):
+            edge = to_edge_transform_and_lower(
+                exported, partitioner=[XnnpackPartitioner()], compile_config=_edge_config(), constant_methods=constants
+            )
+        del exported
+        with phase("Writing the program (to_executorch)"):
+            return edge.to_executorch(_backend_config()).buffer
 
 
 def _working_copy(model: Any, quant: str) -> Any:
@@ -363,30 +372,17 @@ def export_encoder_pte(model: Any, task: str, quant: str, path: Path) -> dict[st
     import torch
 
     quiet_noisy_imports()
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
-        XnnpackPartitioner,
-    )
-    from executorch.exir import to_edge_transform_and_lower
-
     from edgelm.encoder_graph import EncoderGraph, example_encoder_inputs
 
     graph = EncoderGraph(_working_copy(model, quant), task).eval()
     for parameter in graph.parameters():
         parameter.requires_grad_(False)
-    recipe = _quantize(graph, quant)
+    with phase(f"Quantizing the layers ({quant})"):
+        recipe = _quantize(graph, quant)
     batch = torch.export.Dim("batch", min=1, max=256)
     n = torch.export.Dim("n", min=1, max=graph.signature.max_length)
-    with quiet_library_output(("torch",)):  # torch.export and the lowering warn about internals
-        exported = torch.export.export(
-            graph, example_encoder_inputs(), dynamic_shapes=({0: batch, 1: n}, {0: batch, 1: n}), strict=False
-        )
-        program = to_edge_transform_and_lower(
-            exported,
-            partitioner=[XnnpackPartitioner()],
-            compile_config=_edge_config(),
-            constant_methods={"get_max_context": graph.signature.max_length, "is_encoder": True},
-        ).to_executorch(_backend_config())
-    path.write_bytes(program.buffer)
+    constants = {"get_max_context": graph.signature.max_length, "is_encoder": True}
+    path.write_bytes(_lowered(graph, example_encoder_inputs(), ({0: batch, 1: n}, {0: batch, 1: n}), constants))
     return {**recipe, "max_context": graph.signature.max_length}
 
 

@@ -21,6 +21,7 @@ from typing import Any, ClassVar
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.model import SourceModel
+from edgelm.steps import phase
 
 from .gguf_arch import gguf_architecture
 from .gguf_vocab import choose_pre_tokenizer, read_vocab
@@ -194,13 +195,16 @@ class GGUFExporter(Exporter):
         folder.mkdir(parents=True, exist_ok=True)
         scratch = folder / SCRATCH
         if not scratch.exists():  # one F32 file per bundle; every quant recipe starts from it
-            self._notes[scratch] = write_f32_gguf(model, source, bundle_dir / "tokenizer", scratch)
+            with phase("Writing the F32 GGUF (gguf.GGUFWriter)"):
+                self._notes[scratch] = write_f32_gguf(model, source, bundle_dir / "tokenizer", scratch)
         notes = self._notes[scratch]
         path, llama_type, chosen = folder / file_name(quant), file_type(quant), {}
         if quant == "fp32":
             shutil.copyfile(scratch, path)
         elif quant == "int4" and calibration_windows and source.task == "text-generation":
-            path, llama_type, scores = quantize_best(model, scratch, folder, INT4_TYPES, calibration_windows)
+            types = " and ".join(t.removeprefix("MOSTLY_") for t in INT4_TYPES)
+            with phase(f"Quantizing to {types}, keeping the closer on calibration text"):
+                path, llama_type, scores = quantize_best(model, scratch, folder, INT4_TYPES, calibration_windows)
             tokens = sum(int(np.asarray(window).size) for window in calibration_windows)
             chosen = {"chosen_by": {"mean_kl_from_source_on_calibration_text": scores, "calibration_tokens": tokens}}
         else:

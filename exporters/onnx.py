@@ -26,6 +26,7 @@ from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel
 from edgelm.native_log import quiet_library_output
+from edgelm.steps import phase
 
 SCRATCH = ".fp32-source.onnx"
 FILE_NAMES = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "int8": "model_q8.onnx", "int4": "model_q4.onnx"}
@@ -318,10 +319,11 @@ class OnnxExporter(Exporter):
         # One fp32 export per bundle; every quant recipe starts from it.
         scratch = folder / SCRATCH
         if not scratch.exists():
-            if decoder:
-                export_decoder_onnx(model, scratch)
-            else:
-                export_encoder_onnx(model, source.task, scratch)
+            with phase("Exporting the fp32 graph (torch.onnx, dynamo)"):
+                if decoder:
+                    export_decoder_onnx(model, scratch)
+                else:
+                    export_encoder_onnx(model, source.task, scratch)
         # one folder per artifact: onnxruntime-genai reads one genai_config.json per folder, which
         # must name a model file inside that folder (edgelm.vendors.onnxruntime_genai writes it)
         path = folder / quant / FILE_NAMES[quant]
@@ -333,11 +335,13 @@ class OnnxExporter(Exporter):
             }
         else:
             gptq = hessians if quant == "int4" else None
-            recipe = quantize_weights(scratch, path, quant, layers_8bit, model, gptq)
+            with phase(f"Quantizing the weights ({quant}{', GPTQ' if gptq else ''})"):
+                recipe = quantize_weights(scratch, path, quant, layers_8bit, model, gptq)
         # onnxruntime cannot write a >2 GB optimized model in place; such models are optimized at load.
         recipe["optimized_offline"] = not recipe["external_data"]
         if recipe["optimized_offline"]:
-            optimize_offline(path)
+            with phase("Optimizing the graph offline (onnxruntime)"):
+                optimize_offline(path)
         signature = (
             decoder_signature(model.config).to_dict()
             if decoder

@@ -39,6 +39,7 @@ from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, copy_sharing_weights, quiet_noisy_imports
 from edgelm.native_log import quiet_library_output, quiet_native_stderr
 from edgelm.runtimes.litert import LOG_VARIABLE
+from edgelm.steps import phase
 
 HOST_CONTEXT = 1024  # cache positions (bounded by the model's own maximum); recorded in the manifest
 PREFILL_LENGTH = 128  # tokens per prefill call; longer prompts run in chunks
@@ -221,11 +222,18 @@ class TFLiteExporter(Exporter):
             from edgelm.exporters.tflite_int4 import to_block_grid
 
             model = copy_sharing_weights(model)  # to_block_grid assigns new weights, never writes into one
-            grid = {"block_grid": to_block_grid(model, hessians)}
+            with phase("Putting the layers on 4-bit grids" + (" (GPTQ)" if hessians else "")):
+                grid = {"block_grid": to_block_grid(model, hessians)}
         with tempfile.TemporaryDirectory(prefix="edgelm-tflite-") as scratch:
             float_path = path if quant == "fp32" else Path(scratch) / "float.tflite"
-            layout = convert_encoder(model, source.task, float_path) if encoder else convert_decoder(model, float_path)
-            recipe = {"weights": "float32"} if quant == "fp32" else quantize_flatbuffer(float_path, quant, path)
+            with phase("Converting to a float .tflite (litert-torch)"):
+                layout = (
+                    convert_encoder(model, source.task, float_path) if encoder else convert_decoder(model, float_path)
+                )
+            recipe: dict[str, Any] = {"weights": "float32"}
+            if quant != "fp32":
+                with phase(f"Quantizing the flatbuffer ({quant}, ai-edge-quantizer)"):
+                    recipe = quantize_flatbuffer(float_path, quant, path)
         recipe.update(grid)
         if encoder:
             from edgelm.encoder_graph import encoder_signature

@@ -54,6 +54,21 @@ def test_an_export_lowers_executorch_in_the_background_and_leaves_no_scratch(tin
     here = [s for s in manifest.export_steps if not s["background"]]
     assert all(0 <= s["file_backed_mb"] <= s["peak_rss_mb"] for s in here)
     assert "Waiting for executorch-int8's export in its background process" in steps
+    # where the worker's time went: its phases, one level down, listed before the step they ran in
+    worker = order.index("Exporting executorch-int8 (background process)")
+    phases = manifest.export_steps[worker - 4 : worker]
+    assert [s["step"] for s in phases] == [
+        "Quantizing the layers (int8)",
+        "Capturing the graph (torch.export)",
+        "Lowering to XNNPACK (to_edge_transform_and_lower)",
+        "Writing the program (to_executorch)",
+    ]
+    assert all(s["depth"] == 1 and s["background"] and s["peak_rss_mb"] > 0 for s in phases)
+    assert 0 < sum(s["seconds"] for s in phases) <= background["seconds"]
+    # and an exporter's phases in this process nest under its step the same way
+    gguf = order.index("Exporting gguf-int8")
+    assert manifest.export_steps[gguf - 1]["step"] == "Writing the F32 GGUF (gguf.GGUFWriter)"
+    assert manifest.export_steps[gguf - 1]["depth"] == 1 and not manifest.export_steps[gguf - 1]["background"]
     assert not list((tmp_path / "bundle").rglob(".background-*"))
     report = (tmp_path / "bundle" / "report" / "report.md").read_text()
     assert "| Exporting executorch-int8 (background process) |" in report and "beside the others" in report
