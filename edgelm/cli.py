@@ -64,6 +64,7 @@ def _progress() -> Iterator[Any]:
 
         @contextmanager
         def step(name: str) -> Iterator[None]:
+            name = "  ↳ " * len(running) + name  # a phase inside a step (edgelm.steps.phase), indented
             task = progress.add_task(name, total=1)
             running.append((task, name))
             try:
