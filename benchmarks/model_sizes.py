@@ -11,10 +11,11 @@ file size, parity (ppl ratio; for random weights the logit measures — mean KL,
 agreement — are what count), decode tok/s from the export's profile and its fraction of the
 bandwidth bound (read bandwidth measured in the same run ÷ file bytes: decode reads every
 weight once per token). `--work` keeps models and bundles: a re-run reads an unchanged bundle
-back in seconds. Each model's row carries the read bandwidth measured right after its own
-export, and a run merges its rows into the `--out` file already there (a model's row is
-replaced), so a table too long for one sitting is filled one shape at a time, each row beside
-the bandwidth of its own run.
+back in seconds (`--profile-again WHY` measures a kept bundle's decode speeds again). Each
+model's row carries the read bandwidth measured right after its own export (or profile), and a
+run merges its rows into the `--out` file already there (a model's row is replaced), so a table
+too long for one sitting is filled one shape at a time, each row beside the bandwidth of its
+own run.
 """
 
 from __future__ import annotations
@@ -105,6 +106,29 @@ def export(work: Path, name: str, extra: list[str]) -> dict[str, Any]:
     }
 
 
+def profile_again(work: Path, model: dict[str, Any], threads: int, why: str) -> dict[str, Any]:
+    """`model`'s row with every artifact's decode speed measured again on its kept bundle (`edgelm
+    profile`, the export's settings: 64 new tokens, one run after a warm-up) and the read bandwidth
+    measured right after, for an export whose own profiles ran beside other work. The export's
+    figures stay in the row (`export_profile_decode_tok_s`, `export_read_bandwidth_gb_s`)."""
+    bundle = work / f"{model['model']}-android"
+    out = work / f"{model['model']}-profile.json"
+    command = [sys.executable, "-m", "edgelm", "profile", str(bundle), "--new-tokens", "64", "--repeats", "1"]
+    subprocess.run([*command, "--threads", str(threads), "--json", str(out)], check=True, capture_output=True)
+    profiles = json.loads(out.read_text())
+    bandwidth = read_bandwidth_gb_s(threads)
+    first = "export_read_bandwidth_gb_s" not in model  # a second re-profile keeps the export's own figures
+    for artifact in model["artifacts"]:
+        if first:
+            artifact["export_profile_decode_tok_s"] = artifact["decode_tok_s"]
+        artifact["decode_tok_s"] = profiles[artifact["artifact"]]["decode_tok_s"]
+    if first:
+        model["export_read_bandwidth_gb_s"] = model["read_bandwidth_gb_s"]
+    model["read_bandwidth_gb_s"] = bandwidth
+    model["decode_profiled_again"] = {"why": why, "command": " ".join(command[3:]), "commit": commit()}
+    return model
+
+
 def _failure(result: subprocess.CompletedProcess) -> dict[str, Any]:
     """How an export ended that did not finish: its exit status or signal (SIGKILL is most often
     the kernel's out-of-memory killer), the last steps it finished and its last error line."""
@@ -172,6 +196,12 @@ def main() -> None:
     parser.add_argument("--models", default=f"{DEFAULT},qwen2.5-0.5b,llama-3.2-1b,gemma-3-1b-like")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--table", type=Path, help="print the README table of a stored result and stop")
+    parser.add_argument(
+        "--profile-again",
+        metavar="WHY",
+        help="do not export: measure the decode speed of the kept bundles of --models again (and the "
+        "bandwidth after), e.g. when something else ran beside the export's own profiles; WHY is recorded",
+    )
     args, extra = parser.parse_known_args()
     if args.table:
         print(table(json.loads(args.table.read_text())))
@@ -182,6 +212,13 @@ def main() -> None:
     record = json.loads(args.out.read_text()) if args.out.exists() else {"models": [], "threads": args.threads}
     if record["threads"] != args.threads:
         parser.error(f"{args.out} was measured with {record['threads']} threads; write another file")
+    if args.profile_again:
+        rows = {m["model"]: m for m in record["models"]}
+        for name in args.models.split(","):
+            profile_again(args.work, rows[name], args.threads, args.profile_again)
+        args.out.write_text(json.dumps(record, indent=1) + "\n")
+        print(table(record))
+        return
     for name in args.models.split(","):
         model = export(args.work, name, extra)
         model["read_bandwidth_gb_s"] = read_bandwidth_gb_s(args.threads)  # this machine, now
