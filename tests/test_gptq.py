@@ -262,3 +262,22 @@ def test_calibration_statistics_live_in_their_folder_until_released(tiny_llama, 
     assert (folder / "int4").is_dir()
     calibration.release(set())
     assert not folder.exists()
+
+
+def test_the_fitted_offsets_error_is_the_output_error_they_leave():
+    """block_bias._fitted computes tr(E H Eᵀ) from the least-squares terms instead of anew: the
+    same number, for the fitted offsets and for a fallback kept."""
+    import torch
+
+    from edgelm.exporters.block_bias import _fitted, spread
+    from edgelm.gptq import output_error
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2048, 96, generator=g) @ torch.randn(96, 96, generator=g)
+    h = x.T @ x / x.shape[0]
+    weight = torch.randn(24, 96, generator=g)
+    symmetric = torch.clamp(torch.round(weight / 0.25), -8, 7) * 0.25
+    for fallback in (torch.zeros(24, 3), (weight - symmetric).unflatten(-1, (-1, 32)).mean(-1)):
+        offsets, error = _fitted(weight, symmetric, h, fallback)
+        direct = output_error((weight - symmetric - spread(offsets)).double(), h.double())
+        assert abs(error - direct) <= 1e-6 * direct, (error, direct)  # the offsets are stored as float32
