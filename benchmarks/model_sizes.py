@@ -157,7 +157,8 @@ def table(record: dict[str, Any]) -> str:
     models = sorted(record["models"], key=lambda m: m.get("parameters") or 0)
     lines = [
         f"Read bandwidth ({record['threads']} threads) measured right after each model's export, in the same "
-        "run; bound = bandwidth ÷ file bytes (decode reads every weight once per token).",
+        "run (after its decode speeds were measured again, where they were: `decode_profiled_again` in the "
+        "JSON says why); bound = bandwidth ÷ file bytes (decode reads every weight once per token).",
         "",
         "| model | artifact | MB | decode tok/s | read GB/s | share of bound | ppl ratio | mean KL |",
         "|---|---|---|---|---|---|---|---|",
