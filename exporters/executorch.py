@@ -135,13 +135,8 @@ def _quantize(
     if quant == "int8":
         for _, module in targets:
             quantize_(graph, per_channel_8bit, filter_fn=lambda candidate, _, target=module: candidate is target)
-        return {
-            "activations": "int8 dynamic per token",
-            "weights": "int8 per channel",
-            **head,
-            "embedding": embeddings,
-            **fused,
-        }
+        described = {"activations": "int8 dynamic per token", "weights": "int8 per channel"}
+        return {**described, **head, "embedding": embeddings, **fused}
     corrected, recoded = quantize_with_block_bias(
         graph,
         Int8DynamicActivationIntxWeightConfig(

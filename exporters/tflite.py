@@ -171,6 +171,22 @@ def quantize_flatbuffer(float_path: Path, quant: str, path: Path) -> dict[str, A
     return {**described[quant], "quantizer": "ai-edge-quantizer"}
 
 
+def _flatbuffer(model: Any, task: str, quant: str, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The .tflite at `path`, converted in float (litert-torch) and then, unless fp32, quantized
+    (ai-edge-quantizer): (the converted layout, the quantization recipe)."""
+    with tempfile.TemporaryDirectory(prefix="edgelm-tflite-") as scratch:
+        float_path = path if quant == "fp32" else Path(scratch) / "float.tflite"
+        with phase("Converting to a float .tflite (litert-torch)"):
+            if task == "text-generation":
+                layout = convert_decoder(model, float_path)
+            else:
+                layout = convert_encoder(model, task, float_path)
+        if quant == "fp32":
+            return layout, {"weights": "float32"}
+        with phase(f"Quantizing the flatbuffer ({quant}, ai-edge-quantizer)"):
+            return layout, quantize_flatbuffer(float_path, quant, path)
+
+
 def _litert_torch() -> Any:
     quiet_noisy_imports()
     try:
@@ -224,16 +240,7 @@ class TFLiteExporter(Exporter):
             model = copy_sharing_weights(model)  # to_block_grid assigns new weights, never writes into one
             with phase("Putting the layers on 4-bit grids" + (" (GPTQ)" if hessians else "")):
                 grid = {"block_grid": to_block_grid(model, hessians)}
-        with tempfile.TemporaryDirectory(prefix="edgelm-tflite-") as scratch:
-            float_path = path if quant == "fp32" else Path(scratch) / "float.tflite"
-            with phase("Converting to a float .tflite (litert-torch)"):
-                layout = (
-                    convert_encoder(model, source.task, float_path) if encoder else convert_decoder(model, float_path)
-                )
-            recipe: dict[str, Any] = {"weights": "float32"}
-            if quant != "fp32":
-                with phase(f"Quantizing the flatbuffer ({quant}, ai-edge-quantizer)"):
-                    recipe = quantize_flatbuffer(float_path, quant, path)
+        layout, recipe = _flatbuffer(model, source.task, quant, path)
         recipe.update(grid)
         if encoder:
             from edgelm.encoder_graph import encoder_signature
