@@ -62,8 +62,8 @@ def _fitted(weight: Any, symmetric: Any, hessian: Any, fallback: Any) -> tuple[A
     With R = W − symmetric and E = R − o Bᵀ, the error is tr(R H Rᵀ) − 2·Σ o ⊙ (R H B) +
     Σ (o BᵀHB) ⊙ o: one [out, in] × [in, in] product for R, then [out, blocks]-sized terms for
     any offsets (R H B is the least-squares right-hand side already). Computing tr(E H Eᵀ) anew
-    for each offsets tried was three such products per candidate grid, most of an ExecuTorch
-    int4 export's quantization time (134 s of SmolLM2's, in its worker)."""
+    for each offsets tried was three such products per candidate grid (float64, [out, in] ×
+    [in, in]: the largest arithmetic of the ExecuTorch and TFLite int4 recipes' fitting)."""
     import torch
 
     from edgelm.gptq import output_error
