@@ -45,11 +45,11 @@ def nearest_codes(weight: Any) -> tuple[Any, Any, Any]:
     return codes, scale, offset
 
 
-def gptq_codes_on_searched_grid(weight: Any, inputs: Any) -> tuple[Any, Any, Any]:
-    """GPTQ's codes on edgelm.gptq's searched grid, in the same (codes, scale, offset) form."""
+def gptq_codes_on_searched_grid(weight: Any, inputs: Any, hessian: Any) -> tuple[Any, Any, Any]:
+    """GPTQ's codes on edgelm.gptq's searched grid, in the same (codes, scale, offset) form.
+    `hessian`: inputs.hessian(), read once by the caller."""
     from edgelm.gptq import gptq_codes, searched_grid
 
-    hessian = inputs.hessian()
     scale, zero = searched_grid(weight, torch.diag(hessian), GROUP_SIZE)
     scale = storable(scale)
     codes = gptq_codes(weight, inputs, scale, zero, GROUP_SIZE, hessian=hessian)
@@ -84,8 +84,9 @@ def _layer_codes(weight: Any, inputs: Any | None) -> tuple[Any, Any, Any, bool]:
     nearest = nearest_codes(weight)
     if inputs is None:
         return (*nearest, False)
-    candidates = (nearest, gptq_codes_on_searched_grid(weight, inputs))
-    choice, offset = best_fitted(weight, inputs.hessian(), [(c * spread(s), o) for c, s, o in candidates])
+    hessian = inputs.hessian()  # a stored sum: read from its file once for the layer
+    candidates = (nearest, gptq_codes_on_searched_grid(weight, inputs, hessian))
+    choice, offset = best_fitted(weight, hessian, [(c * spread(s), o) for c, s, o in candidates])
     codes, scale, _ = candidates[choice]
     return codes, scale, offset, choice == 1
 
