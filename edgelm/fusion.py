@@ -55,9 +55,9 @@ def fuse_layer(layer: nn.Module) -> dict[nn.Module, nn.Module]:
     Returns each fused Linear with one of the Linears it replaced (all of them read its input,
     so statistics gathered on that one's input — edgelm.gptq's — hold for the fused one)."""
     attention, mlp = layer.self_attn, layer.mlp
-    first_attention, first_mlp = attention.q_proj, mlp.gate_proj
-    attention.qkv_proj = concatenated([getattr(attention, name) for name in ATTENTION_PARTS])
+    qkv, gate_up = [getattr(attention, name) for name in ATTENTION_PARTS], [getattr(mlp, n) for n in MLP_PARTS]
+    attention.qkv_proj = concatenated(qkv)
     for name in ATTENTION_PARTS:
         delattr(attention, name)
-    layer.mlp = FusedGatedMLP(concatenated([mlp.gate_proj, mlp.up_proj]), mlp.down_proj, mlp.act_fn)
-    return {attention.qkv_proj: first_attention, layer.mlp.gate_up_proj: first_mlp}
+    layer.mlp = FusedGatedMLP(concatenated(gate_up), mlp.down_proj, mlp.act_fn)
+    return {attention.qkv_proj: qkv[0], layer.mlp.gate_up_proj: gate_up[0]}
