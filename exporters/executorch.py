@@ -22,7 +22,7 @@ Quant mapping (the README's recipes), through torchao configs that the XNNPACK p
          (_gptq_on_block_grid; mild off-grid twin of SmolLM2: ppl ratio 1.075 → 1.043 with
          act-order → 1.040 with fitted offsets).
 int8 and int4 first fuse each layer's q/k/v and gate/up into one Linear each where the checkpoint
-keeps them apart (edgelm.fusion): a third fewer nodes for the lowering, and one activation
+keeps them apart (edgelm.fusion): fewer nodes for the lowering, and one activation
 quantization per input at run time.
 int8 and int4 also store the token embedding as int8 per row: the lookup is not delegated
 (XNNPACK has no gather), so it runs as ExecuTorch's quantized `embedding_byte` kernel, and
