@@ -3,7 +3,7 @@
 Llama, Qwen2 and Gemma3 checkpoints keep q/k/v and gate/up as separate Linears. Every one of
 them becomes a pattern in a lowered graph: ExecuTorch's 8da4w turns each into an activation
 quantization, a weight dequantization, a matmul and a block-bias correction; its XNNPACK
-lowering costs time per node (five patterns fewer per layer once fused), and
+lowering costs time per node (seven patterns per layer, four once fused), and
 each pattern quantizes the same activations again at run time. Fused, q|k|v is one Linear
 that edgelm.decoder_graph splits (as it does Phi-3's own qkv_proj) and gate|up one that
 FusedGatedMLP splits.
