@@ -214,8 +214,10 @@ def main() -> None:
     if record["threads"] != args.threads:
         parser.error(f"{args.out} was measured with {record['threads']} threads; write another file")
     if args.profile_again:
-        rows = {m["model"]: m for m in record["models"]}
+        rows = {m["model"]: m for m in record["models"] if "failed" not in m}
         for name in args.models.split(","):
+            if name not in rows or not (args.work / f"{name}-android").is_dir():
+                parser.error(f"no exported {name} in {args.out} with its bundle in {args.work}: export it first")
             profile_again(args.work, rows[name], args.threads, args.profile_again)
         args.out.write_text(json.dumps(record, indent=1) + "\n")
         print(table(record))
