@@ -42,6 +42,7 @@ MEMORY_HEADROOM = 1.5 * 2**30
 # below this size the worker's start (saving the model, importing torch and the exporter: ~15 s
 # on 2 cores) costs more than the overlap saves (a tiny test model lowers in ~20 s)
 MIN_PARAMETERS = 50_000_000
+POLL_SECONDS = 0.25  # how often the export looks whether a worker has finished, while it has nothing else to do
 
 
 def worth_a_second_process(model: Any, workers: int = 1) -> bool:
@@ -194,6 +195,10 @@ class BackgroundExport:
             raise value
         return value, seconds, peak, phases
 
+    def finished(self) -> bool:
+        """Whether the worker has exited (its outcome is ready for `result`)."""
+        return self._process.poll() is not None
+
     def pause(self) -> None:
         if self._process.poll() is None and not self._paused:
             self._signal(signal.SIGSTOP)
@@ -231,6 +236,19 @@ class BackgroundExports:
 
     def take(self, key: Hashable) -> BackgroundExport | None:
         return self._running.pop(key, None)
+
+    def running(self, key: Hashable) -> bool:
+        """Whether `key`'s worker is still exporting (False: finished, or not a background export)."""
+        export = self._running.get(key)
+        return export is not None and not export.finished()
+
+    def wait_for_any(self, keys: list[Hashable]) -> Hashable:
+        """The first of `keys` whose worker has finished, waiting until one has."""
+        while True:
+            for key in keys:
+                if not self.running(key):
+                    return key
+            time.sleep(POLL_SECONDS)
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:

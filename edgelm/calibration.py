@@ -91,11 +91,25 @@ class Calibration:
     def hessians(self, recipe: str) -> dict[str, Any]:
         """Per Linear of the scaled model for `recipe`, its inputs' Σ xxᵀ on the calibration text
         (edgelm.gptq), for exporters that pick their 4-bit codes by GPTQ; stored in files under
-        `statistics` when given."""
+        `statistics` when given. A Linear whose weights already sit on the recipe's grid (a model
+        dequantized from a Q4_1 GGUF) gets none: round-to-nearest reproduces it, so GPTQ has
+        nothing to gain; the exporters round it, and the recipe's record counts it."""
         if recipe not in self._hessians:
             from edgelm.gptq import collect_hessians
 
-            sums = collect_hessians(self.scaled_model(recipe)[0], self.batches())
+            model, record = self.scaled_model(recipe)
+            proxy = PROXIES[recipe]
+            on_grid: list[bool] = []
+
+            def wanted(module: Any) -> bool:
+                on_grid.append(proxy.reproduces(module.weight))
+                return not on_grid[-1]
+
+            sums = collect_hessians(model, self.batches(), wanted=wanted)
+            record["gptq_statistics"] = {
+                "layers": len(on_grid) - sum(on_grid),
+                "layers_on_the_grid": sum(on_grid),  # round-to-nearest reproduces them: no GPTQ
+            }
             if self.statistics is not None:
                 folder = self.statistics / recipe
                 folder.mkdir(parents=True, exist_ok=True)

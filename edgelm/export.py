@@ -327,9 +327,12 @@ def _build_all(
     try:
         order = builder.grouped_by_recipe(plan)
         order = builder.start_background_exports(order) if options.background else order
-        for index, (fmt, quant) in enumerate(order):
+        rest = list(order)
+        while rest:
+            fmt, quant = builder.next_to_build(rest)
+            rest.remove((fmt, quant))
             entry, failure = builder.build(fmt, quant)
-            builder.release_unneeded(order[index + 1 :])
+            builder.release_unneeded(rest)
             if entry is not None:
                 built[(fmt, quant)] = entry
             if failure:

@@ -13,6 +13,7 @@ weights (on the mild off-grid twin, simulated: min/max + GPTQ 1.0653, searched +
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,18 +186,26 @@ def output_error(difference: Any, hessian: Any) -> float:
 
 
 def collect_hessians(
-    model: Any, batches: list[Any], skip: tuple[str, ...] = ("lm_head",)
+    model: Any,
+    batches: list[Any],
+    skip: tuple[str, ...] = ("lm_head",),
+    wanted: Callable[[Any], bool] | None = None,
 ) -> dict[str, HessianAccumulator]:
     """Σ xxᵀ of every Linear's input over the calibration batches, by module name (the output
     head excepted: it stays 8-bit). Linears that read the same tensor (q/k/v, gate/up) share
-    one accumulator, so memory is one matrix per distinct input."""
+    one accumulator, so memory is one matrix per distinct input. `wanted(module)`: only those
+    Linears (None: all); with none wanted, the calibration text is not run at all."""
     import torch
 
     linears = {
         name: module
         for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] not in skip
+        if isinstance(module, torch.nn.Linear)
+        and name.rpartition(".")[2] not in skip
+        and (wanted is None or wanted(module))
     }
+    if not linears:
+        return {}
     sums: dict[str, HessianAccumulator] = {}
     seen: dict[int, tuple[Any, str]] = {}  # id of an input in this batch -> (the tensor, kept alive; its first reader)
 

@@ -259,18 +259,30 @@ def _inspect_gguf(path: Path, *, model_id: str) -> SourceModel:
 
 
 @contextmanager
-def _quiet_gguf_reader() -> Iterator[None]:
-    """transformers' GGUF reader draws a raw tqdm bar that ignores its progress-bar switch;
-    silence it while edgelm's own progress display is on screen."""
-    from functools import partial
+def _gguf_read_once() -> Iterator[None]:
+    """While active, transformers' GGUF loading parses each file once and draws no raw tqdm bar.
+
+    Loading a GGUF model, transformers parses the whole file three times (for the config, the
+    weights and the tokenizer: each a GGUFReader over every metadata field, the 49k-entry
+    vocabulary included) and rebuilds gguf's tensor-name map once per submodule (397 times for
+    SmolLM2): 20 s of the default model's 20 s load here, ahead of everything else in the export.
+    Both are read-only, so one reader per path and one map per (architecture, layers) serve
+    every call. The bar ignores transformers' progress-bar switch and would tear edgelm's own
+    progress display."""
+    from functools import lru_cache, partial
     from unittest import mock
 
     try:
+        import gguf
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:
         yield
         return
-    with mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True)):
+    with (
+        mock.patch.object(gguf_utils, "tqdm", partial(gguf_utils.tqdm, disable=True)),
+        mock.patch.object(gguf, "GGUFReader", lru_cache(maxsize=None)(gguf.GGUFReader)),
+        mock.patch.object(gguf, "get_tensor_name_map", lru_cache(maxsize=None)(gguf.get_tensor_name_map)),
+    ):
         yield
 
 
@@ -324,11 +336,9 @@ def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
     path = Path(source.path)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     where, name = (path.parent, {"gguf_file": path.name}) if source.kind == "gguf" else (path, {})
-    try:
-        with _quiet_gguf_reader():
-            model = model_class.from_pretrained(str(where), **name, **kwargs)
-    except Exception as err:
-        raise InvalidModelError(f"{source.path}: transformers could not load the weights: {err}") from err
+    with _gguf_read_once():
+        model = _from_pretrained(model_class, where, name, kwargs, source)
+        tokenizer = _tokenizer(transformers, where, name, source)
     # A GGUF-loaded model carries a `quantization_config` that no longer describes its
     # (dequantized fp32) weights; a config saved with it misleads every later reader.
     # The weights are plain fp32 tensors by now, so the quantizer handle goes too.
@@ -337,12 +347,22 @@ def load_reference_model(source: SourceModel, tokenizer_dir: Path) -> Any:
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     model.eval()
-    try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(str(where), **name)
-    except Exception as err:
-        raise TokenizerError(f"{source.path}: transformers could not read the tokenizer: {err}") from err
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(str(tokenizer_dir))
     if not (tokenizer_dir / "tokenizer.json").is_file():
         raise TokenizerError(f"{source.path}: the tokenizer has no fast (tokenizer.json) form; edgelm needs one")
     return model
+
+
+def _from_pretrained(model_class: Any, where: Path, name: dict[str, str], kwargs: dict[str, Any], source: Any) -> Any:
+    try:
+        return model_class.from_pretrained(str(where), **name, **kwargs)
+    except Exception as err:
+        raise InvalidModelError(f"{source.path}: transformers could not load the weights: {err}") from err
+
+
+def _tokenizer(transformers: Any, where: Path, name: dict[str, str], source: Any) -> Any:
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(where), **name)
+    except Exception as err:
+        raise TokenizerError(f"{source.path}: transformers could not read the tokenizer: {err}") from err

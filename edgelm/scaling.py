@@ -30,6 +30,10 @@ from edgelm.model import copy_sharing_weights
 
 SEARCH_POINTS = 20  # a = 0, 1/20, ..., 19/20
 MAX_SAMPLE_ROWS = 512  # calibration tokens kept per group to score candidate scales
+# A squared error this far below the signal's (relative) is float rounding, not quantization:
+# the grid reproduces the weights already (float32 rounding of a weight on its grid leaves
+# ~1e-14; the coarsest error any 8-bit grid leaves is ~1e-6, 4-bit ~1e-3).
+REPRODUCED = 1e-10
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,13 @@ class QuantProxy:
         low, high = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
         scale = (high - low).clamp(min=1e-10) / levels
         return ((g - low) / scale).round().clamp(0, levels).mul(scale).add(low).reshape(rows, cols)
+
+    def reproduces(self, w: Any) -> bool:
+        """Whether `w` [out, in] already sits on this weight grid (a checkpoint dequantized from a
+        Q4_1 GGUF, on the int4 grid): its round trip changes it by float rounding only, so no
+        rescaling or GPTQ can quantize it better than round-to-nearest does."""
+        w = w.detach().float()
+        return float((self.weights(w) - w).pow(2).sum()) <= REPRODUCED * float(w.pow(2).sum())
 
     def activations(self, x: Any) -> Any:
         if not self.activation_bits:
@@ -224,6 +235,9 @@ def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[
     ones = torch.ones_like(x_mean)
     baseline = error(ones)
     best = (ones, None, baseline)
+    power = float(reference.pow(2).mean())
+    if baseline <= REPRODUCED * power:  # the weights sit on the grid (no activation rounding): s = 1 is exact
+        return ones, None, baseline, baseline, power
     w_mean = _weight_magnitude(weight, proxy.block).clamp(min=1e-6)
     x_mean = x_mean.clamp(min=1e-6)
     for step in range(SEARCH_POINTS):
@@ -235,7 +249,7 @@ def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[
         e = error(s)
         if e < best[2]:
             best = (s, a, e)
-    return best[0], best[1], baseline, best[2], float(reference.pow(2).mean())
+    return best[0], best[1], baseline, best[2], power
 
 
 def capture_inputs(model: Any, batches: list[Any]) -> dict[tuple[int, int], dict]:

@@ -156,7 +156,7 @@ def _quantize(
         **head,
         "embedding": embeddings,
         **fused,
-        **({"gptq_layers": recoded} if hessians else {}),
+        **({"gptq_layers": recoded} if hessians is not None else {}),
     }
 
 

@@ -257,7 +257,7 @@ def quantize_weights(
             "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
             "block_bias_correction": corrected,
             **({"layers_at_8_bits": list(layers_8bit)} if layers_8bit else {}),
-            **({"gptq_layers": len(recoded)} if NBITS[quant] == 4 and hessians else {}),
+            **({"gptq_layers": len(recoded)} if NBITS[quant] == 4 and hessians is not None else {}),
         }
     done["external_data"] = bool(save_model(model, dst))
     return done
