@@ -214,3 +214,44 @@ def test_a_worker_killed_for_memory_says_so():
 
     assert "out-of-memory" in _killed_by(9) and "SIGKILL" in _killed_by(9)
     assert _killed_by(15) == "ended by SIGTERM"
+
+
+class _Worker:
+    """A stand-in for a BackgroundExport: finished after `polls` looks."""
+
+    def __init__(self, polls: int) -> None:
+        self.polls = polls
+
+    def finished(self) -> bool:
+        self.polls -= 1
+        return self.polls < 0
+
+
+def test_the_worker_that_finishes_first_is_built_first(monkeypatch):
+    """Artifacts left to build come in order, except that one whose worker is still exporting
+    waits behind one whose worker has finished; with every worker still busy, the export waits
+    for whichever finishes first (its own step), not for the first in the plan."""
+    import contextlib
+
+    import edgelm.background
+    from conftest import fast_export_options
+
+    from edgelm.artifacts import ArtifactBuilder
+
+    monkeypatch.setattr(edgelm.background, "POLL_SECONDS", 0.0)
+    steps: list[str] = []
+
+    @contextlib.contextmanager
+    def step(name: str):
+        steps.append(name)
+        yield
+
+    builder = ArtifactBuilder(None, None, None, fast_export_options(), None, None, step, None)
+    plan = [("gguf", "int4"), ("executorch", "int4"), ("tflite", "int8")]
+    keys = {item: builder._background_key(item) for item in plan}
+    builder.background.start(keys[("executorch", "int4")], _Worker(polls=10))
+    builder.background.start(keys[("tflite", "int8")], _Worker(polls=3))
+    assert builder.next_to_build(plan) == ("gguf", "int4") and not steps  # not a background artifact
+    assert builder.next_to_build(plan[1:]) == ("tflite", "int8")  # after waiting for it, not for executorch
+    assert steps == ["Waiting for the first of executorch-int4, tflite-int8 to finish in its background process"]
+    assert builder.next_to_build([("executorch", "int4")]) == ("executorch", "int4")  # its own step waits

@@ -81,6 +81,32 @@ def test_scaling_undoes_a_rescaled_twin_and_keeps_the_function(tiny_model_factor
     assert torch.allclose(_outputs(scaled, ids), _outputs(model, ids), atol=1e-4, rtol=1e-4)
 
 
+def test_the_scale_search_keeps_weights_that_already_sit_on_the_int4_grid():
+    """s = 1 reproduces a weight on the grid exactly: no candidate scale is tried (they could
+    only move it off the grid), and the result says s = 1 won."""
+    import edgelm.scaling as scaling
+
+    torch.manual_seed(0)
+    weight = PROXIES["int4"].weights(torch.randn(64, 128))
+    x = torch.randn(256, 128)
+    tried = []
+    proxy = PROXIES["int4"]
+
+    class Counting(type(proxy)):
+        def weights(self, w):
+            tried.append(w)
+            return super().weights(w)
+
+    counting = Counting(proxy.weight_bits, proxy.block, proxy.symmetric, proxy.activation_bits)
+    scales, ratio, before, after, power = scaling.search_scales(x, x.abs().mean(0), weight, counting)
+    assert ratio is None and torch.equal(scales, torch.ones(128)) and after == before <= 1e-10 * power
+    assert len(tried) == 1  # s = 1 only
+    off_grid = weight + 0.01 * torch.randn(64, 128)
+    tried.clear()
+    scaling.search_scales(x, x.abs().mean(0), off_grid, counting)
+    assert len(tried) == 1 + scaling.SEARCH_POINTS
+
+
 def test_calibration_text_never_contains_the_parity_text(tiny_llama):
     from edgelm.calibration import CalibrationSettings, calibration_windows
     from edgelm.parity import parity_text

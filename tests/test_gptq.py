@@ -281,3 +281,49 @@ def test_the_fitted_offsets_error_is_the_output_error_they_leave():
         offsets, error = _fitted(weight, symmetric, h, fallback)
         direct = output_error((weight - symmetric - spread(offsets)).double(), h.double())
         assert abs(error - direct) <= 1e-6 * direct, (error, direct)  # the offsets are stored as float32
+
+
+def _onto_the_int4_grid(linear: torch.nn.Linear) -> None:
+    """Put `linear`'s weight on the int4 recipe's block grid (as a Q4_1 GGUF's dequantized weights sit)."""
+    from edgelm.scaling import PROXIES
+
+    with torch.no_grad():
+        linear.weight.copy_(PROXIES["int4"].weights(linear.weight.float()))
+
+
+def test_only_the_wanted_linears_get_statistics_and_none_wanted_runs_nothing(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).eval()
+    batches = [torch.randint(0, 100, (1, 24))]
+    down = model.model.layers[0].mlp.down_proj
+    sums = collect_hessians(model, batches, wanted=lambda module: module is not down)
+    assert "model.layers.0.mlp.down_proj" not in sums and "model.layers.1.mlp.down_proj" in sums
+    assert sums["model.layers.0.mlp.gate_proj"].tokens == 24
+
+    def no_forward(*_args, **_kwargs):
+        raise AssertionError("the calibration text was run with no statistics to collect")
+
+    model.model.forward = no_forward
+    assert collect_hessians(model, batches, wanted=lambda module: False) == {}
+
+
+def test_layers_already_on_the_grid_get_no_gptq_statistics_and_the_record_counts_them(tiny_llama, tmp_path):
+    from edgelm.calibration import Calibration, CalibrationSettings
+    from edgelm.model import inspect_source, load_reference_model
+    from edgelm.scaling import PROXIES
+    from edgelm.tokenizer import Tokenizer
+
+    model = load_reference_model(inspect_source(tiny_llama), tmp_path / "tokenizer")
+    on_grid = [model.model.layers[0].self_attn.o_proj, model.model.layers[1].mlp.down_proj]
+    for linear in on_grid:
+        _onto_the_int4_grid(linear)
+    assert all(PROXIES["int4"].reproduces(linear.weight) for linear in on_grid)
+    assert not PROXIES["int4"].reproduces(model.model.layers[0].mlp.down_proj.weight)  # random weights are off it
+    calibration = Calibration(model, Tokenizer(tmp_path / "tokenizer"), CalibrationSettings(tokens=256, window=64))
+    sums = calibration.hessians("int4")
+    assert "model.layers.0.self_attn.o_proj" not in sums and "model.layers.1.mlp.down_proj" not in sums
+    assert "model.layers.0.self_attn.q_proj" in sums and "model.layers.1.self_attn.o_proj" in sums
+    linears = 7 * model.config.num_hidden_layers
+    statistics = calibration.scaled_model("int4")[1]["gptq_statistics"]
+    assert statistics == {"layers": linears - 2, "layers_on_the_grid": 2}

@@ -48,6 +48,23 @@ def test_default_model_is_the_bundled_smollm2_gguf():
     assert source.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+def test_a_gguf_source_is_parsed_once_per_load(tmp_path, monkeypatch):
+    """transformers reads a GGUF for the config, the weights and the tokenizer: one parse of the
+    file and one tensor-name map serve all three (they were 20 s of the default model's load)."""
+    import gguf
+
+    from edgelm.model import load_reference_model
+
+    parses, maps = [], []
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    monkeypatch.setattr(gguf, "GGUFReader", lambda *args, **kwargs: parses.append(args) or reader(*args, **kwargs))
+    monkeypatch.setattr(gguf, "get_tensor_name_map", lambda *args: maps.append(args) or name_map(*args))
+    model = load_reference_model(inspect_source(None), tmp_path / "tokenizer")
+    assert len(parses) == 1 and len(maps) == 1
+    assert model.config.num_hidden_layers == 30 and (tmp_path / "tokenizer" / "tokenizer.json").is_file()
+    assert gguf.GGUFReader is not reader  # still the test's own counter: the loading put back what it found
+
+
 def test_unknown_architecture_names_the_supported_ones(tiny_llama, tmp_path):
     folder = tmp_path / "m"
     shutil.copytree(tiny_llama, folder)
