@@ -79,14 +79,18 @@ class Calibration:
     def scaled_model(self, recipe: str) -> tuple[Any, dict[str, Any]]:
         """The model with activation-aware scales for `recipe` folded in, and what was done."""
         if recipe not in self._scaled:
-            if self._inputs is None:
-                self._inputs = capture_inputs(self.model, self.batches())
             model, result = scale_for_quantization(
-                self.model, self.batches(), PROXIES[recipe], self.progress, self._inputs
+                self.model, self.batches(), PROXIES[recipe], self.progress, self._captured_inputs
             )
             self._scaled[recipe] = (model, result.describe() | {"calibration_text": self._text})
             self._sensitivity[recipe] = result.layer_sensitivity()
         return self._scaled[recipe]
+
+    def _captured_inputs(self) -> dict:
+        """The layers' inputs on the calibration text (edgelm.scaling.capture_inputs), captured on first use."""
+        if self._inputs is None:
+            self._inputs = capture_inputs(self.model, self.batches())
+        return self._inputs
 
     def hessians(self, recipe: str) -> dict[str, Any]:
         """Per Linear of the scaled model for `recipe`, its inputs' Σ xxᵀ on the calibration text

@@ -236,8 +236,6 @@ def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[
     baseline = error(ones)
     best = (ones, None, baseline)
     power = float(reference.pow(2).mean())
-    if baseline <= REPRODUCED * power:  # the weights sit on the grid (no activation rounding): s = 1 is exact
-        return ones, None, baseline, baseline, power
     w_mean = _weight_magnitude(weight, proxy.block).clamp(min=1e-6)
     x_mean = x_mean.clamp(min=1e-6)
     for step in range(SEARCH_POINTS):
@@ -274,12 +272,15 @@ def scale_for_quantization(
     batches: list[Any],
     proxy: QuantProxy,
     progress: Callable[[int, int], None] | None = None,
-    stats: dict[tuple[int, int], dict] | None = None,
+    stats: Callable[[], dict[tuple[int, int], dict]] | None = None,
 ) -> tuple[Any, ScalingResult]:
     """A copy of `model` with activation-aware scales folded in for `proxy`, and what was done.
 
     `batches`: [1, n] token-id tensors of calibration text (never the parity text); `stats`:
-    capture_inputs(model, batches) when the caller already has it (one pass serves every recipe).
+    returns capture_inputs(model, batches), called only when a group needs the inputs (one
+    pass serves every recipe). A group whose weights already sit on the proxy's grid keeps
+    s = 1 without them: s = 1 is exact whatever the inputs (a model dequantized from a Q4_1
+    GGUF, for int4), so such a recipe runs no calibration text at all.
     """
     import torch
 
@@ -287,20 +288,28 @@ def scale_for_quantization(
     result = ScalingResult(proxy=proxy, calibration_tokens=sum(int(b.numel()) for b in batches))
     if not groups:
         return model, result
-    stats = stats if stats is not None else capture_inputs(model, batches)
+    captured: dict[tuple[int, int], dict] | None = None
     scaled = copy_sharing_weights(model)  # fold_scales assigns what it changes; the rest stays shared
     layers = layers_of(scaled)
     total = len(layers) * len(groups)
     with torch.no_grad():
         for i, layer in enumerate(layers):
             for j, group in enumerate(groups):
-                entry = stats[(i, j)]
-                x = torch.cat(entry["rows"])
                 weight = torch.cat([layer.get_submodule(n).weight.detach().float() for n in group.consumers])
-                scales, ratio, before, after, power = search_scales(x, entry["abs_sum"] / entry["count"], weight, proxy)
-                if ratio is not None:
-                    fold_scales(layer, group, scales)
-                result.groups.append(GroupScales(i, group, scales, ratio, before, after, power))
+                if proxy.activation_bits is None and proxy.reproduces(weight):
+                    scales = torch.ones(weight.shape[1])
+                    result.groups.append(GroupScales(i, group, scales, None, 0.0, 0.0))
+                else:
+                    if captured is None:
+                        captured = stats() if stats is not None else capture_inputs(model, batches)
+                    entry = captured[(i, j)]
+                    x = torch.cat(entry["rows"])
+                    scales, ratio, before, after, power = search_scales(
+                        x, entry["abs_sum"] / entry["count"], weight, proxy
+                    )
+                    if ratio is not None:
+                        fold_scales(layer, group, scales)
+                    result.groups.append(GroupScales(i, group, scales, ratio, before, after, power))
                 if progress:
                     progress(i * len(groups) + j + 1, total)
     return scaled, result

@@ -233,9 +233,9 @@ def test_the_worker_that_finishes_first_is_built_first(monkeypatch):
     for whichever finishes first (its own step), not for the first in the plan."""
     import contextlib
 
-    import edgelm.background
     from conftest import fast_export_options
 
+    import edgelm.background
     from edgelm.artifacts import ArtifactBuilder
 
     monkeypatch.setattr(edgelm.background, "POLL_SECONDS", 0.0)

@@ -81,30 +81,35 @@ def test_scaling_undoes_a_rescaled_twin_and_keeps_the_function(tiny_model_factor
     assert torch.allclose(_outputs(scaled, ids), _outputs(model, ids), atol=1e-4, rtol=1e-4)
 
 
-def test_the_scale_search_keeps_weights_that_already_sit_on_the_int4_grid():
-    """s = 1 reproduces a weight on the grid exactly: no candidate scale is tried (they could
-    only move it off the grid), and the result says s = 1 won."""
-    import edgelm.scaling as scaling
-
-    torch.manual_seed(0)
-    weight = PROXIES["int4"].weights(torch.randn(64, 128))
-    x = torch.randn(256, 128)
-    tried = []
+def test_groups_already_on_the_int4_grid_keep_their_scales_without_running_the_text(tiny_model_factory):
+    """s = 1 reproduces weights on the grid whatever the inputs: those groups are not searched
+    (a scale could only move them off it), and with every group on it the calibration text is
+    not run at all; one group off the grid is searched on the captured inputs."""
+    model = _load(tiny_model_factory("llama"))
     proxy = PROXIES["int4"]
+    for linear in model.modules():
+        if isinstance(linear, torch.nn.Linear) and linear.weight.shape[1] % 32 == 0:
+            with torch.no_grad():
+                linear.weight.copy_(proxy.weights(linear.weight))
+    batches = [torch.randint(3, 200, (1, 64)) for _ in range(2)]
+    captures = []
 
-    class Counting(type(proxy)):
-        def weights(self, w):
-            tried.append(w)
-            return super().weights(w)
+    def capture():
+        captures.append(1)
+        from edgelm.scaling import capture_inputs
 
-    counting = Counting(proxy.weight_bits, proxy.block, proxy.symmetric, proxy.activation_bits)
-    scales, ratio, before, after, power = scaling.search_scales(x, x.abs().mean(0), weight, counting)
-    assert ratio is None and torch.equal(scales, torch.ones(128)) and after == before <= 1e-10 * power
-    assert len(tried) == 1  # s = 1 only
-    off_grid = weight + 0.01 * torch.randn(64, 128)
-    tried.clear()
-    scaling.search_scales(x, x.abs().mean(0), off_grid, counting)
-    assert len(tried) == 1 + scaling.SEARCH_POINTS
+        return capture_inputs(model, batches)
+
+    scaled, result = scale_for_quantization(model, batches, proxy, stats=capture)
+    assert not captures and result.describe()["groups_rescaled"] == 0
+    assert all(g.ratio is None and g.error_after == 0 for g in result.groups)
+    assert torch.equal(scaled.model.layers[0].mlp.up_proj.weight, model.model.layers[0].mlp.up_proj.weight)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight.add_(0.01 * torch.randn_like(model.model.layers[1].mlp.up_proj.weight))
+    _, result = scale_for_quantization(model, batches, proxy, stats=capture)
+    assert len(captures) == 1
+    searched = [g for g in result.groups if g.error_before > 0]
+    assert [(g.layer, g.group.producer) for g in searched] == [(1, "post_attention_layernorm")]
 
 
 def test_calibration_text_never_contains_the_parity_text(tiny_llama):
