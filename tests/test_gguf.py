@@ -86,12 +86,15 @@ def test_quant_recipes_map_to_llama_cpp_types_and_pass_their_gates(gguf_bundle):
 
 
 def test_int4_of_weights_on_a_q4_1_grid_is_written_as_q4_1_exactly(tiny_model_factory, tmp_path):
-    """The default model's weights came from a Q4_1 file: int4 keeps whichever of llama.cpp's
-    4-bit types stays closer to the source on the calibration text, for such weights Q4_1, lossless."""
+    """The default model's weights came from a Q4_1 file: with every layer on Q4_1's grid, int4
+    is Q4_1 (lossless) without measuring the other type — and measuring agrees."""
     import shutil
 
     import torch
     import transformers
+
+    from edgelm.exporters.gguf import INT4_TYPES, quantize_best, write_f32_gguf
+    from edgelm.model import inspect_source
 
     source = tmp_path / "on-grid"
     shutil.copytree(tiny_model_factory("llama"), source)
@@ -103,9 +106,15 @@ def test_int4_of_weights_on_a_q4_1_grid_is_written_as_q4_1_exactly(tiny_model_fa
     model.save_pretrained(str(source))
     manifest = export_bundle(source, tmp_path / "bundle", fast_export_options(formats=("gguf",), quants=("int4",)))
     entry = manifest.artifact("gguf")
-    scores = entry.signature["quantization"]["chosen_by"]["mean_kl_from_source_on_calibration_text"]
-    assert entry.path == "gguf/model-Q4_1.gguf" and scores["Q4_1"] < scores["Q4_K_M"] / 10
+    assert entry.path == "gguf/model-Q4_1.gguf" and "already sit on Q4_1's grid" in str(
+        entry.signature["quantization"]["chosen_by"]
+    )
     assert entry.parity["ppl_ratio"] == pytest.approx(1.0, abs=1e-3)
+    scratch = tmp_path / "f32.gguf"
+    write_f32_gguf(model, inspect_source(source), tmp_path / "bundle" / "tokenizer", scratch)
+    windows = [torch.randint(3, 200, (1, 64), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    _, best, scores = quantize_best(model.eval(), scratch, tmp_path, INT4_TYPES, windows)
+    assert best == "MOSTLY_Q4_1" and scores["Q4_1"] < scores["Q4_K_M"] / 10
 
 
 def _on_q4_1_grid(weight):
