@@ -265,7 +265,7 @@ def _gguf_read_once() -> Iterator[None]:
     Loading a GGUF model, transformers parses the whole file three times (for the config, the
     weights and the tokenizer: each a GGUFReader over every metadata field, the 49k-entry
     vocabulary included) and rebuilds gguf's tensor-name map once per submodule (397 times for
-    SmolLM2): 20 s of the default model's 20 s load here, ahead of everything else in the export.
+    SmolLM2): 10 s of the default model's 20 s load here, ahead of everything else in the export.
     Both are read-only, so one reader per path and one map per (architecture, layers) serve
     every call. The bar ignores transformers' progress-bar switch and would tear edgelm's own
     progress display."""

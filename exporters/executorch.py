@@ -405,8 +405,8 @@ class ExecuTorchExporter(Exporter):
     requires = ("torch", "transformers", "executorch", "torchao")
     exports_in_background = True  # the XNNPACK lowering is minutes of single-threaded Python (edgelm.background)
     # the export's longest step, which it ends up waiting for: not below the export's own work
-    # (at nice 10 the export's two threads left its lowering a fifth of a core: 447 s instead of
-    # 330 s), and ahead of TFLite's worker for spare CPU
+    # (at nice 10 behind the export's two threads, its torch.export took 56 s instead of 10 s
+    # alone), and ahead of TFLite's worker for spare CPU
     background_nice = 0
     gptq = ("int4",)  # calibrated attempts pick 4-bit codes by GPTQ (the export's hessians)
 
