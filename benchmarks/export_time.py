@@ -30,7 +30,7 @@ from edgelm.profile import device_record
 def timed_export(output: Path, extra: list[str]) -> tuple[float, float, str]:
     """(wall seconds, CPU seconds of the export and its worker processes, its stdout). The CPU
     seconds are the work done, which the machine's other load moves much less than the wall time
-    (two cold runs of one commit on this kind of machine differed by 24% in wall time)."""
+    (the same commit's cold export took 585 s on one day and 997 s on another, on one machine)."""
     command = [
         sys.executable,
         "-m",

@@ -235,7 +235,6 @@ def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[
     ones = torch.ones_like(x_mean)
     baseline = error(ones)
     best = (ones, None, baseline)
-    power = float(reference.pow(2).mean())
     w_mean = _weight_magnitude(weight, proxy.block).clamp(min=1e-6)
     x_mean = x_mean.clamp(min=1e-6)
     for step in range(SEARCH_POINTS):
@@ -247,7 +246,7 @@ def search_scales(x: Any, x_mean: Any, weight: Any, proxy: QuantProxy) -> tuple[
         e = error(s)
         if e < best[2]:
             best = (s, a, e)
-    return best[0], best[1], baseline, best[2], power
+    return best[0], best[1], baseline, best[2], float(reference.pow(2).mean())
 
 
 def capture_inputs(model: Any, batches: list[Any]) -> dict[tuple[int, int], dict]:

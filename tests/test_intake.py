@@ -50,7 +50,7 @@ def test_default_model_is_the_bundled_smollm2_gguf():
 
 def test_a_gguf_source_is_parsed_once_per_load(tmp_path, monkeypatch):
     """transformers reads a GGUF for the config, the weights and the tokenizer: one parse of the
-    file and one tensor-name map serve all three (they were 20 s of the default model's load)."""
+    file and one tensor-name map serve all three (the repeats were 10 s of the default model's 20 s load)."""
     import gguf
 
     from edgelm.model import load_reference_model
