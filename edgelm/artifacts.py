@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from typing import Any
 from edgelm.background import (
     BackgroundExport,
     BackgroundExports,
+    torch_threads,
     worth_a_second_process,
 )
 from edgelm.bundle import ArtifactEntry
@@ -199,7 +201,7 @@ class ArtifactBuilder:
 
     def _model_for(self, fmt: str, attempt: Attempt, recipe: str) -> tuple[Any, dict[str, Any] | str]:
         if attempt.calibrated:
-            with self.step(f"Calibrating {recipe} scales on the calibration text"):
+            with self.step(f"Calibrating {recipe} scales on the calibration text"), self._own_share():
                 model, record = self.calibration.scaled_model(recipe)
             variant = f"calibrated-{recipe}"
         else:
@@ -214,7 +216,7 @@ class ArtifactBuilder:
         calibrated attempt of a recipe it picks codes for by GPTQ; else nothing."""
         if not (attempt.calibrated and recipe in exporter.gptq):
             return {}
-        with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"):
+        with self.step(f"Collecting {recipe} layer inputs for GPTQ on the calibration text"), self._own_share():
             return {"hessians": self.calibration.hessians(recipe)}
 
     def _exported(
@@ -245,7 +247,7 @@ class ArtifactBuilder:
             settings.update(self._gptq_settings(exporter, attempt, recipe))
             if attempt.calibrated and attempt.quant in exporter.measured_choice:
                 settings["calibration_windows"] = self.calibration.batches()[:CHOICE_WINDOWS]
-            with self.step(f"Exporting {label}"):
+            with self.step(f"Exporting {label}"), self._own_share():
                 artifact = _export_one(exporter, model, self.source, self.work, attempt.quant, name, **settings)
         return artifact, calibration, settings
 
@@ -256,20 +258,27 @@ class ArtifactBuilder:
         artifact, calibration, settings = self._exported(exporter, name, label, attempt, recipe)
         mark_trusted(artifact.path)  # written by this export: opened in this process for parity
         runtime = get_runtime(exporter.runtime)
-        with self.step(f"Loading {name} in {runtime.name}"), self.background.paused():
-            session, load_s = timed(runtime.open, artifact.path, threads=self.options.threads)
+        threads = self._threads_beside_workers()
+        with self.step(f"Loading {name} in {runtime.name}"), self.background.paused(), torch_threads(threads):
+            session, load_s = timed(runtime.open, artifact.path, threads=threads)
         file_bytes = artifact.path.stat().st_size + sum(f.stat().st_size for f in artifact.extra_files)
         with self.step(
             f"Measuring parity of {name} on real text" + (" and profiling it" if self.options.profile else "")
         ):
-            measured = self.evaluation.measure(
-                session, self.reference, recipe, load_s, file_bytes, quiet=self.background.paused
-            )
+            with torch_threads(threads):
+                parity, failure = self.evaluation.parity(session, self.reference, recipe)
+            profile = None
+            if self.options.profile:
+                with self.background.paused():  # every timing is taken on a machine doing nothing else
+                    if threads != self.options.threads:  # parity ran beside a worker, on the cores it left
+                        session.close()
+                        session = runtime.open(artifact.path, threads=self._timing_threads())
+                    profile = self.evaluation.profile(session, load_s, file_bytes)
         session.close()  # before the vendor runtime loads its own copy of the weights
         vendor = None
-        if measured.failure is None and self.vendors is not None and self.vendors.covers(exporter.format):
+        if failure is None and self.vendors is not None and self.vendors.covers(exporter.format):
             with self.step(f"Running {name} in its vendor's LLM runtime"), self.background.paused():
-                reopen = lambda: runtime.open(artifact.path, threads=self.options.threads)  # noqa: E731
+                reopen = lambda: runtime.open(artifact.path, threads=self._timing_threads())  # noqa: E731
                 vendor = self.vendors.run(exporter.format, artifact.path, self.work, reopen)
         if vendor is not None and vendor.failed and not self.options.allow_vendor_mismatch:
             raise VendorMismatchError(
@@ -286,8 +295,8 @@ class ArtifactBuilder:
             runtime_version=runtime.version(),
             built_by=artifact.built_by,
             signature=artifact.signature,
-            parity=measured.parity,
-            profile=measured.profile,
+            parity=parity,
+            profile=profile,
             recipe={
                 "gate_recipe": recipe,
                 "chosen": attempt.quant,
@@ -297,7 +306,23 @@ class ArtifactBuilder:
             vendor_runtimes=[vendor.to_dict()] if vendor else [],
         )
         written = [self.work / rel for rel in (vendor.files if vendor else [])]
-        return entry, measured.failure, [artifact.path, *artifact.extra_files, *written]
+        return entry, failure, [artifact.path, *artifact.extra_files, *written]
+
+    def _threads_beside_workers(self) -> int | None:
+        """Threads for the export's own work now: the user's --threads, else, while workers
+        export, the cores they leave (BackgroundExports.cores_left), else the runtime's default."""
+        return self.options.threads or self.background.cores_left()
+
+    def _timing_threads(self) -> int:
+        """Threads for what is timed (workers paused): the user's --threads, else every core,
+        set explicitly — a runtime whose thread pool is process-wide (ExecuTorch's, torch's)
+        keeps the count a parity session beside a worker gave it."""
+        return self.options.threads or os.cpu_count() or 1
+
+    def _own_share(self) -> AbstractContextManager[None]:
+        """torch's threads for a step of the export's own (calibration, an export here) set to
+        the cores the workers leave while it starts."""
+        return torch_threads(self._threads_beside_workers())
 
     def finish_all(self) -> None:
         """Stop any background export still running; drop the scratch files exporters kept

@@ -250,6 +250,16 @@ class BackgroundExports:
                     return key
             time.sleep(POLL_SECONDS)
 
+    def cores_left(self) -> int | None:
+        """The cores no running worker is exporting on (at least one), or None while none runs:
+        what the export's own work (calibration, parity) should use beside the workers. Each
+        worker keeps one core busy; torch's threads wait for each other at every operation,
+        so two of them beside a worker on two cores spend their time waiting: the int8
+        calibration of the default model took 120 s on two threads beside a busy core and
+        57 s on one (33 s on two, alone)."""
+        busy = sum(1 for export in self._running.values() if not export.finished())
+        return max(1, (os.cpu_count() or 1) - busy) if busy else None
+
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
         for export in self._running.values():
@@ -264,6 +274,22 @@ class BackgroundExports:
         for export in self._running.values():
             export.close()
         self._running.clear()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` while active (None: left as they are)."""
+    if count is None:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 if __name__ == "__main__":

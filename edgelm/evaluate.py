@@ -8,9 +8,6 @@ from `EVALUATIONS` by the source model's task — the pipeline itself has no bra
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from edgelm.encoder_eval import encoder_texts, measure_encoder_parity, profile_encoder
@@ -21,15 +18,7 @@ from edgelm.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from edgelm.export import ExportOptions
 
-QuietHook = Callable[[], AbstractContextManager[Any]]  # entered while timing (edgelm.background pauses)
 EXPORT_RSS_SCOPE = "measured in the export process, which also holds the fp32 torch reference"
-
-
-@dataclass
-class Measured:
-    parity: dict[str, Any]
-    profile: dict[str, Any] | None
-    failure: str | None  # why the gate failed, None if it passed
 
 
 class DecoderEvaluation:
@@ -51,36 +40,32 @@ class DecoderEvaluation:
             "sha256_of_text": hashlib.sha256(self.text.encode()).hexdigest(),
         }
 
-    def measure(
-        self, session: Any, reference: Any, quant: str, load_s: float, file_bytes: int, quiet: QuietHook = nullcontext
-    ) -> Measured:
-        """Parity, then (if asked) the profile inside `quiet()`: a timing taken while nothing else runs."""
+    def parity(self, session: Any, reference: Any, quant: str) -> tuple[dict[str, Any], str | None]:
+        """Parity on the parity text: (its record, why the gate failed or None)."""
         options = self.options
-        gate = options.gates.get(quant, options.gates["fp32"])
         parity = measure_parity(
             session,
             reference,
             self.ids,
-            gate,
+            options.gates.get(quant, options.gates["fp32"]),
             options.parity,
             max_kl=options.kl_gates.get(quant),
             min_confident_top1=options.top1_gates.get(quant),
         )
-        profile = None
-        if options.profile:
-            with quiet():
-                profile = profile_session(
-                    session,
-                    self.tokenizer,
-                    max_new_tokens=options.profile_new_tokens,
-                    repeats=options.profile_repeats,
-                    load_s=load_s,
-                    file_bytes=file_bytes,
-                    threads=options.threads,
-                    rss_scope=EXPORT_RSS_SCOPE,
-                ).to_dict()
-        failure = parity.failure()
-        return Measured(parity.to_dict(), profile, failure)
+        return parity.to_dict(), parity.failure()
+
+    def profile(self, session: Any, load_s: float, file_bytes: int) -> dict[str, Any]:
+        """The decode profile; the caller makes sure nothing else runs meanwhile."""
+        return profile_session(
+            session,
+            self.tokenizer,
+            max_new_tokens=self.options.profile_new_tokens,
+            repeats=self.options.profile_repeats,
+            load_s=load_s,
+            file_bytes=file_bytes,
+            threads=self.options.threads,
+            rss_scope=EXPORT_RSS_SCOPE,
+        ).to_dict()
 
 
 class EncoderEvaluation:
@@ -102,26 +87,23 @@ class EncoderEvaluation:
             "sha256_of_text": hashlib.sha256("\n\n".join(self.texts).encode()).hexdigest(),
         }
 
-    def measure(
-        self, session: Any, reference: Any, quant: str, load_s: float, file_bytes: int, quiet: QuietHook = nullcontext
-    ) -> Measured:
+    def parity(self, session: Any, reference: Any, quant: str) -> tuple[dict[str, Any], str | None]:
+        """Output cosine against the reference: (its record, why the gate failed or None)."""
         gate = self.options.encoder_gates.get(quant, self.options.encoder_gates["fp32"])
         rows = self._truncated(session.capabilities.max_context)
-        pad_id = self.tokenizer.pad_token_id
-        parity = measure_encoder_parity(session, reference, rows, self.task, gate, pad_id=pad_id)
-        profile = None
-        if self.options.profile:
-            with quiet():
-                profile = profile_encoder(
-                    session,
-                    [i for row in self.rows for i in row],
-                    load_s=load_s,
-                    file_bytes=file_bytes,
-                    threads=self.options.threads,
-                    rss_scope=EXPORT_RSS_SCOPE,
-                ).to_dict()
-        failure = None if parity.passed else f"min cosine {parity.min_cosine:.5f} < gate {gate}"
-        return Measured(parity.to_dict(), profile, failure)
+        parity = measure_encoder_parity(session, reference, rows, self.task, gate, pad_id=self.tokenizer.pad_token_id)
+        return parity.to_dict(), None if parity.passed else f"min cosine {parity.min_cosine:.5f} < gate {gate}"
+
+    def profile(self, session: Any, load_s: float, file_bytes: int) -> dict[str, Any]:
+        """Latency and batch throughput; the caller makes sure nothing else runs meanwhile."""
+        return profile_encoder(
+            session,
+            [i for row in self.rows for i in row],
+            load_s=load_s,
+            file_bytes=file_bytes,
+            threads=self.options.threads,
+            rss_scope=EXPORT_RSS_SCOPE,
+        ).to_dict()
 
 
 EVALUATIONS: dict[str, type[DecoderEvaluation] | type[EncoderEvaluation]] = {

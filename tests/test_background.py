@@ -226,6 +226,12 @@ class _Worker:
         self.polls -= 1
         return self.polls < 0
 
+    def pause(self) -> None:
+        pass
+
+    def resume(self) -> None:
+        pass
+
 
 def test_the_worker_that_finishes_first_is_built_first(monkeypatch):
     """Artifacts left to build come in order, except that one whose worker is still exporting
@@ -255,3 +261,88 @@ def test_the_worker_that_finishes_first_is_built_first(monkeypatch):
     assert builder.next_to_build(plan[1:]) == ("tflite", "int8")  # after waiting for it, not for executorch
     assert steps == ["Waiting for the first of executorch-int4, tflite-int8 to finish in its background process"]
     assert builder.next_to_build([("executorch", "int4")]) == ("executorch", "int4")  # its own step waits
+
+
+def test_cores_left_beside_running_workers(monkeypatch):
+    """The export's own work gets the cores its workers leave (at least one); with no worker
+    running it is left to the runtime's default (None)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    exports = BackgroundExports()
+    assert exports.cores_left() is None
+    exports.start("a", _Worker(polls=100))
+    assert exports.cores_left() == 1
+    exports.start("b", _Worker(polls=100))
+    assert exports.cores_left() == 1  # never none: the export goes on
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert exports.cores_left() == 6
+    exports.start("a", _Worker(polls=0))  # finished
+    assert exports.cores_left() == 7
+
+
+def test_torch_threads_are_set_while_active_and_restored():
+    from edgelm.background import torch_threads
+
+    before = torch.get_num_threads()
+    with torch_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+
+
+def test_parity_beside_a_worker_uses_the_core_it_leaves_and_the_profile_every_core(tmp_path, monkeypatch):
+    """Parity runs while workers export, on the cores they leave (two threads beside a busy
+    worker on two cores wait for each other); the profile is timed with the workers paused,
+    on a session reopened with every core, as every other artifact's."""
+    import edgelm.artifacts
+    from edgelm.artifacts import ArtifactBuilder, Attempt
+    from edgelm.exporter import ExportedArtifact
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    opened: list[int | None] = []
+    seen: dict[str, object] = {}
+
+    class Session:
+        def close(self) -> None:
+            opened.append("closed")
+
+    class Runtime:
+        name = "fake"
+
+        def open(self, path, threads=None):
+            opened.append(threads)
+            return Session()
+
+        def version(self) -> str:
+            return "1"
+
+    class Evaluation:
+        def parity(self, session, reference, quant):
+            seen["parity_torch_threads"] = torch.get_num_threads()
+            return {"passed": True}, None
+
+        def profile(self, session, load_s, file_bytes):
+            seen["profile_after"] = list(opened)
+            return {"decode_tok_s": 1.0}
+
+    class Exporter:
+        format, runtime = "gguf", "fake"
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(b"x")
+    monkeypatch.setattr(edgelm.artifacts, "get_runtime", lambda name: Runtime())
+    builder = ArtifactBuilder(
+        None, None, tmp_path, fast_export_options(), Evaluation(), None, lambda _: contextlib.nullcontext(), None
+    )
+    monkeypatch.setattr(builder, "_exported", lambda *a: (ExportedArtifact(path, "int8"), "none", {}))
+    builder.background.start("worker", _Worker(polls=100))
+    before = torch.get_num_threads()
+    entry, failure, _ = builder._attempt(Exporter(), "gguf-int8", "gguf-int8", Attempt("int8", False), "int8")
+    assert failure is None and entry.profile == {"decode_tok_s": 1.0}
+    assert seen["parity_torch_threads"] == 1 and torch.get_num_threads() == before
+    assert seen["profile_after"] == [1, "closed", 2]  # parity's session on one core, the profile's on both
+
+    opened.clear()  # no worker running: one session, at the runtime's default
+    builder.background = BackgroundExports()
+    builder._attempt(Exporter(), "gguf-int8", "gguf-int8", Attempt("int8", False), "int8")
+    assert opened == [None, "closed"]
