@@ -41,6 +41,7 @@ from typing import Any, ClassVar
 from edgelm.architectures import lookup_architecture
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact, Exporter
+from edgelm.exporters.executorch_partitions import partitions_sorted_once
 from edgelm.graph import decoder_signature
 from edgelm.model import SourceModel, copy_sharing_weights, quiet_noisy_imports
 from edgelm.native_log import quiet_library_output
@@ -340,7 +341,7 @@ def _lowered(graph: Any, example: tuple[Any, ...], dynamic_shapes: tuple[Any, ..
     with quiet_library_output(("torch",)):  # torch.export and the lowering warn about internals
         with phase("Capturing the graph (torch.export)"):
             exported = torch.export.export(graph, example, dynamic_shapes=dynamic_shapes, strict=False)
-        with phase("Lowering to XNNPACK (to_edge_transform_and_lower)"):
+        with phase("Lowering to XNNPACK (to_edge_transform_and_lower)"), partitions_sorted_once():
             edge = to_edge_transform_and_lower(
                 exported, partitioner=[XnnpackPartitioner()], compile_config=_edge_config(), constant_methods=constants
             )

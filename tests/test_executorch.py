@@ -357,3 +357,49 @@ def test_fused_layers_find_the_calibration_statistics_of_the_linears_they_replac
     assert sorted(hessians.asked) == sorted(expected) and all(name in statistics for name in expected)
     assert recipe["block_bias_correction"] == 8 and recipe["fused_projections"]
     assert hasattr(graph.body.layers[1].self_attn, "qkv_proj")
+
+
+def test_the_partition_step_sorts_the_graph_once_and_lowers_the_same_program(tiny_llama, tmp_path, monkeypatch):
+    """exporters/executorch_partitions: ExecuTorch re-sorts the whole graph after cutting each
+    delegate partition out of it; edgelm sorts once after the last cut. The program must run
+    the same: the logits of both lowerings agree bit for bit."""
+    import executorch.exir.lowered_backend_module as lowered
+    import torch
+    import torch.fx.passes.tools_common as tools_common
+    import transformers
+    from executorch.exir.backend import backend_api
+
+    from edgelm.exporters import executorch_partitions
+    from edgelm.exporters.executorch import export_pte
+    from edgelm.isolation import mark_trusted
+    from edgelm.session import get_runtime
+
+    assert executorch_partitions.applies()  # the pinned release: a new one must be checked again
+    sorts = {"per cut": 0, "once": 0}
+
+    def counting(key, sort):
+        def counted(graph_module):
+            sorts[key] += 1
+            return sort(graph_module)
+
+        return counted
+
+    monkeypatch.setattr(lowered, "legalize_graph", counting("per cut", lowered.legalize_graph))
+    monkeypatch.setattr(tools_common, "legalize_graph", counting("once", tools_common.legalize_graph))
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+    originals = (backend_api.create_submodule_from_nodes, backend_api._create_partitions_in_graph_module)
+    export_pte(model, "int4", tmp_path / "once.pte")
+    assert sorts == {"per cut": 0, "once": 1}
+    assert (backend_api.create_submodule_from_nodes, backend_api._create_partitions_in_graph_module) == originals
+    monkeypatch.setattr(executorch_partitions, "applies", lambda: False)  # ExecuTorch as it comes
+    export_pte(model, "int4", tmp_path / "per_cut.pte")
+    assert sorts["per cut"] > 1 and sorts["once"] == 1  # one sort per partition
+
+    ids = np.array([1, 5, 9, 2, 7, 3], dtype=np.int64)
+    logits = []
+    for name in ("once.pte", "per_cut.pte"):
+        mark_trusted(tmp_path / name)
+        session = get_runtime("executorch").open(tmp_path / name, threads=1)
+        logits.append(np.concatenate([np.ravel(session.prefill(ids)), np.ravel(session.decode(4))]))
+        session.close()
+    assert np.array_equal(logits[0], logits[1])
