@@ -2,10 +2,13 @@
 then the same command again (an unchanged re-run keeps the bundle: edgelm.up_to_date).
 
     python benchmarks/export_time.py --out benchmarks/results/export_time.json [--no-background]
+    python benchmarks/export_time.py --out benchmarks/results/export_time_readme_command.json --readme-command
 
 Runs `edgelm export --target android --repeats 1 --new-tokens 64` (as the end-to-end test
-does) into a temporary folder, records the wall time, the bundle's step table, this machine
-and its memory bandwidth measured in the same run, and the re-run's wall time.
+does; with --readme-command, the README's first command as it stands: each artifact profiled
+with the default three runs of 128 new tokens) into a temporary folder, records the wall
+time, the bundle's step table, this machine and its memory bandwidth measured in the same
+run, and the re-run's wall time.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from common import bandwidth_gb_s
 from edgelm.bundle import read_bundle
 from edgelm.profile import device_record
 
+SHORT_PROFILE = ["--repeats", "1", "--new-tokens", "64"]
+
 
 def timed_export(output: Path, extra: list[str]) -> tuple[float, float, str]:
     """(wall seconds, CPU seconds of the export and its worker processes, its stdout). The CPU
@@ -40,10 +45,6 @@ def timed_export(output: Path, extra: list[str]) -> tuple[float, float, str]:
         "android",
         "-o",
         str(output),
-        "--repeats",
-        "1",
-        "--new-tokens",
-        "64",
         *extra,
     ]
     start, cpu = time.perf_counter(), _children_cpu_s()
@@ -68,8 +69,13 @@ def main() -> None:
         type=Path,
         help="write the bundle here (a new folder) and keep it, e.g. for benchmarks/vendor_runtimes.py",
     )
+    parser.add_argument(
+        "--readme-command",
+        action="store_true",
+        help="the README's command as it stands (default profile) instead of the end-to-end test's short profile",
+    )
     args = parser.parse_args()
-    extra = ["--no-background"] if args.no_background else []
+    extra = ([] if args.readme_command else SHORT_PROFILE) + (["--no-background"] if args.no_background else [])
     bandwidth = bandwidth_gb_s()
     with tempfile.TemporaryDirectory() as scratch:
         output = args.keep or Path(scratch) / "smollm2"
@@ -77,7 +83,7 @@ def main() -> None:
         rerun_s, _, rerun_out = timed_export(output, extra)
         manifest = read_bundle(output)
     record = {
-        "command": "edgelm export --target android --repeats 1 --new-tokens 64" + (" --no-background" if extra else ""),
+        "command": " ".join(["edgelm export --target android", *extra]),
         "cold_export_s": round(cold_s, 1),
         "cold_export_cpu_s": round(cold_cpu_s, 1),
         "unchanged_rerun_s": round(rerun_s, 1),
