@@ -167,7 +167,13 @@ def export(
             "unchanged export takes seconds)."
         ),
     ] = False,
-    threads: Annotated[int | None, typer.Option(help="Threads for runtimes while measuring.")] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="Threads for the export's own work and for every measurement. Default: every core for "
+            "what is timed, and the cores the background exports leave for the rest."
+        ),
+    ] = None,
     repeats: Annotated[int, typer.Option(help="Measured profile runs per artifact (after a warm-up).")] = 3,
     new_tokens: Annotated[int, typer.Option(help="Tokens generated per profile run.")] = 128,
     no_profile: Annotated[bool, typer.Option("--no-profile", help="Skip profiling (parity still runs).")] = False,
