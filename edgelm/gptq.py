@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from edgelm.model import linears_but_the_head
+
 DAMPING = 0.01  # of the mean diagonal of H, added to it (GPTQ's percdamp)
 COLUMN_BLOCK = 128  # columns updated together (lazy batch updates; the result does not depend on it)
 GRID_STEPS = 20  # candidate ranges per block, from min/max down to
@@ -188,7 +190,6 @@ def output_error(difference: Any, hessian: Any) -> float:
 def collect_hessians(
     model: Any,
     batches: list[Any],
-    skip: tuple[str, ...] = ("lm_head",),
     wanted: Callable[[Any], bool] | None = None,
 ) -> dict[str, HessianAccumulator]:
     """Σ xxᵀ of every Linear's input over the calibration batches, by module name (the output
@@ -197,13 +198,7 @@ def collect_hessians(
     Linears (None: all); with none wanted, the calibration text is not run at all."""
     import torch
 
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-        and name.rpartition(".")[2] not in skip
-        and (wanted is None or wanted(module))
-    }
+    linears = {name: module for name, module in linears_but_the_head(model) if wanted is None or wanted(module)}
     if not linears:
         return {}
     sums: dict[str, HessianAccumulator] = {}

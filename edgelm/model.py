@@ -299,6 +299,19 @@ def quiet_noisy_imports() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def linears_but_the_head(model: Any) -> list[tuple[str, Any]]:
+    """Every Linear of `model`, by module name, but the output head (`lm_head`): the head is
+    kept at 8 bits or more by every 4-bit recipe, so only these are quantized to 4 bits,
+    checked against the 4-bit grid or given GPTQ statistics."""
+    import torch
+
+    return [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] != "lm_head"
+    ]
+
+
 def copy_sharing_weights(model: Any) -> Any:
     """A copy of `model`'s modules whose parameters and buffers are the same storage as the
     original's: a recipe's working model costs only the tensors it replaces.

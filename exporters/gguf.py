@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact, Exporter
-from edgelm.model import SourceModel
+from edgelm.model import SourceModel, linears_but_the_head
 from edgelm.steps import phase
 
 from .gguf_arch import gguf_architecture
@@ -60,15 +60,9 @@ def layers_on_the_q4_1_grid(model: Any) -> bool:
     not a multiple of 256), so no type can be closer: measuring Q4_K_M against Q4_1 on the
     calibration text (two quantizations and three models over the windows, 34 s of the
     default model's export on an idle machine) would only confirm it."""
-    import torch
-
     from edgelm.scaling import PROXIES
 
-    layers = [
-        module.weight
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] != "lm_head"
-    ]
+    layers = [module.weight for _, module in linears_but_the_head(model)]
     return bool(layers) and all(w.shape[1] % 32 == 0 and PROXIES["int4"].reproduces(w) for w in layers)
 
 

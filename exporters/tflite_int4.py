@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from edgelm.exporters.block_bias import GROUP_SIZE, BlockBiasCorrected, best_fitted, replace_module, spread
+from edgelm.model import linears_but_the_head
 
 MIN_SCALE = 2.0**-14  # float16's smallest normal
 INNER, CORRECTION = "linear", "correction"  # BlockBiasCorrected's submodules: the quantizer tells them apart by name
@@ -96,11 +97,7 @@ def to_block_grid(model: Any, hessians: dict[str, Any] | None = None) -> dict[st
     becomes the symmetric part (codes × scale, exact in float32) and the module a
     BlockBiasCorrected carrying the offsets. `hessians`: per Linear name, its inputs on the
     calibration text (GPTQ). Returns what was done, for the recipe."""
-    targets = [
-        (name, module)
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rpartition(".")[2] != "lm_head"
-    ]
+    targets = linears_but_the_head(model)
     gptq_layers = nudged = 0
     skipped: list[str] = []
     for name, module in targets:
