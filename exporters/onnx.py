@@ -17,6 +17,7 @@ KV buffer shared by past and present, as it runs its own model builder's files.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -162,19 +163,20 @@ def _integer_matmuls(
     model: Any,
     quant: str,
     layers_8bit: tuple[int, ...],
-    source: Any | None,
+    weights: Mapping[str, Any],
+    modules: dict[str, str],
     hessians: dict[str, Any] | None,
 ) -> tuple[Any, int, set[str]]:
     """MatMulNBits for every weight MatMul: (the model, layers block-bias corrected, layers that
     took GPTQ's codes). The output projection decides every token; like llama.cpp's Q4_K_M
-    (which keeps it at 6 bits), int4 keeps it at HEAD_BITS and quantizes the transformer layers to 4."""
+    (which keeps it at 6 bits), int4 keeps it at HEAD_BITS and quantizes the transformer layers to 4.
+    `weights` and `modules` (int4): the fp32 weights the quantizer is about to replace and the
+    source Linears they are, by initializer name (source_weights), for the bias correction and GPTQ."""
     from edgelm.exporters.onnx_block_bias import add_block_bias_correction
 
     if NBITS[quant] == HEAD_BITS:
         return _matmul_nbits(model, HEAD_BITS), 0, set()
     head = [n.name for n in model.graph.node if "logits" in n.output and n.op_type == "MatMul"]
-    # the bias correction and GPTQ need the float weights the quantizer is about to replace
-    weights, modules = source_weights(model, source)
     eight = head + layer_matmuls(model, layers_8bit)
     model = _matmul_nbits(model, NBITS[quant], exclude=eight)
     model = _matmul_nbits(model, HEAD_BITS, include=eight)
@@ -183,7 +185,7 @@ def _integer_matmuls(
         from edgelm.exporters.onnx_gptq import apply_gptq
 
         recoded = apply_gptq(model, weights, hessians, modules)
-    corrected = add_block_bias_correction(model, {k: w for k, w in weights.items() if k not in recoded})
+    corrected = add_block_bias_correction(model, weights, skip=recoded)
     return model, corrected, recoded
 
 
@@ -225,7 +227,8 @@ def quantize_weights(
     source: Any | None = None,
     hessians: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write `src` quantized per `quant` to `dst`; return what was done (for the manifest).
+    """Write `src` to `dst` with the projections that read one input fused (exporters/onnx_fusion.py)
+    and the weights quantized per `quant`; return what was done (for the manifest).
 
     `layers_8bit` (int4 only): layers whose matrices stay 8-bit (mixed precision). `source`:
     the torch model `src` was exported from (its weights are read instead of copies of the
@@ -236,16 +239,26 @@ def quantize_weights(
     GPTQ's compensation: simulated on the mild off-grid twin, 1.0765 with it, 1.0652 without)."""
     import onnx
 
+    from edgelm.exporters.onnx_fusion import FusedWeights, fuse_projections, fused_modules
+
     model = onnx.load(str(src))
-    if quant == "fp16":
+    # matched to the source's Linears by their bytes, so before any weight is fused
+    weights, modules = source_weights(model, source) if NBITS.get(quant) == 4 else ({}, {})
+    parts = fuse_projections(model)
+    fused = {"fused_projections": len(parts)}
+    if quant == "fp32":
+        done: dict[str, Any] = {"weights": "float32", **fused}
+    elif quant == "fp16":
         from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = convert_float_to_float16(model, keep_io_types=True)
-        done = {"weights": "float16", "io": "float32"}
+        done = {"weights": "float16", "io": "float32", **fused}
     else:
         from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
 
-        model, corrected, recoded = _integer_matmuls(model, quant, layers_8bit, source, hessians)
+        model, corrected, recoded = _integer_matmuls(
+            model, quant, layers_8bit, FusedWeights(weights, parts), fused_modules(modules, parts), hessians
+        )
         shared = share_quantized_embedding(model, TIED_TABLE)
         done = {
             "op": "MatMulNBits",
@@ -256,6 +269,7 @@ def quantize_weights(
             "accuracy_level": 4,
             "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
             "block_bias_correction": corrected,
+            **fused,
             **({"layers_at_8_bits": list(layers_8bit)} if layers_8bit else {}),
             **({"gptq_layers": len(recoded)} if NBITS[quant] == 4 and hessians is not None else {}),
         }
@@ -311,7 +325,6 @@ class OnnxExporter(Exporter):
         layers_8bit: tuple[int, ...] = (),
         hessians: dict[str, Any] | None = None,
     ) -> ExportedArtifact:
-        import onnx
 
         folder = bundle_dir / "onnx"
         folder.mkdir(parents=True, exist_ok=True)
@@ -328,15 +341,9 @@ class OnnxExporter(Exporter):
         # must name a model file inside that folder (edgelm.vendors.onnxruntime_genai writes it)
         path = folder / quant / FILE_NAMES[quant]
         path.parent.mkdir(exist_ok=True)
-        if quant == "fp32":
-            recipe: dict[str, Any] = {
-                "weights": "float32",
-                "external_data": bool(save_model(onnx.load(str(scratch)), path)),
-            }
-        else:
-            gptq = hessians if quant == "int4" else None
-            with phase(f"Quantizing the weights ({quant}{', GPTQ' if gptq else ''})"):
-                recipe = quantize_weights(scratch, path, quant, layers_8bit, model, gptq)
+        gptq = hessians if quant == "int4" else None
+        with phase(f"Fusing and quantizing the weights ({quant}{', GPTQ' if gptq else ''})"):
+            recipe = quantize_weights(scratch, path, quant, layers_8bit, model, gptq)
         # onnxruntime cannot write a >2 GB optimized model in place; such models are optimized at load.
         recipe["optimized_offline"] = not recipe["external_data"]
         if recipe["optimized_offline"]:

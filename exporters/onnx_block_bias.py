@@ -17,6 +17,7 @@ residual of the block (exact for weights that lie on a float-offset 4-bit grid).
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import numpy as np
@@ -45,11 +46,14 @@ def dequantize_matmul_nbits(
     return weights.reshape(n, blocks * block_size)[:, :k].T
 
 
-def add_block_bias_correction(model: Any, original_weights: dict[str, np.ndarray]) -> int:
+def add_block_bias_correction(
+    model: Any, original_weights: Mapping[str, np.ndarray], skip: Collection[str] = ()
+) -> int:
     """Add the correction branch to every 4-bit MatMulNBits whose fp32 weight is known.
 
     `original_weights` maps the fp32 MatMul weight names (before quantization) to [K, N]
-    arrays. Returns how many nodes were corrected. Modifies `model` in place.
+    arrays; weights named in `skip` are left as they are (GPTQ re-coded them). Returns how many
+    nodes were corrected. Modifies `model` in place.
     """
     from onnx import helper, numpy_helper
 
@@ -64,7 +68,7 @@ def add_block_bias_correction(model: Any, original_weights: dict[str, np.ndarray
         if attrs.get("bits") != 4 or len(node.input) < 4:
             continue
         source_name = node.input[1].removesuffix("_Q4")
-        if source_name not in original_weights:
+        if source_name not in original_weights or source_name in skip:
             continue
         k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
         if k % block:

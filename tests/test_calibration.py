@@ -145,7 +145,7 @@ def test_quantized_artifacts_record_their_calibration(tiny_llama, tmp_path):
     # each 4-bit layer of the calibrated int4 kept GPTQ's codes or round-to-nearest with the block bias
     quantization = by_name["onnx-int4"].signature["quantization"]
     assert quantization["gptq_layers"] >= 1
-    assert quantization["gptq_layers"] + quantization["block_bias_correction"] == 7 * 2
+    assert quantization["gptq_layers"] + quantization["block_bias_correction"] == 4 * 2  # q|k|v, o, gate|up, down
     written = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert {a["name"]: a["recipe"]["chosen"] for a in written["artifacts"]}["onnx-int4"] == "int4"
     assert not (tmp_path / "b" / ".calibration-statistics").exists()  # GPTQ's files went with the export
@@ -227,11 +227,15 @@ def test_onnx_mixed_precision_keeps_the_chosen_layers_at_8_bits(tiny_llama, tmp_
         quantize_weights,
     )
 
+    from edgelm.exporters.onnx_fusion import fuse_projections
+
     model = _load(tiny_llama)
     export_decoder_onnx(model, tmp_path / "fp32.onnx")
     fp32 = onnx.load(str(tmp_path / "fp32.onnx"))
+    assert len(layer_matmuls(fp32, (1,))) == 7  # q, k, v, o, gate, up, down
+    fuse_projections(fp32)
     layer1 = layer_matmuls(fp32, (1,))
-    assert len(layer1) == 7  # q, k, v, o, gate, up, down
+    assert len(layer1) == 4  # q|k|v, o, gate|up, down
     done = quantize_weights(tmp_path / "fp32.onnx", tmp_path / "q4.onnx", "int4", layers_8bit=(1,))
     assert done["layers_at_8_bits"] == [1]
     bits = {
@@ -240,7 +244,7 @@ def test_onnx_mixed_precision_keeps_the_chosen_layers_at_8_bits(tiny_llama, tmp_
         if n.op_type == "MatMulNBits"
     }
     assert {bits[f"{name}_Q8"] for name in layer1} == {8}
-    assert sum(1 for b in bits.values() if b == 4) == 7 * (model.config.num_hidden_layers - 1)
+    assert sum(1 for b in bits.values() if b == 4) == 4 * (model.config.num_hidden_layers - 1)
 
 
 def test_onnx_quantization_reads_the_torch_weights_instead_of_copying_the_graphs(tiny_llama, tmp_path):
