@@ -226,7 +226,6 @@ def test_onnx_mixed_precision_keeps_the_chosen_layers_at_8_bits(tiny_llama, tmp_
         layer_matmuls,
         quantize_weights,
     )
-
     from edgelm.exporters.onnx_fusion import fuse_projections
 
     model = _load(tiny_llama)
