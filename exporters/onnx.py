@@ -254,12 +254,9 @@ def quantize_weights(
         model = convert_float_to_float16(model, keep_io_types=True)
         done = {"weights": "float16", "io": "float32", **fused}
     else:
-        from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
-
         model, corrected, recoded = _integer_matmuls(
             model, quant, layers_8bit, FusedWeights(weights, parts), fused_modules(modules, parts), hessians
         )
-        shared = share_quantized_embedding(model, TIED_TABLE)
         done = {
             "op": "MatMulNBits",
             "bits": NBITS[quant],
@@ -267,7 +264,6 @@ def quantize_weights(
             "block_size": BLOCK_SIZE,
             "symmetric": False,
             "accuracy_level": 4,
-            "embedding_lookup": "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32",
             "block_bias_correction": corrected,
             **fused,
             **({"layers_at_8_bits": list(layers_8bit)} if layers_8bit else {}),
@@ -355,7 +351,11 @@ class OnnxExporter(Exporter):
             else encoder_signature(model.config, source.task).to_dict()
         )
         max_context = signature["max_context" if decoder else "max_length"]
-        opset, extra, fused = _stamp_metadata(path, {"max_context": max_context, "quant": quant, "task": source.task})
+        opset, extra, fused, shared = _finish_file(
+            path, {"max_context": max_context, "quant": quant, "task": source.task}
+        )
+        if quant in NBITS:
+            recipe["embedding_lookup"] = "GatherBlockQuantized on the 8-bit head (tied)" if shared else "float32"
         return ExportedArtifact(
             path=path,
             quant=quant,
@@ -373,17 +373,25 @@ class OnnxExporter(Exporter):
 FUSED_OPS = ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
-def _stamp_metadata(path: Path, values: dict[str, Any]) -> tuple[int, list[Path], dict[str, int]]:
-    """Store what the runtime needs to know (max context, task) inside the model file itself.
+def _finish_file(path: Path, values: dict[str, Any]) -> tuple[int, list[Path], dict[str, int], bool]:
+    """The stored file's last rewrite: a tied model's input lookup reads the quantized head
+    (exporters/onnx_shared_embedding.py), and what the runtime needs to know (max context, task) is
+    stored inside the file itself.
 
-    Returns the file's ai.onnx opset (read from the same load), its external data files and how
-    many of onnxruntime's fused ops (FUSED_OPS) it holds.
+    The lookup is rewired after the offline optimization, not before: its Reshapes of the head's
+    bytes would be constant-folded into a second copy of the table (28 MB of SmolLM2's 147 MB
+    int4 file). Returns the file's ai.onnx opset (read from the same load), its external data
+    files, how many of onnxruntime's fused ops (FUSED_OPS) it holds, and whether the lookup shares
+    the head's bytes.
     """
     import json
 
     import onnx
 
+    from edgelm.exporters.onnx_shared_embedding import share_quantized_embedding
+
     proto = onnx.load(str(path))
+    shared = share_quantized_embedding(proto, TIED_TABLE)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "edgelm", json.dumps(values)
     extra = save_model(proto, path)
@@ -392,6 +400,7 @@ def _stamp_metadata(path: Path, values: dict[str, Any]) -> tuple[int, list[Path]
         next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0),
         extra,
         {op: count for op, count in fused.items() if count},
+        shared,
     )
 
 

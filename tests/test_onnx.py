@@ -83,6 +83,15 @@ def test_every_quant_recipe_loads_and_passes_its_gate(onnx_bundle):
     assert by_quant["int4"].signature["quantization"]["op"] == "MatMulNBits"
     assert by_quant["int8"].signature["quantization"]["bits"] == 8
     assert not (onnx_bundle / "onnx" / ".fp32-source.onnx").exists()
+    import onnx
+
+    for quant in ("int8", "int4"):  # the tied table is stored once: the lookup reads the head's bytes
+        recipe = by_quant[quant].signature["quantization"]
+        assert recipe["embedding_lookup"].startswith("GatherBlockQuantized") and recipe["fused_projections"] == 2 * 2
+        proto = onnx.load(str(onnx_bundle / by_quant[quant].path))
+        head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
+        head_bytes = next(t for t in proto.graph.initializer if t.name == head.input[1]).raw_data
+        assert sum(t.raw_data == head_bytes for t in proto.graph.initializer) == 1
 
 
 def test_onnx_session_decode_matches_prefill(onnx_bundle):
