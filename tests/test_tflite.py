@@ -87,6 +87,15 @@ def test_recipes_load_pass_their_gates_and_describe_themselves(tflite_bundle):
         assert entry.signature["max_context"] == 512 and entry.signature["prefill_length"] == 128
     # weights stored once for both signatures, so the quantized files really are smaller
     assert by_quant["int8"].bytes < by_quant["fp16"].bytes < by_quant["fp32"].bytes
+    # q|k|v and gate|up are one FULLY_CONNECTED each (int4 keeps its parts: its grids are found by name)
+    from edgelm.tflite_file import read_tflite
+
+    layers, signatures = 2, 2
+    for quant in ("fp32", "int8"):
+        assert by_quant[quant].signature["quantization"]["fused_projections"].startswith("q|k|v")
+        operators = read_tflite(tflite_bundle / by_quant[quant].path).operators
+        assert operators["FULLY_CONNECTED"] == signatures * (layers * 4 + 1)  # and the head
+    assert "fused_projections" not in by_quant["int4"].signature["quantization"]
 
 
 def test_prefill_in_chunks_and_decode_match_one_long_prefill(tflite_bundle):
