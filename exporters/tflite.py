@@ -69,7 +69,7 @@ def convert_decoder(model: Any, path: Path) -> dict[str, Any]:
     LiteRT-LM's tensor names and cache convention (edgelm.decoder_graph.LiteRtLmSteps)."""
     import torch
 
-    from edgelm.decoder_graph import LiteRtLmSteps
+    from edgelm.decoder_graph import InPlaceCache, LiteRtLmSteps
     from edgelm.graph import build_decoder_graph
 
     signature = decoder_signature(model.config)
@@ -78,8 +78,8 @@ def convert_decoder(model: Any, path: Path) -> dict[str, Any]:
     # FULLY_CONNECTED over one [vocab, hidden] buffer when tied (a transposed copy would be folded
     # into a separate constant per signature), and the quantizer handles both ops
     steps = LiteRtLmSteps(build_decoder_graph(model, in_place_context=context, separate_head=True)).eval()
-    cache_shape = (1, signature.num_kv_heads, context, signature.head_dim)
-    cache = {f"{kind}_{i}": torch.zeros(cache_shape) for i in range(signature.num_layers) for kind in ("k", "v")}
+    shapes = InPlaceCache.cache_shapes(signature.num_kv_heads, context, signature.head_dim)
+    cache = {f"{kind}_{i}": torch.zeros(shapes[kind]) for i in range(signature.num_layers) for kind in ("k", "v")}
 
     def inputs(length: int) -> dict[str, Any]:
         return {
@@ -300,7 +300,9 @@ class TFLiteExporter(Exporter):
                 "inputs": [
                     "tokens[1,n] int32",
                     "input_pos[n] int32",
-                    "kv_cache_{k,v}_i[1,kv_heads,max_context,head_dim] float32",
+                    "kv_cache_k_i[1,kv_heads,max_context,head_dim] float32",
+                    "kv_cache_v_i[1,kv_heads,head_dim,max_context] float32 (transposed, as litert-torch's "
+                    "transpose_kv_cache)",
                 ],
                 "outputs": ["logits[1,n,vocab] float32", "kv_cache_{k,v}_i (the updated cache, same shape)"],
                 "kv_cache": f"{layout['max_context']} positions, in and out under one name: the runtime binds "

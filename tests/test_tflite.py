@@ -30,7 +30,8 @@ def test_in_place_cache_graph_matches_transformers_in_padded_chunks_with_garbage
     graph = build_decoder_graph(model, in_place_context=64)
     sig = graph.signature
     ids = torch.randint(0, sig.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
-    cache = [torch.randn(1, sig.num_kv_heads, 64, sig.head_dim) * 100 for _ in range(2 * sig.num_layers)]
+    shapes = graph.cache.cache_shapes(sig.num_kv_heads, 64, sig.head_dim)
+    cache = [torch.randn(shapes[kind]) * 100 for _ in range(sig.num_layers) for kind in ("k", "v")]
     outputs, pos = [], 0
     with torch.no_grad():
         reference = model(ids).logits
