@@ -12,7 +12,9 @@ graph (ONNX external data; the runtime refuses any location outside the model's 
 Each artifact has its own folder (`onnx/int4/model_q4.onnx`), where a decoder's also gets the
 genai_config.json and tokenizer files onnxruntime-genai loads it with. A decoder's attention is
 onnxruntime's GroupQueryAttention (exporters/onnx_gqa.py), so onnxruntime-genai runs it with one
-KV buffer shared by past and present, as it runs its own model builder's files.
+KV buffer shared by past and present, as it runs its own model builder's files. Before
+quantization the projections that read one input become one MatMul (exporters/onnx_fusion.py):
+q|k|v packed into the attention node, gate|up one MatMul and a Split.
 """
 
 from __future__ import annotations
@@ -321,7 +323,6 @@ class OnnxExporter(Exporter):
         layers_8bit: tuple[int, ...] = (),
         hessians: dict[str, Any] | None = None,
     ) -> ExportedArtifact:
-
         folder = bundle_dir / "onnx"
         folder.mkdir(parents=True, exist_ok=True)
         decoder = source.task == "text-generation"
