@@ -17,7 +17,9 @@ over the first 4,096 tokens, against the fp32 reference's perplexity from the ma
 the format's vendor runtime; then, 5 interleaved rounds, each a fresh process: TTFT and decode
 tok/s of the parity prompt's first 64 tokens with 128 new tokens (EOS ignored where the runtime
 allows), 2 threads, and that process's peak RSS. edgelm's own artifacts are measured both in
-the vendor runtime and in edgelm's runtime. Memory read bandwidth is measured in the same run.
+the vendor runtime and in edgelm's runtime. Read bandwidth is measured in the same run, over a
+1 GB array (memory) and over an array of each file's size: a file that fits in the last-level
+cache is read from there token after token, so that is its bound (file bytes ÷ bandwidth).
 
     python benchmarks/peers.py dist/smollm2 --cache ~/.cache/edgelm/peers --out benchmarks/results/peers.json
 """
@@ -578,16 +580,24 @@ def run(args: argparse.Namespace) -> None:
     common_spec |= {"new_tokens": args.new_tokens, "threads": args.threads}
     for row in rows:
         measure_in_child(common_spec | row | {"new_tokens": 8})  # warm-up: files into the page cache
-    for round_ in range(args.repeats):  # interleaved: drift in machine speed hits every row alike
-        for row in rows:
+    for round_ in range(args.repeats):
+        # interleaved, every other round in reverse order: a drift in machine speed during a round
+        # (edgelm's rows come first in it) hits edgelm's rows and the peers' alike
+        for row in rows if round_ % 2 == 0 else rows[::-1]:
             row.setdefault("runs", []).append(measure_in_child(common_spec | row))
         print(f"round {round_ + 1}/{args.repeats} done", flush=True)
     read_gb_s = read_bandwidth_gb_s(args.threads)
+    at_size: dict[int, float] = {}  # read bandwidth over an array of the file's size, by megabytes
     for row in rows:
         for key in ("ttft_s", "decode_tok_s", "peak_rss_mb", "tokens"):
             values = [r[key] for r in row["runs"] if r.get(key) is not None]
             row[f"{key}_median"] = statistics.median(values) if values else None
-        row["bandwidth_bound_tok_s"] = read_gb_s * 1e9 / row["bytes"]
+        megabytes = -(-row["bytes"] // 2**20)
+        if megabytes not in at_size:
+            at_size[megabytes] = read_bandwidth_gb_s(args.threads, megabytes)
+        # a file that fits in the last-level cache is read from there, token after token
+        row["read_bandwidth_at_file_size_gb_s"] = at_size[megabytes]
+        row["bandwidth_bound_tok_s"] = at_size[megabytes] * 1e9 / row["bytes"]
         row["fraction_of_bound"] = (row["decode_tok_s_median"] or 0) / row["bandwidth_bound_tok_s"]
     summary = compare(rows)
     write_result(
