@@ -664,6 +664,9 @@ def pair(ours: dict[str, Any] | None, peer: dict[str, Any] | None) -> dict[str, 
                 f"{side}_fraction_of_bound": row["fraction_of_bound"],
             }
     entry["speed_ratio"] = ours["decode_tok_s_median"] / peer["decode_tok_s_median"] if ours and peer else 0.0
+    if ours and peer:  # round by round (every round runs each row once): how far the ratio spreads
+        runs = zip(ours["runs"], peer["runs"], strict=True)
+        entry["round_speed_ratios"] = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in runs]
     return entry
 
 
@@ -725,8 +728,10 @@ def table(result: dict[str, Any]) -> str:
     ]
     for fmt, entry in result["summary"]["formats"].items():
         worst, near = entry["worst"], entry["fastest_within_1.05"]
+        rounds = near.get("round_speed_ratios") or [0.0]
         lines.append(
-            f"| {fmt} | {near['speed_ratio']:.2f}× ({near.get('edgelm', '–')} against {near.get('peer', '–')}) "
+            f"| {fmt} | {near['speed_ratio']:.2f}× ({near.get('edgelm', '–')} against {near.get('peer', '–')}; "
+            f"round by round {min(rounds):.2f}–{max(rounds):.2f}, median {statistics.median(rounds):.2f}) "
             f"| {worst['speed_ratio']:.2f}× ({worst.get('edgelm', 'no edgelm file that faithful')} against "
             f"{worst['peer']}) |"
         )
