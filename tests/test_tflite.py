@@ -255,3 +255,34 @@ def test_blocks_the_quantizer_could_not_read_are_nudged_by_one_code():
     assert torch.equal(fixed[0], readable[0])
     assert (fixed[1] != evens[0]).sum() == 1 and fixed[1].abs().min() == 0 and (fixed[1].abs() == 1).sum() == 1
     assert fixed[2].abs().sum() == 1
+
+
+def test_without_memory_for_a_fused_copy_the_projections_stay_apart(tiny_llama, tmp_path, monkeypatch):
+    """The fused Linears are new tensors beside the caller's: where the memory available cannot
+    hold them with the conversion, the export keeps the parts and says so."""
+    import types
+
+    import psutil
+    import torch
+    import transformers
+
+    import edgelm.exporters.tflite as tflite
+    from edgelm.tflite_file import read_tflite
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    needed = tflite.FUSED_COPY_FACTOR * weights + tflite.MEMORY_HEADROOM
+    for available, fits in ((needed - 1, False), (needed + 1, True)):
+        memory = types.SimpleNamespace(available=available)
+        monkeypatch.setattr(psutil, "virtual_memory", lambda memory=memory: memory)
+        assert tflite.fits_a_fused_copy(model) == fits
+    monkeypatch.undo()
+    monkeypatch.setattr(tflite, "fits_a_fused_copy", lambda model: False)
+    manifest = export_bundle(
+        tiny_llama, tmp_path / "b", fast_export_options(formats=("tflite",), quants=("fp32",), profile=False)
+    )
+    entry = manifest.artifact("tflite-fp32")
+    assert entry.signature["quantization"]["fused_projections"] == tflite.FUSION_SKIPPED
+    assert entry.parity["passed"]
+    layers, signatures = 2, 2
+    assert read_tflite(tmp_path / "b" / entry.path).operators["FULLY_CONNECTED"] == signatures * (layers * 7 + 1)
