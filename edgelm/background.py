@@ -48,13 +48,17 @@ POLL_SECONDS = 0.25  # how often the export looks whether a worker has finished,
 def worth_a_second_process(model: Any, workers: int = 1) -> bool:
     """Whether `model` is big enough to gain from background exports, and `workers` copies of
     it with their lowerings fit in the memory available now."""
+    count = sum(p.numel() for p in model.parameters())
+    return count >= MIN_PARAMETERS and memory_holds(model, workers * MEMORY_FACTOR + EXPORT_GROWTH)
+
+
+def memory_holds(model: Any, times_the_weights: float) -> bool:
+    """Whether the memory available now holds `times_the_weights` times `model`'s weight bytes
+    with MEMORY_HEADROOM to spare: the rule for every extra copy an export may make."""
     import psutil
 
-    parameters = list(model.parameters())
-    count = sum(p.numel() for p in parameters)
-    weights = sum(p.numel() * p.element_size() for p in parameters)
-    needed = (workers * MEMORY_FACTOR + EXPORT_GROWTH) * weights + MEMORY_HEADROOM
-    return count >= MIN_PARAMETERS and psutil.virtual_memory().available > needed
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return psutil.virtual_memory().available > times_the_weights * weights + MEMORY_HEADROOM
 
 
 def _killed_by(number: int) -> str:

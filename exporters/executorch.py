@@ -166,16 +166,11 @@ def _layer_linears(graph: Any, names: dict[int, str], fuse: bool) -> Iterator[tu
     decoder layer's projections are fused (edgelm.fusion) only when its turn comes, so one
     layer's concatenated float weights exist at a time (each is replaced as it is quantized);
     a fused Linear is entered in `names` under a part's name, whose input statistics it shares."""
-    import torch
-
     from edgelm.fusion import fuse_layer
+    from edgelm.model import linears_but_the_head
 
     def linears(root: Any, prefix: str) -> list[tuple[str, Any]]:
-        return [
-            (f"{prefix}{name}", module)
-            for name, module in root.named_modules()
-            if isinstance(module, torch.nn.Linear) and f"{prefix}{name}" != "lm_head"
-        ]
+        return [(f"{prefix}{name}", module) for name, module in linears_but_the_head(root)]
 
     if not fuse:
         yield from linears(graph, "")

@@ -49,31 +49,28 @@ class FusedWeights(Mapping):
     def __init__(self, weights: Mapping[str, np.ndarray], parts: dict[str, list[str]]) -> None:
         self.weights = weights
         self.parts = {name: names for name, names in parts.items() if all(n in weights for n in names)}
+        self.fused_away = {part for names in self.parts.values() for part in names}
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name in self.parts:
             return np.concatenate([self.weights[part] for part in self.parts[name]], axis=1)
-        if name in self._fused_away():
+        if name in self.fused_away:
             raise KeyError(name)
         return self.weights[name]
 
     def __iter__(self) -> Iterator[str]:
-        gone = self._fused_away()
-        yield from (name for name in self.weights if name not in gone)
+        yield from (name for name in self.weights if name not in self.fused_away)
         yield from self.parts
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
-
-    def _fused_away(self) -> set[str]:
-        return {part for names in self.parts.values() for part in names}
 
 
 def fused_modules(modules: dict[str, str], parts: dict[str, list[str]]) -> dict[str, str]:
     """`modules` (weight name → the torch Linear it came from) with each fused weight under its
     first part's Linear: all parts read one input, so that Linear's input statistics are theirs."""
     found = {name: modules[names[0]] for name, names in parts.items() if names[0] in modules}
-    return {name: module for name, module in modules.items()} | found
+    return modules | found
 
 
 def _weight(matrices: dict[str, Any], node: Any) -> Any | None:

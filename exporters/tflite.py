@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from edgelm.architectures import lookup_architecture
-from edgelm.background import MEMORY_HEADROOM
+from edgelm.background import memory_holds
 from edgelm.errors import UnsupportedError
 from edgelm.exporter import ExportedArtifact, Exporter
 from edgelm.graph import decoder_signature
@@ -195,10 +195,7 @@ def fits_a_fused_copy(model: Any) -> bool:
     """Whether the memory available now holds the fused Linears beside the caller's weights and the
     conversion after them: the fused ones are new tensors (about 0.8x the weights of a Llama-like
     decoder) and litert-torch's conversion peaked at 3.1x the weights (edgelm.background's figures)."""
-    import psutil
-
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return psutil.virtual_memory().available > FUSED_COPY_FACTOR * weights + MEMORY_HEADROOM
+    return memory_holds(model, FUSED_COPY_FACTOR)
 
 
 def fused_copy(model: Any) -> Any:

@@ -267,11 +267,12 @@ def test_without_memory_for_a_fused_copy_the_projections_stay_apart(tiny_llama, 
     import transformers
 
     import edgelm.exporters.tflite as tflite
+    from edgelm.background import MEMORY_HEADROOM
     from edgelm.tflite_file import read_tflite
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    needed = tflite.FUSED_COPY_FACTOR * weights + tflite.MEMORY_HEADROOM
+    needed = tflite.FUSED_COPY_FACTOR * weights + MEMORY_HEADROOM
     for available, fits in ((needed - 1, False), (needed + 1, True)):
         memory = types.SimpleNamespace(available=available)
         monkeypatch.setattr(psutil, "virtual_memory", lambda memory=memory: memory)
