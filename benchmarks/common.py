@@ -40,8 +40,9 @@ def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 
     default), from the last-level cache when it is the size of a model that fits there.
 
     `max` rather than `sum`: numpy's pairwise float summation is compute-bound below what memory
-    delivers (on a 2-core Intel Xeon: 18 GB/s summing a 1 GB array, 34 GB/s taking its maximum),
-    so the bound it gave was about half the real one (benchmark results before this change)."""
+    delivers (on a 2-core Intel Xeon: 16.7 GB/s summing a 1 GB array, 33.6 GB/s taking its maximum;
+    benchmarks/kernel_facts.py), so the bound it gave was about half the real one (benchmark results
+    before this change)."""
     import threading
     import time
 
