@@ -95,12 +95,21 @@ def add_block_bias_correction(
         result = node.output[0]
         node.output[0] = f"{result}_int4"
         new_nodes += [
-            helper.make_node("Reshape", [node.input[0], f"{prefix}_block_shape"], [f"{prefix}_blocks"]),
+            # named after the corrected node, so that a profile of a step attributes each part
             helper.make_node(
-                "ReduceSum", [f"{prefix}_blocks", f"{prefix}_block_axis"], [f"{prefix}_block_sums"], keepdims=0
+                "Reshape", [node.input[0], f"{prefix}_block_shape"], [f"{prefix}_blocks"], name=f"{prefix}_blocks"
             ),
-            helper.make_node("MatMul", [f"{prefix}_block_sums", f"{prefix}_block_delta"], [f"{prefix}_bias"]),
-            helper.make_node("Add", [node.output[0], f"{prefix}_bias"], [result]),
+            helper.make_node(
+                "ReduceSum",
+                [f"{prefix}_blocks", f"{prefix}_block_axis"],
+                [f"{prefix}_block_sums"],
+                name=f"{prefix}_block_sums",
+                keepdims=0,
+            ),
+            helper.make_node(
+                "MatMul", [f"{prefix}_block_sums", f"{prefix}_block_delta"], [f"{prefix}_bias"], name=f"{prefix}_bias"
+            ),
+            helper.make_node("Add", [node.output[0], f"{prefix}_bias"], [result], name=f"{prefix}_corrected"),
         ]
         corrected += 1
     del graph.node[:]

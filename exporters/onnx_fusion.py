@@ -159,7 +159,7 @@ def _concatenate_siblings(graph: Any) -> dict[str, list[str]]:
         node, name, parts, widths = _concatenated_matmul(graph, matmuls, joined)
         sizes = f"{name}_split"
         graph.initializer.append(numpy_helper.from_array(np.array(widths, dtype=np.int64), sizes))
-        split = helper.make_node("Split", [joined, sizes], [m.output[0] for m in matmuls], axis=-1)
+        split = helper.make_node("Split", [joined, sizes], [m.output[0] for m in matmuls], name=sizes, axis=-1)
         position = list(graph.node).index(matmuls[0])
         for old in matmuls:
             graph.node.remove(old)

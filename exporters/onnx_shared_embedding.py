@@ -38,13 +38,18 @@ def share_quantized_embedding(model: Any, table_name: str) -> bool:
     )
     rows = f"{prefix}_rows"  # [n, hidden]
     replacement = [
-        helper.make_node("Reshape", [head.input[1], f"{prefix}_data_shape"], [f"{prefix}_data"]),
-        helper.make_node("Reshape", [head.input[2], f"{prefix}_block_shape"], [f"{prefix}_scales"]),
-        helper.make_node("Reshape", [head.input[3], f"{prefix}_block_shape"], [f"{prefix}_zero_points"]),
+        helper.make_node("Reshape", [head.input[1], f"{prefix}_data_shape"], [f"{prefix}_data"], name=f"{prefix}_data"),
+        helper.make_node(
+            "Reshape", [head.input[2], f"{prefix}_block_shape"], [f"{prefix}_scales"], name=f"{prefix}_scales"
+        ),
+        helper.make_node(
+            "Reshape", [head.input[3], f"{prefix}_block_shape"], [f"{prefix}_zero_points"], name=f"{prefix}_zero_points"
+        ),
         helper.make_node(
             "GatherBlockQuantized",
             [f"{prefix}_data", gather.input[1], f"{prefix}_scales", f"{prefix}_zero_points"],
             [rows],
+            name=rows,
             domain="com.microsoft",
             gather_axis=0,
             quantize_axis=1,
@@ -52,7 +57,7 @@ def share_quantized_embedding(model: Any, table_name: str) -> bool:
             bits=8,
         ),
         # the graph expects Gather(table[hidden, vocab], axis=1) -> [hidden, n]
-        helper.make_node("Transpose", [rows], [gather.output[0]], perm=[1, 0]),
+        helper.make_node("Transpose", [rows], [gather.output[0]], name=f"{prefix}_transposed", perm=[1, 0]),
     ]
     nodes = []
     for node in graph.node:

@@ -7,10 +7,12 @@ import pytest
 from edgelm.architectures import ARCHITECTURES
 
 
+@pytest.mark.parametrize("layout", ["static", "in_place"])
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
-def test_a_fused_copy_computes_what_the_model_does_and_leaves_the_model_alone(tiny_model_factory, kind):
-    """Fused on a weight-sharing copy (as the ExecuTorch exporter does): the decoder graph's logits
-    in prefill and decode match the unfused model's, and the model's own tensors are untouched."""
+def test_a_fused_copy_computes_what_the_model_does_and_leaves_the_model_alone(tiny_model_factory, kind, layout):
+    """Fused on a weight-sharing copy (as the ExecuTorch and TFLite exporters do): the decoder
+    graph's logits in prefill and decode match the unfused model's (q|k rotated as one block
+    there, apart here), and the model's own tensors are untouched."""
     import torch
     import transformers
 
@@ -25,14 +27,24 @@ def test_a_fused_copy_computes_what_the_model_does_and_leaves_the_model_alone(ti
     for layer in work.model.layers:
         fuse_layer(layer)
         assert not hasattr(layer.self_attn, "q_proj") and not hasattr(layer.mlp, "up_proj")
-    fused_graph = build_decoder_graph(work, static_context=64, separate_head=True)
-    plain_graph = build_decoder_graph(model, static_context=64, separate_head=True)
-    ids = torch.randint(0, fused_graph.signature.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    context = {f"{layout}_context": 64}
+    fused_graph = build_decoder_graph(work, separate_head=True, **context)
+    plain_graph = build_decoder_graph(model, separate_head=True, **context)
+    sig = fused_graph.signature
+    ids = torch.randint(0, sig.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         for graph in (fused_graph, plain_graph):
-            graph.outputs = [graph(ids[:, :20], torch.tensor([0]))] + [
-                graph(ids[:, i : i + 1], torch.tensor([i])) for i in range(20, 24)
-            ]
+            if layout == "static":
+                graph.outputs = [graph(ids[:, :20], torch.tensor([0]))] + [
+                    graph(ids[:, i : i + 1], torch.tensor([i])) for i in range(20, 24)
+                ]
+                continue
+            shapes = graph.cache.cache_shapes(sig.num_kv_heads, 64, sig.head_dim)
+            cache = [torch.zeros(shapes[kind]) for _ in range(sig.num_layers) for kind in ("k", "v")]
+            graph.outputs = []
+            for start, end in ((0, 20), *((i, i + 1) for i in range(20, 24))):
+                logits, *cache = graph(ids[:, start:end], torch.arange(start, end), *cache)
+                graph.outputs.append(logits)
     for fused, plain in zip(fused_graph.outputs, plain_graph.outputs, strict=True):
         assert (fused - plain).abs().max() <= 1e-5
     for name, tensor in model.state_dict().items():

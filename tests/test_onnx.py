@@ -92,6 +92,9 @@ def test_every_quant_recipe_loads_and_passes_its_gate(onnx_bundle):
         head = next(n for n in proto.graph.node if n.op_type == "MatMulNBits" and "logits" in n.output)
         head_bytes = next(t for t in proto.graph.initializer if t.name == head.input[1]).raw_data
         assert sum(t.raw_data == head_bytes for t in proto.graph.initializer) == 1
+        # every node named, and uniquely: a profile of a step (benchmarks/decode_profile.py) attributes by name
+        names = [node.name for node in proto.graph.node]
+        assert all(names) and len(set(names)) == len(names), [n.op_type for n in proto.graph.node if not n.name]
 
 
 def test_onnx_session_decode_matches_prefill(onnx_bundle):
