@@ -32,7 +32,7 @@ def bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
     return round(2 * src.nbytes / best / 1e9, 2)
 
 
-def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 5) -> float:
+def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 25) -> float:
     """This machine's read bandwidth now with `threads` threads: the best of `repeats` passes that
     take the maximum of a `megabytes` array, split between the threads (numpy releases the GIL in
     its loops). Decode of a model reads every weight byte once per token, so this over the bytes
@@ -42,7 +42,9 @@ def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 
     `max` rather than `sum`: numpy's pairwise float summation is compute-bound below what memory
     delivers (on a 2-core Intel Xeon: 16.7 GB/s summing a 1 GB array, 33.6 GB/s taking its maximum;
     benchmarks/kernel_facts.py), so the bound it gave was about half the real one (benchmark results
-    before this change)."""
+    before this change). The best of 25 passes rather than 5: over arrays a shared last-level
+    cache may hold, 5 passes left the figure wandering between calls by up to a half (a pass
+    that a neighbour's work on the VM slowed down)."""
     import threading
     import time
 

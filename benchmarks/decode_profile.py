@@ -5,10 +5,17 @@ onnxruntime's own profiler (genai's `enable_profiling` runtime option: one trace
 
 Per file it reports the median step, the time of every operator type, and for the weight
 matmuls (MatMulNBits, MatMul on an initializer) the bytes they read per step and the speed they
-read them at, beside this machine's read bandwidth over an array of the file's size (the bound
-benchmarks/peers.py uses): which part of a step is the weights' kernels, how close those kernels
-come to the bound, and what the rest of the graph costs. The profiler adds a little to every
-node; the unprofiled step time of the same process is reported beside it.
+read them at, beside this machine's read bandwidth over an array of that many bytes (the bound
+benchmarks/peers.py uses, here over the weights the kernels read rather than the whole file,
+which may hold a float embedding table read one row per step): which part of a step is the
+weights' kernels, how close those kernels come to the bound, and what the rest of the graph
+costs. The profiler costs several microseconds per node, so a profiled step is slower than an
+unprofiled one, most in graphs of many small nodes; the unprofiled step time of the same process
+is reported beside it, and the kernels' read speed is a lower bound.
+
+An edgelm int4 file with block-bias branches (exporters/onnx_block_bias.py) is also stepped
+once more with its branches taken out: a speed probe only (its numbers are not the model's), whose
+unprofiled step against the file's own is what the branches cost without the profiler's share.
 
     python benchmarks/decode_profile.py dist/smollm2 --out benchmarks/results/decode_profile.json
 """
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import subprocess
 import sys
@@ -35,8 +43,11 @@ PEERS = ("genai-builder-int4", "genai-builder-int4-k_quant_mixed", "genai-builde
 
 def weight_bytes_by_node(path: Path) -> dict[str, int]:
     """Bytes of initializers each weight-reading node takes (packed weights, scales, zero points),
-    by node name, from the graph alone (external data is sized from its `length` entry)."""
+    by node name, from the graph alone (external data is sized from its `length` entry); the
+    block-bias branches' small MatMuls are counted with their branches, not here."""
     import onnx
+
+    from edgelm.exporters.onnx_block_bias import BRANCH_NODE_SUFFIXES
 
     model = onnx.load(str(path), load_external_data=False)
     sizes: dict[str, int] = {}
@@ -46,8 +57,38 @@ def weight_bytes_by_node(path: Path) -> dict[str, int]:
     return {
         node.name: sum(sizes.get(name, 0) for name in node.input)
         for node in model.graph.node
-        if node.op_type in WEIGHT_OPS and any(name in sizes for name in node.input)
+        if node.op_type in WEIGHT_OPS
+        and any(name in sizes for name in node.input)
+        and not node.name.endswith(BRANCH_NODE_SUFFIXES)
     }
+
+
+def without_block_bias(path: Path, folder: Path) -> Path:
+    """A copy of an int4 file and its genai folder with every block-bias branch taken out (each
+    MatMulNBits answers for its corrected output directly): a speed probe of what the branches
+    cost, whose numbers are not the model's (the systematic block offsets go uncorrected)."""
+    import onnx
+
+    from edgelm.exporters.onnx_block_bias import BRANCH_NODE_SUFFIXES
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    corrected = {n.input[0]: n.output[0] for n in graph.node if n.name.endswith("_corrected")}
+    kept = [n for n in graph.node if not n.name.endswith(BRANCH_NODE_SUFFIXES)]
+    for node in kept:
+        node.output[:] = [corrected.get(name, name) for name in node.output]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in kept for name in node.input}
+    initializers = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(initializers)
+    folder.mkdir(parents=True, exist_ok=True)
+    for other in path.parent.iterdir():
+        if other.suffix == ".json":
+            shutil.copyfile(other, folder / other.name)
+    onnx.save(model, str(folder / path.name))
+    return folder / path.name
 
 
 def profile_file(spec: dict[str, Any]) -> dict[str, Any]:
@@ -90,25 +131,32 @@ def step_times(events: list[dict[str, Any]]) -> dict[str, Any]:
     return {"run_us": run_us, "nodes": nodes}
 
 
-def summarize(name: str, path: Path, measured: dict[str, Any], bound_gb_s: float) -> dict[str, Any]:
-    """Medians over the profiled steps: per operator type, and the weight matmuls against the bound."""
-    weights = weight_bytes_by_node(path)
+def summarize(
+    name: str, path: Path, measured: dict[str, Any], weights: dict[str, int], bound_gb_s: float
+) -> dict[str, Any]:
+    """Medians over the profiled steps: per operator type, and the weight matmuls (`weights`: their
+    bytes by node name) against `bound_gb_s`, the read bandwidth over an array of those bytes."""
+    from edgelm.exporters.onnx_block_bias import BRANCH_NODE_SUFFIXES
+
     steps = measured["steps"]
     by_type: dict[str, list[float]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
-    weight_us, other_us = [], []
+    weight_us, branch_us, other_us = [], [], []
     for step in steps:
         per_type: dict[str, float] = defaultdict(float)
-        weight = 0.0
+        weight = branch = 0.0
         for node, (op, us) in step["nodes"].items():
             per_type[op] += us
             weight += us if node in weights else 0.0
+            branch += us if node.endswith(BRANCH_NODE_SUFFIXES) else 0.0
         for op, us in per_type.items():
             by_type[op].append(us)
         weight_us.append(weight)
-        other_us.append(sum(per_type.values()) - weight)
+        branch_us.append(branch)
+        other_us.append(sum(per_type.values()) - weight - branch)
     for op, _ in steps[-1]["nodes"].values():
         counts[op] += 1
+    branches = sum(node.endswith(BRANCH_NODE_SUFFIXES) for node in steps[-1]["nodes"])
     weight_ms = statistics.median(weight_us) / 1e3
     read = sum(weights.values())
     kernel_gb_s = read / (weight_ms / 1e3) / 1e9
@@ -126,13 +174,22 @@ def summarize(name: str, path: Path, measured: dict[str, Any], bound_gb_s: float
             "read_gb_s": kernel_gb_s,
             "fraction_of_bound": kernel_gb_s / bound_gb_s,
         },
+        "block_bias_branch_nodes": branches,
+        "block_bias_branches_ms": statistics.median(branch_us) / 1e3,
+        "other_nodes": len(steps[-1]["nodes"]) - len(weights) - branches,
         "other_nodes_ms": statistics.median(other_us) / 1e3,
-        "read_bandwidth_at_file_size_gb_s": bound_gb_s,
+        "read_bandwidth_at_weights_size_gb_s": bound_gb_s,
         "by_op_type_ms": {
             op: {"nodes": counts[op], "ms": statistics.median(values) / 1e3}
             for op, values in sorted(by_type.items(), key=lambda item: -statistics.median(item[1]))
         },
     }
+
+
+def has_block_bias(path: Path) -> bool:
+    import onnx
+
+    return any(n.name.endswith("_corrected") for n in onnx.load(str(path), load_external_data=False).graph.node)
 
 
 def onnx_files(bundle: Path, cache: Path) -> list[tuple[str, Path]]:
@@ -171,24 +228,33 @@ def main() -> None:
     tokenizer = Tokenizer(bundle / "tokenizer")
     prompt_ids = tokenizer.encode(parity_prompt(bundle / "tokenizer"))
     rows = []
-    for name, path in onnx_files(bundle, args.cache.resolve()):
+    probes = Path(tempfile.mkdtemp(prefix="edgelm-decode-profile-"))
+    files = onnx_files(bundle, args.cache.resolve())
+    branched = [(n, p) for n, p in files if n.startswith("edgelm") and has_block_bias(p)]
+    files += [
+        (f"{n} without its block-bias branches (speed probe)", without_block_bias(p, probes / n)) for n, p in branched
+    ]
+    for name, path in files:
         spec = {"folder": str(path.parent), "prompt_ids": prompt_ids, "threads": args.threads}
         spec |= {"steps": args.steps, "warmup": args.warmup}
         done = subprocess.run(
             [sys.executable, __file__, "--profile", json.dumps(spec)], check=True, capture_output=True, text=True
         )
         measured = json.loads(done.stdout.strip().splitlines()[-1])
-        megabytes = -(-sum(p.stat().st_size for p in path.parent.iterdir() if p.suffix in (".onnx", ".data")) // 2**20)
-        rows.append(summarize(name, path, measured, read_bandwidth_gb_s(args.threads, megabytes)))
+        weights = weight_bytes_by_node(path)
+        bound = read_bandwidth_gb_s(args.threads, -(-sum(weights.values()) // 2**20))
+        rows.append(summarize(name, path, measured, weights, bound))
         row = rows[-1]
         print(
             f"{name}: step {row['step_ms_unprofiled']:.2f} ms unprofiled, {row['step_ms_profiled']:.2f} profiled; "
             f"weight matmuls {row['weight_matmuls']['ms']:.2f} ms at {row['weight_matmuls']['read_gb_s']:.1f} GB/s "
-            f"({row['weight_matmuls']['fraction_of_bound']:.0%} of {row['read_bandwidth_at_file_size_gb_s']} GB/s), "
-            f"other {row['nodes_run_per_step'] - row['weight_matmuls']['nodes']} nodes {row['other_nodes_ms']:.2f} ms",
+            f"({row['weight_matmuls']['fraction_of_bound']:.0%} of {row['read_bandwidth_at_weights_size_gb_s']} GB/s), "
+            f"block-bias branches ({row['block_bias_branch_nodes']} nodes) {row['block_bias_branches_ms']:.2f} ms, "
+            f"other {row['other_nodes']} nodes {row['other_nodes_ms']:.2f} ms",
             file=sys.stderr,
             flush=True,
         )
+    shutil.rmtree(probes)
     print_and_save(
         {
             "bundle": str(bundle),

@@ -372,12 +372,29 @@ class OnnxExporter(Exporter):
 
 
 FUSED_OPS = ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
+NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
+
+
+def drop_unused_norm_outputs(proto: Any) -> int:
+    """Unname the fused norms' optional outputs no node reads (each norm's mean and inverse
+    standard deviation, as onnxscript's fusion names them): onnxruntime allocates and writes every
+    named output, and a step runs 61 of these norms. onnxruntime-genai's builder leaves them
+    unnamed too. Returns how many were unnamed."""
+    read = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+    dropped = 0
+    for node in proto.graph.node:
+        if node.op_type in NORMS:
+            for index in range(1, len(node.output)):
+                if node.output[index] and node.output[index] not in read:
+                    node.output[index] = ""
+                    dropped += 1
+    return dropped
 
 
 def _finish_file(path: Path, values: dict[str, Any]) -> tuple[int, list[Path], dict[str, int], bool]:
     """The stored file's last rewrite: a tied model's input lookup reads the quantized head
-    (exporters/onnx_shared_embedding.py), and what the runtime needs to know (max context, task) is
-    stored inside the file itself.
+    (exporters/onnx_shared_embedding.py), the norms' unread outputs go unnamed, and what the
+    runtime needs to know (max context, task) is stored inside the file itself.
 
     The lookup is rewired after the offline optimization, not before: its Reshapes of the head's
     bytes would be constant-folded into a second copy of the table (28 MB of SmolLM2's 147 MB
@@ -393,6 +410,7 @@ def _finish_file(path: Path, values: dict[str, Any]) -> tuple[int, list[Path], d
 
     proto = onnx.load(str(path))
     shared = share_quantized_embedding(proto, TIED_TABLE)
+    drop_unused_norm_outputs(proto)
     entry = proto.metadata_props.add()
     entry.key, entry.value = "edgelm", json.dumps(values)
     extra = save_model(proto, path)

@@ -22,6 +22,10 @@ from typing import Any
 
 import numpy as np
 
+# what the correction branch of a node named N adds: N_blocks (Reshape), N_block_sums (ReduceSum),
+# N_bias (MatMul with Δ), N_corrected (Add); a profile of a step finds the branches by these names
+BRANCH_NODE_SUFFIXES = ("_blocks", "_block_sums", "_bias", "_corrected")
+
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     """[rows, 2m] values in 0..15 → [rows, m] bytes, low nibble first."""

@@ -95,6 +95,9 @@ def test_every_quant_recipe_loads_and_passes_its_gate(onnx_bundle):
         # every node named, and uniquely: a profile of a step (benchmarks/decode_profile.py) attributes by name
         names = [node.name for node in proto.graph.node]
         assert all(names) and len(set(names)) == len(names), [n.op_type for n in proto.graph.node if not n.name]
+        read = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+        norms = [n for n in proto.graph.node if n.op_type.endswith("SimplifiedLayerNormalization")]
+        assert norms and all(not name or name in read for n in norms for name in n.output[1:])  # no unread outputs
 
 
 def test_onnx_session_decode_matches_prefill(onnx_bundle):
