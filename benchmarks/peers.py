@@ -666,8 +666,22 @@ def pair(ours: dict[str, Any] | None, peer: dict[str, Any] | None) -> dict[str, 
     entry["speed_ratio"] = ours["decode_tok_s_median"] / peer["decode_tok_s_median"] if ours and peer else 0.0
     if ours and peer:  # round by round (every round runs each row once): how far the ratio spreads
         runs = zip(ours["runs"], peer["runs"], strict=True)
-        entry["round_speed_ratios"] = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in runs]
+        rounds = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in runs]
+        entry["round_speed_ratios"] = rounds
+        entry["verdict"] = verdict(rounds)
     return entry
+
+
+def verdict(rounds: list[float]) -> str:
+    """Ahead or behind only when every round agrees (5 rounds: a one-in-32 chance for two equally
+    fast files); otherwise level. Two identical files differ by a few percent from run to run
+    (edgelm's Q4_1 GGUF and the shipped one hold the same values), so a median ratio near 1 alone
+    says neither."""
+    if min(rounds) >= 1.0:
+        return "ahead in every round"
+    if max(rounds) < 1.0:
+        return "behind in every round"
+    return "level (the rounds disagree)"
 
 
 def result_workspace(result: dict[str, Any]) -> Workspace:
@@ -731,7 +745,8 @@ def table(result: dict[str, Any]) -> str:
         rounds = near.get("round_speed_ratios") or [0.0]
         lines.append(
             f"| {fmt} | {near['speed_ratio']:.2f}× ({near.get('edgelm', '–')} against {near.get('peer', '–')}; "
-            f"round by round {min(rounds):.2f}–{max(rounds):.2f}, median {statistics.median(rounds):.2f}) "
+            f"round by round {min(rounds):.2f}–{max(rounds):.2f}, median {statistics.median(rounds):.2f}: "
+            f"{near.get('verdict', verdict(rounds))}) "
             f"| {worst['speed_ratio']:.2f}× ({worst.get('edgelm', 'no edgelm file that faithful')} against "
             f"{worst['peer']}) |"
         )
