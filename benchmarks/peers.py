@@ -669,7 +669,22 @@ def pair(ours: dict[str, Any] | None, peer: dict[str, Any] | None) -> dict[str, 
         rounds = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in runs]
         entry["round_speed_ratios"] = rounds
         entry["verdict"] = verdict(rounds)
+        if ours["format"] == "gguf" and same_gguf_tensors(Path(ours["path"]), Path(peer["path"])):
+            entry["same_tensors"] = True
+            entry["verdict"] = "the same tensors, byte for byte, in the same runtime: equal by construction"
     return entry
+
+
+def same_gguf_tensors(a: Path, b: Path) -> bool:
+    """Whether two GGUF files hold the same tensors (names, types, bytes), whatever their order and
+    metadata: then llama.cpp runs the same kernels on the same bytes, and a speed ratio away from 1
+    is the run's noise."""
+    from gguf import GGUFReader
+
+    def tensors(path: Path) -> dict[str, tuple[int, bytes]]:
+        return {t.name: (int(t.tensor_type), t.data.tobytes()) for t in GGUFReader(path).tensors}
+
+    return a.exists() and b.exists() and tensors(a) == tensors(b)
 
 
 def verdict(rounds: list[float]) -> str:

@@ -243,8 +243,8 @@ class InPlaceCache(CacheLayout):
     lies. With values [context, head_dim] the second product's kernel re-laid out every layer's
     whole value cache at every step, and with q · kᵀ spelled matmul(q, k.transpose(2, 3)) the
     converter kept a TRANSPOSE of the whole key cache per layer and step. With these two and the
-    fused projections (exporters/tflite.py), the default model's int8 went from 0.86x to 0.99x
-    litert-torch's in LiteRT-LM (benchmarks/results/peers.json, before and after)."""
+    fused projections (exporters/tflite.py), the default model's int8 went from 0.86x litert-torch's
+    in LiteRT-LM to level with it (benchmarks/results/peers.json at 100c0c4 and from ef06934 on)."""
 
     def __init__(self, context: int) -> None:
         from litert_torch.generative.custom_ops.bmm_4d import bmm_4d
