@@ -214,6 +214,8 @@ def _describe_tflite(path: Path) -> tuple[str, Rows]:
             (f"{name} inputs / outputs", f"{shortened(ins)} / {shortened(outs)}")
             for name, (ins, outs) in sorted(summary.signatures.items())
         ],
+        # what one call runs: a decode step's op count is what its per-op overhead scales with
+        *[(f"{name} operators", str(count)) for name, count in sorted(summary.signature_operators.items())],
         (
             "weight types",
             ", ".join(

@@ -30,6 +30,7 @@ class TFLiteSummary:
     tensor_types: Counter = field(default_factory=Counter)  # constant (weight) tensors by type
     weight_bytes: Counter = field(default_factory=Counter)  # their bytes by type
     operators: Counter = field(default_factory=Counter)  # op name -> count over all subgraphs
+    signature_operators: dict[str, int] = field(default_factory=dict)  # name -> ops one call runs (its subgraph's)
 
 
 def _names(enum_class: type) -> dict[int, str]:
@@ -165,11 +166,16 @@ def _walk(buf: mmap.mmap, size: int) -> TFLiteSummary:
     for s in range(model.SubgraphsLength()):
         budget.spend()
         _count_subgraph(model.Subgraphs(s), buffers, codes, types, counted, summary, budget)
+    subgraphs = model.SubgraphsLength()
     for g in range(model.SignatureDefsLength()):
         budget.spend()
         signature = model.SignatureDefs(g)
         budget.spend(signature.InputsLength() + signature.OutputsLength())
         inputs = [signature.Inputs(i).Name().decode() for i in range(signature.InputsLength())]
         outputs = [signature.Outputs(i).Name().decode() for i in range(signature.OutputsLength())]
-        summary.signatures[signature.SignatureKey().decode()] = (inputs, outputs)
+        key = signature.SignatureKey().decode()
+        summary.signatures[key] = (inputs, outputs)
+        if signature.SubgraphIndex() >= subgraphs:
+            raise ValueError(f"signature {key} refers to subgraph {signature.SubgraphIndex()} of {subgraphs}")
+        summary.signature_operators[key] = model.Subgraphs(signature.SubgraphIndex()).OperatorsLength()
     return summary

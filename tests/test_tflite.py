@@ -3,6 +3,8 @@ recipes), the LiteRT runtime, and files that are not (whole) TFLite models."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import fast_export_options
@@ -184,6 +186,8 @@ def test_inspect_lists_signatures_types_and_ops(tflite_bundle, tmp_path):
     assert title.startswith("tflite")
     assert info["signatures"].startswith("decode") and "prefill" in info["signatures"]
     assert "INT8" in info["weight types"] and "FULLY_CONNECTED" in info["operators"]
+    total = sum(int(count) for count in re.findall(r"×(\d+)", info["operators"]))
+    assert 0 < int(info["decode operators"]) < int(info["prefill operators"]) <= total  # one subgraph each
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"not a model at all")
     with pytest.raises(InvalidModelError):
