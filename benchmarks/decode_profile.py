@@ -47,9 +47,10 @@ def weight_bytes_by_node(path: Path) -> dict[str, int]:
     block-bias branches' small MatMuls are counted with their branches, not here."""
     import onnx
 
-    from edgelm.exporters.onnx_block_bias import BRANCH_NODE_SUFFIXES
+    from edgelm.exporters.onnx_block_bias import branch_node_names
 
     model = onnx.load(str(path), load_external_data=False)
+    branches = branch_node_names(node.name for node in model.graph.node)
     sizes: dict[str, int] = {}
     for init in model.graph.initializer:
         external = {e.key: e.value for e in init.external_data}
@@ -57,9 +58,7 @@ def weight_bytes_by_node(path: Path) -> dict[str, int]:
     return {
         node.name: sum(sizes.get(name, 0) for name in node.input)
         for node in model.graph.node
-        if node.op_type in WEIGHT_OPS
-        and any(name in sizes for name in node.input)
-        and not node.name.endswith(BRANCH_NODE_SUFFIXES)
+        if node.op_type in WEIGHT_OPS and any(name in sizes for name in node.input) and node.name not in branches
     }
 
 
@@ -69,12 +68,13 @@ def without_block_bias(path: Path, folder: Path) -> Path:
     cost, whose numbers are not the model's (the systematic block offsets go uncorrected)."""
     import onnx
 
-    from edgelm.exporters.onnx_block_bias import BRANCH_NODE_SUFFIXES
+    from edgelm.exporters.onnx_block_bias import branch_node_names
 
     model = onnx.load(str(path))
     graph = model.graph
-    corrected = {n.input[0]: n.output[0] for n in graph.node if n.name.endswith("_corrected")}
-    kept = [n for n in graph.node if not n.name.endswith(BRANCH_NODE_SUFFIXES)]
+    branches = branch_node_names(n.name for n in graph.node)
+    corrected = {n.input[0]: n.output[0] for n in graph.node if n.name in branches and n.name.endswith("_corrected")}
+    kept = [n for n in graph.node if n.name not in branches]
     for node in kept:
         node.output[:] = [corrected.get(name, name) for name in node.output]
     del graph.node[:]
@@ -136,9 +136,10 @@ def summarize(
 ) -> dict[str, Any]:
     """Medians over the profiled steps: per operator type, and the weight matmuls (`weights`: their
     bytes by node name) against `bound_gb_s`, the read bandwidth over an array of those bytes."""
-    from edgelm.exporters.onnx_block_bias import BRANCH_NODE_SUFFIXES
+    from edgelm.exporters.onnx_block_bias import branch_node_names
 
     steps = measured["steps"]
+    branch_nodes = branch_node_names(steps[-1]["nodes"])
     by_type: dict[str, list[float]] = defaultdict(list)
     counts: dict[str, int] = defaultdict(int)
     weight_us, branch_us, other_us = [], [], []
@@ -148,7 +149,7 @@ def summarize(
         for node, (op, us) in step["nodes"].items():
             per_type[op] += us
             weight += us if node in weights else 0.0
-            branch += us if node.endswith(BRANCH_NODE_SUFFIXES) else 0.0
+            branch += us if node in branch_nodes else 0.0
         for op, us in per_type.items():
             by_type[op].append(us)
         weight_us.append(weight)
@@ -156,7 +157,7 @@ def summarize(
         other_us.append(sum(per_type.values()) - weight - branch)
     for op, _ in steps[-1]["nodes"].values():
         counts[op] += 1
-    branches = sum(node.endswith(BRANCH_NODE_SUFFIXES) for node in steps[-1]["nodes"])
+    branches = len(branch_nodes)
     weight_ms = statistics.median(weight_us) / 1e3
     read = sum(weights.values())
     kernel_gb_s = read / (weight_ms / 1e3) / 1e9
@@ -189,7 +190,9 @@ def summarize(
 def has_block_bias(path: Path) -> bool:
     import onnx
 
-    return any(n.name.endswith("_corrected") for n in onnx.load(str(path), load_external_data=False).graph.node)
+    from edgelm.exporters.onnx_block_bias import branch_node_names
+
+    return bool(branch_node_names(n.name for n in onnx.load(str(path), load_external_data=False).graph.node))
 
 
 def onnx_files(bundle: Path, cache: Path) -> list[tuple[str, Path]]:

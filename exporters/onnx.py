@@ -375,20 +375,17 @@ FUSED_OPS = ("GroupQueryAttention", "SimplifiedLayerNormalization", "SkipSimplif
 NORMS = ("SimplifiedLayerNormalization", "SkipSimplifiedLayerNormalization")
 
 
-def drop_unused_norm_outputs(proto: Any) -> int:
+def drop_unused_norm_outputs(proto: Any) -> None:
     """Unname the fused norms' optional outputs no node reads (each norm's mean and inverse
     standard deviation, as onnxscript's fusion names them): onnxruntime allocates and writes every
     named output, and a step runs 61 of these norms. onnxruntime-genai's builder leaves them
-    unnamed too. Returns how many were unnamed."""
+    unnamed too."""
     read = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
-    dropped = 0
     for node in proto.graph.node:
         if node.op_type in NORMS:
             for index in range(1, len(node.output)):
-                if node.output[index] and node.output[index] not in read:
+                if node.output[index] not in read:
                     node.output[index] = ""
-                    dropped += 1
-    return dropped
 
 
 def _finish_file(path: Path, values: dict[str, Any]) -> tuple[int, list[Path], dict[str, int], bool]:

@@ -17,7 +17,7 @@ residual of the block (exact for weights that lie on a float-offset 4-bit grid).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -25,6 +25,14 @@ import numpy as np
 # what the correction branch of a node named N adds: N_blocks (Reshape), N_block_sums (ReduceSum),
 # N_bias (MatMul with Δ), N_corrected (Add); a profile of a step finds the branches by these names
 BRANCH_NODE_SUFFIXES = ("_blocks", "_block_sums", "_bias", "_corrected")
+
+
+def branch_node_names(node_names: Iterable[str]) -> set[str]:
+    """The names, among `node_names`, of the correction branches' nodes (each branch is found by
+    its final Add, N_corrected, so that another node whose name merely ends the same way is not)."""
+    names = set(node_names)
+    prefixes = [name.removesuffix("_corrected") for name in names if name.endswith("_corrected")]
+    return {prefix + suffix for prefix in prefixes for suffix in BRANCH_NODE_SUFFIXES} & names
 
 
 def pack_nibbles(codes: np.ndarray) -> np.ndarray:
@@ -48,6 +56,20 @@ def dequantize_matmul_nbits(
     zp = unpack_nibbles(zero_points.reshape(n, -1), blocks).astype(np.float32)
     weights = (q - zp[..., None]) * scales.reshape(n, blocks, 1)
     return weights.reshape(n, blocks * block_size)[:, :k].T
+
+
+def _branch(prefix: str, x: str, int4_output: str, result: str) -> list[Any]:
+    """result = int4_output + (block sums of x) · Δ: Reshape, ReduceSum, MatMul, Add, each named
+    after the corrected node (BRANCH_NODE_SUFFIXES), so that a profile of a step attributes them."""
+    from onnx import helper
+
+    blocks, sums, bias = f"{prefix}_blocks", f"{prefix}_block_sums", f"{prefix}_bias"
+    return [
+        helper.make_node("Reshape", [x, f"{prefix}_block_shape"], [blocks], name=blocks),
+        helper.make_node("ReduceSum", [blocks, f"{prefix}_block_axis"], [sums], name=sums, keepdims=0),
+        helper.make_node("MatMul", [sums, f"{prefix}_block_delta"], [bias], name=bias),
+        helper.make_node("Add", [int4_output, bias], [result], name=f"{prefix}_corrected"),
+    ]
 
 
 def add_block_bias_correction(
@@ -98,23 +120,7 @@ def add_block_bias_correction(
         )
         result = node.output[0]
         node.output[0] = f"{result}_int4"
-        new_nodes += [
-            # named after the corrected node, so that a profile of a step attributes each part
-            helper.make_node(
-                "Reshape", [node.input[0], f"{prefix}_block_shape"], [f"{prefix}_blocks"], name=f"{prefix}_blocks"
-            ),
-            helper.make_node(
-                "ReduceSum",
-                [f"{prefix}_blocks", f"{prefix}_block_axis"],
-                [f"{prefix}_block_sums"],
-                name=f"{prefix}_block_sums",
-                keepdims=0,
-            ),
-            helper.make_node(
-                "MatMul", [f"{prefix}_block_sums", f"{prefix}_block_delta"], [f"{prefix}_bias"], name=f"{prefix}_bias"
-            ),
-            helper.make_node("Add", [node.output[0], f"{prefix}_bias"], [result], name=f"{prefix}_corrected"),
-        ]
+        new_nodes += _branch(prefix, node.input[0], node.output[0], result)
         corrected += 1
     del graph.node[:]
     graph.node.extend(new_nodes)

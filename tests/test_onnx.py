@@ -85,6 +85,8 @@ def test_every_quant_recipe_loads_and_passes_its_gate(onnx_bundle):
     assert not (onnx_bundle / "onnx" / ".fp32-source.onnx").exists()
     import onnx
 
+    from edgelm.exporters.onnx_block_bias import branch_node_names
+
     for quant in ("int8", "int4"):  # the tied table is stored once: the lookup reads the head's bytes
         recipe = by_quant[quant].signature["quantization"]
         assert recipe["embedding_lookup"].startswith("GatherBlockQuantized") and recipe["fused_projections"] == 2 * 2
@@ -95,6 +97,7 @@ def test_every_quant_recipe_loads_and_passes_its_gate(onnx_bundle):
         # every node named, and uniquely: a profile of a step (benchmarks/decode_profile.py) attributes by name
         names = [node.name for node in proto.graph.node]
         assert all(names) and len(set(names)) == len(names), [n.op_type for n in proto.graph.node if not n.name]
+        assert len(branch_node_names(names)) == 4 * recipe.get("block_bias_correction", 0)
         read = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
         norms = [n for n in proto.graph.node if n.op_type.endswith("SimplifiedLayerNormalization")]
         assert norms and all(not name or name in read for n in norms for name in n.output[1:])  # no unread outputs
