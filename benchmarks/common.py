@@ -32,7 +32,7 @@ def bandwidth_gb_s(megabytes: int = 512, repeats: int = 5) -> float:
     return round(2 * src.nbytes / best / 1e9, 2)
 
 
-def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 25) -> float:
+def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 25, reduce: str = "max") -> float:
     """This machine's read bandwidth now with `threads` threads: the best of `repeats` passes that
     take the maximum of a `megabytes` array, split between the threads (numpy releases the GIL in
     its loops). Decode of a model reads every weight byte once per token, so this over the bytes
@@ -44,7 +44,8 @@ def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 
     benchmarks/kernel_facts.py), so the bound it gave was about half the real one (benchmark results
     before this change). The best of 25 passes rather than 5: over arrays a shared last-level
     cache may hold, 5 passes left the figure wandering between calls by up to a half (a pass
-    that a neighbour's work on the VM slowed down)."""
+    that a neighbour's work on the VM slowed down). `reduce` names the numpy reduction a pass runs
+    (kernel_facts.py compares "sum" with "max")."""
     import threading
     import time
 
@@ -52,7 +53,7 @@ def read_bandwidth_gb_s(threads: int = 2, megabytes: int = 1024, repeats: int = 
     parts = np.array_split(data, threads)
     best = float("inf")
     for _ in range(repeats):
-        workers = [threading.Thread(target=part.max) for part in parts]
+        workers = [threading.Thread(target=getattr(part, reduce)) for part in parts]
         start = time.perf_counter()
         for worker in workers:
             worker.start()

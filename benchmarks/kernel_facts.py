@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import print_and_save
+from common import print_and_save, read_bandwidth_gb_s
 
 from edgelm.profile import device_record
 
@@ -33,18 +32,7 @@ K, N, BLOCK, CHAIN = 576, 3072, 32, 30
 
 def read_gb_s(megabytes: int, reduce: str, threads: int = 2, repeats: int = 7) -> float:
     """Best of `repeats` passes of numpy's `reduce` ("sum" or "max") over a `megabytes` array split between threads."""
-    data = np.ones(megabytes << 18, dtype=np.float32)
-    parts = np.array_split(data, threads)
-    best = float("inf")
-    for _ in range(repeats):
-        workers = [threading.Thread(target=getattr(part, reduce)) for part in parts]
-        start = time.perf_counter()
-        for worker in workers:
-            worker.start()
-        for worker in workers:
-            worker.join()
-        best = min(best, time.perf_counter() - start)
-    return round(data.nbytes / best / 1e9, 1)
+    return round(read_bandwidth_gb_s(threads, megabytes, repeats, reduce), 1)
 
 
 def matmul_nbits_session(zero_points: np.ndarray, packed: np.ndarray, scales: np.ndarray, chain: int):
